@@ -19,7 +19,10 @@ pub struct Name {
 impl Name {
     /// A string name.
     pub fn new(name: impl Into<Bytes>) -> Name {
-        Name { bytes: name.into(), int: false }
+        Name {
+            bytes: name.into(),
+            int: false,
+        }
     }
 
     /// The name's bytes (an integer name as its decimal digits).
@@ -34,8 +37,14 @@ impl Name {
 
     fn from_value(v: Value) -> Option<Name> {
         match v {
-            Value::Int(i) => Some(Name { bytes: i.to_string().into(), int: true }),
-            Value::Str(s) => Some(Name { bytes: s.into(), int: false }),
+            Value::Int(i) => Some(Name {
+                bytes: i.to_string().into(),
+                int: true,
+            }),
+            Value::Str(s) => Some(Name {
+                bytes: s.into(),
+                int: false,
+            }),
             _ => None,
         }
     }
@@ -78,7 +87,10 @@ pub enum MessageError {
     #[error("unknown message type {0:?}")]
     UnknownType(String),
     #[error("message of type {kind} lacks `{field}`")]
-    MissingField { kind: &'static str, field: &'static str },
+    MissingField {
+        kind: &'static str,
+        field: &'static str,
+    },
     #[error("`{0}` must be a list of int or string names")]
     BadNames(&'static str),
     #[error("an authentication secret is required before any other message")]
@@ -91,12 +103,21 @@ pub enum Request {
     Subscribe(Vec<Name>),
     Unsubscribe(Vec<Name>),
     /// Deliver `data` to every subscriber of each channel.
-    Publish { channels: Vec<Name>, data: Bytes },
+    Publish {
+        channels: Vec<Name>,
+        data: Bytes,
+    },
     /// Deliver `data` to one subscriber of each channel, round-robin.
-    PublishLoop { channels: Vec<Name>, data: Bytes },
+    PublishLoop {
+        channels: Vec<Name>,
+        data: Bytes,
+    },
     Watch(Vec<Name>),
     Unwatch(Vec<Name>),
-    Enqueue { channels: Vec<Name>, data: Bytes },
+    Enqueue {
+        channels: Vec<Name>,
+        data: Bytes,
+    },
     /// Ready for one more queue item.
     Reserve,
     /// pushwire extension: the shared secret of a protected channel server. Sent first.
@@ -129,7 +150,10 @@ struct Fields {
 impl Fields {
     fn parse(payload: &Bytes) -> Result<Fields, MessageError> {
         let spans = array_spans(payload).map_err(MessageError::NotArray)?;
-        Ok(Fields { payload: payload.clone(), spans })
+        Ok(Fields {
+            payload: payload.clone(),
+            spans,
+        })
     }
 
     fn raw(&self, key: &str) -> Option<Bytes> {
@@ -154,18 +178,24 @@ impl Fields {
     fn names(&self, kind: &'static str) -> Result<Vec<Name>, MessageError> {
         let field = "channels";
         match self.value(field) {
-            Some(Value::Array(items)) => {
-                items.into_iter().map(|(_, v)| Name::from_value(v).ok_or(MessageError::BadNames(field))).collect()
-            }
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|(_, v)| Name::from_value(v).ok_or(MessageError::BadNames(field)))
+                .collect(),
             // A single name is accepted too, as PHP's `(array)` cast would.
-            Some(v @ (Value::Int(_) | Value::Str(_))) => Ok(Name::from_value(v).into_iter().collect()),
+            Some(v @ (Value::Int(_) | Value::Str(_))) => {
+                Ok(Name::from_value(v).into_iter().collect())
+            }
             Some(_) => Err(MessageError::BadNames(field)),
             None => Err(MessageError::MissingField { kind, field }),
         }
     }
 
     fn data(&self, kind: &'static str) -> Result<Bytes, MessageError> {
-        self.raw("data").ok_or(MessageError::MissingField { kind, field: "data" })
+        self.raw("data").ok_or(MessageError::MissingField {
+            kind,
+            field: "data",
+        })
     }
 }
 
@@ -177,15 +207,29 @@ impl Request {
         Ok(match kind.as_str() {
             "subscribe" => Request::Subscribe(f.names("subscribe")?),
             "unsubscribe" => Request::Unsubscribe(f.names("unsubscribe")?),
-            "publish" => Request::Publish { channels: f.names("publish")?, data: f.data("publish")? },
-            "publishLoop" => Request::PublishLoop { channels: f.names("publishLoop")?, data: f.data("publishLoop")? },
+            "publish" => Request::Publish {
+                channels: f.names("publish")?,
+                data: f.data("publish")?,
+            },
+            "publishLoop" => Request::PublishLoop {
+                channels: f.names("publishLoop")?,
+                data: f.data("publishLoop")?,
+            },
             "watch" => Request::Watch(f.names("watch")?),
             "unwatch" => Request::Unwatch(f.names("unwatch")?),
-            "enqueue" => Request::Enqueue { channels: f.names("enqueue")?, data: f.data("enqueue")? },
+            "enqueue" => Request::Enqueue {
+                channels: f.names("enqueue")?,
+                data: f.data("enqueue")?,
+            },
             "reserve" => Request::Reserve,
             "auth" => match f.value("secret") {
                 Some(Value::Str(s)) => Request::Auth(s.into()),
-                _ => return Err(MessageError::MissingField { kind: "auth", field: "secret" }),
+                _ => {
+                    return Err(MessageError::MissingField {
+                        kind: "auth",
+                        field: "secret",
+                    })
+                }
             },
             _ => return Err(MessageError::UnknownType(kind)),
         })
@@ -209,15 +253,19 @@ impl Request {
     /// Encode as PHP's Channel client does (key order `type`, `channels`, `data`).
     pub fn encode(&self) -> Vec<u8> {
         let (names, data): (Option<&[Name]>, Option<&Bytes>) = match self {
-            Request::Subscribe(n) | Request::Unsubscribe(n) | Request::Watch(n) | Request::Unwatch(n) => {
-                (Some(n), None)
-            }
+            Request::Subscribe(n)
+            | Request::Unsubscribe(n)
+            | Request::Watch(n)
+            | Request::Unwatch(n) => (Some(n), None),
             Request::Publish { channels, data }
             | Request::PublishLoop { channels, data }
             | Request::Enqueue { channels, data } => (Some(channels), Some(data)),
             Request::Reserve | Request::Auth(_) => (None, None),
         };
-        let count = 1 + names.is_some() as usize + data.is_some() as usize + matches!(self, Request::Auth(_)) as usize;
+        let count = 1
+            + names.is_some() as usize
+            + data.is_some() as usize
+            + matches!(self, Request::Auth(_)) as usize;
         let mut out = Vec::with_capacity(64 + data.map_or(0, |d| d.len()));
         out.extend_from_slice(format!("a:{count}:{{").as_bytes());
         encode_str(b"type", &mut out);
@@ -257,11 +305,18 @@ impl ServerMessage {
             ServerKind::Event => "event",
             ServerKind::Queue => "queue",
         };
-        let channel = f
-            .value("channel")
-            .and_then(Name::from_value)
-            .ok_or(MessageError::MissingField { kind: name, field: "channel" })?;
-        Ok(ServerMessage { kind, channel, data: f.data(name)? })
+        let channel =
+            f.value("channel")
+                .and_then(Name::from_value)
+                .ok_or(MessageError::MissingField {
+                    kind: name,
+                    field: "channel",
+                })?;
+        Ok(ServerMessage {
+            kind,
+            channel,
+            data: f.data(name)?,
+        })
     }
 
     /// Encode one server message; `data` is spliced in as the serialized bytes it is.
@@ -303,11 +358,17 @@ mod tests {
     #[test]
     fn errors_are_specific() {
         let p = |s: &str| Request::parse(&Bytes::from(s.to_owned()));
-        assert_eq!(p("a:1:{s:4:\"type\";s:7:\"explode\";}"), Err(MessageError::UnknownType("explode".into())));
+        assert_eq!(
+            p("a:1:{s:4:\"type\";s:7:\"explode\";}"),
+            Err(MessageError::UnknownType("explode".into()))
+        );
         assert_eq!(p("a:0:{}"), Err(MessageError::MissingType));
         assert_eq!(
             p("a:2:{s:4:\"type\";s:7:\"publish\";s:8:\"channels\";a:0:{}}"),
-            Err(MessageError::MissingField { kind: "publish", field: "data" })
+            Err(MessageError::MissingField {
+                kind: "publish",
+                field: "data"
+            })
         );
         assert_eq!(
             p("a:2:{s:4:\"type\";s:9:\"subscribe\";s:8:\"channels\";a:1:{i:0;N;}}"),

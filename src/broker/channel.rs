@@ -1,0 +1,154 @@
+//! The `channel://` backend: a Workerman Channel server (ours or PHP's) as the broker.
+//!
+//! Publishes are confirmed without any protocol extension: the link subscribes to a private
+//! channel of its own and, after each publish, publishes an empty marker there. The server handles
+//! a connection's frames in order, so when the marker comes back the publish before it has been
+//! routed to every subscriber. The same marker, sent when idle, proves the server still answers.
+
+use bytes::{Buf, BytesMut};
+use channel_proto::message::ServerKind;
+use channel_proto::{frame, Name, Request, ServerMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use super::link::{Incoming, Reader, Transport, Writer};
+use super::Message;
+use crate::io::{ListenAddr, Stream};
+
+/// Connects to a channel server.
+pub struct ChannelTransport {
+    addr: ListenAddr,
+    secret: Option<String>,
+    ack: Name,
+}
+
+impl ChannelTransport {
+    pub fn new(addr: ListenAddr, secret: Option<String>) -> ChannelTransport {
+        let ack = Name::new(format!("pushwire:ack:{}", crate::io::random_hex(8)));
+        ChannelTransport { addr, secret, ack }
+    }
+}
+
+pub struct ChannelReader {
+    rd: ReadHalf<Box<dyn Stream>>,
+    buf: BytesMut,
+    ack: Name,
+}
+
+pub struct ChannelWriter {
+    wr: WriteHalf<Box<dyn Stream>>,
+    out: BytesMut,
+    ack: Name,
+}
+
+impl Transport for ChannelTransport {
+    type Reader = ChannelReader;
+    type Writer = ChannelWriter;
+
+    async fn connect(&self) -> std::io::Result<(ChannelReader, ChannelWriter)> {
+        let stream: Box<dyn Stream> = match &self.addr {
+            ListenAddr::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            ListenAddr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+        };
+        let (rd, wr) = tokio::io::split(stream);
+        let mut w = ChannelWriter {
+            wr,
+            out: BytesMut::with_capacity(4096),
+            ack: self.ack.clone(),
+        };
+        if let Some(secret) = &self.secret {
+            w.request(&Request::Auth(secret.clone().into_bytes().into()));
+        }
+        w.request(&Request::Subscribe(vec![self.ack.clone()]));
+        Ok((
+            ChannelReader {
+                rd,
+                buf: BytesMut::with_capacity(8192),
+                ack: self.ack.clone(),
+            },
+            w,
+        ))
+    }
+}
+
+impl ChannelWriter {
+    fn request(&mut self, r: &Request) {
+        frame::encode_into(&r.encode(), &mut self.out);
+    }
+
+    fn names(channels: &[String]) -> Vec<Name> {
+        channels
+            .iter()
+            .map(|c| Name::new(c.clone().into_bytes()))
+            .collect()
+    }
+}
+
+impl Writer for ChannelWriter {
+    fn subscribe(&mut self, channels: &[String]) {
+        self.request(&Request::Subscribe(Self::names(channels)));
+    }
+
+    fn unsubscribe(&mut self, channels: &[String]) {
+        self.request(&Request::Unsubscribe(Self::names(channels)));
+    }
+
+    fn publish(&mut self, channel: &str, data: &[u8]) {
+        let channels = vec![Name::new(channel.to_owned().into_bytes())];
+        self.request(&Request::Publish {
+            channels,
+            data: bytes::Bytes::copy_from_slice(data),
+        });
+        self.probe();
+    }
+
+    fn probe(&mut self) {
+        self.out.extend_from_slice(&frame::PING);
+        let marker = Request::Publish {
+            channels: vec![self.ack.clone()],
+            data: bytes::Bytes::from_static(b"N;"),
+        };
+        self.request(&marker);
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        while self.out.has_remaining() {
+            self.wr.write_buf(&mut self.out).await?;
+        }
+        self.wr.flush().await
+    }
+}
+
+impl Reader for ChannelReader {
+    async fn next(&mut self) -> std::io::Result<Incoming> {
+        loop {
+            let payload = frame::take_payload(&mut self.buf, channel_proto::DEFAULT_MAX_FRAME * 16)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            if let Some(payload) = payload {
+                if payload.is_empty() {
+                    continue;
+                }
+                let m = ServerMessage::parse(&payload)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                return Ok(match m.kind {
+                    ServerKind::Event if m.channel == self.ack => Incoming::Ack,
+                    ServerKind::Event => Incoming::Message(Message {
+                        channel: bytes::Bytes::copy_from_slice(m.channel.as_bytes()),
+                        data: m.data,
+                    }),
+                    ServerKind::Queue => Incoming::Nothing,
+                });
+            }
+            if self.rd.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}

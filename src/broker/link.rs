@@ -1,0 +1,336 @@
+//! The link loop shared by every remote broker: connect with a timeout, renew subscriptions,
+//! confirm publishes in order, probe an idle connection, and reconnect with capped backoff.
+//!
+//! A backend only says how to speak its protocol ([`Transport`], [`Reader`], [`Writer`]); all the
+//! state (subscribers, unconfirmed publishes) lives here, in one task per link.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{Broker, BrokerError, LinkConfig, Message, Subscription, SUBSCRIPTION_CAPACITY};
+
+/// What a reader took off the wire.
+pub enum Incoming {
+    /// A message on a subscribed channel.
+    Message(Message),
+    /// The broker confirmed the oldest unconfirmed publish or probe.
+    Ack,
+    /// Protocol chatter that needs no action.
+    Nothing,
+}
+
+/// Opens connections to one broker.
+pub trait Transport: Send + Sync + 'static {
+    type Reader: Reader;
+    type Writer: Writer;
+    /// Connect (and authenticate); nothing is subscribed yet.
+    fn connect(&self)
+        -> impl Future<Output = std::io::Result<(Self::Reader, Self::Writer)>> + Send;
+}
+
+/// The receiving half of a connection.
+pub trait Reader: Send + 'static {
+    /// The next thing from the broker. Must be cancel-safe: it is polled inside `select!`.
+    fn next(&mut self) -> impl Future<Output = std::io::Result<Incoming>> + Send;
+}
+
+/// The sending half: commands are buffered, then written by `flush`.
+pub trait Writer: Send + 'static {
+    fn subscribe(&mut self, channels: &[String]);
+    fn unsubscribe(&mut self, channels: &[String]);
+    /// Queue a publish; the broker's confirmation arrives later as exactly one [`Incoming::Ack`].
+    fn publish(&mut self, channel: &str, data: &[u8]);
+    /// Queue a liveness check, also answered by exactly one [`Incoming::Ack`].
+    fn probe(&mut self);
+    /// Whether anything is buffered.
+    fn has_pending(&self) -> bool;
+    /// Write what is buffered. Must be cancel-safe (partial progress is kept).
+    fn flush(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+type Done = oneshot::Sender<Result<(), BrokerError>>;
+
+enum Command {
+    Publish {
+        channel: String,
+        data: Bytes,
+        done: Done,
+    },
+    Subscribe {
+        channels: Vec<String>,
+        tx: mpsc::Sender<Message>,
+    },
+}
+
+/// Commands queued for the link task before callers wait.
+const COMMAND_QUEUE: usize = 1024;
+
+/// A broker reached over the network, driven by one background task.
+pub struct Link {
+    cmd: mpsc::Sender<Command>,
+    connected: Arc<AtomicBool>,
+    reconnects: Arc<AtomicU64>,
+    name: String,
+    cfg: LinkConfig,
+}
+
+impl Link {
+    /// Start the link task for `transport`; `name` is how logs and errors call the broker.
+    pub fn spawn<T: Transport>(transport: T, cfg: LinkConfig, name: String) -> Arc<Link> {
+        let (cmd, rx) = mpsc::channel(COMMAND_QUEUE);
+        let connected = Arc::new(AtomicBool::new(false));
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let task = Task {
+            transport,
+            cfg,
+            name: name.clone(),
+            rx,
+            subs: HashMap::new(),
+            connected: connected.clone(),
+            reconnects: reconnects.clone(),
+        };
+        tokio::spawn(task.run());
+        Arc::new(Link {
+            cmd,
+            connected,
+            reconnects,
+            name,
+            cfg,
+        })
+    }
+}
+
+impl Broker for Link {
+    fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
+        let channel = channel.to_owned();
+        Box::pin(async move {
+            if !self.is_connected() {
+                return Err(BrokerError::Unavailable(self.name.clone()));
+            }
+            let (done, wait) = oneshot::channel();
+            let limit = self.cfg.ack_timeout;
+            let confirmed = tokio::time::timeout(limit, async {
+                self.cmd
+                    .send(Command::Publish {
+                        channel,
+                        data,
+                        done,
+                    })
+                    .await
+                    .ok()?;
+                wait.await.ok()
+            });
+            match confirmed.await {
+                Ok(Some(result)) => result,
+                Ok(None) => Err(BrokerError::Unavailable(self.name.clone())),
+                Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
+            }
+        })
+    }
+
+    fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        self.cmd
+            .try_send(Command::Subscribe { channels, tx })
+            .map_err(|_| BrokerError::Refused(format!("link to {} is busy or gone", self.name)))?;
+        Ok(Subscription { rx, _guard: None })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+struct Task<T> {
+    transport: T,
+    cfg: LinkConfig,
+    name: String,
+    rx: mpsc::Receiver<Command>,
+    subs: HashMap<Bytes, Vec<mpsc::Sender<Message>>>,
+    connected: Arc<AtomicBool>,
+    reconnects: Arc<AtomicU64>,
+}
+
+/// Why a session ended.
+enum End {
+    /// Every handle is gone: stop the task.
+    Closed,
+    Lost(String),
+}
+
+impl<T: Transport> Task<T> {
+    async fn run(mut self) {
+        let mut backoff = self.cfg.min_backoff;
+        let mut sessions = 0u64;
+        loop {
+            let attempt =
+                tokio::time::timeout(self.cfg.connect_timeout, self.transport.connect()).await;
+            let err = match attempt {
+                Ok(Ok((reader, writer))) => {
+                    if sessions > 0 {
+                        self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    sessions += 1;
+                    backoff = self.cfg.min_backoff;
+                    tracing::info!(broker = %self.name, "broker link up");
+                    self.connected.store(true, Ordering::Release);
+                    let end = self.session(reader, writer).await;
+                    self.connected.store(false, Ordering::Release);
+                    match end {
+                        End::Closed => return,
+                        End::Lost(why) => why,
+                    }
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("connect timed out after {:?}", self.cfg.connect_timeout),
+            };
+            tracing::warn!(broker = %self.name, retry_in = ?backoff, "broker link down: {err}");
+            let retry = tokio::time::sleep(backoff);
+            tokio::pin!(retry);
+            loop {
+                tokio::select! {
+                    () = &mut retry => break,
+                    cmd = self.rx.recv() => match cmd {
+                        None => return,
+                        Some(Command::Publish { done, .. }) => {
+                            let _ = done.send(Err(BrokerError::Unavailable(self.name.clone())));
+                        }
+                        Some(Command::Subscribe { channels, tx }) => {
+                            self.add(channels, tx);
+                        }
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+        }
+    }
+
+    /// Record subscribers; returns the channels that are new to this link.
+    fn add(&mut self, channels: Vec<String>, tx: mpsc::Sender<Message>) -> Vec<String> {
+        let mut new = Vec::new();
+        for c in channels {
+            let list = self.subs.entry(Bytes::from(c.clone())).or_default();
+            if list.is_empty() {
+                new.push(c);
+            }
+            list.push(tx.clone());
+        }
+        new
+    }
+
+    /// Hand a message to its subscribers; returns a channel nobody listens to any more.
+    fn deliver(&mut self, m: Message) -> Option<String> {
+        let list = self.subs.get_mut(&m.channel)?;
+        list.retain(|tx| match tx.try_send(m.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                crate::metrics::GLOBAL
+                    .subscriber_drops
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(broker = %self.name, "subscriber is full: message dropped");
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        if list.is_empty() {
+            self.subs.remove(&m.channel);
+            return Some(String::from_utf8_lossy(&m.channel).into_owned());
+        }
+        None
+    }
+
+    async fn session(&mut self, mut reader: T::Reader, mut writer: T::Writer) -> End {
+        let all: Vec<String> = self
+            .subs
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        if !all.is_empty() {
+            writer.subscribe(&all);
+        }
+        // Each entry: when it was sent, and who waits for its confirmation (none for probes).
+        let mut pending: VecDeque<(Instant, Option<Done>)> = VecDeque::new();
+        let mut tick = tokio::time::interval(self.cfg.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            tokio::select! {
+                incoming = reader.next() => match incoming {
+                    Ok(Incoming::Message(m)) => {
+                        if let Some(gone) = self.deliver(m) {
+                            writer.unsubscribe(&[gone]);
+                        }
+                    }
+                    Ok(Incoming::Ack) => {
+                        if let Some((_, Some(done))) = pending.pop_front() {
+                            let _ = done.send(Ok(()));
+                        }
+                    }
+                    Ok(Incoming::Nothing) => {}
+                    Err(e) => break End::Lost(e.to_string()),
+                },
+                cmd = self.rx.recv(), if pending.len() < self.cfg.max_in_flight => match cmd {
+                    None => break End::Closed,
+                    Some(Command::Publish { channel, data, done }) => {
+                        writer.publish(&channel, &data);
+                        pending.push_back((Instant::now(), Some(done)));
+                    }
+                    Some(Command::Subscribe { channels, tx }) => {
+                        let new = self.add(channels, tx);
+                        if !new.is_empty() {
+                            writer.subscribe(&new);
+                        }
+                    }
+                },
+                r = writer.flush(), if writer.has_pending() => {
+                    if let Err(e) = r {
+                        break End::Lost(e.to_string());
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some((since, _)) = pending.front() {
+                        if since.elapsed() > self.cfg.ack_timeout {
+                            break End::Lost(format!("no answer for {:?}", self.cfg.ack_timeout));
+                        }
+                    } else {
+                        writer.probe();
+                        pending.push_back((Instant::now(), None));
+                    }
+                }
+            }
+        };
+        for (_, done) in pending {
+            if let Some(done) = done {
+                let _ = done.send(Err(BrokerError::Unavailable(self.name.clone())));
+            }
+        }
+        end
+    }
+}
+
+/// Back-off helper for tests and callers that wait for a link.
+pub async fn wait_connected(broker: &dyn Broker, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !broker.is_connected() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}

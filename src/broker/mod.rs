@@ -1,0 +1,237 @@
+//! Brokers: how gateways and publishers reach each other.
+//!
+//! A [`Broker`] carries [`Message`]s (a channel name and a payload) from publishers to every
+//! subscriber of that channel. Backends: `memory` (an in-process [`Hub`](crate::hub::Hub)) and
+//! `channel` (a Workerman-compatible channel server, ours or PHP's). The remote backends share one
+//! link loop ([`link`]) that reconnects, resubscribes, confirms publishes and notices dead peers.
+
+pub mod channel;
+pub mod link;
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::io::ListenAddr;
+
+/// One published message: the channel it was published on and its payload (for the seed's events,
+/// a PHP-serialized array; see [`crate::push`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub channel: Bytes,
+    pub data: Bytes,
+}
+
+/// Why a broker operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker {0} is unreachable")]
+    Unavailable(String),
+    #[error("broker {0} did not confirm the publish within {1:?}")]
+    Timeout(String, Duration),
+    #[error("broker {0}: too many publishes waiting for confirmation")]
+    Busy(String),
+    #[error("subscription refused: {0}")]
+    Refused(String),
+}
+
+/// Messages for one subscriber. Dropping it ends the subscription.
+pub struct Subscription {
+    pub rx: mpsc::Receiver<Message>,
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl Subscription {
+    /// The next message, or `None` once the broker is gone.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+}
+
+/// Messages buffered for one subscriber before newer ones are dropped (and counted).
+pub const SUBSCRIPTION_CAPACITY: usize = 8192;
+
+/// A publish/subscribe broker.
+///
+/// Guarantees every backend keeps:
+/// - **At most once.** A message reaches each subscriber of its channel at most once; while a
+///   link is down, or when a subscriber's buffer ([`SUBSCRIPTION_CAPACITY`]) is full, messages for
+///   it are lost, and the loss is counted and logged, never silent.
+/// - **Per-publisher order.** Messages one `Broker` value publishes to one channel arrive in the
+///   order they were published.
+/// - **Confirmed publishes.** `publish` resolves `Ok` only after the broker has taken the message
+///   for delivery (for `channel://`, after the server has routed it; for `memory`, at once). While
+///   the broker is unreachable it fails at once with [`BrokerError::Unavailable`], so callers can
+///   answer 503 instead of losing the message silently.
+/// - **Subscriptions survive reconnects.** After a link comes back, every live subscription is
+///   renewed before anything else is sent.
+pub trait Broker: Send + Sync + 'static {
+    /// Publish `data` on `channel`.
+    fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>>;
+    /// Subscribe to each of `channels`; messages arrive on the returned subscription.
+    fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError>;
+    /// Whether the broker is reachable right now.
+    fn is_connected(&self) -> bool;
+    /// Times the link was re-established after a loss.
+    fn reconnects(&self) -> u64 {
+        0
+    }
+}
+
+/// Timing of remote broker links.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkConfig {
+    /// First retry delay after a failure; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// How often an idle link checks that the broker still answers.
+    pub probe_interval: Duration,
+    /// A link whose oldest unconfirmed publish or probe is older than this is dead.
+    pub ack_timeout: Duration,
+    /// Publishes awaiting confirmation before new ones wait.
+    pub max_in_flight: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(3),
+            probe_interval: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(5),
+            max_in_flight: 4096,
+        }
+    }
+}
+
+/// What `--broker` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerUrl {
+    /// In-process (`standalone`).
+    Memory,
+    /// A channel server over TCP or a Unix socket, with an optional secret.
+    Channel {
+        addr: ListenAddr,
+        secret: Option<String>,
+    },
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "memory" {
+            return Ok(BrokerUrl::Memory);
+        }
+        if let Some(path) = s.strip_prefix("channel+unix://") {
+            if path.is_empty() {
+                return Err(format!("{s:?}: channel+unix:// needs a socket path"));
+            }
+            return Ok(BrokerUrl::Channel {
+                addr: ListenAddr::Unix(path.into()),
+                secret: None,
+            });
+        }
+        let rest = match s.split_once("://") {
+            Some(("channel", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(format!("{s:?}: unknown broker scheme {scheme:?} (use channel://, channel+unix:// or memory)"))
+            }
+            None => s,
+        };
+        let (secret, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hp)) => (
+                Some(userinfo.strip_prefix(':').unwrap_or(userinfo).to_owned()),
+                hp,
+            ),
+            None => (None, rest),
+        };
+        let hostport = hostport.trim_end_matches('/');
+        let addr: ListenAddr = hostport.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        Ok(BrokerUrl::Channel {
+            addr,
+            secret: secret.filter(|s| !s.is_empty()),
+        })
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BrokerUrl::Memory => f.write_str("memory"),
+            BrokerUrl::Channel {
+                addr: ListenAddr::Tcp(a),
+                ..
+            } => write!(f, "channel://{a}"),
+            BrokerUrl::Channel {
+                addr: ListenAddr::Unix(p),
+                ..
+            } => write!(f, "channel+unix://{}", p.display()),
+        }
+    }
+}
+
+/// Open a broker for `url`. `hub` serves `memory`; links start in the background and connect
+/// (and reconnect) by themselves.
+pub fn open(
+    url: &BrokerUrl,
+    hub: Option<Arc<crate::hub::Hub>>,
+    cfg: LinkConfig,
+) -> Arc<dyn Broker> {
+    match url {
+        BrokerUrl::Memory => Arc::new(memory::MemoryBroker::new(
+            hub.unwrap_or_else(|| Arc::new(Default::default())),
+        )),
+        BrokerUrl::Channel { addr, secret } => link::Link::spawn(
+            channel::ChannelTransport::new(addr.clone(), secret.clone()),
+            cfg,
+            url.to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let tcp = |a: &str, s: Option<&str>| BrokerUrl::Channel {
+            addr: ListenAddr::Tcp(a.into()),
+            secret: s.map(Into::into),
+        };
+        assert_eq!("memory".parse(), Ok(BrokerUrl::Memory));
+        assert_eq!(
+            "channel://127.0.0.1:2206".parse(),
+            Ok(tcp("127.0.0.1:2206", None))
+        );
+        assert_eq!("10.0.0.1:2206".parse(), Ok(tcp("10.0.0.1:2206", None)));
+        assert_eq!(
+            "channel://:s3cret@h:2206".parse(),
+            Ok(tcp("h:2206", Some("s3cret")))
+        );
+        assert_eq!(
+            "channel+unix:///tmp/c.sock".parse(),
+            Ok(BrokerUrl::Channel {
+                addr: ListenAddr::Unix("/tmp/c.sock".into()),
+                secret: None
+            })
+        );
+        assert!("kafka://x:1"
+            .parse::<BrokerUrl>()
+            .unwrap_err()
+            .contains("unknown broker scheme"));
+        assert!("channel://nohost".parse::<BrokerUrl>().is_err());
+    }
+}

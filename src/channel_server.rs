@@ -1,0 +1,176 @@
+//! The Channel server: Workerman's Channel protocol over TCP or a Unix socket, backed by a [`Hub`].
+//!
+//! Each connection is one task that reads frames and writes what the hub queued for it. A frame
+//! that cannot be decoded, or a request the hub refuses, is logged and closes that connection only.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use channel_proto::{frame, FrameError, MessageError, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::hub::{Hub, HubError, Sink};
+use crate::io::{write_frames, Listener, Stream};
+
+/// Settings of a channel server.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// Largest frame accepted, header included.
+    pub max_frame: usize,
+    /// When set, every client's first frame must be `auth` with this secret.
+    pub secret: Option<String>,
+    /// Frames queued for one client before it counts as a slow consumer and is cut off.
+    pub outbound_queue: usize,
+    /// Most simultaneous connections; more are closed at once.
+    pub max_connections: usize,
+    /// How long one write to a client may block.
+    pub write_timeout: Duration,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            max_frame: channel_proto::DEFAULT_MAX_FRAME,
+            secret: None,
+            outbound_queue: 4096,
+            max_connections: 10_000,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why one channel connection was closed.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("bad message: {0}")]
+    Message(#[from] MessageError),
+    #[error("refused: {0}")]
+    Hub(#[from] HubError),
+    #[error("wrong secret")]
+    BadSecret,
+    #[error("write blocked for more than {0:?}")]
+    WriteTimeout(Duration),
+    #[error("not reading its messages (slow consumer)")]
+    Slow,
+}
+
+/// Serve the Channel protocol on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: Listener,
+    hub: Arc<Hub>,
+    cfg: ChannelConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let cfg = Arc::new(cfg);
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    tracing::info!(listen = %listener.local_addr(), "channel server listening");
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors and similar: back off instead of spinning.
+                tracing::error!("channel accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = cfg.max_connections, "channel connection refused: too many connections");
+            continue;
+        };
+        let (hub, cfg) = (hub.clone(), cfg.clone());
+        tokio::spawn(async move {
+            tracing::debug!(%peer, "channel client connected");
+            match serve(stream, &hub, &cfg).await {
+                Ok(()) => tracing::debug!(%peer, "channel client left"),
+                Err(e) => tracing::warn!(%peer, "closing channel connection: {e}"),
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve(stream: Box<dyn Stream>, hub: &Hub, cfg: &ChannelConfig) -> Result<(), ConnError> {
+    let (tx, mut rx) = mpsc::channel(cfg.outbound_queue);
+    let id = hub.connect(Sink::Frames(tx));
+    let result = pump(stream, hub, id, &mut rx, cfg).await;
+    hub.disconnect(id);
+    result
+}
+
+async fn pump(
+    stream: Box<dyn Stream>,
+    hub: &Hub,
+    id: crate::hub::ClientId,
+    rx: &mut mpsc::Receiver<Bytes>,
+    cfg: &ChannelConfig,
+) -> Result<(), ConnError> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = VecDeque::new();
+    let mut batch = Vec::with_capacity(64);
+    let mut authed = cfg.secret.is_none();
+    loop {
+        tokio::select! {
+            n = rd.read_buf(&mut buf) => {
+                if n? == 0 {
+                    return if buf.is_empty() { Ok(()) } else { Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into())) };
+                }
+                while let Some(payload) = frame::take_payload(&mut buf, cfg.max_frame)? {
+                    if payload.is_empty() {
+                        continue; // ping
+                    }
+                    let req = Request::parse(&payload)?;
+                    if !authed {
+                        let Request::Auth(given) = req else { return Err(MessageError::AuthRequired.into()) };
+                        let want = cfg.secret.as_deref().unwrap_or_default().as_bytes();
+                        if !crate::auth::constant_time_eq(&given, want) {
+                            return Err(ConnError::BadSecret);
+                        }
+                        authed = true;
+                        continue;
+                    }
+                    hub.handle(id, req)?;
+                }
+            }
+            n = rx.recv_many(&mut batch, 64) => {
+                if n == 0 {
+                    return Err(ConnError::Slow);
+                }
+                out.extend(batch.drain(..));
+                tokio::time::timeout(cfg.write_timeout, write_frames(&mut wr, &mut out))
+                    .await
+                    .map_err(|_| ConnError::WriteTimeout(cfg.write_timeout))??;
+            }
+        }
+    }
+}
+
+/// The frame that a protected server expects first.
+pub fn auth_frame(secret: &str) -> Bytes {
+    frame::encode(&Request::Auth(Bytes::copy_from_slice(secret.as_bytes())).encode())
+}
+
+/// Write `frames` and flush; a helper for clients.
+pub async fn send_frames<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[Bytes],
+) -> std::io::Result<()> {
+    for f in frames {
+        w.write_all(f).await?;
+    }
+    w.flush().await
+}

@@ -1,0 +1,583 @@
+//! The WebSocket gateway (the seed's `start_ws.php`).
+//!
+//! A gateway node runs several workers. Each worker is a shard with its own connection table and
+//! its own broker subscription: to its worker id (targeted pushes) and to `broadcast`. A client is
+//! greeted with `workerID:W connectionID:C connected\n`.
+//!
+//! **Ids.** A worker id is `NODE-N`: `NODE` is `--node-id` or, by default, 12 random hex digits
+//! drawn when the process starts, and `N` the worker's index. Two gateways started with the same
+//! command line on two hosts therefore have different worker ids, and a targeted push
+//! (`to_worker_id`, `to_connection_id`) names exactly one connection in the cluster. Connection ids
+//! count up from 1 per worker and are never reused while the worker lives.
+//!
+//! **Fan-out.** A push is encoded into one WebSocket frame once and the same bytes are queued to
+//! every connection. Each connection has a bounded queue; a client whose queue is full is a slow
+//! consumer and is closed (1008), so it never holds back the others. A per-worker sweeper pings
+//! every connection and closes those that stopped answering.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+
+use crate::broker::{Broker, BrokerError, Message};
+use crate::io::write_frames;
+use crate::metrics::GLOBAL;
+use crate::push::{Push, BROADCAST};
+use crate::ws::{self, close, ClientFrame};
+
+/// Settings of a gateway node.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Worker shards (the seed's `count`).
+    pub workers: usize,
+    /// Fixed node id; random when `None`.
+    pub node_id: Option<String>,
+    /// Most WebSocket connections at once; more are answered 503.
+    pub max_connections: usize,
+    /// Frames queued for one connection before it counts as a slow consumer.
+    pub outbound_queue: usize,
+    /// Largest client frame accepted.
+    pub max_client_frame: usize,
+    /// How long one write to a client may block.
+    pub write_timeout: Duration,
+    /// How often connections are pinged; one silent for three intervals is closed.
+    pub heartbeat: Duration,
+    /// Browser origins allowed to connect; empty allows all.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            workers: 2,
+            node_id: None,
+            max_connections: 100_000,
+            outbound_queue: 1024,
+            max_client_frame: 64 * 1024,
+            write_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(25),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("worker {worker} could not subscribe: {source}")]
+    Subscribe {
+        worker: String,
+        #[source]
+        source: BrokerError,
+    },
+    #[error("--workers must be at least 1")]
+    NoWorkers,
+}
+
+/// Why a connection is being closed by the server; stored before the connection is woken.
+struct Shared {
+    wake: Notify,
+    close_code: AtomicU16,
+    last_seen: AtomicU64,
+}
+
+struct Conn {
+    tx: mpsc::Sender<Bytes>,
+    shared: Arc<Shared>,
+}
+
+/// One worker shard: its id, its connections, its connection counter.
+pub struct Worker {
+    pub id: String,
+    conns: Mutex<HashMap<u64, Conn>>,
+    next_conn: AtomicU64,
+    epoch: Instant,
+}
+
+impl Worker {
+    fn new(id: String) -> Worker {
+        Worker {
+            id,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_secs()
+    }
+
+    fn add(&self, queue: usize) -> (u64, mpsc::Receiver<Bytes>, Arc<Shared>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(queue);
+        let shared = Arc::new(Shared {
+            wake: Notify::new(),
+            close_code: AtomicU16::new(0),
+            last_seen: AtomicU64::new(self.now()),
+        });
+        self.table().insert(
+            id,
+            Conn {
+                tx,
+                shared: shared.clone(),
+            },
+        );
+        (id, rx, shared)
+    }
+
+    fn remove(&self, id: u64) {
+        self.table().remove(&id);
+    }
+
+    /// Number of open connections.
+    pub fn connections(&self) -> usize {
+        self.table().len()
+    }
+
+    /// Queue `frame` to the given connections (all when `only` is `None`); returns deliveries.
+    fn send(&self, frame: &Bytes, only: Option<u64>) -> usize {
+        let mut table = self.table();
+        let mut slow = Vec::new();
+        let mut delivered = 0;
+        let mut offer = |id: u64, c: &Conn| match c.tx.try_send(frame.clone()) {
+            Ok(()) => delivered += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => slow.push(id),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        };
+        match only {
+            Some(id) => {
+                if let Some(c) = table.get(&id) {
+                    offer(id, c);
+                }
+            }
+            None => table.iter().for_each(|(id, c)| offer(*id, c)),
+        }
+        for id in slow {
+            if let Some(c) = table.remove(&id) {
+                GLOBAL
+                    .slow_consumer_disconnects
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(worker = %self.id, connection = id, "client not reading: closing (slow consumer)");
+                wake(&c.shared, close::POLICY);
+            }
+        }
+        GLOBAL
+            .deliveries
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    /// Carry out one message from the broker.
+    fn handle(&self, m: Message) {
+        GLOBAL.broker_messages.fetch_add(1, Ordering::Relaxed);
+        let push = match Push::decode(&m.data) {
+            Ok(p) => p,
+            Err(e) => {
+                GLOBAL.bad_broker_messages.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(worker = %self.id, channel = %String::from_utf8_lossy(&m.channel), "ignoring event: {e}");
+                return;
+            }
+        };
+        let opcode = if std::str::from_utf8(&push.content).is_ok() {
+            ws::TEXT
+        } else {
+            ws::BINARY
+        };
+        let frame = ws::encode(opcode, &push.content);
+        if &m.channel[..] == BROADCAST.as_bytes() {
+            self.send(&frame, None);
+            return;
+        }
+        let target = push
+            .to_connection_id
+            .as_deref()
+            .and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok());
+        let delivered = target.map_or(0, |id| self.send(&frame, Some(id)));
+        if delivered == 0 {
+            GLOBAL.undeliverable.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                worker = %self.id,
+                to_connection_id = %String::from_utf8_lossy(push.to_connection_id.as_deref().unwrap_or_default()),
+                "connection does not exist: push dropped"
+            );
+        }
+    }
+
+    /// Ping every connection; close those silent for longer than `dead_after`.
+    fn sweep(&self, dead_after: Duration) {
+        let now = self.now();
+        let ping = ws::ping();
+        let mut table = self.table();
+        table.retain(|_, c| {
+            if now.saturating_sub(c.shared.last_seen.load(Ordering::Relaxed)) > dead_after.as_secs()
+            {
+                wake(&c.shared, close::GOING_AWAY);
+                return false;
+            }
+            let _ = c.tx.try_send(ping.clone());
+            true
+        });
+    }
+
+    /// Close every connection with `code`.
+    fn close_all(&self, code: u16) {
+        for (_, c) in self.table().drain() {
+            wake(&c.shared, code);
+        }
+    }
+}
+
+fn wake(shared: &Shared, code: u16) {
+    shared.close_code.store(code, Ordering::Release);
+    shared.wake.notify_one();
+}
+
+/// A running gateway node.
+pub struct Gateway {
+    pub node_id: String,
+    pub workers: Vec<Arc<Worker>>,
+    broker: Arc<dyn Broker>,
+    cfg: GatewayConfig,
+    next_worker: AtomicUsize,
+    open: AtomicUsize,
+}
+
+impl Gateway {
+    /// Create the workers and subscribe each to its channels.
+    pub fn start(
+        broker: Arc<dyn Broker>,
+        cfg: GatewayConfig,
+    ) -> Result<Arc<Gateway>, GatewayError> {
+        if cfg.workers == 0 {
+            return Err(GatewayError::NoWorkers);
+        }
+        let node_id = cfg
+            .node_id
+            .clone()
+            .unwrap_or_else(|| crate::io::random_hex(6));
+        let mut workers = Vec::new();
+        for i in 0..cfg.workers {
+            let worker = Arc::new(Worker::new(format!("{node_id}-{i}")));
+            let mut sub = broker
+                .subscribe(vec![worker.id.clone(), BROADCAST.to_owned()])
+                .map_err(|source| GatewayError::Subscribe {
+                    worker: worker.id.clone(),
+                    source,
+                })?;
+            let w = worker.clone();
+            tokio::spawn(async move {
+                while let Some(m) = sub.recv().await {
+                    w.handle(m);
+                }
+            });
+            let (w, beat) = (Arc::downgrade(&worker), cfg.heartbeat);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(beat);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(w) = w.upgrade() else { return };
+                    w.sweep(beat * 3);
+                }
+            });
+            workers.push(worker);
+        }
+        tracing::info!(node_id = %node_id, workers = cfg.workers, "gateway workers started");
+        Ok(Arc::new(Gateway {
+            node_id,
+            workers,
+            broker,
+            cfg,
+            next_worker: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Open WebSocket connections on this node.
+    pub fn connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Serve HTTP and WebSocket on `listener` until `shutdown`; then close every client with 1001.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "gateway listening");
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _peer) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!("gateway accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let gw = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(gw.route(req)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    tracing::debug!("gateway http connection: {e}");
+                }
+            });
+        }
+        for w in &self.workers {
+            w.close_all(close::GOING_AWAY);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn route(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let upgrade = req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        match (req.method(), req.uri().path(), upgrade) {
+            (&Method::GET, _, true) => self.upgrade(req),
+            (&Method::GET, "/", false) => text(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                crate::page::INDEX,
+            ),
+            (&Method::GET, "/healthz", _) => self.health(),
+            (&Method::GET, "/metrics", _) => {
+                let workers: u64 = self.workers.iter().map(|w| w.connections() as u64).sum();
+                let body = crate::metrics::render(&[
+                    (
+                        "ws_connections",
+                        "open WebSocket connections",
+                        self.connections() as u64,
+                    ),
+                    ("ws_registered", "connections in worker tables", workers),
+                    (
+                        "broker_connected",
+                        "1 when the broker link is up",
+                        self.broker.is_connected() as u64,
+                    ),
+                    (
+                        "broker_reconnects",
+                        "broker link re-establishments",
+                        self.broker.reconnects(),
+                    ),
+                ]);
+                text(StatusCode::OK, "text/plain; version=0.0.4", body)
+            }
+            (&Method::GET, _, false) => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+            _ => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "only GET is served here\n",
+            ),
+        }
+    }
+
+    fn health(&self) -> Response<Full<Bytes>> {
+        if self.broker.is_connected() {
+            text(StatusCode::OK, "text/plain", "ok\n")
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "broker unreachable\n",
+            )
+        }
+    }
+
+    fn upgrade(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let h = req.headers();
+        let Some(key) = h.get("sec-websocket-key") else {
+            GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                "missing Sec-WebSocket-Key\n",
+            );
+        };
+        if h.get("sec-websocket-version").map(HeaderValue::as_bytes) != Some(b"13") {
+            GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
+            let mut r = text(
+                StatusCode::UPGRADE_REQUIRED,
+                "text/plain",
+                "only WebSocket version 13 is supported\n",
+            );
+            r.headers_mut()
+                .insert("sec-websocket-version", HeaderValue::from_static("13"));
+            return r;
+        }
+        if !self.cfg.allowed_origins.is_empty() {
+            let origin = h
+                .get(header::ORIGIN)
+                .and_then(|o| o.to_str().ok())
+                .unwrap_or_default();
+            if !self.cfg.allowed_origins.iter().any(|a| a == origin) {
+                GLOBAL
+                    .ws_connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    format!("origin {origin:?} is not allowed\n"),
+                );
+            }
+        }
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            GLOBAL
+                .ws_connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "gateway is at its connection limit\n",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return r;
+        }
+        let accept = ws::accept_key(key.as_bytes());
+        let gw = self.clone();
+        tokio::spawn(async move {
+            let open = OpenGuard(gw.clone());
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => return tracing::debug!("websocket upgrade failed: {e}"),
+            };
+            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                return tracing::error!("websocket upgrade gave an unexpected stream type");
+            };
+            let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
+            let worker = gw.workers[n].clone();
+            GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
+            let leftover = BytesMut::from(&parts.read_buf[..]);
+            connection(parts.io.into_inner(), leftover, &worker, &gw.cfg).await;
+            drop(open);
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let hs = r.headers_mut();
+        hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        hs.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            hs.insert("sec-websocket-accept", v);
+        }
+        r
+    }
+}
+
+struct OpenGuard(Arc<Gateway>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// Serve one WebSocket connection until it closes or is closed.
+async fn connection(
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    worker: &Worker,
+    cfg: &GatewayConfig,
+) {
+    let (id, mut rx, shared) = worker.add(cfg.outbound_queue);
+    let welcome = format!("workerID:{} connectionID:{id} connected\n", worker.id);
+    tracing::debug!(worker = %worker.id, connection = id, "client connected");
+    let (mut rd, mut wr) = stream.split();
+    let mut out = VecDeque::from([ws::encode(ws::TEXT, welcome.as_bytes())]);
+    let mut batch = Vec::with_capacity(16);
+    let closing: Option<(u16, &str)> = 'conn: loop {
+        if !out.is_empty() {
+            match tokio::time::timeout(cfg.write_timeout, write_frames(&mut wr, &mut out)).await {
+                Ok(Ok(())) => {}
+                _ => break None,
+            }
+        }
+        loop {
+            match ws::parse(&mut buf, cfg.max_client_frame) {
+                Ok(None) => break,
+                Ok(Some(ClientFrame::Ping(p))) => out.push_back(ws::pong(&p)),
+                Ok(Some(ClientFrame::Close(_))) => break 'conn Some((close::NORMAL, "")),
+                Ok(Some(ClientFrame::Data | ClientFrame::Pong)) => {}
+                Err(e) => {
+                    GLOBAL.bad_client_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(worker = %worker.id, connection = id, "closing: {e}");
+                    break 'conn Some((e.code(), "bad frame"));
+                }
+            }
+        }
+        if !out.is_empty() {
+            continue;
+        }
+        tokio::select! {
+            biased;
+            () = shared.wake.notified() => {
+                let code = shared.close_code.load(Ordering::Acquire);
+                break match code {
+                    close::POLICY => Some((code, "slow consumer")),
+                    close::GOING_AWAY => Some((code, "going away")),
+                    _ => Some((code, "")),
+                };
+            }
+            n = rx.recv_many(&mut batch, 64) => {
+                if n == 0 {
+                    break None;
+                }
+                out.extend(batch.drain(..));
+            }
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => break None,
+                Ok(_) => shared.last_seen.store(worker.now(), Ordering::Relaxed),
+            },
+        }
+    };
+    worker.remove(id);
+    if let Some((code, reason)) = closing {
+        let mut last = VecDeque::from([ws::close_frame(code, reason)]);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), write_frames(&mut wr, &mut last)).await;
+    }
+    tracing::debug!(worker = %worker.id, connection = id, "client gone");
+}

@@ -1,0 +1,524 @@
+//! The Channel hub: who subscribes to what, round-robin cursors, and work queues.
+//!
+//! One hub backs a channel server. Its clients are either remote connections (fed encoded frames)
+//! or in-process subscribers (fed [`Message`]s, how `standalone` wires its gateway and publisher),
+//! so PHP nodes on port 2206 and in-process ones see the same events.
+//!
+//! Every client has a bounded outbound queue. A remote client whose queue is full is cut off (it
+//! is a slow consumer: buffering for it forever is how memory runs out); an in-process subscriber
+//! that is full loses that message, which is counted. Delivery is at most once, in publish order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use channel_proto::message::ServerKind;
+use channel_proto::{frame, Name, Request, ServerMessage};
+use tokio::sync::mpsc;
+
+use crate::broker::Message;
+
+/// Identifies a hub client.
+pub type ClientId = u64;
+
+/// Where a client's messages go.
+pub enum Sink {
+    /// A remote connection: encoded frames for its writer.
+    Frames(mpsc::Sender<Bytes>),
+    /// An in-process subscriber.
+    Local(mpsc::Sender<Message>),
+}
+
+/// Limits that keep one client from growing the hub without bound.
+#[derive(Debug, Clone, Copy)]
+pub struct HubLimits {
+    /// Channels plus queues one client may subscribe to or watch.
+    pub max_names_per_client: usize,
+    /// Longest channel or queue name, in bytes.
+    pub max_name_len: usize,
+    /// Items a queue holds while nobody takes them; further enqueues are refused.
+    pub max_queue_items: usize,
+}
+
+impl Default for HubLimits {
+    fn default() -> Self {
+        HubLimits {
+            max_names_per_client: 10_000,
+            max_name_len: 1024,
+            max_queue_items: 100_000,
+        }
+    }
+}
+
+/// Why the hub refused a request. The connection that sent it is told through the log and closed.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("name of {0} bytes exceeds the limit of {1}")]
+    NameTooLong(usize, usize),
+    #[error("client would hold more than {0} subscriptions and watches")]
+    TooManyNames(usize),
+    #[error("queue {0:?} is full ({1} items)")]
+    QueueFull(String, usize),
+    #[error("{0} is not allowed on this connection")]
+    NotAllowed(&'static str),
+}
+
+/// Counters, read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub published: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub local_drops: AtomicU64,
+}
+
+struct Client {
+    sink: Sink,
+    names: HashSet<Name>,
+    watching: Vec<Name>,
+    reserved: bool,
+}
+
+#[derive(Default)]
+struct Channel {
+    subscribers: Vec<ClientId>,
+    cursor: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Bytes>,
+    watchers: Vec<ClientId>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: ClientId,
+    clients: HashMap<ClientId, Client>,
+    channels: HashMap<Name, Channel>,
+    queues: HashMap<Name, Queue>,
+}
+
+/// The publish/subscribe and queue state of one channel server.
+pub struct Hub {
+    state: Mutex<State>,
+    limits: HubLimits,
+    pub stats: HubStats,
+}
+
+enum Sent {
+    Ok,
+    Dropped,
+    SlowConsumer,
+}
+
+impl Client {
+    fn send(
+        &self,
+        kind: ServerKind,
+        channel: &Name,
+        data: &Bytes,
+        frame: &mut Option<Bytes>,
+    ) -> Sent {
+        match &self.sink {
+            Sink::Frames(tx) => {
+                let f = frame
+                    .get_or_insert_with(|| {
+                        frame::encode(&ServerMessage::encode_parts(kind, channel, data))
+                    })
+                    .clone();
+                match tx.try_send(f) {
+                    Ok(()) => Sent::Ok,
+                    Err(mpsc::error::TrySendError::Full(_)) => Sent::SlowConsumer,
+                    Err(mpsc::error::TrySendError::Closed(_)) => Sent::Dropped,
+                }
+            }
+            Sink::Local(tx) => {
+                let m = Message {
+                    channel: Bytes::copy_from_slice(channel.as_bytes()),
+                    data: data.clone(),
+                };
+                match tx.try_send(m) {
+                    Ok(()) => Sent::Ok,
+                    Err(_) => Sent::Dropped,
+                }
+            }
+        }
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Hub {
+        Hub::new(HubLimits::default())
+    }
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new(limits: HubLimits) -> Hub {
+        Hub {
+            state: Mutex::new(State::default()),
+            limits,
+            stats: HubStats::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; the state is still consistent enough to
+        // keep serving, so recover the guard rather than take the whole server down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register a client; its messages go to `sink`.
+    pub fn connect(&self, sink: Sink) -> ClientId {
+        let mut st = self.lock();
+        st.next_id += 1;
+        let id = st.next_id;
+        st.clients.insert(
+            id,
+            Client {
+                sink,
+                names: HashSet::new(),
+                watching: Vec::new(),
+                reserved: false,
+            },
+        );
+        id
+    }
+
+    /// Drop a client with all its subscriptions, watches and reservation.
+    pub fn disconnect(&self, id: ClientId) {
+        drop_client(&mut self.lock(), id);
+    }
+
+    /// Number of connected clients.
+    pub fn clients(&self) -> usize {
+        self.lock().clients.len()
+    }
+
+    /// Carry out one request from client `id`.
+    pub fn handle(&self, id: ClientId, req: Request) -> Result<(), HubError> {
+        match req {
+            Request::Subscribe(names) => self.subscribe(id, names),
+            Request::Unsubscribe(names) => {
+                let mut st = self.lock();
+                for n in names {
+                    unsubscribe(&mut st, id, &n);
+                }
+                Ok(())
+            }
+            Request::Publish { channels, data } => {
+                self.publish(&channels, &data);
+                Ok(())
+            }
+            Request::PublishLoop { channels, data } => {
+                self.publish_loop(&channels, &data);
+                Ok(())
+            }
+            Request::Watch(names) => self.watch(id, names),
+            Request::Unwatch(names) => {
+                let mut st = self.lock();
+                for n in names {
+                    if let Some(c) = st.clients.get_mut(&id) {
+                        c.watching.retain(|w| *w != n);
+                        c.names.remove(&n);
+                    }
+                    if let Some(q) = st.queues.get_mut(&n) {
+                        q.watchers.retain(|w| *w != id);
+                    }
+                }
+                Ok(())
+            }
+            Request::Enqueue { channels, data } => self.enqueue(&channels, &data),
+            Request::Reserve => {
+                let mut st = self.lock();
+                let Some(c) = st.clients.get_mut(&id) else {
+                    return Ok(());
+                };
+                c.reserved = true;
+                let watching = c.watching.clone();
+                for q in watching {
+                    dispatch(&mut st, &q, &self.stats);
+                }
+                Ok(())
+            }
+            Request::Auth(_) => Err(HubError::NotAllowed("auth after the first frame")),
+        }
+    }
+
+    fn check_names(&self, st: &State, id: ClientId, names: &[Name]) -> Result<(), HubError> {
+        if let Some(n) = names
+            .iter()
+            .find(|n| n.as_bytes().len() > self.limits.max_name_len)
+        {
+            return Err(HubError::NameTooLong(
+                n.as_bytes().len(),
+                self.limits.max_name_len,
+            ));
+        }
+        let held = st.clients.get(&id).map_or(0, |c| c.names.len());
+        if held + names.len() > self.limits.max_names_per_client {
+            return Err(HubError::TooManyNames(self.limits.max_names_per_client));
+        }
+        Ok(())
+    }
+
+    /// Add client `id` to each channel.
+    pub fn subscribe(&self, id: ClientId, names: Vec<Name>) -> Result<(), HubError> {
+        let mut st = self.lock();
+        self.check_names(&st, id, &names)?;
+        for n in names {
+            let Some(c) = st.clients.get_mut(&id) else {
+                return Ok(());
+            };
+            if c.names.insert(n.clone()) {
+                st.channels.entry(n).or_default().subscribers.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Send `data` to every subscriber of each channel; returns the number of deliveries.
+    pub fn publish(&self, channels: &[Name], data: &Bytes) -> usize {
+        let mut st = self.lock();
+        let mut delivered = 0;
+        let mut slow = Vec::new();
+        for name in channels {
+            let Some(ch) = st.channels.get(name) else {
+                continue;
+            };
+            let mut frame = None;
+            for id in &ch.subscribers {
+                let Some(c) = st.clients.get(id) else {
+                    continue;
+                };
+                match c.send(ServerKind::Event, name, data, &mut frame) {
+                    Sent::Ok => delivered += 1,
+                    Sent::Dropped => {
+                        self.stats.local_drops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Sent::SlowConsumer => slow.push(*id),
+                }
+            }
+        }
+        self.cut_slow(&mut st, slow);
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .deliveries
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    fn publish_loop(&self, channels: &[Name], data: &Bytes) {
+        let mut st = self.lock();
+        let mut slow = Vec::new();
+        for name in channels {
+            let State {
+                channels: chans,
+                clients,
+                ..
+            } = &mut *st;
+            let Some(ch) = chans.get_mut(name) else {
+                continue;
+            };
+            if ch.subscribers.is_empty() {
+                continue;
+            }
+            ch.cursor = (ch.cursor + 1) % ch.subscribers.len();
+            let id = ch.subscribers[ch.cursor];
+            if let Some(c) = clients.get(&id) {
+                if let Sent::SlowConsumer = c.send(ServerKind::Event, name, data, &mut None) {
+                    slow.push(id);
+                }
+            }
+        }
+        self.cut_slow(&mut st, slow);
+    }
+
+    fn watch(&self, id: ClientId, names: Vec<Name>) -> Result<(), HubError> {
+        let mut st = self.lock();
+        self.check_names(&st, id, &names)?;
+        for n in names {
+            let Some(c) = st.clients.get_mut(&id) else {
+                return Ok(());
+            };
+            if c.watching.contains(&n) {
+                continue;
+            }
+            c.watching.push(n.clone());
+            c.names.insert(n.clone());
+            st.queues.entry(n.clone()).or_default().watchers.push(id);
+            dispatch(&mut st, &n, &self.stats);
+        }
+        Ok(())
+    }
+
+    fn enqueue(&self, names: &[Name], data: &Bytes) -> Result<(), HubError> {
+        let mut st = self.lock();
+        if let Some(n) = names
+            .iter()
+            .find(|n| n.as_bytes().len() > self.limits.max_name_len)
+        {
+            return Err(HubError::NameTooLong(
+                n.as_bytes().len(),
+                self.limits.max_name_len,
+            ));
+        }
+        for n in names {
+            let q = st.queues.entry(n.clone()).or_default();
+            if q.items.len() >= self.limits.max_queue_items {
+                return Err(HubError::QueueFull(n.to_string_lossy(), q.items.len()));
+            }
+            q.items.push_back(data.clone());
+            dispatch(&mut st, n, &self.stats);
+        }
+        Ok(())
+    }
+
+    fn cut_slow(&self, st: &mut State, slow: Vec<ClientId>) {
+        for id in slow {
+            tracing::warn!(
+                client = id,
+                "channel client is not reading: queue full, disconnecting (slow consumer)"
+            );
+            self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            drop_client(st, id);
+        }
+    }
+}
+
+/// Hand queued items of `queue` to reserved watchers, one item per reservation.
+fn dispatch(st: &mut State, queue: &Name, stats: &HubStats) {
+    loop {
+        let State {
+            queues, clients, ..
+        } = &mut *st;
+        let Some(q) = queues.get_mut(queue) else {
+            return;
+        };
+        if q.items.is_empty() {
+            return;
+        }
+        let Some(pos) = q
+            .watchers
+            .iter()
+            .position(|w| clients.get(w).is_some_and(|c| c.reserved))
+        else {
+            return;
+        };
+        // Rotate so that the next item prefers the next watcher.
+        let id = q.watchers.remove(pos);
+        q.watchers.push(id);
+        let Some(item) = q.items.pop_front() else {
+            return;
+        };
+        let Some(c) = clients.get_mut(&id) else {
+            return;
+        };
+        c.reserved = false;
+        if let Sent::SlowConsumer = c.send(ServerKind::Queue, queue, &item, &mut None) {
+            stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            drop_client(st, id);
+        }
+    }
+}
+
+fn unsubscribe(st: &mut State, id: ClientId, name: &Name) {
+    if let Some(c) = st.clients.get_mut(&id) {
+        c.names.remove(name);
+    }
+    if let Some(ch) = st.channels.get_mut(name) {
+        ch.subscribers.retain(|s| *s != id);
+        if ch.subscribers.is_empty() {
+            st.channels.remove(name);
+        }
+    }
+}
+
+fn drop_client(st: &mut State, id: ClientId) {
+    let Some(c) = st.clients.remove(&id) else {
+        return;
+    };
+    for n in &c.names {
+        if let Some(ch) = st.channels.get_mut(n) {
+            ch.subscribers.retain(|s| *s != id);
+            if ch.subscribers.is_empty() {
+                st.channels.remove(n);
+            }
+        }
+    }
+    for n in &c.watching {
+        if let Some(q) = st.queues.get_mut(n) {
+            q.watchers.retain(|w| *w != id);
+            if q.watchers.is_empty() && q.items.is_empty() {
+                st.queues.remove(n);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(hub: &Hub) -> (ClientId, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(4);
+        (hub.connect(Sink::Local(tx)), rx)
+    }
+
+    #[test]
+    fn int_and_string_names_meet() {
+        let hub = Hub::new(HubLimits::default());
+        let (id, mut rx) = local(&hub);
+        let sub = Request::parse(&Bytes::from_static(
+            b"a:2:{s:4:\"type\";s:9:\"subscribe\";s:8:\"channels\";a:1:{i:0;i:0;}}",
+        ));
+        hub.handle(id, sub.unwrap()).unwrap();
+        assert_eq!(
+            hub.publish(&[Name::new("0")], &Bytes::from_static(b"N;")),
+            1
+        );
+        assert_eq!(rx.try_recv().unwrap().channel, "0");
+    }
+
+    #[test]
+    fn full_local_subscriber_loses_messages_not_others() {
+        let hub = Hub::new(HubLimits::default());
+        let (a, _rx_a) = local(&hub);
+        let (b, mut rx_b) = local(&hub);
+        for id in [a, b] {
+            hub.subscribe(id, vec![Name::new("x")]).unwrap();
+        }
+        for _ in 0..10 {
+            hub.publish(&[Name::new("x")], &Bytes::from_static(b"N;"));
+            let _ = rx_b.try_recv();
+        }
+        assert_eq!(hub.stats.local_drops.load(Ordering::Relaxed), 6);
+        assert_eq!(hub.clients(), 2);
+    }
+
+    #[test]
+    fn limits() {
+        let hub = Hub::new(HubLimits {
+            max_names_per_client: 2,
+            max_name_len: 3,
+            max_queue_items: 1,
+        });
+        let (id, _rx) = local(&hub);
+        assert!(matches!(
+            hub.subscribe(id, vec![Name::new("long")]),
+            Err(HubError::NameTooLong(4, 3))
+        ));
+        assert!(matches!(
+            hub.subscribe(id, vec![Name::new("a"), Name::new("b"), Name::new("c")]),
+            Err(HubError::TooManyNames(2))
+        ));
+        let q = [Name::new("q")];
+        hub.enqueue(&q, &Bytes::new()).unwrap();
+        assert!(matches!(
+            hub.enqueue(&q, &Bytes::new()),
+            Err(HubError::QueueFull(..))
+        ));
+    }
+}

@@ -1,0 +1,192 @@
+//! Small I/O helpers shared by every server: listeners on TCP or Unix sockets, vectored writes of
+//! queued frames, and random identifiers.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::path::PathBuf;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+
+/// Most frames handed to the kernel in one vectored write.
+pub const MAX_IOVECS: usize = 64;
+
+/// Where a server listens: `HOST:PORT` or `unix:/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            if path.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(ListenAddr::Unix(path.into()));
+        }
+        if s.rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            return Err(format!("{s:?} is not HOST:PORT or unix:/path"));
+        }
+        Ok(ListenAddr::Tcp(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => f.write_str(a),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound listener of either kind.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A stream accepted from a [`Listener`].
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+impl Listener {
+    /// Bind `addr`; a stale Unix socket file is replaced.
+    pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+            }
+        }
+    }
+
+    /// Accept one connection, with a printable peer name.
+    pub async fn accept(&self) -> std::io::Result<(Box<dyn Stream>, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Box::new(s), peer.to_string()))
+            }
+            Listener::Unix(l, p) => {
+                let (s, _) = l.accept().await?;
+                Ok((Box::new(s), format!("unix:{}", p.display())))
+            }
+        }
+    }
+
+    /// The bound address (port 0 resolved).
+    pub fn local_addr(&self) -> ListenAddr {
+        match self {
+            Listener::Tcp(l) => {
+                ListenAddr::Tcp(l.local_addr().map(|a| a.to_string()).unwrap_or_default())
+            }
+            Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+        }
+    }
+}
+
+/// Write every queued frame, several per system call; frames are popped as they are written.
+pub async fn write_frames<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !frames.is_empty() {
+        let n = {
+            let slices: Vec<IoSlice<'_>> = frames
+                .iter()
+                .take(MAX_IOVECS)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            w.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        while left > 0 {
+            let Some(front) = frames.front_mut() else {
+                break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                frames.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
+            }
+        }
+    }
+    w.flush().await
+}
+
+/// `n` random bytes as lowercase hex, from the kernel's generator.
+pub fn random_hex(n: usize) -> String {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .is_err()
+    {
+        // No /dev/urandom: fall back to the std hasher's per-process random keys and the clock.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (h.finish() >> ((i % 8) * 8)) as u8;
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addrs() {
+        assert_eq!(
+            "0.0.0.0:2206".parse(),
+            Ok(ListenAddr::Tcp("0.0.0.0:2206".into()))
+        );
+        assert_eq!("[::1]:0".parse(), Ok(ListenAddr::Tcp("[::1]:0".into())));
+        assert_eq!(
+            "unix:/tmp/x.sock".parse(),
+            Ok(ListenAddr::Unix("/tmp/x.sock".into()))
+        );
+        assert!("nonsense".parse::<ListenAddr>().is_err());
+        assert!("host:99999".parse::<ListenAddr>().is_err());
+    }
+
+    #[test]
+    fn random_ids_differ() {
+        let (a, b) = (random_hex(6), random_hex(6));
+        assert_eq!(a.len(), 12);
+        assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_keep_order() {
+        let mut out = Vec::new();
+        let mut q: VecDeque<Bytes> = (0..200).map(|i| Bytes::from(format!("{i},"))).collect();
+        write_frames(&mut out, &mut q).await.unwrap();
+        let want: String = (0..200).map(|i| format!("{i},")).collect();
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+    }
+}

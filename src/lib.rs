@@ -1,0 +1,34 @@
+//! pushwire: distributed WebSocket push, wire-compatible with Workerman's Channel.
+//!
+//! ```text
+//!   browsers ──ws──▶ gateway (4236) ── workers NODE-0, NODE-1 …
+//!                        ▲ subscribe(worker id, "broadcast")
+//!                        │
+//!                     broker ◀── channel server (2206, Workerman protocol) or in-process hub
+//!                        ▲ publish(worker id | "broadcast", data)
+//!                        │
+//!   curl/apps ──http──▶ publisher (4237)
+//! ```
+//!
+//! Layout:
+//! - [`channel_proto`] (its own crate): frames and PHP values, no I/O.
+//! - [`hub`]: subscriptions, round-robin, queues; [`channel_server`] serves it over TCP/Unix.
+//! - [`broker`]: the [`Broker`](broker::Broker) trait, the in-process backend and the remote link.
+//! - [`gateway`]: WebSocket workers and fan-out; [`ws`]: the WebSocket wire format.
+//! - [`publisher`]: the HTTP publish API; [`push`]: the seed's event payloads.
+//! - [`cli`]: flags and wiring; [`metrics`], [`io`], [`auth`]: small shared pieces.
+//!
+//! See `docs/ARCHITECTURE.md` for the whole picture.
+
+pub mod auth;
+pub mod broker;
+pub mod channel_server;
+pub mod cli;
+pub mod gateway;
+pub mod hub;
+pub mod io;
+pub mod metrics;
+pub mod page;
+pub mod publisher;
+pub mod push;
+pub mod ws;

@@ -1,0 +1,15 @@
+//! The `pushwire` binary: parse flags, set up logging, run.
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let cli = pushwire::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level)?)
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(pushwire::cli::run(cli))
+}

@@ -1,0 +1,338 @@
+//! The HTTP publisher (the seed's `start_http.php`).
+//!
+//! `GET /?content=X` publishes X to `broadcast`; `GET /?to_worker_id=W&to_connection_id=C&content=X`
+//! publishes to worker W for connection C. The answer is `200 ok` once the broker has confirmed
+//! the publish; otherwise a status and a one-line reason: 400 for a bad request, 401 without the
+//! publish key, 503 when the broker is unreachable or does not confirm in time. `POST /` with a
+//! form body takes the same fields. CORS is answered so that a page on a gateway can publish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::broker::Broker;
+use crate::metrics::GLOBAL;
+use crate::push::{Push, BROADCAST};
+
+/// Settings of a publisher node.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    /// When set, every publish must carry it (`Authorization: Bearer KEY` or `key=KEY`).
+    pub publish_key: Option<String>,
+    /// Largest `content`, in bytes.
+    pub max_content: usize,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            publish_key: None,
+            max_content: 64 * 1024,
+        }
+    }
+}
+
+/// A publish request the publisher refuses, and how it answers.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or wrong publish key (send Authorization: Bearer KEY or key=KEY)")]
+    Unauthorized,
+    #[error("{0}")]
+    Broker(#[from] crate::broker::BrokerError),
+}
+
+impl PublishError {
+    fn status(&self) -> StatusCode {
+        match self {
+            PublishError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            PublishError::Unauthorized => StatusCode::UNAUTHORIZED,
+            PublishError::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// The fields of one publish.
+#[derive(Debug, Default, PartialEq)]
+pub struct PublishRequest {
+    pub content: String,
+    pub to_worker_id: Option<String>,
+    pub to_connection_id: Option<String>,
+    pub key: Option<String>,
+}
+
+impl PublishRequest {
+    /// Read the fields from a query string or form body.
+    pub fn parse(form: &[u8], max_content: usize) -> Result<PublishRequest, PublishError> {
+        let bad = |m: String| Err(PublishError::BadRequest(m));
+        let mut r = PublishRequest::default();
+        let mut content = None;
+        for (k, v) in form_urlencoded::parse(form) {
+            let slot = match &*k {
+                "content" => &mut content,
+                "to_worker_id" => &mut r.to_worker_id,
+                "to_connection_id" => &mut r.to_connection_id,
+                "key" => &mut r.key,
+                other => return bad(format!("unknown parameter {other:?} (expected content, to_worker_id, to_connection_id, key)")),
+            };
+            if slot.replace(v.into_owned()).is_some() {
+                return bad(format!("parameter {k:?} given twice"));
+            }
+        }
+        r.content = match content {
+            None => return bad("missing parameter \"content\"".into()),
+            Some(c) if c.is_empty() => return bad("parameter \"content\" is empty".into()),
+            Some(c) if c.len() > max_content => {
+                return bad(format!(
+                    "content of {} bytes exceeds the limit of {max_content}",
+                    c.len()
+                ))
+            }
+            Some(c) => c,
+        };
+        match (&r.to_worker_id, &r.to_connection_id) {
+            (Some(w), Some(c)) if w.is_empty() || c.is_empty() => {
+                bad("to_worker_id and to_connection_id must not be empty".into())
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                bad("to_worker_id and to_connection_id go together".into())
+            }
+            _ => Ok(r),
+        }
+    }
+
+    /// The broker channel and payload of this publish.
+    pub fn to_message(&self) -> (&str, Bytes) {
+        let push = Push {
+            to_connection_id: self.to_connection_id.clone().map(String::into_bytes),
+            content: self.content.clone().into_bytes(),
+        };
+        (
+            self.to_worker_id.as_deref().unwrap_or(BROADCAST),
+            push.encode(),
+        )
+    }
+}
+
+/// A running publisher.
+pub struct Publisher {
+    broker: Arc<dyn Broker>,
+    cfg: PublisherConfig,
+}
+
+impl Publisher {
+    pub fn new(broker: Arc<dyn Broker>, cfg: PublisherConfig) -> Arc<Publisher> {
+        Arc::new(Publisher { broker, cfg })
+    }
+
+    /// Serve HTTP on `listener` until `shutdown`; requests in flight then get a few seconds to end.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "publisher listening");
+        let tracker = tokio_tracker();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!("publisher accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let (me, mut stop) = (self.clone(), tracker.subscribe());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let me = me.clone();
+                    async move { Ok::<_, Infallible>(me.handle(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => { let _ = r; }
+                    _ = stop.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                    }
+                }
+            });
+        }
+        let _ = tracker.send(());
+        // Let connections see the signal and finish the request they are in.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tracker.receiver_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let resp = match (req.method(), req.uri().path()) {
+            (&Method::OPTIONS, _) => {
+                let mut r = reply(StatusCode::NO_CONTENT, "");
+                let h = r.headers_mut();
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_METHODS,
+                    HeaderValue::from_static("GET, POST, OPTIONS"),
+                );
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_HEADERS,
+                    HeaderValue::from_static("authorization, content-type"),
+                );
+                h.insert(
+                    header::ACCESS_CONTROL_MAX_AGE,
+                    HeaderValue::from_static("600"),
+                );
+                r
+            }
+            (&Method::GET, "/healthz") => match self.broker.is_connected() {
+                true => reply(StatusCode::OK, "ok\n"),
+                false => reply(StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n"),
+            },
+            (&Method::GET, "/metrics") => reply(
+                StatusCode::OK,
+                crate::metrics::render(&[
+                    (
+                        "broker_connected",
+                        "1 when the broker link is up",
+                        self.broker.is_connected() as u64,
+                    ),
+                    (
+                        "broker_reconnects",
+                        "broker link re-establishments",
+                        self.broker.reconnects(),
+                    ),
+                ]),
+            ),
+            (&Method::GET | &Method::POST, "/") => match self.publish(req).await {
+                Ok(()) => {
+                    GLOBAL.publish_requests.fetch_add(1, Ordering::Relaxed);
+                    reply(StatusCode::OK, "ok")
+                }
+                Err(e) => {
+                    let counter = match e {
+                        PublishError::Broker(_) => &GLOBAL.publish_errors,
+                        _ => &GLOBAL.bad_requests,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("publish refused: {e}");
+                    reply(e.status(), format!("{e}\n"))
+                }
+            },
+            (&Method::GET | &Method::POST, _) => {
+                reply(StatusCode::NOT_FOUND, "not found: publish on /\n")
+            }
+            _ => reply(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n"),
+        };
+        cors(resp)
+    }
+
+    async fn publish(&self, req: Request<Incoming>) -> Result<(), PublishError> {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let mut form = req.uri().query().unwrap_or_default().as_bytes().to_vec();
+        if req.method() == Method::POST {
+            let limit = self.cfg.max_content * 3 + 1024;
+            let body = Limited::new(req.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|e| {
+                    PublishError::BadRequest(format!("body unreadable or over {limit} bytes: {e}"))
+                })?;
+            if !form.is_empty() {
+                form.push(b'&');
+            }
+            form.extend_from_slice(&body.to_bytes());
+        }
+        let r = PublishRequest::parse(&form, self.cfg.max_content)?;
+        if let Some(want) = &self.cfg.publish_key {
+            let given = bearer.or_else(|| r.key.clone()).unwrap_or_default();
+            if !crate::auth::constant_time_eq(given.as_bytes(), want.as_bytes()) {
+                return Err(PublishError::Unauthorized);
+            }
+        }
+        let (channel, data) = r.to_message();
+        self.broker.publish(channel, data).await?;
+        Ok(())
+    }
+}
+
+fn tokio_tracker() -> tokio::sync::watch::Sender<()> {
+    tokio::sync::watch::channel(()).0
+}
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn cors(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(q: &str) -> Result<PublishRequest, String> {
+        PublishRequest::parse(q.as_bytes(), 10).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn seed_queries() {
+        let r = parse("content=h%C3%A9+x").unwrap();
+        assert_eq!(
+            (r.content.as_str(), r.to_message().0),
+            ("hé x", "broadcast")
+        );
+        let r = parse("to_worker_id=ab-1&to_connection_id=2&content=hi").unwrap();
+        assert_eq!(r.to_message().0, "ab-1");
+    }
+
+    #[test]
+    fn bad_queries() {
+        assert!(parse("")
+            .unwrap_err()
+            .contains("missing parameter \"content\""));
+        assert!(parse("content=").unwrap_err().contains("empty"));
+        assert!(parse("content=a&foo=1")
+            .unwrap_err()
+            .contains("unknown parameter \"foo\""));
+        assert!(parse("content=a&content=b").unwrap_err().contains("twice"));
+        assert!(parse("content=a&to_worker_id=1")
+            .unwrap_err()
+            .contains("go together"));
+        assert!(parse("content=0123456789x")
+            .unwrap_err()
+            .contains("exceeds"));
+    }
+}
