@@ -178,6 +178,7 @@ impl<T: Transport> Task<T> {
     async fn run(mut self) {
         let mut backoff = self.cfg.min_backoff;
         let mut sessions = 0u64;
+        let mut failures = 0u64;
         loop {
             let attempt =
                 tokio::time::timeout(self.cfg.connect_timeout, self.transport.connect()).await;
@@ -188,8 +189,7 @@ impl<T: Transport> Task<T> {
                     }
                     sessions += 1;
                     backoff = self.cfg.min_backoff;
-                    tracing::info!(broker = %self.name, "broker link up");
-                    self.connected.store(true, Ordering::Release);
+                    failures = 0;
                     let end = self.session(reader, writer).await;
                     self.connected.store(false, Ordering::Release);
                     match end {
@@ -200,7 +200,13 @@ impl<T: Transport> Task<T> {
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("connect timed out after {:?}", self.cfg.connect_timeout),
             };
-            tracing::warn!(broker = %self.name, retry_in = ?backoff, "broker link down: {err}");
+            failures += 1;
+            // Say it once, then only now and then: an outage should not flood the log.
+            if failures == 1 || failures % 30 == 0 {
+                tracing::warn!(broker = %self.name, failures, retry_in = ?backoff, "broker link down: {err}");
+            } else {
+                tracing::debug!(broker = %self.name, failures, "broker still unreachable: {err}");
+            }
             let retry = tokio::time::sleep(backoff);
             tokio::pin!(retry);
             loop {
@@ -266,6 +272,9 @@ impl<T: Transport> Task<T> {
         }
         // Each entry: when it was sent, and who waits for its confirmation (none for probes).
         let mut pending: VecDeque<(Instant, Option<Done>)> = VecDeque::new();
+        // The link counts as up once the broker has answered the first probe, which it does only
+        // after the subscriptions sent before it are in place.
+        let mut verified = false;
         let mut tick = tokio::time::interval(self.cfg.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
@@ -277,6 +286,11 @@ impl<T: Transport> Task<T> {
                         }
                     }
                     Ok(Incoming::Ack) => {
+                        if !verified {
+                            verified = true;
+                            self.connected.store(true, Ordering::Release);
+                            tracing::info!(broker = %self.name, "broker link up");
+                        }
                         if let Some((_, Some(done))) = pending.pop_front() {
                             let _ = done.send(Ok(()));
                         }

@@ -207,3 +207,312 @@ pub fn q(s: &str) -> String {
         })
         .collect()
 }
+
+/// A raw Channel protocol client, for talking to `pushwire channel` as a PHP client would.
+pub struct ChannelClient {
+    pub stream: Box<dyn ChannelStream>,
+    buf: bytes::BytesMut,
+}
+
+pub trait ChannelStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ChannelStream for T {}
+
+impl ChannelClient {
+    pub async fn tcp(port: u16) -> ChannelClient {
+        let s = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect channel");
+        ChannelClient {
+            stream: Box::new(s),
+            buf: Default::default(),
+        }
+    }
+
+    pub async fn unix(path: &std::path::Path) -> ChannelClient {
+        let s = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect unix channel");
+        ChannelClient {
+            stream: Box::new(s),
+            buf: Default::default(),
+        }
+    }
+
+    /// Send raw bytes (a whole frame, or a part of one).
+    pub async fn raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    pub async fn send(&mut self, req: channel_proto::Request) {
+        let f = channel_proto::frame::encode(&req.encode());
+        self.raw(&f).await;
+    }
+
+    /// The next non-ping payload, within `limit`.
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<bytes::Bytes> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(p) =
+                channel_proto::frame::take_payload(&mut self.buf, 1 << 24).expect("frame")
+            {
+                if p.is_empty() {
+                    continue;
+                }
+                return Some(p);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// Wait until the server has handled everything this client sent: publish a marker on a
+    /// private channel and wait for it to come back.
+    pub async fn sync(&mut self) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let marker = format!(
+            "sync-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        self.send(channel_proto::Request::Subscribe(names(&[&marker])))
+            .await;
+        self.send(channel_proto::Request::Publish {
+            channels: names(&[&marker]),
+            data: bytes::Bytes::from_static(b"N;"),
+        })
+        .await;
+        loop {
+            let m = self.recv().await;
+            if m.channel.as_bytes() == marker.as_bytes() {
+                break;
+            }
+        }
+        self.send(channel_proto::Request::Unsubscribe(names(&[&marker])))
+            .await;
+    }
+
+    /// The next server message; panics if none comes.
+    pub async fn recv(&mut self) -> channel_proto::ServerMessage {
+        let p = self.recv_within(WAIT).await.expect("a server message");
+        channel_proto::ServerMessage::parse(&p).expect("valid server message")
+    }
+
+    /// Whether the server closed this connection within `limit` (reading only EOF).
+    pub async fn closed_within(&mut self, limit: Duration) -> bool {
+        let mut scratch = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Channel names for requests.
+pub fn names(ns: &[&str]) -> Vec<channel_proto::Name> {
+    ns.iter()
+        .map(|n| channel_proto::Name::new(n.as_bytes().to_vec()))
+        .collect()
+}
+
+/// A captured Channel frame from the protocol crate's vectors.
+pub fn vector(prefix: &str) -> Vec<u8> {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crates/channel-proto/tests/vectors"
+    );
+    for e in std::fs::read_dir(dir).expect("vectors") {
+        let p = e.expect("entry").path();
+        let name = p.file_name().expect("name").to_string_lossy().into_owned();
+        if name.starts_with(prefix) && name.ends_with(".bin") {
+            return std::fs::read(p).expect("read vector");
+        }
+    }
+    panic!("no vector {prefix}");
+}
+
+/// Wait until `GET /healthz` on `port` answers 200 (the node's broker link is verified).
+pub async fn wait_healthy(port: u16) {
+    for _ in 0..400 {
+        if http_get(port, "/healthz").await.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("node on port {port} never became healthy");
+}
+
+/// The seed's topology on loopback: one channel server, two gateways of two workers, two
+/// publishers, all on `broker` (a channel server is started when `broker` is `None`).
+pub struct Cluster {
+    pub procs: Vec<Proc>,
+    pub channel_port: u16,
+    pub gateways: [u16; 2],
+    pub publishers: [u16; 2],
+}
+
+impl Cluster {
+    pub async fn start(broker: Option<String>) -> Cluster {
+        let channel_port = free_port();
+        let mut procs = Vec::new();
+        let broker = match broker {
+            Some(b) => b,
+            None => {
+                procs.push(
+                    Proc::start(
+                        &["channel", "--listen", &format!("127.0.0.1:{channel_port}")],
+                        &[channel_port],
+                    )
+                    .await,
+                );
+                format!("channel://127.0.0.1:{channel_port}")
+            }
+        };
+        let gateways = [free_port(), free_port()];
+        let publishers = [free_port(), free_port()];
+        for g in gateways {
+            // Identical command lines but the port: ids must still not collide.
+            let listen = format!("127.0.0.1:{g}");
+            procs.push(
+                Proc::start(
+                    &[
+                        "gateway",
+                        "--listen",
+                        &listen,
+                        "--broker",
+                        &broker,
+                        "--workers",
+                        "2",
+                    ],
+                    &[g],
+                )
+                .await,
+            );
+        }
+        for p in publishers {
+            let listen = format!("127.0.0.1:{p}");
+            procs.push(
+                Proc::start(
+                    &["publisher", "--listen", &listen, "--broker", &broker],
+                    &[p],
+                )
+                .await,
+            );
+        }
+        for port in gateways.iter().chain(&publishers) {
+            wait_healthy(*port).await;
+        }
+        Cluster {
+            procs,
+            channel_port,
+            gateways,
+            publishers,
+        }
+    }
+
+    /// `n` clients spread evenly over both gateways.
+    pub async fn clients(&self, n: usize) -> Vec<Client> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            out.push(connect(self.gateways[i % 2]).await);
+        }
+        out
+    }
+}
+
+/// Every client collects text messages until it sees `last` (or `limit` passes).
+pub async fn collect_until(
+    clients: Vec<Client>,
+    last: &str,
+    limit: Duration,
+) -> Vec<(Client, Vec<String>)> {
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        let last = last.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            let deadline = tokio::time::Instant::now() + limit;
+            while let Some(m) = next_text_within(
+                &mut c.ws,
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
+            )
+            .await
+            {
+                let done = m == last;
+                got.push(m);
+                if done {
+                    break;
+                }
+            }
+            (c, got)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("collector task"));
+    }
+    out
+}
+
+/// The seed's checks across a cluster: broadcasts through either publisher reach every client
+/// exactly once, and a targeted push to every client reaches that client only.
+pub async fn check_seed_pushes(cluster: &Cluster, clients: Vec<Client>, tag: &str) -> Vec<Client> {
+    let [p1, p2] = cluster.publishers;
+    let ids: std::collections::HashSet<(String, String)> = clients
+        .iter()
+        .map(|c| (c.worker.clone(), c.conn.clone()))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        clients.len(),
+        "every client has its own (worker, connection) pair"
+    );
+    assert_eq!(
+        http_get(p1, &format!("/?content={tag}-b1")).await,
+        (200, "ok".into())
+    );
+    assert_eq!(
+        http_get(p2, &format!("/?content={tag}-b2")).await,
+        (200, "ok".into())
+    );
+    for (i, c) in clients.iter().enumerate() {
+        let port = cluster.publishers[i % 2];
+        let url = format!(
+            "/?to_worker_id={}&to_connection_id={}&content={tag}-t-{}-{}",
+            q(&c.worker),
+            c.conn,
+            q(&c.worker),
+            c.conn
+        );
+        assert_eq!(
+            http_get(port, &url).await,
+            (200, "ok".into()),
+            "targeted push {i}"
+        );
+    }
+    assert_eq!(
+        http_get(p2, &format!("/?content={tag}-end")).await,
+        (200, "ok".into())
+    );
+    let results = collect_until(clients, &format!("{tag}-end"), Duration::from_secs(30)).await;
+    let mut out = Vec::new();
+    for (c, got) in results {
+        let want = vec![
+            format!("{tag}-b1"),
+            format!("{tag}-b2"),
+            format!("{tag}-t-{}-{}", c.worker, c.conn),
+            format!("{tag}-end"),
+        ];
+        assert_eq!(
+            got, want,
+            "client {} {} got exactly its pushes, once each, in order",
+            c.worker, c.conn
+        );
+        out.push(c);
+    }
+    out
+}
