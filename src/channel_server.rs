@@ -63,12 +63,7 @@ enum ConnError {
 }
 
 /// Serve the Channel protocol on `listener` until `shutdown` resolves.
-pub async fn run(
-    listener: Listener,
-    hub: Arc<Hub>,
-    cfg: ChannelConfig,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown: impl Future<Output = ()>) {
     let cfg = Arc::new(cfg);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     tracing::info!(listen = %listener.local_addr(), "channel server listening");
@@ -165,10 +160,7 @@ pub fn auth_frame(secret: &str) -> Bytes {
 }
 
 /// Write `frames` and flush; a helper for clients.
-pub async fn send_frames<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    frames: &[Bytes],
-) -> std::io::Result<()> {
+pub async fn send_frames<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, frames: &[Bytes]) -> std::io::Result<()> {
     for f in frames {
         w.write_all(f).await?;
     }

@@ -57,14 +57,32 @@ pub struct ChannelOpts {
     pub secret: Option<String>,
 }
 
+/// How a node reaches the broker.
+#[derive(Debug, Args)]
+pub struct BrokerOpts {
+    /// Broker: channel://[:SECRET@]HOST:PORT (or HOST:PORT), channel+unix:///path,
+    /// redis://[[USER]:PASS@]HOST:PORT[/DB], nats://[USER:PASS@]HOST:PORT[,HOST:PORT...], memory.
+    #[arg(long, default_value = "channel://127.0.0.1:2206")]
+    pub broker: BrokerUrl,
+    /// Prefix before channel names on the broker, so clusters can share one broker
+    /// [default: none on channel://, "pushwire." on redis:// and nats://].
+    #[arg(long)]
+    pub broker_prefix: Option<String>,
+}
+
+impl BrokerOpts {
+    fn open(&self) -> Arc<dyn broker::Broker> {
+        broker::open(&self.broker, self.broker_prefix.as_deref(), None, LinkConfig::default())
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:4236")]
     pub listen: String,
-    /// Broker: channel://[:SECRET@]HOST:PORT, channel+unix:///path, or HOST:PORT.
-    #[arg(long, default_value = "channel://127.0.0.1:2206")]
-    pub broker: BrokerUrl,
+    #[command(flatten)]
+    pub broker: BrokerOpts,
     #[command(flatten)]
     pub opts: GatewayOpts,
 }
@@ -90,9 +108,8 @@ pub struct PublisherArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:4237")]
     pub listen: String,
-    /// Broker: channel://[:SECRET@]HOST:PORT, channel+unix:///path, or HOST:PORT.
-    #[arg(long, default_value = "channel://127.0.0.1:2206")]
-    pub broker: BrokerUrl,
+    #[command(flatten)]
+    pub broker: BrokerOpts,
     #[command(flatten)]
     pub opts: PublisherOpts,
 }
@@ -125,11 +142,7 @@ pub struct StandaloneArgs {
 
 impl ChannelOpts {
     fn config(&self) -> ChannelConfig {
-        ChannelConfig {
-            max_frame: self.max_frame,
-            secret: self.secret.clone(),
-            ..ChannelConfig::default()
-        }
+        ChannelConfig { max_frame: self.max_frame, secret: self.secret.clone(), ..ChannelConfig::default() }
     }
 }
 
@@ -147,10 +160,7 @@ impl GatewayOpts {
 
 impl PublisherOpts {
     fn config(&self) -> PublisherConfig {
-        PublisherConfig {
-            publish_key: self.publish_key.clone(),
-            ..PublisherConfig::default()
-        }
+        PublisherConfig { publish_key: self.publish_key.clone(), ..PublisherConfig::default() }
     }
 }
 
@@ -172,10 +182,7 @@ async fn signal() {
 }
 
 /// A shutdown signal that several servers can wait on.
-fn shutdown_fanout() -> (
-    impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-    tokio::task::JoinHandle<()>,
-) {
+fn shutdown_fanout() -> (impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let trigger = tokio::spawn(async move {
         signal().await;
@@ -191,9 +198,7 @@ fn shutdown_fanout() -> (
 }
 
 async fn bind_tcp(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("{what}: cannot listen on {addr}"))
+    TcpListener::bind(addr).await.with_context(|| format!("{what}: cannot listen on {addr}"))
 }
 
 /// Run the command.
@@ -201,24 +206,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let (shutdown, _signal) = shutdown_fanout();
     match cli.command {
         Command::Channel(a) => {
-            let listener = Listener::bind(&a.listen)
-                .await
-                .with_context(|| format!("channel: cannot listen on {}", a.listen))?;
+            let listener =
+                Listener::bind(&a.listen).await.with_context(|| format!("channel: cannot listen on {}", a.listen))?;
             let hub = Arc::new(Hub::new(HubLimits::default()));
             channel_server::run(listener, hub, a.opts.config(), shutdown()).await;
         }
         Command::Gateway(a) => {
             let listener = bind_tcp(&a.listen, "gateway").await?;
-            let broker = broker::open(&a.broker, None, LinkConfig::default());
-            let gw = Gateway::start(broker, a.opts.config())?;
+            let gw = Gateway::start(a.broker.open(), a.opts.config())?;
             gw.serve(listener, shutdown()).await;
         }
         Command::Publisher(a) => {
             let listener = bind_tcp(&a.listen, "publisher").await?;
-            let broker = broker::open(&a.broker, None, LinkConfig::default());
-            Publisher::new(broker, a.opts.config())
-                .serve(listener, shutdown())
-                .await;
+            let broker = a.broker.open();
+            Publisher::new(broker, a.opts.config()).serve(listener, shutdown()).await;
         }
         Command::Standalone(a) => {
             let channel = Listener::bind(&a.channel_listen)
@@ -227,7 +228,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let ws = bind_tcp(&a.ws_listen, "gateway").await?;
             let http = bind_tcp(&a.http_listen, "publisher").await?;
             let hub = Arc::new(Hub::new(HubLimits::default()));
-            let broker = broker::open(&BrokerUrl::Memory, Some(hub.clone()), LinkConfig::default());
+            let broker = broker::open(&BrokerUrl::Memory, None, Some(hub.clone()), LinkConfig::default());
             let gw = Gateway::start(broker.clone(), a.gateway.config())?;
             let publisher = Publisher::new(broker, a.publisher.config());
             tokio::join!(

@@ -109,12 +109,7 @@ pub struct Worker {
 
 impl Worker {
     fn new(id: String) -> Worker {
-        Worker {
-            id,
-            conns: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
+        Worker { id, conns: Mutex::new(HashMap::new()), next_conn: AtomicU64::new(0), epoch: Instant::now() }
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
@@ -133,13 +128,7 @@ impl Worker {
             close_code: AtomicU16::new(0),
             last_seen: AtomicU64::new(self.now()),
         });
-        self.table().insert(
-            id,
-            Conn {
-                tx,
-                shared: shared.clone(),
-            },
-        );
+        self.table().insert(id, Conn { tx, shared: shared.clone() });
         (id, rx, shared)
     }
 
@@ -172,16 +161,12 @@ impl Worker {
         }
         for id in slow {
             if let Some(c) = table.remove(&id) {
-                GLOBAL
-                    .slow_consumer_disconnects
-                    .fetch_add(1, Ordering::Relaxed);
+                GLOBAL.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(worker = %self.id, connection = id, "client not reading: closing (slow consumer)");
                 wake(&c.shared, close::POLICY);
             }
         }
-        GLOBAL
-            .deliveries
-            .fetch_add(delivered as u64, Ordering::Relaxed);
+        GLOBAL.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
     }
 
@@ -196,20 +181,13 @@ impl Worker {
                 return;
             }
         };
-        let opcode = if std::str::from_utf8(&push.content).is_ok() {
-            ws::TEXT
-        } else {
-            ws::BINARY
-        };
+        let opcode = if std::str::from_utf8(&push.content).is_ok() { ws::TEXT } else { ws::BINARY };
         let frame = ws::encode(opcode, &push.content);
         if &m.channel[..] == BROADCAST.as_bytes() {
             self.send(&frame, None);
             return;
         }
-        let target = push
-            .to_connection_id
-            .as_deref()
-            .and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok());
+        let target = push.to_connection_id.as_deref().and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok());
         let delivered = target.map_or(0, |id| self.send(&frame, Some(id)));
         if delivered == 0 {
             GLOBAL.undeliverable.fetch_add(1, Ordering::Relaxed);
@@ -227,8 +205,7 @@ impl Worker {
         let ping = ws::ping();
         let mut table = self.table();
         table.retain(|_, c| {
-            if now.saturating_sub(c.shared.last_seen.load(Ordering::Relaxed)) > dead_after.as_secs()
-            {
+            if now.saturating_sub(c.shared.last_seen.load(Ordering::Relaxed)) > dead_after.as_secs() {
                 wake(&c.shared, close::GOING_AWAY);
                 return false;
             }
@@ -262,26 +239,17 @@ pub struct Gateway {
 
 impl Gateway {
     /// Create the workers and subscribe each to its channels.
-    pub fn start(
-        broker: Arc<dyn Broker>,
-        cfg: GatewayConfig,
-    ) -> Result<Arc<Gateway>, GatewayError> {
+    pub fn start(broker: Arc<dyn Broker>, cfg: GatewayConfig) -> Result<Arc<Gateway>, GatewayError> {
         if cfg.workers == 0 {
             return Err(GatewayError::NoWorkers);
         }
-        let node_id = cfg
-            .node_id
-            .clone()
-            .unwrap_or_else(|| crate::io::random_hex(6));
+        let node_id = cfg.node_id.clone().unwrap_or_else(|| crate::io::random_hex(6));
         let mut workers = Vec::new();
         for i in 0..cfg.workers {
             let worker = Arc::new(Worker::new(format!("{node_id}-{i}")));
             let mut sub = broker
                 .subscribe(vec![worker.id.clone(), BROADCAST.to_owned()])
-                .map_err(|source| GatewayError::Subscribe {
-                    worker: worker.id.clone(),
-                    source,
-                })?;
+                .map_err(|source| GatewayError::Subscribe { worker: worker.id.clone(), source })?;
             let w = worker.clone();
             tokio::spawn(async move {
                 while let Some(m) = sub.recv().await {
@@ -359,46 +327,24 @@ impl Gateway {
     }
 
     fn route(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let upgrade = req
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let upgrade =
+            req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         match (req.method(), req.uri().path(), upgrade) {
             (&Method::GET, _, true) => self.upgrade(req),
-            (&Method::GET, "/", false) => text(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                crate::page::INDEX,
-            ),
+            (&Method::GET, "/", false) => text(StatusCode::OK, "text/html; charset=utf-8", crate::page::INDEX),
             (&Method::GET, "/healthz", _) => self.health(),
             (&Method::GET, "/metrics", _) => {
                 let workers: u64 = self.workers.iter().map(|w| w.connections() as u64).sum();
                 let body = crate::metrics::render(&[
-                    (
-                        "ws_connections",
-                        "open WebSocket connections",
-                        self.connections() as u64,
-                    ),
+                    ("ws_connections", "open WebSocket connections", self.connections() as u64),
                     ("ws_registered", "connections in worker tables", workers),
-                    (
-                        "broker_connected",
-                        "1 when the broker link is up",
-                        self.broker.is_connected() as u64,
-                    ),
-                    (
-                        "broker_reconnects",
-                        "broker link re-establishments",
-                        self.broker.reconnects(),
-                    ),
+                    ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
+                    ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
                 ]);
                 text(StatusCode::OK, "text/plain; version=0.0.4", body)
             }
             (&Method::GET, _, false) => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
-            _ => text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "only GET is served here\n",
-            ),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is served here\n"),
         }
     }
 
@@ -406,11 +352,7 @@ impl Gateway {
         if self.broker.is_connected() {
             text(StatusCode::OK, "text/plain", "ok\n")
         } else {
-            text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "broker unreachable\n",
-            )
+            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "broker unreachable\n")
         }
     }
 
@@ -418,51 +360,26 @@ impl Gateway {
         let h = req.headers();
         let Some(key) = h.get("sec-websocket-key") else {
             GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
-            return text(
-                StatusCode::BAD_REQUEST,
-                "text/plain",
-                "missing Sec-WebSocket-Key\n",
-            );
+            return text(StatusCode::BAD_REQUEST, "text/plain", "missing Sec-WebSocket-Key\n");
         };
         if h.get("sec-websocket-version").map(HeaderValue::as_bytes) != Some(b"13") {
             GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
-            let mut r = text(
-                StatusCode::UPGRADE_REQUIRED,
-                "text/plain",
-                "only WebSocket version 13 is supported\n",
-            );
-            r.headers_mut()
-                .insert("sec-websocket-version", HeaderValue::from_static("13"));
+            let mut r = text(StatusCode::UPGRADE_REQUIRED, "text/plain", "only WebSocket version 13 is supported\n");
+            r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
             return r;
         }
         if !self.cfg.allowed_origins.is_empty() {
-            let origin = h
-                .get(header::ORIGIN)
-                .and_then(|o| o.to_str().ok())
-                .unwrap_or_default();
+            let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok()).unwrap_or_default();
             if !self.cfg.allowed_origins.iter().any(|a| a == origin) {
-                GLOBAL
-                    .ws_connections_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "text/plain",
-                    format!("origin {origin:?} is not allowed\n"),
-                );
+                GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+                return text(StatusCode::FORBIDDEN, "text/plain", format!("origin {origin:?} is not allowed\n"));
             }
         }
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            GLOBAL
-                .ws_connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            let mut r = text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "gateway is at its connection limit\n",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return r;
         }
         let accept = ws::accept_key(key.as_bytes());
@@ -503,25 +420,15 @@ impl Drop for OpenGuard {
     }
 }
 
-fn text(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
 /// Serve one WebSocket connection until it closes or is closed.
-async fn connection(
-    mut stream: TcpStream,
-    mut buf: BytesMut,
-    worker: &Worker,
-    cfg: &GatewayConfig,
-) {
+async fn connection(mut stream: TcpStream, mut buf: BytesMut, worker: &Worker, cfg: &GatewayConfig) {
     let (id, mut rx, shared) = worker.add(cfg.outbound_queue);
     let welcome = format!("workerID:{} connectionID:{id} connected\n", worker.id);
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
@@ -576,8 +483,7 @@ async fn connection(
     worker.remove(id);
     if let Some((code, reason)) = closing {
         let mut last = VecDeque::from([ws::close_frame(code, reason)]);
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), write_frames(&mut wr, &mut last)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), write_frames(&mut wr, &mut last)).await;
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
 }

@@ -43,11 +43,7 @@ pub struct HubLimits {
 
 impl Default for HubLimits {
     fn default() -> Self {
-        HubLimits {
-            max_names_per_client: 10_000,
-            max_name_len: 1024,
-            max_queue_items: 100_000,
-        }
+        HubLimits { max_names_per_client: 10_000, max_name_len: 1024, max_queue_items: 100_000 }
     }
 }
 
@@ -114,19 +110,11 @@ enum Sent {
 }
 
 impl Client {
-    fn send(
-        &self,
-        kind: ServerKind,
-        channel: &Name,
-        data: &Bytes,
-        frame: &mut Option<Bytes>,
-    ) -> Sent {
+    fn send(&self, kind: ServerKind, channel: &Name, data: &Bytes, frame: &mut Option<Bytes>) -> Sent {
         match &self.sink {
             Sink::Frames(tx) => {
                 let f = frame
-                    .get_or_insert_with(|| {
-                        frame::encode(&ServerMessage::encode_parts(kind, channel, data))
-                    })
+                    .get_or_insert_with(|| frame::encode(&ServerMessage::encode_parts(kind, channel, data)))
                     .clone();
                 match tx.try_send(f) {
                     Ok(()) => Sent::Ok,
@@ -135,10 +123,7 @@ impl Client {
                 }
             }
             Sink::Local(tx) => {
-                let m = Message {
-                    channel: Bytes::copy_from_slice(channel.as_bytes()),
-                    data: data.clone(),
-                };
+                let m = Message { channel: Bytes::copy_from_slice(channel.as_bytes()), data: data.clone() };
                 match tx.try_send(m) {
                     Ok(()) => Sent::Ok,
                     Err(_) => Sent::Dropped,
@@ -157,11 +142,7 @@ impl Default for Hub {
 impl Hub {
     /// An empty hub.
     pub fn new(limits: HubLimits) -> Hub {
-        Hub {
-            state: Mutex::new(State::default()),
-            limits,
-            stats: HubStats::default(),
-        }
+        Hub { state: Mutex::new(State::default()), limits, stats: HubStats::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -175,15 +156,7 @@ impl Hub {
         let mut st = self.lock();
         st.next_id += 1;
         let id = st.next_id;
-        st.clients.insert(
-            id,
-            Client {
-                sink,
-                names: HashSet::new(),
-                watching: Vec::new(),
-                reserved: false,
-            },
-        );
+        st.clients.insert(id, Client { sink, names: HashSet::new(), watching: Vec::new(), reserved: false });
         id
     }
 
@@ -248,14 +221,8 @@ impl Hub {
     }
 
     fn check_names(&self, st: &State, id: ClientId, names: &[Name]) -> Result<(), HubError> {
-        if let Some(n) = names
-            .iter()
-            .find(|n| n.as_bytes().len() > self.limits.max_name_len)
-        {
-            return Err(HubError::NameTooLong(
-                n.as_bytes().len(),
-                self.limits.max_name_len,
-            ));
+        if let Some(n) = names.iter().find(|n| n.as_bytes().len() > self.limits.max_name_len) {
+            return Err(HubError::NameTooLong(n.as_bytes().len(), self.limits.max_name_len));
         }
         let held = st.clients.get(&id).map_or(0, |c| c.names.len());
         if held + names.len() > self.limits.max_names_per_client {
@@ -304,9 +271,7 @@ impl Hub {
         }
         self.cut_slow(&mut st, slow);
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .deliveries
-            .fetch_add(delivered as u64, Ordering::Relaxed);
+        self.stats.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
     }
 
@@ -314,11 +279,7 @@ impl Hub {
         let mut st = self.lock();
         let mut slow = Vec::new();
         for name in channels {
-            let State {
-                channels: chans,
-                clients,
-                ..
-            } = &mut *st;
+            let State { channels: chans, clients, .. } = &mut *st;
             let Some(ch) = chans.get_mut(name) else {
                 continue;
             };
@@ -356,14 +317,8 @@ impl Hub {
 
     fn enqueue(&self, names: &[Name], data: &Bytes) -> Result<(), HubError> {
         let mut st = self.lock();
-        if let Some(n) = names
-            .iter()
-            .find(|n| n.as_bytes().len() > self.limits.max_name_len)
-        {
-            return Err(HubError::NameTooLong(
-                n.as_bytes().len(),
-                self.limits.max_name_len,
-            ));
+        if let Some(n) = names.iter().find(|n| n.as_bytes().len() > self.limits.max_name_len) {
+            return Err(HubError::NameTooLong(n.as_bytes().len(), self.limits.max_name_len));
         }
         for n in names {
             let q = st.queues.entry(n.clone()).or_default();
@@ -378,10 +333,7 @@ impl Hub {
 
     fn cut_slow(&self, st: &mut State, slow: Vec<ClientId>) {
         for id in slow {
-            tracing::warn!(
-                client = id,
-                "channel client is not reading: queue full, disconnecting (slow consumer)"
-            );
+            tracing::warn!(client = id, "channel client is not reading: queue full, disconnecting (slow consumer)");
             self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
             drop_client(st, id);
         }
@@ -391,20 +343,14 @@ impl Hub {
 /// Hand queued items of `queue` to reserved watchers, one item per reservation.
 fn dispatch(st: &mut State, queue: &Name, stats: &HubStats) {
     loop {
-        let State {
-            queues, clients, ..
-        } = &mut *st;
+        let State { queues, clients, .. } = &mut *st;
         let Some(q) = queues.get_mut(queue) else {
             return;
         };
         if q.items.is_empty() {
             return;
         }
-        let Some(pos) = q
-            .watchers
-            .iter()
-            .position(|w| clients.get(w).is_some_and(|c| c.reserved))
-        else {
+        let Some(pos) = q.watchers.iter().position(|w| clients.get(w).is_some_and(|c| c.reserved)) else {
             return;
         };
         // Rotate so that the next item prefers the next watcher.
@@ -475,10 +421,7 @@ mod tests {
             b"a:2:{s:4:\"type\";s:9:\"subscribe\";s:8:\"channels\";a:1:{i:0;i:0;}}",
         ));
         hub.handle(id, sub.unwrap()).unwrap();
-        assert_eq!(
-            hub.publish(&[Name::new("0")], &Bytes::from_static(b"N;")),
-            1
-        );
+        assert_eq!(hub.publish(&[Name::new("0")], &Bytes::from_static(b"N;")), 1);
         assert_eq!(rx.try_recv().unwrap().channel, "0");
     }
 
@@ -500,25 +443,15 @@ mod tests {
 
     #[test]
     fn limits() {
-        let hub = Hub::new(HubLimits {
-            max_names_per_client: 2,
-            max_name_len: 3,
-            max_queue_items: 1,
-        });
+        let hub = Hub::new(HubLimits { max_names_per_client: 2, max_name_len: 3, max_queue_items: 1 });
         let (id, _rx) = local(&hub);
-        assert!(matches!(
-            hub.subscribe(id, vec![Name::new("long")]),
-            Err(HubError::NameTooLong(4, 3))
-        ));
+        assert!(matches!(hub.subscribe(id, vec![Name::new("long")]), Err(HubError::NameTooLong(4, 3))));
         assert!(matches!(
             hub.subscribe(id, vec![Name::new("a"), Name::new("b"), Name::new("c")]),
             Err(HubError::TooManyNames(2))
         ));
         let q = [Name::new("q")];
         hub.enqueue(&q, &Bytes::new()).unwrap();
-        assert!(matches!(
-            hub.enqueue(&q, &Bytes::new()),
-            Err(HubError::QueueFull(..))
-        ));
+        assert!(matches!(hub.enqueue(&q, &Bytes::new()), Err(HubError::QueueFull(..))));
     }
 }

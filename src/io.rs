@@ -22,18 +22,13 @@ pub enum ListenAddr {
 impl std::str::FromStr for ListenAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s
-            .strip_prefix("unix://")
-            .or_else(|| s.strip_prefix("unix:"))
-        {
+        if let Some(path) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
             if path.is_empty() {
                 return Err("unix: needs a path".into());
             }
             return Ok(ListenAddr::Unix(path.into()));
         }
-        if s.rsplit_once(':')
-            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-        {
+        if s.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
             return Err(format!("{s:?} is not HOST:PORT or unix:/path"));
         }
         Ok(ListenAddr::Tcp(s.to_owned()))
@@ -89,26 +84,17 @@ impl Listener {
     /// The bound address (port 0 resolved).
     pub fn local_addr(&self) -> ListenAddr {
         match self {
-            Listener::Tcp(l) => {
-                ListenAddr::Tcp(l.local_addr().map(|a| a.to_string()).unwrap_or_default())
-            }
+            Listener::Tcp(l) => ListenAddr::Tcp(l.local_addr().map(|a| a.to_string()).unwrap_or_default()),
             Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
         }
     }
 }
 
 /// Write every queued frame, several per system call; frames are popped as they are written.
-pub async fn write_frames<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    frames: &mut VecDeque<Bytes>,
-) -> std::io::Result<()> {
+pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &mut VecDeque<Bytes>) -> std::io::Result<()> {
     while !frames.is_empty() {
         let n = {
-            let slices: Vec<IoSlice<'_>> = frames
-                .iter()
-                .take(MAX_IOVECS)
-                .map(|b| IoSlice::new(b))
-                .collect();
+            let slices: Vec<IoSlice<'_>> = frames.iter().take(MAX_IOVECS).map(|b| IoSlice::new(b)).collect();
             w.write_vectored(&slices).await?
         };
         if n == 0 {
@@ -135,18 +121,11 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 pub fn random_hex(n: usize) -> String {
     use std::io::Read;
     let mut buf = vec![0u8; n];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .is_err()
-    {
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).is_err() {
         // No /dev/urandom: fall back to the std hasher's per-process random keys and the clock.
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
         h.write_u32(std::process::id());
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (h.finish() >> ((i % 8) * 8)) as u8;
@@ -161,15 +140,9 @@ mod tests {
 
     #[test]
     fn listen_addrs() {
-        assert_eq!(
-            "0.0.0.0:2206".parse(),
-            Ok(ListenAddr::Tcp("0.0.0.0:2206".into()))
-        );
+        assert_eq!("0.0.0.0:2206".parse(), Ok(ListenAddr::Tcp("0.0.0.0:2206".into())));
         assert_eq!("[::1]:0".parse(), Ok(ListenAddr::Tcp("[::1]:0".into())));
-        assert_eq!(
-            "unix:/tmp/x.sock".parse(),
-            Ok(ListenAddr::Unix("/tmp/x.sock".into()))
-        );
+        assert_eq!("unix:/tmp/x.sock".parse(), Ok(ListenAddr::Unix("/tmp/x.sock".into())));
         assert!("nonsense".parse::<ListenAddr>().is_err());
         assert!("host:99999".parse::<ListenAddr>().is_err());
     }

@@ -9,8 +9,5 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(pushwire::cli::run(cli))
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(pushwire::cli::run(cli))
 }

@@ -40,66 +40,22 @@ pub static GLOBAL: Metrics = Metrics {
 pub fn render(gauges: &[(&str, &str, u64)]) -> String {
     let m = &GLOBAL;
     let counters: [(&str, &str, &AtomicU64); 12] = [
-        (
-            "ws_connections_total",
-            "WebSocket connections accepted",
-            &m.ws_connections_total,
-        ),
-        (
-            "ws_connections_refused_total",
-            "WebSocket connections refused at the limit",
-            &m.ws_connections_refused,
-        ),
-        (
-            "deliveries_total",
-            "frames queued to WebSocket clients",
-            &m.deliveries,
-        ),
-        (
-            "undeliverable_total",
-            "targeted pushes whose connection does not exist",
-            &m.undeliverable,
-        ),
+        ("ws_connections_total", "WebSocket connections accepted", &m.ws_connections_total),
+        ("ws_connections_refused_total", "WebSocket connections refused at the limit", &m.ws_connections_refused),
+        ("deliveries_total", "frames queued to WebSocket clients", &m.deliveries),
+        ("undeliverable_total", "targeted pushes whose connection does not exist", &m.undeliverable),
         (
             "slow_consumer_disconnects_total",
             "clients cut off because their queue was full",
             &m.slow_consumer_disconnects,
         ),
-        (
-            "bad_client_frames_total",
-            "connections closed for a bad WebSocket frame",
-            &m.bad_client_frames,
-        ),
-        (
-            "broker_messages_total",
-            "messages received from the broker",
-            &m.broker_messages,
-        ),
-        (
-            "bad_broker_messages_total",
-            "broker messages that were not valid pushes",
-            &m.bad_broker_messages,
-        ),
-        (
-            "subscriber_drops_total",
-            "broker messages dropped because a subscriber was full",
-            &m.subscriber_drops,
-        ),
-        (
-            "publish_requests_total",
-            "publish requests answered ok",
-            &m.publish_requests,
-        ),
-        (
-            "publish_errors_total",
-            "publish requests the broker did not confirm",
-            &m.publish_errors,
-        ),
-        (
-            "bad_requests_total",
-            "HTTP requests refused as invalid",
-            &m.bad_requests,
-        ),
+        ("bad_client_frames_total", "connections closed for a bad WebSocket frame", &m.bad_client_frames),
+        ("broker_messages_total", "messages received from the broker", &m.broker_messages),
+        ("bad_broker_messages_total", "broker messages that were not valid pushes", &m.bad_broker_messages),
+        ("subscriber_drops_total", "broker messages dropped because a subscriber was full", &m.subscriber_drops),
+        ("publish_requests_total", "publish requests answered ok", &m.publish_requests),
+        ("publish_errors_total", "publish requests the broker did not confirm", &m.publish_errors),
+        ("bad_requests_total", "HTTP requests refused as invalid", &m.bad_requests),
     ];
     let mut out = String::new();
     for (name, help, v) in counters {
@@ -110,10 +66,7 @@ pub fn render(gauges: &[(&str, &str, u64)]) -> String {
         );
     }
     for (name, help, v) in gauges {
-        let _ = write!(
-            out,
-            "# HELP pushwire_{name} {help}\n# TYPE pushwire_{name} gauge\npushwire_{name} {v}\n"
-        );
+        let _ = write!(out, "# HELP pushwire_{name} {help}\n# TYPE pushwire_{name} gauge\npushwire_{name} {v}\n");
     }
     out
 }

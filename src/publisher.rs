@@ -35,10 +35,7 @@ pub struct PublisherConfig {
 
 impl Default for PublisherConfig {
     fn default() -> Self {
-        PublisherConfig {
-            publish_key: None,
-            max_content: 64 * 1024,
-        }
+        PublisherConfig { publish_key: None, max_content: 64 * 1024 }
     }
 }
 
@@ -84,7 +81,11 @@ impl PublishRequest {
                 "to_worker_id" => &mut r.to_worker_id,
                 "to_connection_id" => &mut r.to_connection_id,
                 "key" => &mut r.key,
-                other => return bad(format!("unknown parameter {other:?} (expected content, to_worker_id, to_connection_id, key)")),
+                other => {
+                    return bad(format!(
+                        "unknown parameter {other:?} (expected content, to_worker_id, to_connection_id, key)"
+                    ))
+                }
             };
             if slot.replace(v.into_owned()).is_some() {
                 return bad(format!("parameter {k:?} given twice"));
@@ -94,10 +95,7 @@ impl PublishRequest {
             None => return bad("missing parameter \"content\"".into()),
             Some(c) if c.is_empty() => return bad("parameter \"content\" is empty".into()),
             Some(c) if c.len() > max_content => {
-                return bad(format!(
-                    "content of {} bytes exceeds the limit of {max_content}",
-                    c.len()
-                ))
+                return bad(format!("content of {} bytes exceeds the limit of {max_content}", c.len()))
             }
             Some(c) => c,
         };
@@ -105,9 +103,7 @@ impl PublishRequest {
             (Some(w), Some(c)) if w.is_empty() || c.is_empty() => {
                 bad("to_worker_id and to_connection_id must not be empty".into())
             }
-            (Some(_), None) | (None, Some(_)) => {
-                bad("to_worker_id and to_connection_id go together".into())
-            }
+            (Some(_), None) | (None, Some(_)) => bad("to_worker_id and to_connection_id go together".into()),
             _ => Ok(r),
         }
     }
@@ -118,10 +114,7 @@ impl PublishRequest {
             to_connection_id: self.to_connection_id.clone().map(String::into_bytes),
             content: self.content.clone().into_bytes(),
         };
-        (
-            self.to_worker_id.as_deref().unwrap_or(BROADCAST),
-            push.encode(),
-        )
+        (self.to_worker_id.as_deref().unwrap_or(BROADCAST), push.encode())
     }
 }
 
@@ -187,18 +180,9 @@ impl Publisher {
             (&Method::OPTIONS, _) => {
                 let mut r = reply(StatusCode::NO_CONTENT, "");
                 let h = r.headers_mut();
-                h.insert(
-                    header::ACCESS_CONTROL_ALLOW_METHODS,
-                    HeaderValue::from_static("GET, POST, OPTIONS"),
-                );
-                h.insert(
-                    header::ACCESS_CONTROL_ALLOW_HEADERS,
-                    HeaderValue::from_static("authorization, content-type"),
-                );
-                h.insert(
-                    header::ACCESS_CONTROL_MAX_AGE,
-                    HeaderValue::from_static("600"),
-                );
+                h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+                h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+                h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
                 r
             }
             (&Method::GET, "/healthz") => match self.broker.is_connected() {
@@ -208,16 +192,8 @@ impl Publisher {
             (&Method::GET, "/metrics") => reply(
                 StatusCode::OK,
                 crate::metrics::render(&[
-                    (
-                        "broker_connected",
-                        "1 when the broker link is up",
-                        self.broker.is_connected() as u64,
-                    ),
-                    (
-                        "broker_reconnects",
-                        "broker link re-establishments",
-                        self.broker.reconnects(),
-                    ),
+                    ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
+                    ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
                 ]),
             ),
             (&Method::GET | &Method::POST, "/") => match self.publish(req).await {
@@ -235,9 +211,7 @@ impl Publisher {
                     reply(e.status(), format!("{e}\n"))
                 }
             },
-            (&Method::GET | &Method::POST, _) => {
-                reply(StatusCode::NOT_FOUND, "not found: publish on /\n")
-            }
+            (&Method::GET | &Method::POST, _) => reply(StatusCode::NOT_FOUND, "not found: publish on /\n"),
             _ => reply(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n"),
         };
         cors(resp)
@@ -256,9 +230,7 @@ impl Publisher {
             let body = Limited::new(req.into_body(), limit)
                 .collect()
                 .await
-                .map_err(|e| {
-                    PublishError::BadRequest(format!("body unreadable or over {limit} bytes: {e}"))
-                })?;
+                .map_err(|e| PublishError::BadRequest(format!("body unreadable or over {limit} bytes: {e}")))?;
             if !form.is_empty() {
                 form.push(b'&');
             }
@@ -284,18 +256,12 @@ fn tokio_tracker() -> tokio::sync::watch::Sender<()> {
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }
 
 fn cors(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
-    r.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
+    r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     r
 }
 
@@ -310,29 +276,18 @@ mod tests {
     #[test]
     fn seed_queries() {
         let r = parse("content=h%C3%A9+x").unwrap();
-        assert_eq!(
-            (r.content.as_str(), r.to_message().0),
-            ("hé x", "broadcast")
-        );
+        assert_eq!((r.content.as_str(), r.to_message().0), ("hé x", "broadcast"));
         let r = parse("to_worker_id=ab-1&to_connection_id=2&content=hi").unwrap();
         assert_eq!(r.to_message().0, "ab-1");
     }
 
     #[test]
     fn bad_queries() {
-        assert!(parse("")
-            .unwrap_err()
-            .contains("missing parameter \"content\""));
+        assert!(parse("").unwrap_err().contains("missing parameter \"content\""));
         assert!(parse("content=").unwrap_err().contains("empty"));
-        assert!(parse("content=a&foo=1")
-            .unwrap_err()
-            .contains("unknown parameter \"foo\""));
+        assert!(parse("content=a&foo=1").unwrap_err().contains("unknown parameter \"foo\""));
         assert!(parse("content=a&content=b").unwrap_err().contains("twice"));
-        assert!(parse("content=a&to_worker_id=1")
-            .unwrap_err()
-            .contains("go together"));
-        assert!(parse("content=0123456789x")
-            .unwrap_err()
-            .contains("exceeds"));
+        assert!(parse("content=a&to_worker_id=1").unwrap_err().contains("go together"));
+        assert!(parse("content=0123456789x").unwrap_err().contains("exceeds"));
     }
 }

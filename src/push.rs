@@ -39,15 +39,9 @@ impl Push {
     /// Read a payload; PHP scalars are turned into strings as PHP's `send()` would.
     pub fn decode(data: &[u8]) -> Result<Push, PushError> {
         let v = Value::parse(data)?;
-        let content = v
-            .get("content")
-            .and_then(Value::to_php_string)
-            .ok_or(PushError::NoContent)?;
+        let content = v.get("content").and_then(Value::to_php_string).ok_or(PushError::NoContent)?;
         let to_connection_id = v.get("to_connection_id").and_then(Value::to_php_string);
-        Ok(Push {
-            to_connection_id,
-            content,
-        })
+        Ok(Push { to_connection_id, content })
     }
 }
 
@@ -57,17 +51,10 @@ mod tests {
 
     #[test]
     fn seed_payloads() {
-        let p = Push {
-            to_connection_id: Some(b"2".to_vec()),
-            content: b"hi".to_vec(),
-        };
-        assert_eq!(
-            &p.encode()[..],
-            b"a:2:{s:16:\"to_connection_id\";s:1:\"2\";s:7:\"content\";s:2:\"hi\";}"
-        );
+        let p = Push { to_connection_id: Some(b"2".to_vec()), content: b"hi".to_vec() };
+        assert_eq!(&p.encode()[..], b"a:2:{s:16:\"to_connection_id\";s:1:\"2\";s:7:\"content\";s:2:\"hi\";}");
         assert_eq!(Push::decode(&p.encode()).unwrap(), p);
-        let from_php_int =
-            Push::decode(b"a:2:{s:16:\"to_connection_id\";i:7;s:7:\"content\";i:5;}").unwrap();
+        let from_php_int = Push::decode(b"a:2:{s:16:\"to_connection_id\";i:7;s:7:\"content\";i:5;}").unwrap();
         assert_eq!(from_php_int.to_connection_id.as_deref(), Some(&b"7"[..]));
         assert_eq!(from_php_int.content, b"5");
         assert!(matches!(Push::decode(b"a:0:{}"), Err(PushError::NoContent)));

@@ -174,10 +174,7 @@ mod tests {
 
     #[test]
     fn rfc_example_key() {
-        assert_eq!(
-            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
@@ -192,10 +189,7 @@ mod tests {
         let mut b = masked(0x89, b"abc");
         b.extend_from_slice(&masked(0x88, &1000u16.to_be_bytes()));
         b.extend_from_slice(&masked(0x81, b"ignored"));
-        assert_eq!(
-            parse(&mut b, 100),
-            Ok(Some(ClientFrame::Ping(Bytes::from_static(b"abc"))))
-        );
+        assert_eq!(parse(&mut b, 100), Ok(Some(ClientFrame::Ping(Bytes::from_static(b"abc")))));
         assert_eq!(parse(&mut b, 100), Ok(Some(ClientFrame::Close(Some(1000)))));
         assert_eq!(parse(&mut b, 100), Ok(Some(ClientFrame::Data)));
         assert_eq!(parse(&mut b, 100), Ok(None));
@@ -203,14 +197,8 @@ mod tests {
 
     #[test]
     fn bad_client_frames() {
-        assert_eq!(
-            parse(&mut BytesMut::from(&b"\x81\x02hi"[..]), 100),
-            Err(WsError::Unmasked)
-        );
-        assert_eq!(
-            parse(&mut masked(0x83, b""), 100),
-            Err(WsError::BadOpcode(0x83))
-        );
+        assert_eq!(parse(&mut BytesMut::from(&b"\x81\x02hi"[..]), 100), Err(WsError::Unmasked));
+        assert_eq!(parse(&mut masked(0x83, b""), 100), Err(WsError::BadOpcode(0x83)));
         assert_eq!(parse(&mut masked(0x09, b""), 100), Err(WsError::BadControl));
         let mut big = BytesMut::from(&b"\x82\xFF\x00\x00\x00\x01\x00\x00\x00\x00"[..]);
         assert_eq!(parse(&mut big, 100), Err(WsError::TooBig(1 << 32, 100)));

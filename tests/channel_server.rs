@@ -13,27 +13,18 @@ use common::*;
 const QUIET: Duration = Duration::from_millis(300);
 
 fn publish(ch: &[&str], data: &'static [u8]) -> Request {
-    Request::Publish {
-        channels: names(ch),
-        data: Bytes::from_static(data),
-    }
+    Request::Publish { channels: names(ch), data: Bytes::from_static(data) }
 }
 
 async fn tcp_server() -> (Proc, u16) {
     let port = free_port();
-    let p = Proc::start(
-        &["channel", "--listen", &format!("127.0.0.1:{port}")],
-        &[port],
-    )
-    .await;
+    let p = Proc::start(&["channel", "--listen", &format!("127.0.0.1:{port}")], &[port]).await;
     (p, port)
 }
 
 /// Run `body` against clients made by `connect`; both transports share the same checks.
 async fn fan_out_checks(mut clients: Vec<ChannelClient>) {
-    let [a, b, c] = &mut clients[..] else {
-        panic!("three clients")
-    };
+    let [a, b, c] = &mut clients[..] else { panic!("three clients") };
     for cl in [&mut *a, &mut *b] {
         cl.send(Request::Subscribe(names(&["news"]))).await;
         cl.sync().await;
@@ -47,10 +38,7 @@ async fn fan_out_checks(mut clients: Vec<ChannelClient>) {
             (ServerKind::Event, &b"news"[..], &b"s:5:\"hello\";"[..])
         );
     }
-    assert!(
-        c.recv_within(QUIET).await.is_none(),
-        "unsubscribed client gets nothing"
-    );
+    assert!(c.recv_within(QUIET).await.is_none(), "unsubscribed client gets nothing");
 
     // Unsubscribe: b stops hearing, a still hears.
     b.send(Request::Unsubscribe(names(&["news"]))).await;
@@ -76,11 +64,7 @@ async fn fan_out_and_unsubscribe_over_unix_socket() {
     let dir = std::env::temp_dir().join(format!("pushwire-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("channel.sock");
-    let _p = Proc::start(
-        &["channel", "--listen", &format!("unix:{}", path.display())],
-        &[],
-    )
-    .await;
+    let _p = Proc::start(&["channel", "--listen", &format!("unix:{}", path.display())], &[]).await;
     for _ in 0..200 {
         if path.exists() {
             break;
@@ -108,16 +92,10 @@ async fn captured_php_frames_give_captured_events() {
     worker.sync().await;
     publisher.raw(&vector("07_")).await;
     let event = worker.recv_within(WAIT).await.expect("targeted event");
-    assert_eq!(
-        &channel_proto::frame::encode(&event)[..],
-        &vector("14_")[..]
-    );
+    assert_eq!(&channel_proto::frame::encode(&event)[..], &vector("14_")[..]);
     publisher.raw(&vector("06_")).await;
     let event = worker.recv_within(WAIT).await.expect("broadcast event");
-    assert_eq!(
-        &channel_proto::frame::encode(&event)[..],
-        &vector("13_")[..]
-    );
+    assert_eq!(&channel_proto::frame::encode(&event)[..], &vector("13_")[..]);
 }
 
 #[tokio::test]
@@ -133,10 +111,7 @@ async fn publish_loop_round_robins_over_three_subscribers() {
     let mut publisher = ChannelClient::tcp(port).await;
     for _ in 0..6 {
         publisher
-            .send(Request::PublishLoop {
-                channels: names(&["jobs"]),
-                data: Bytes::from_static(b"s:1:\"x\";"),
-            })
+            .send(Request::PublishLoop { channels: names(&["jobs"]), data: Bytes::from_static(b"s:1:\"x\";") })
             .await;
     }
     for s in &mut subs {
@@ -152,19 +127,11 @@ async fn queues_one_item_per_reserve_each_to_one_consumer() {
     let mut producer = ChannelClient::tcp(port).await;
     // Enqueued before anyone watches: kept.
     for i in 0..4 {
-        producer
-            .send(Request::Enqueue {
-                channels: names(&["q"]),
-                data: format!("i:{i};").into_bytes().into(),
-            })
-            .await;
+        producer.send(Request::Enqueue { channels: names(&["q"]), data: format!("i:{i};").into_bytes().into() }).await;
     }
     let mut a = ChannelClient::tcp(port).await;
     a.send(Request::Watch(names(&["q"]))).await;
-    assert!(
-        a.recv_within(QUIET).await.is_none(),
-        "nothing before reserve"
-    );
+    assert!(a.recv_within(QUIET).await.is_none(), "nothing before reserve");
     a.send(Request::Reserve).await;
     let m = a.recv().await;
     assert_eq!((m.kind, &m.data[..]), (ServerKind::Queue, &b"i:0;"[..]));
@@ -193,20 +160,11 @@ async fn queues_one_item_per_reserve_each_to_one_consumer() {
     b.sync().await;
     drop(b);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    producer
-        .send(Request::Enqueue {
-            channels: names(&["q"]),
-            data: Bytes::from_static(b"i:4;"),
-        })
-        .await;
+    producer.send(Request::Enqueue { channels: names(&["q"]), data: Bytes::from_static(b"i:4;") }).await;
     let mut c = ChannelClient::tcp(port).await;
     c.send(Request::Watch(names(&["q"]))).await;
     c.send(Request::Reserve).await;
-    assert_eq!(
-        &c.recv().await.data[..],
-        b"i:4;",
-        "item left for a live consumer"
-    );
+    assert_eq!(&c.recv().await.data[..], b"i:4;", "item left for a live consumer");
 }
 
 #[tokio::test]
@@ -221,35 +179,17 @@ async fn bad_frames_close_only_their_connection() {
         assert!(c.closed_within(WAIT).await, "{bad}: connection closed");
         let mut p = ChannelClient::tcp(port).await;
         p.send(publish(&["ok"], b"N;")).await;
-        assert_eq!(
-            good.recv().await.channel.as_bytes(),
-            b"ok",
-            "after {bad} the server still serves others"
-        );
+        assert_eq!(good.recv().await.channel.as_bytes(), b"ok", "after {bad} the server still serves others");
     }
 }
 
 #[tokio::test]
 async fn max_frame_is_configurable() {
     let port = free_port();
-    let _p = Proc::start(
-        &[
-            "channel",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--max-frame",
-            "256",
-        ],
-        &[port],
-    )
-    .await;
+    let _p = Proc::start(&["channel", "--listen", &format!("127.0.0.1:{port}"), "--max-frame", "256"], &[port]).await;
     let mut c = ChannelClient::tcp(port).await;
     let big = vec![b'x'; 300];
-    c.send(Request::Publish {
-        channels: names(&["a"]),
-        data: channel_proto::Value::Str(big).encode().into(),
-    })
-    .await;
+    c.send(Request::Publish { channels: names(&["a"]), data: channel_proto::Value::Str(big).encode().into() }).await;
     assert!(c.closed_within(WAIT).await, "oversized frame refused");
     let mut d = ChannelClient::tcp(port).await;
     d.send(Request::Subscribe(names(&["a"]))).await;

@@ -40,8 +40,5 @@ async fn node_id_pins_worker_ids() {
         assert_eq!(cl.conn, "1", "connection ids count per worker");
         seen.insert(cl.worker);
     }
-    assert_eq!(
-        seen.into_iter().collect::<Vec<_>>(),
-        ["web7-0", "web7-1", "web7-2"]
-    );
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["web7-0", "web7-1", "web7-2"]);
 }

@@ -29,11 +29,7 @@ async fn channel_server_restart() {
 
     let port = cluster.channel_port;
     let restarted = Instant::now();
-    cluster.procs[0] = Proc::start(
-        &["channel", "--listen", &format!("127.0.0.1:{port}")],
-        &[port],
-    )
-    .await;
+    cluster.procs[0] = Proc::start(&["channel", "--listen", &format!("127.0.0.1:{port}")], &[port]).await;
     for p in cluster.gateways.iter().chain(&cluster.publishers) {
         wait_healthy(*p).await;
     }
@@ -42,9 +38,6 @@ async fn channel_server_restart() {
     let clients = check_seed_pushes(&cluster, clients, "after").await;
     // Nobody received the refused publishes.
     for mut c in clients {
-        assert_eq!(
-            next_text_within(&mut c.ws, Duration::from_millis(50)).await,
-            None
-        );
+        assert_eq!(next_text_within(&mut c.ws, Duration::from_millis(50)).await, None);
     }
 }

@@ -31,45 +31,23 @@ async fn seed_test_steps() {
     let mut b = connect(ws_port).await;
     // Two workers by default, clients spread over them; ids have the NODE-N form.
     assert_ne!(a.worker, b.worker, "round-robin over the two workers");
-    assert!(
-        a.worker.ends_with("-0") || a.worker.ends_with("-1"),
-        "{}",
-        a.worker
-    );
+    assert!(a.worker.ends_with("-0") || a.worker.ends_with("-1"), "{}", a.worker);
 
     // Broadcast: GET /?content=X answers ok and reaches everyone.
-    assert_eq!(
-        http_get(http_port, "/?content=hello%20world").await,
-        (200, "ok".into())
-    );
+    assert_eq!(http_get(http_port, "/?content=hello%20world").await, (200, "ok".into()));
     assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("hello world"));
     assert_eq!(next_text(&mut b.ws).await.as_deref(), Some("hello world"));
 
     // Targeted: only b receives it.
-    let url = format!(
-        "/?to_worker_id={}&to_connection_id={}&content={}",
-        q(&b.worker),
-        b.conn,
-        q("só para b ✓")
-    );
+    let url = format!("/?to_worker_id={}&to_connection_id={}&content={}", q(&b.worker), b.conn, q("só para b ✓"));
     assert_eq!(http_get(http_port, &url).await, (200, "ok".into()));
     assert_eq!(next_text(&mut b.ws).await.as_deref(), Some("só para b ✓"));
-    assert_eq!(
-        next_text_within(&mut a.ws, Duration::from_millis(300)).await,
-        None,
-        "a must not get b's push"
-    );
+    assert_eq!(next_text_within(&mut a.ws, Duration::from_millis(300)).await, None, "a must not get b's push");
 
     // A push to a connection that does not exist is accepted and dropped.
-    let url = format!(
-        "/?to_worker_id={}&to_connection_id=999999&content=nobody",
-        q(&a.worker)
-    );
+    let url = format!("/?to_worker_id={}&to_connection_id=999999&content=nobody", q(&a.worker));
     assert_eq!(http_get(http_port, &url).await.0, 200);
-    assert_eq!(
-        next_text_within(&mut a.ws, Duration::from_millis(300)).await,
-        None
-    );
+    assert_eq!(next_text_within(&mut a.ws, Duration::from_millis(300)).await, None);
 }
 
 #[tokio::test]
@@ -89,16 +67,10 @@ async fn publisher_refuses_bad_requests_clearly() {
         assert_eq!(body.lines().count(), 1, "one-line reason");
     }
     // Nothing of the above reached the client.
-    assert_eq!(
-        next_text_within(&mut a.ws, Duration::from_millis(300)).await,
-        None
-    );
+    assert_eq!(next_text_within(&mut a.ws, Duration::from_millis(300)).await, None);
     // POST with a form body works like GET.
     let form = [("Content-Type", "application/x-www-form-urlencoded")];
-    assert_eq!(
-        http(http_port, "POST", "/", &form, "content=posted").await,
-        (200, "ok".into())
-    );
+    assert_eq!(http(http_port, "POST", "/", &form, "content=posted").await, (200, "ok".into()));
     assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("posted"));
 }
 
@@ -107,18 +79,13 @@ async fn keep_alive_serves_many_requests_on_one_connection() {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let (_p, _c, ws_port, http_port) = standalone().await;
     let mut a = connect(ws_port).await;
-    let s = tokio::net::TcpStream::connect(("127.0.0.1", http_port))
-        .await
-        .unwrap();
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", http_port)).await.unwrap();
     let mut s = BufReader::new(s);
     for i in 0..5 {
         let req = format!("GET /?content=k{i} HTTP/1.1\r\nHost: x\r\n\r\n");
         s.get_mut().write_all(req.as_bytes()).await.unwrap();
         let mut status = String::new();
-        tokio::time::timeout(WAIT, s.read_line(&mut status))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(WAIT, s.read_line(&mut status)).await.unwrap().unwrap();
         assert!(status.starts_with("HTTP/1.1 200"), "{status}");
         let mut len = 0;
         loop {
@@ -143,42 +110,24 @@ async fn channel_port_stays_open_to_other_nodes() {
     // A second gateway joins the standalone process through its channel port, as a PHP node could.
     let (_p, c, ws_port, http_port) = standalone().await;
     let w2 = free_port();
-    let _gw2 = Proc::start(
-        &[
-            "gateway",
-            "--listen",
-            &format!("127.0.0.1:{w2}"),
-            "--broker",
-            &format!("127.0.0.1:{c}"),
-        ],
-        &[w2],
-    )
-    .await;
+    let _gw2 =
+        Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{w2}"), "--broker", &format!("127.0.0.1:{c}")], &[w2])
+            .await;
     let mut a = connect(ws_port).await;
     let mut b = connect(w2).await;
     assert_ne!(a.worker, b.worker);
     // The second gateway subscribes in the background: retry until its client hears the broadcast.
     let mut got = None;
     for i in 0..50 {
-        assert_eq!(
-            http_get(http_port, &format!("/?content=join{i}")).await.0,
-            200
-        );
+        assert_eq!(http_get(http_port, &format!("/?content=join{i}")).await.0, 200);
         assert_eq!(next_text(&mut a.ws).await, Some(format!("join{i}")));
         if let Some(m) = next_text_within(&mut b.ws, Duration::from_millis(100)).await {
             got = Some(m);
             break;
         }
     }
-    assert!(
-        got.is_some_and(|m| m.starts_with("join")),
-        "remote gateway receives broadcasts"
-    );
-    let url = format!(
-        "/?to_worker_id={}&to_connection_id={}&content=remote",
-        q(&b.worker),
-        b.conn
-    );
+    assert!(got.is_some_and(|m| m.starts_with("join")), "remote gateway receives broadcasts");
+    let url = format!("/?to_worker_id={}&to_connection_id={}&content=remote", q(&b.worker), b.conn);
     assert_eq!(http_get(http_port, &url).await.0, 200);
     assert_eq!(next_text(&mut b.ws).await.as_deref(), Some("remote"));
 }

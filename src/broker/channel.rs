@@ -18,25 +18,28 @@ use crate::io::{ListenAddr, Stream};
 pub struct ChannelTransport {
     addr: ListenAddr,
     secret: Option<String>,
+    prefix: String,
     ack: Name,
 }
 
 impl ChannelTransport {
-    pub fn new(addr: ListenAddr, secret: Option<String>) -> ChannelTransport {
-        let ack = Name::new(format!("pushwire:ack:{}", crate::io::random_hex(8)));
-        ChannelTransport { addr, secret, ack }
+    pub fn new(addr: ListenAddr, secret: Option<String>, prefix: &str) -> ChannelTransport {
+        let ack = Name::new(format!("{prefix}pushwire:ack:{}", crate::io::random_hex(8)));
+        ChannelTransport { addr, secret, prefix: prefix.to_owned(), ack }
     }
 }
 
 pub struct ChannelReader {
     rd: ReadHalf<Box<dyn Stream>>,
     buf: BytesMut,
+    prefix: String,
     ack: Name,
 }
 
 pub struct ChannelWriter {
     wr: WriteHalf<Box<dyn Stream>>,
     out: BytesMut,
+    prefix: String,
     ack: Name,
 }
 
@@ -54,23 +57,14 @@ impl Transport for ChannelTransport {
             ListenAddr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
         };
         let (rd, wr) = tokio::io::split(stream);
-        let mut w = ChannelWriter {
-            wr,
-            out: BytesMut::with_capacity(4096),
-            ack: self.ack.clone(),
-        };
+        let prefix = self.prefix.clone();
+        let mut w =
+            ChannelWriter { wr, out: BytesMut::with_capacity(4096), prefix: prefix.clone(), ack: self.ack.clone() };
         if let Some(secret) = &self.secret {
             w.request(&Request::Auth(secret.clone().into_bytes().into()));
         }
         w.request(&Request::Subscribe(vec![self.ack.clone()]));
-        Ok((
-            ChannelReader {
-                rd,
-                buf: BytesMut::with_capacity(8192),
-                ack: self.ack.clone(),
-            },
-            w,
-        ))
+        Ok((ChannelReader { rd, buf: BytesMut::with_capacity(8192), prefix, ack: self.ack.clone() }, w))
     }
 }
 
@@ -79,38 +73,33 @@ impl ChannelWriter {
         frame::encode_into(&r.encode(), &mut self.out);
     }
 
-    fn names(channels: &[String]) -> Vec<Name> {
-        channels
-            .iter()
-            .map(|c| Name::new(c.clone().into_bytes()))
-            .collect()
+    fn name(&self, channel: &str) -> Name {
+        Name::new(format!("{}{channel}", self.prefix).into_bytes())
+    }
+
+    fn names(&self, channels: &[String]) -> Vec<Name> {
+        channels.iter().map(|c| self.name(c)).collect()
     }
 }
 
 impl Writer for ChannelWriter {
     fn subscribe(&mut self, channels: &[String]) {
-        self.request(&Request::Subscribe(Self::names(channels)));
+        self.request(&Request::Subscribe(self.names(channels)));
     }
 
     fn unsubscribe(&mut self, channels: &[String]) {
-        self.request(&Request::Unsubscribe(Self::names(channels)));
+        self.request(&Request::Unsubscribe(self.names(channels)));
     }
 
     fn publish(&mut self, channel: &str, data: &[u8]) {
-        let channels = vec![Name::new(channel.to_owned().into_bytes())];
-        self.request(&Request::Publish {
-            channels,
-            data: bytes::Bytes::copy_from_slice(data),
-        });
+        let channels = vec![self.name(channel)];
+        self.request(&Request::Publish { channels, data: bytes::Bytes::copy_from_slice(data) });
         self.probe();
     }
 
     fn probe(&mut self) {
         self.out.extend_from_slice(&frame::PING);
-        let marker = Request::Publish {
-            channels: vec![self.ack.clone()],
-            data: bytes::Bytes::from_static(b"N;"),
-        };
+        let marker = Request::Publish { channels: vec![self.ack.clone()], data: bytes::Bytes::from_static(b"N;") };
         self.request(&marker);
     }
 
@@ -139,10 +128,12 @@ impl Reader for ChannelReader {
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 return Ok(match m.kind {
                     ServerKind::Event if m.channel == self.ack => Incoming::Ack,
-                    ServerKind::Event => Incoming::Message(Message {
-                        channel: bytes::Bytes::copy_from_slice(m.channel.as_bytes()),
-                        data: m.data,
-                    }),
+                    ServerKind::Event => match m.channel.as_bytes().strip_prefix(self.prefix.as_bytes()) {
+                        Some(local) => {
+                            Incoming::Message(Message { channel: bytes::Bytes::copy_from_slice(local), data: m.data })
+                        }
+                        None => Incoming::Nothing,
+                    },
                     ServerKind::Queue => Incoming::Nothing,
                 });
             }

@@ -23,6 +23,8 @@ pub enum Incoming {
     Message(Message),
     /// The broker confirmed the oldest unconfirmed publish or probe.
     Ack,
+    /// The broker checks that we are alive; the writer answers.
+    Ping,
     /// Protocol chatter that needs no action.
     Nothing,
 }
@@ -32,8 +34,7 @@ pub trait Transport: Send + Sync + 'static {
     type Reader: Reader;
     type Writer: Writer;
     /// Connect (and authenticate); nothing is subscribed yet.
-    fn connect(&self)
-        -> impl Future<Output = std::io::Result<(Self::Reader, Self::Writer)>> + Send;
+    fn connect(&self) -> impl Future<Output = std::io::Result<(Self::Reader, Self::Writer)>> + Send;
 }
 
 /// The receiving half of a connection.
@@ -50,6 +51,8 @@ pub trait Writer: Send + 'static {
     fn publish(&mut self, channel: &str, data: &[u8]);
     /// Queue a liveness check, also answered by exactly one [`Incoming::Ack`].
     fn probe(&mut self);
+    /// Queue the answer to a broker's [`Incoming::Ping`].
+    fn answer_ping(&mut self) {}
     /// Whether anything is buffered.
     fn has_pending(&self) -> bool;
     /// Write what is buffered. Must be cancel-safe (partial progress is kept).
@@ -59,15 +62,8 @@ pub trait Writer: Send + 'static {
 type Done = oneshot::Sender<Result<(), BrokerError>>;
 
 enum Command {
-    Publish {
-        channel: String,
-        data: Bytes,
-        done: Done,
-    },
-    Subscribe {
-        channels: Vec<String>,
-        tx: mpsc::Sender<Message>,
-    },
+    Publish { channel: String, data: Bytes, done: Done },
+    Subscribe { channels: Vec<String>, tx: mpsc::Sender<Message> },
 }
 
 /// Commands queued for the link task before callers wait.
@@ -98,13 +94,7 @@ impl Link {
             reconnects: reconnects.clone(),
         };
         tokio::spawn(task.run());
-        Arc::new(Link {
-            cmd,
-            connected,
-            reconnects,
-            name,
-            cfg,
-        })
+        Arc::new(Link { cmd, connected, reconnects, name, cfg })
     }
 }
 
@@ -122,14 +112,7 @@ impl Broker for Link {
             let (done, wait) = oneshot::channel();
             let limit = self.cfg.ack_timeout;
             let confirmed = tokio::time::timeout(limit, async {
-                self.cmd
-                    .send(Command::Publish {
-                        channel,
-                        data,
-                        done,
-                    })
-                    .await
-                    .ok()?;
+                self.cmd.send(Command::Publish { channel, data, done }).await.ok()?;
                 wait.await.ok()
             });
             match confirmed.await {
@@ -180,8 +163,7 @@ impl<T: Transport> Task<T> {
         let mut sessions = 0u64;
         let mut failures = 0u64;
         loop {
-            let attempt =
-                tokio::time::timeout(self.cfg.connect_timeout, self.transport.connect()).await;
+            let attempt = tokio::time::timeout(self.cfg.connect_timeout, self.transport.connect()).await;
             let err = match attempt {
                 Ok(Ok((reader, writer))) => {
                     if sessions > 0 {
@@ -246,9 +228,7 @@ impl<T: Transport> Task<T> {
         list.retain(|tx| match tx.try_send(m.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                crate::metrics::GLOBAL
-                    .subscriber_drops
-                    .fetch_add(1, Ordering::Relaxed);
+                crate::metrics::GLOBAL.subscriber_drops.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(broker = %self.name, "subscriber is full: message dropped");
                 true
             }
@@ -262,11 +242,7 @@ impl<T: Transport> Task<T> {
     }
 
     async fn session(&mut self, mut reader: T::Reader, mut writer: T::Writer) -> End {
-        let all: Vec<String> = self
-            .subs
-            .keys()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect();
+        let all: Vec<String> = self.subs.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
         if !all.is_empty() {
             writer.subscribe(&all);
         }
@@ -295,6 +271,7 @@ impl<T: Transport> Task<T> {
                             let _ = done.send(Ok(()));
                         }
                     }
+                    Ok(Incoming::Ping) => writer.answer_ping(),
                     Ok(Incoming::Nothing) => {}
                     Err(e) => break End::Lost(e.to_string()),
                 },

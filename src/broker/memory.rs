@@ -15,11 +15,16 @@ use crate::hub::{ClientId, Hub, Sink};
 /// A broker that is a hub in this process.
 pub struct MemoryBroker {
     hub: Arc<Hub>,
+    prefix: String,
 }
 
 impl MemoryBroker {
-    pub fn new(hub: Arc<Hub>) -> MemoryBroker {
-        MemoryBroker { hub }
+    pub fn new(hub: Arc<Hub>, prefix: &str) -> MemoryBroker {
+        MemoryBroker { hub, prefix: prefix.to_owned() }
+    }
+
+    fn name(&self, channel: &str) -> Name {
+        Name::new(format!("{}{channel}", self.prefix).into_bytes())
     }
 }
 
@@ -37,28 +42,31 @@ impl Broker for MemoryBroker {
         channel: &str,
         data: Bytes,
     ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
-        self.hub.publish(
-            &[Name::new(Bytes::copy_from_slice(channel.as_bytes()))],
-            &data,
-        );
+        self.hub.publish(&[self.name(channel)], &data);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        let (tx, mut rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
         let id = self.hub.connect(Sink::Local(tx));
         let guard = Unsubscribe(self.hub.clone(), id);
-        let names = channels
-            .into_iter()
-            .map(|c| Name::new(c.into_bytes()))
-            .collect();
-        self.hub
-            .subscribe(id, names)
-            .map_err(|e| BrokerError::Refused(e.to_string()))?;
-        Ok(Subscription {
-            rx,
-            _guard: Some(Box::new(guard)),
-        })
+        let names = channels.iter().map(|c| self.name(c)).collect();
+        self.hub.subscribe(id, names).map_err(|e| BrokerError::Refused(e.to_string()))?;
+        if !self.prefix.is_empty() {
+            // Subscribers see names without the prefix, as on every other backend.
+            let (strip_tx, strip_rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+            let n = self.prefix.len();
+            tokio::spawn(async move {
+                while let Some(mut m) = rx.recv().await {
+                    m.channel = m.channel.slice(n.min(m.channel.len())..);
+                    if strip_tx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            rx = strip_rx;
+        }
+        Ok(Subscription { rx, _guard: Some(Box::new(guard)) })
     }
 
     fn is_connected(&self) -> bool {

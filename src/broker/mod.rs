@@ -1,13 +1,18 @@
 //! Brokers: how gateways and publishers reach each other.
 //!
 //! A [`Broker`] carries [`Message`]s (a channel name and a payload) from publishers to every
-//! subscriber of that channel. Backends: `memory` (an in-process [`Hub`](crate::hub::Hub)) and
-//! `channel` (a Workerman-compatible channel server, ours or PHP's). The remote backends share one
-//! link loop ([`link`]) that reconnects, resubscribes, confirms publishes and notices dead peers.
+//! subscriber of that channel. Backends: `memory` (an in-process [`Hub`](crate::hub::Hub)),
+//! `channel` (a Workerman-compatible channel server, ours or PHP's), `redis` (Redis pub/sub) and
+//! `nats` (NATS core). The remote backends share one link loop ([`link`]) that reconnects,
+//! resubscribes, confirms publishes and notices dead peers; each backend only speaks its protocol.
 
 pub mod channel;
 pub mod link;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,11 +77,8 @@ pub const SUBSCRIPTION_CAPACITY: usize = 8192;
 ///   renewed before anything else is sent.
 pub trait Broker: Send + Sync + 'static {
     /// Publish `data` on `channel`.
-    fn publish(
-        &self,
-        channel: &str,
-        data: Bytes,
-    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>>;
+    fn publish(&self, channel: &str, data: Bytes)
+        -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>>;
     /// Subscribe to each of `channels`; messages arrive on the returned subscription.
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError>;
     /// Whether the broker is reachable right now.
@@ -122,11 +124,18 @@ pub enum BrokerUrl {
     /// In-process (`standalone`).
     Memory,
     /// A channel server over TCP or a Unix socket, with an optional secret.
-    Channel {
-        addr: ListenAddr,
-        secret: Option<String>,
-    },
+    Channel { addr: ListenAddr, secret: Option<String> },
+    /// A Redis server (pub/sub).
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisUrl),
+    /// One or more servers of a NATS cluster.
+    #[cfg(feature = "nats")]
+    Nats(nats::NatsUrl),
 }
+
+/// The prefix put before channel names on a broker when none is configured: none on `channel://`
+/// and `memory` (so PHP nodes see the seed's names), `pushwire.` on Redis and NATS.
+pub const DEFAULT_PREFIX: &str = "pushwire.";
 
 impl std::str::FromStr for BrokerUrl {
     type Err = String;
@@ -138,31 +147,32 @@ impl std::str::FromStr for BrokerUrl {
             if path.is_empty() {
                 return Err(format!("{s:?}: channel+unix:// needs a socket path"));
             }
-            return Ok(BrokerUrl::Channel {
-                addr: ListenAddr::Unix(path.into()),
-                secret: None,
-            });
+            return Ok(BrokerUrl::Channel { addr: ListenAddr::Unix(path.into()), secret: None });
         }
         let rest = match s.split_once("://") {
             Some(("channel", rest)) => rest,
+            #[cfg(feature = "redis")]
+            Some(("redis", _)) => return redis::RedisUrl::parse(s).map(BrokerUrl::Redis),
+            #[cfg(feature = "nats")]
+            Some(("nats", _)) => return nats::NatsUrl::parse(s).map(BrokerUrl::Nats),
+            #[allow(unreachable_patterns)] // reached only when a backend feature is off
+            Some((scheme @ ("redis" | "nats"), _)) => {
+                return Err(format!("{s:?}: this pushwire was built without the {scheme} feature"))
+            }
             Some((scheme, _)) => {
-                return Err(format!("{s:?}: unknown broker scheme {scheme:?} (use channel://, channel+unix:// or memory)"))
+                return Err(format!(
+                    "{s:?}: unknown broker scheme {scheme:?} (use channel://, channel+unix://, redis://, nats:// or memory)"
+                ))
             }
             None => s,
         };
         let (secret, hostport) = match rest.rsplit_once('@') {
-            Some((userinfo, hp)) => (
-                Some(userinfo.strip_prefix(':').unwrap_or(userinfo).to_owned()),
-                hp,
-            ),
+            Some((userinfo, hp)) => (Some(userinfo.strip_prefix(':').unwrap_or(userinfo).to_owned()), hp),
             None => (None, rest),
         };
         let hostport = hostport.trim_end_matches('/');
         let addr: ListenAddr = hostport.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        Ok(BrokerUrl::Channel {
-            addr,
-            secret: secret.filter(|s| !s.is_empty()),
-        })
+        Ok(BrokerUrl::Channel { addr, secret: secret.filter(|s| !s.is_empty()) })
     }
 }
 
@@ -170,34 +180,42 @@ impl std::fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BrokerUrl::Memory => f.write_str("memory"),
-            BrokerUrl::Channel {
-                addr: ListenAddr::Tcp(a),
-                ..
-            } => write!(f, "channel://{a}"),
-            BrokerUrl::Channel {
-                addr: ListenAddr::Unix(p),
-                ..
-            } => write!(f, "channel+unix://{}", p.display()),
+            BrokerUrl::Channel { addr: ListenAddr::Tcp(a), .. } => write!(f, "channel://{a}"),
+            BrokerUrl::Channel { addr: ListenAddr::Unix(p), .. } => write!(f, "channel+unix://{}", p.display()),
+            #[cfg(feature = "redis")]
+            BrokerUrl::Redis(u) => write!(f, "redis://{}/{}", u.addr, u.db),
+            #[cfg(feature = "nats")]
+            BrokerUrl::Nats(u) => write!(f, "nats://{}", u.servers.join(",")),
         }
     }
 }
 
 /// Open a broker for `url`. `hub` serves `memory`; links start in the background and connect
-/// (and reconnect) by themselves.
+/// (and reconnect) by themselves. `prefix` goes before every channel name on the broker (`None`:
+/// [`DEFAULT_PREFIX`] on Redis and NATS, nothing elsewhere).
 pub fn open(
     url: &BrokerUrl,
+    prefix: Option<&str>,
     hub: Option<Arc<crate::hub::Hub>>,
     cfg: LinkConfig,
 ) -> Arc<dyn Broker> {
+    let name = url.to_string();
     match url {
-        BrokerUrl::Memory => Arc::new(memory::MemoryBroker::new(
-            hub.unwrap_or_else(|| Arc::new(Default::default())),
-        )),
-        BrokerUrl::Channel { addr, secret } => link::Link::spawn(
-            channel::ChannelTransport::new(addr.clone(), secret.clone()),
-            cfg,
-            url.to_string(),
-        ),
+        BrokerUrl::Memory => Arc::new(memory::MemoryBroker::new(hub.unwrap_or_default(), prefix.unwrap_or_default())),
+        BrokerUrl::Channel { addr, secret } => {
+            let t = channel::ChannelTransport::new(addr.clone(), secret.clone(), prefix.unwrap_or_default());
+            link::Link::spawn(t, cfg, name)
+        }
+        #[cfg(feature = "redis")]
+        BrokerUrl::Redis(u) => {
+            let t = redis::RedisTransport::new(u.clone(), prefix.unwrap_or(DEFAULT_PREFIX).to_owned());
+            link::Link::spawn(t, cfg, name)
+        }
+        #[cfg(feature = "nats")]
+        BrokerUrl::Nats(u) => {
+            let t = nats::NatsTransport::new(u.clone(), prefix.unwrap_or(DEFAULT_PREFIX).to_owned());
+            link::Link::spawn(t, cfg, name)
+        }
     }
 }
 
@@ -212,26 +230,14 @@ mod tests {
             secret: s.map(Into::into),
         };
         assert_eq!("memory".parse(), Ok(BrokerUrl::Memory));
-        assert_eq!(
-            "channel://127.0.0.1:2206".parse(),
-            Ok(tcp("127.0.0.1:2206", None))
-        );
+        assert_eq!("channel://127.0.0.1:2206".parse(), Ok(tcp("127.0.0.1:2206", None)));
         assert_eq!("10.0.0.1:2206".parse(), Ok(tcp("10.0.0.1:2206", None)));
-        assert_eq!(
-            "channel://:s3cret@h:2206".parse(),
-            Ok(tcp("h:2206", Some("s3cret")))
-        );
+        assert_eq!("channel://:s3cret@h:2206".parse(), Ok(tcp("h:2206", Some("s3cret"))));
         assert_eq!(
             "channel+unix:///tmp/c.sock".parse(),
-            Ok(BrokerUrl::Channel {
-                addr: ListenAddr::Unix("/tmp/c.sock".into()),
-                secret: None
-            })
+            Ok(BrokerUrl::Channel { addr: ListenAddr::Unix("/tmp/c.sock".into()), secret: None })
         );
-        assert!("kafka://x:1"
-            .parse::<BrokerUrl>()
-            .unwrap_err()
-            .contains("unknown broker scheme"));
+        assert!("kafka://x:1".parse::<BrokerUrl>().unwrap_err().contains("unknown broker scheme"));
         assert!("channel://nohost".parse::<BrokerUrl>().is_err());
     }
 }

@@ -16,13 +16,22 @@ pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 /// Every await in a test is bounded by this unless it says otherwise.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, for a server a test starts.
+///
+/// Ports come from below Linux's ephemeral range (32768 and up), so the many client sockets the
+/// tests open cannot take a port between the moment it is chosen and the moment the server binds
+/// it; and no port is handed out twice in one test process.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 600) as u16 * 20;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (start - 20_000 + n) % 12_700;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running `pushwire` process, killed when dropped.
@@ -34,16 +43,22 @@ pub struct Proc {
 impl Proc {
     /// Start `pushwire ARGS` and wait until every `ready` port accepts connections.
     pub async fn start(args: &[&str], ready: &[u16]) -> Proc {
+        Proc::program(env!("CARGO_BIN_EXE_pushwire"), args, ready).await
+    }
+
+    /// Start any program (a Redis or NATS server, say) the same way; its output is discarded
+    /// unless it is pushwire.
+    pub async fn program(program: &str, args: &[&str], ready: &[u16]) -> Proc {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let child = Command::new(env!("CARGO_BIN_EXE_pushwire"))
+        let ours = program == env!("CARGO_BIN_EXE_pushwire");
+        let child = Command::new(program)
             .args(&args)
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
+            .stdout(if ours { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if ours { Stdio::inherit() } else { Stdio::null() })
             .spawn()
-            .expect("start pushwire");
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e} (./scripts/test installs it)"));
         let p = Proc { child, args };
         for port in ready {
             wait_port(*port).await;
@@ -59,10 +74,7 @@ impl Proc {
 
     /// Send SIGTERM and wait (bounded) for the exit status.
     pub async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         for _ in 0..200 {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return Some(s);
@@ -100,19 +112,10 @@ pub async fn http_get(port: u16, target: &str) -> (u16, String) {
 }
 
 /// One HTTP request over a fresh connection: (status, body).
-pub async fn http(
-    port: u16,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
+pub async fn http(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     let go = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let mut req =
-            format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -121,20 +124,11 @@ pub async fn http(
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.expect("read");
         let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status line");
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
         (status, body)
     };
-    tokio::time::timeout(WAIT, go)
-        .await
-        .expect("http request timed out")
+    tokio::time::timeout(WAIT, go).await.expect("http request timed out")
 }
 
 /// A WebSocket client and the ids from its welcome line.
@@ -160,14 +154,8 @@ pub async fn connect(port: u16) -> Client {
 pub fn parse_welcome(line: &str) -> (String, String) {
     assert!(line.ends_with(" connected\n"), "welcome line {line:?}");
     let mut parts = line.split_whitespace();
-    let w = parts
-        .next()
-        .and_then(|p| p.strip_prefix("workerID:"))
-        .expect("workerID");
-    let c = parts
-        .next()
-        .and_then(|p| p.strip_prefix("connectionID:"))
-        .expect("connectionID");
+    let w = parts.next().and_then(|p| p.strip_prefix("workerID:")).expect("workerID");
+    let c = parts.next().and_then(|p| p.strip_prefix("connectionID:")).expect("connectionID");
     (w.to_owned(), c.to_owned())
 }
 
@@ -175,10 +163,7 @@ pub fn parse_welcome(line: &str) -> (String, String) {
 pub async fn next_text_within(ws: &mut Ws, limit: Duration) -> Option<String> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let m = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .ok()??
-            .ok()?;
+        let m = tokio::time::timeout_at(deadline, ws.next()).await.ok()??.ok()?;
         match m {
             Message::Text(t) => return Some(t.to_string()),
             Message::Close(_) => return None,
@@ -200,9 +185,7 @@ pub async fn close(mut ws: Ws) {
 pub fn q(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -219,23 +202,13 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ChannelStre
 
 impl ChannelClient {
     pub async fn tcp(port: u16) -> ChannelClient {
-        let s = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect channel");
-        ChannelClient {
-            stream: Box::new(s),
-            buf: Default::default(),
-        }
+        let s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect channel");
+        ChannelClient { stream: Box::new(s), buf: Default::default() }
     }
 
     pub async fn unix(path: &std::path::Path) -> ChannelClient {
-        let s = tokio::net::UnixStream::connect(path)
-            .await
-            .expect("connect unix channel");
-        ChannelClient {
-            stream: Box::new(s),
-            buf: Default::default(),
-        }
+        let s = tokio::net::UnixStream::connect(path).await.expect("connect unix channel");
+        ChannelClient { stream: Box::new(s), buf: Default::default() }
     }
 
     /// Send raw bytes (a whole frame, or a part of one).
@@ -252,9 +225,7 @@ impl ChannelClient {
     pub async fn recv_within(&mut self, limit: Duration) -> Option<bytes::Bytes> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Some(p) =
-                channel_proto::frame::take_payload(&mut self.buf, 1 << 24).expect("frame")
-            {
+            if let Some(p) = channel_proto::frame::take_payload(&mut self.buf, 1 << 24).expect("frame") {
                 if p.is_empty() {
                     continue;
                 }
@@ -271,12 +242,8 @@ impl ChannelClient {
     /// private channel and wait for it to come back.
     pub async fn sync(&mut self) {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let marker = format!(
-            "sync-{}",
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        self.send(channel_proto::Request::Subscribe(names(&[&marker])))
-            .await;
+        let marker = format!("sync-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.send(channel_proto::Request::Subscribe(names(&[&marker]))).await;
         self.send(channel_proto::Request::Publish {
             channels: names(&[&marker]),
             data: bytes::Bytes::from_static(b"N;"),
@@ -288,8 +255,7 @@ impl ChannelClient {
                 break;
             }
         }
-        self.send(channel_proto::Request::Unsubscribe(names(&[&marker])))
-            .await;
+        self.send(channel_proto::Request::Unsubscribe(names(&[&marker]))).await;
     }
 
     /// The next server message; panics if none comes.
@@ -314,17 +280,12 @@ impl ChannelClient {
 
 /// Channel names for requests.
 pub fn names(ns: &[&str]) -> Vec<channel_proto::Name> {
-    ns.iter()
-        .map(|n| channel_proto::Name::new(n.as_bytes().to_vec()))
-        .collect()
+    ns.iter().map(|n| channel_proto::Name::new(n.as_bytes().to_vec())).collect()
 }
 
 /// A captured Channel frame from the protocol crate's vectors.
 pub fn vector(prefix: &str) -> Vec<u8> {
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crates/channel-proto/tests/vectors"
-    );
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/crates/channel-proto/tests/vectors");
     for e in std::fs::read_dir(dir).expect("vectors") {
         let p = e.expect("entry").path();
         let name = p.file_name().expect("name").to_string_lossy().into_owned();
@@ -363,11 +324,7 @@ impl Cluster {
             Some(b) => b,
             None => {
                 procs.push(
-                    Proc::start(
-                        &["channel", "--listen", &format!("127.0.0.1:{channel_port}")],
-                        &[channel_port],
-                    )
-                    .await,
+                    Proc::start(&["channel", "--listen", &format!("127.0.0.1:{channel_port}")], &[channel_port]).await,
                 );
                 format!("channel://127.0.0.1:{channel_port}")
             }
@@ -378,40 +335,17 @@ impl Cluster {
             // Identical command lines but the port: ids must still not collide.
             let listen = format!("127.0.0.1:{g}");
             procs.push(
-                Proc::start(
-                    &[
-                        "gateway",
-                        "--listen",
-                        &listen,
-                        "--broker",
-                        &broker,
-                        "--workers",
-                        "2",
-                    ],
-                    &[g],
-                )
-                .await,
+                Proc::start(&["gateway", "--listen", &listen, "--broker", &broker, "--workers", "2"], &[g]).await,
             );
         }
         for p in publishers {
             let listen = format!("127.0.0.1:{p}");
-            procs.push(
-                Proc::start(
-                    &["publisher", "--listen", &listen, "--broker", &broker],
-                    &[p],
-                )
-                .await,
-            );
+            procs.push(Proc::start(&["publisher", "--listen", &listen, "--broker", &broker], &[p]).await);
         }
         for port in gateways.iter().chain(&publishers) {
             wait_healthy(*port).await;
         }
-        Cluster {
-            procs,
-            channel_port,
-            gateways,
-            publishers,
-        }
+        Cluster { procs, channel_port, gateways, publishers }
     }
 
     /// `n` clients spread evenly over both gateways.
@@ -425,22 +359,15 @@ impl Cluster {
 }
 
 /// Every client collects text messages until it sees `last` (or `limit` passes).
-pub async fn collect_until(
-    clients: Vec<Client>,
-    last: &str,
-    limit: Duration,
-) -> Vec<(Client, Vec<String>)> {
+pub async fn collect_until(clients: Vec<Client>, last: &str, limit: Duration) -> Vec<(Client, Vec<String>)> {
     let mut tasks = Vec::new();
     for mut c in clients {
         let last = last.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             let deadline = tokio::time::Instant::now() + limit;
-            while let Some(m) = next_text_within(
-                &mut c.ws,
-                deadline.saturating_duration_since(tokio::time::Instant::now()),
-            )
-            .await
+            while let Some(m) =
+                next_text_within(&mut c.ws, deadline.saturating_duration_since(tokio::time::Instant::now())).await
             {
                 let done = m == last;
                 got.push(m);
@@ -462,23 +389,11 @@ pub async fn collect_until(
 /// exactly once, and a targeted push to every client reaches that client only.
 pub async fn check_seed_pushes(cluster: &Cluster, clients: Vec<Client>, tag: &str) -> Vec<Client> {
     let [p1, p2] = cluster.publishers;
-    let ids: std::collections::HashSet<(String, String)> = clients
-        .iter()
-        .map(|c| (c.worker.clone(), c.conn.clone()))
-        .collect();
-    assert_eq!(
-        ids.len(),
-        clients.len(),
-        "every client has its own (worker, connection) pair"
-    );
-    assert_eq!(
-        http_get(p1, &format!("/?content={tag}-b1")).await,
-        (200, "ok".into())
-    );
-    assert_eq!(
-        http_get(p2, &format!("/?content={tag}-b2")).await,
-        (200, "ok".into())
-    );
+    let ids: std::collections::HashSet<(String, String)> =
+        clients.iter().map(|c| (c.worker.clone(), c.conn.clone())).collect();
+    assert_eq!(ids.len(), clients.len(), "every client has its own (worker, connection) pair");
+    assert_eq!(http_get(p1, &format!("/?content={tag}-b1")).await, (200, "ok".into()));
+    assert_eq!(http_get(p2, &format!("/?content={tag}-b2")).await, (200, "ok".into()));
     for (i, c) in clients.iter().enumerate() {
         let port = cluster.publishers[i % 2];
         let url = format!(
@@ -488,16 +403,9 @@ pub async fn check_seed_pushes(cluster: &Cluster, clients: Vec<Client>, tag: &st
             q(&c.worker),
             c.conn
         );
-        assert_eq!(
-            http_get(port, &url).await,
-            (200, "ok".into()),
-            "targeted push {i}"
-        );
+        assert_eq!(http_get(port, &url).await, (200, "ok".into()), "targeted push {i}");
     }
-    assert_eq!(
-        http_get(p2, &format!("/?content={tag}-end")).await,
-        (200, "ok".into())
-    );
+    assert_eq!(http_get(p2, &format!("/?content={tag}-end")).await, (200, "ok".into()));
     let results = collect_until(clients, &format!("{tag}-end"), Duration::from_secs(30)).await;
     let mut out = Vec::new();
     for (c, got) in results {
@@ -507,12 +415,43 @@ pub async fn check_seed_pushes(cluster: &Cluster, clients: Vec<Client>, tag: &st
             format!("{tag}-t-{}-{}", c.worker, c.conn),
             format!("{tag}-end"),
         ];
-        assert_eq!(
-            got, want,
-            "client {} {} got exactly its pushes, once each, in order",
-            c.worker, c.conn
-        );
+        assert_eq!(got, want, "client {} {} got exactly its pushes, once each, in order", c.worker, c.conn);
         out.push(c);
     }
     out
+}
+
+/// The path of an installed program (Debian puts some servers in /usr/sbin).
+pub fn find_program(name: &str) -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    for dir in path.split(':').chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"]) {
+        let p = std::path::Path::new(dir).join(name);
+        if p.is_file() {
+            return p.to_string_lossy().into_owned();
+        }
+    }
+    panic!("{name} is not installed: run ./scripts/test, which installs it");
+}
+
+/// A Redis server on 127.0.0.1:`port`, no persistence.
+pub async fn redis_server(port: u16) -> Proc {
+    let port_s = port.to_string();
+    let args = ["--port", &port_s, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"];
+    Proc::program(&find_program("redis-server"), &args, &[port]).await
+}
+
+/// A NATS server on 127.0.0.1:`port`; with `cluster`, a route listener on that port and routes to
+/// `routes`; with `monitor`, the HTTP monitoring port.
+pub async fn nats_server(port: u16, cluster: Option<(u16, &[u16])>, monitor: Option<u16>) -> Proc {
+    let mut args = vec!["-a".to_string(), "127.0.0.1".into(), "-p".into(), port.to_string()];
+    if let Some((cport, routes)) = cluster {
+        args.extend(["--cluster_name".into(), "pw".into(), "--cluster".into(), format!("nats://127.0.0.1:{cport}")]);
+        let r: Vec<String> = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+        args.extend(["--routes".into(), r.join(",")]);
+    }
+    if let Some(m) = monitor {
+        args.extend(["-m".into(), m.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::program(&find_program("nats-server"), &args, &[port]).await
 }

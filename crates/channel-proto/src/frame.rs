@@ -30,10 +30,7 @@ pub fn check(buf: &[u8], max_frame: usize) -> Result<Option<usize>, FrameError> 
         return Err(FrameError::TooSmall(len));
     }
     if len as u64 > max_frame as u64 {
-        return Err(FrameError::TooLarge {
-            len: len.into(),
-            max: max_frame,
-        });
+        return Err(FrameError::TooLarge { len: len.into(), max: max_frame });
     }
     let len = len as usize;
     Ok((buf.len() >= len).then_some(len))
@@ -84,14 +81,8 @@ mod tests {
     #[test]
     fn bad_headers() {
         assert_eq!(check(&[0, 0, 0, 3], 100), Err(FrameError::TooSmall(3)));
-        assert!(matches!(
-            check(&[0, 0, 1, 0], 100),
-            Err(FrameError::TooLarge { len: 256, .. })
-        ));
-        assert!(matches!(
-            check(&[255, 255, 255, 255], 100),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(check(&[0, 0, 1, 0], 100), Err(FrameError::TooLarge { len: 256, .. })));
+        assert!(matches!(check(&[255, 255, 255, 255], 100), Err(FrameError::TooLarge { .. })));
     }
 
     #[test]

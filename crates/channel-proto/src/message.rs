@@ -19,10 +19,7 @@ pub struct Name {
 impl Name {
     /// A string name.
     pub fn new(name: impl Into<Bytes>) -> Name {
-        Name {
-            bytes: name.into(),
-            int: false,
-        }
+        Name { bytes: name.into(), int: false }
     }
 
     /// The name's bytes (an integer name as its decimal digits).
@@ -37,14 +34,8 @@ impl Name {
 
     fn from_value(v: Value) -> Option<Name> {
         match v {
-            Value::Int(i) => Some(Name {
-                bytes: i.to_string().into(),
-                int: true,
-            }),
-            Value::Str(s) => Some(Name {
-                bytes: s.into(),
-                int: false,
-            }),
+            Value::Int(i) => Some(Name { bytes: i.to_string().into(), int: true }),
+            Value::Str(s) => Some(Name { bytes: s.into(), int: false }),
             _ => None,
         }
     }
@@ -87,10 +78,7 @@ pub enum MessageError {
     #[error("unknown message type {0:?}")]
     UnknownType(String),
     #[error("message of type {kind} lacks `{field}`")]
-    MissingField {
-        kind: &'static str,
-        field: &'static str,
-    },
+    MissingField { kind: &'static str, field: &'static str },
     #[error("`{0}` must be a list of int or string names")]
     BadNames(&'static str),
     #[error("an authentication secret is required before any other message")]
@@ -150,10 +138,7 @@ struct Fields {
 impl Fields {
     fn parse(payload: &Bytes) -> Result<Fields, MessageError> {
         let spans = array_spans(payload).map_err(MessageError::NotArray)?;
-        Ok(Fields {
-            payload: payload.clone(),
-            spans,
-        })
+        Ok(Fields { payload: payload.clone(), spans })
     }
 
     fn raw(&self, key: &str) -> Option<Bytes> {
@@ -178,24 +163,18 @@ impl Fields {
     fn names(&self, kind: &'static str) -> Result<Vec<Name>, MessageError> {
         let field = "channels";
         match self.value(field) {
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .map(|(_, v)| Name::from_value(v).ok_or(MessageError::BadNames(field)))
-                .collect(),
-            // A single name is accepted too, as PHP's `(array)` cast would.
-            Some(v @ (Value::Int(_) | Value::Str(_))) => {
-                Ok(Name::from_value(v).into_iter().collect())
+            Some(Value::Array(items)) => {
+                items.into_iter().map(|(_, v)| Name::from_value(v).ok_or(MessageError::BadNames(field))).collect()
             }
+            // A single name is accepted too, as PHP's `(array)` cast would.
+            Some(v @ (Value::Int(_) | Value::Str(_))) => Ok(Name::from_value(v).into_iter().collect()),
             Some(_) => Err(MessageError::BadNames(field)),
             None => Err(MessageError::MissingField { kind, field }),
         }
     }
 
     fn data(&self, kind: &'static str) -> Result<Bytes, MessageError> {
-        self.raw("data").ok_or(MessageError::MissingField {
-            kind,
-            field: "data",
-        })
+        self.raw("data").ok_or(MessageError::MissingField { kind, field: "data" })
     }
 }
 
@@ -207,29 +186,15 @@ impl Request {
         Ok(match kind.as_str() {
             "subscribe" => Request::Subscribe(f.names("subscribe")?),
             "unsubscribe" => Request::Unsubscribe(f.names("unsubscribe")?),
-            "publish" => Request::Publish {
-                channels: f.names("publish")?,
-                data: f.data("publish")?,
-            },
-            "publishLoop" => Request::PublishLoop {
-                channels: f.names("publishLoop")?,
-                data: f.data("publishLoop")?,
-            },
+            "publish" => Request::Publish { channels: f.names("publish")?, data: f.data("publish")? },
+            "publishLoop" => Request::PublishLoop { channels: f.names("publishLoop")?, data: f.data("publishLoop")? },
             "watch" => Request::Watch(f.names("watch")?),
             "unwatch" => Request::Unwatch(f.names("unwatch")?),
-            "enqueue" => Request::Enqueue {
-                channels: f.names("enqueue")?,
-                data: f.data("enqueue")?,
-            },
+            "enqueue" => Request::Enqueue { channels: f.names("enqueue")?, data: f.data("enqueue")? },
             "reserve" => Request::Reserve,
             "auth" => match f.value("secret") {
                 Some(Value::Str(s)) => Request::Auth(s.into()),
-                _ => {
-                    return Err(MessageError::MissingField {
-                        kind: "auth",
-                        field: "secret",
-                    })
-                }
+                _ => return Err(MessageError::MissingField { kind: "auth", field: "secret" }),
             },
             _ => return Err(MessageError::UnknownType(kind)),
         })
@@ -253,19 +218,15 @@ impl Request {
     /// Encode as PHP's Channel client does (key order `type`, `channels`, `data`).
     pub fn encode(&self) -> Vec<u8> {
         let (names, data): (Option<&[Name]>, Option<&Bytes>) = match self {
-            Request::Subscribe(n)
-            | Request::Unsubscribe(n)
-            | Request::Watch(n)
-            | Request::Unwatch(n) => (Some(n), None),
+            Request::Subscribe(n) | Request::Unsubscribe(n) | Request::Watch(n) | Request::Unwatch(n) => {
+                (Some(n), None)
+            }
             Request::Publish { channels, data }
             | Request::PublishLoop { channels, data }
             | Request::Enqueue { channels, data } => (Some(channels), Some(data)),
             Request::Reserve | Request::Auth(_) => (None, None),
         };
-        let count = 1
-            + names.is_some() as usize
-            + data.is_some() as usize
-            + matches!(self, Request::Auth(_)) as usize;
+        let count = 1 + names.is_some() as usize + data.is_some() as usize + matches!(self, Request::Auth(_)) as usize;
         let mut out = Vec::with_capacity(64 + data.map_or(0, |d| d.len()));
         out.extend_from_slice(format!("a:{count}:{{").as_bytes());
         encode_str(b"type", &mut out);
@@ -305,18 +266,11 @@ impl ServerMessage {
             ServerKind::Event => "event",
             ServerKind::Queue => "queue",
         };
-        let channel =
-            f.value("channel")
-                .and_then(Name::from_value)
-                .ok_or(MessageError::MissingField {
-                    kind: name,
-                    field: "channel",
-                })?;
-        Ok(ServerMessage {
-            kind,
-            channel,
-            data: f.data(name)?,
-        })
+        let channel = f
+            .value("channel")
+            .and_then(Name::from_value)
+            .ok_or(MessageError::MissingField { kind: name, field: "channel" })?;
+        Ok(ServerMessage { kind, channel, data: f.data(name)? })
     }
 
     /// Encode one server message; `data` is spliced in as the serialized bytes it is.
@@ -358,17 +312,11 @@ mod tests {
     #[test]
     fn errors_are_specific() {
         let p = |s: &str| Request::parse(&Bytes::from(s.to_owned()));
-        assert_eq!(
-            p("a:1:{s:4:\"type\";s:7:\"explode\";}"),
-            Err(MessageError::UnknownType("explode".into()))
-        );
+        assert_eq!(p("a:1:{s:4:\"type\";s:7:\"explode\";}"), Err(MessageError::UnknownType("explode".into())));
         assert_eq!(p("a:0:{}"), Err(MessageError::MissingType));
         assert_eq!(
             p("a:2:{s:4:\"type\";s:7:\"publish\";s:8:\"channels\";a:0:{}}"),
-            Err(MessageError::MissingField {
-                kind: "publish",
-                field: "data"
-            })
+            Err(MessageError::MissingField { kind: "publish", field: "data" })
         );
         assert_eq!(
             p("a:2:{s:4:\"type\";s:9:\"subscribe\";s:8:\"channels\";a:1:{i:0;N;}}"),

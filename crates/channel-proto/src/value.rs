@@ -36,11 +36,7 @@ pub enum ValueError {
     #[error("serialized value ends early at byte {0}")]
     Truncated(usize),
     #[error("unexpected byte {found:?} at {pos}, expected {expected}")]
-    Unexpected {
-        pos: usize,
-        found: char,
-        expected: &'static str,
-    },
+    Unexpected { pos: usize, found: char, expected: &'static str },
     #[error("PHP {0} values are refused: only plain data is accepted")]
     Forbidden(&'static str),
     #[error("bad number at byte {0}")]
@@ -128,23 +124,12 @@ impl Value {
 
     /// A string-keyed array from pairs, a convenience for building payloads.
     pub fn assoc<const N: usize>(pairs: [(&str, Value); N]) -> Value {
-        Value::Array(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (Key::Str(k.as_bytes().to_vec()), v))
-                .collect(),
-        )
+        Value::Array(pairs.into_iter().map(|(k, v)| (Key::Str(k.as_bytes().to_vec()), v)).collect())
     }
 
     /// A PHP list (keys 0..n-1).
     pub fn list(items: impl IntoIterator<Item = Value>) -> Value {
-        Value::Array(
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| (Key::Int(i as i64), v))
-                .collect(),
-        )
+        Value::Array(items.into_iter().enumerate().map(|(i, v)| (Key::Int(i as i64), v)).collect())
     }
 
     /// A string value.
@@ -159,11 +144,7 @@ pub fn array_spans(input: &[u8]) -> Result<Vec<(Key, std::ops::Range<usize>)>, V
     let mut p = Parser { buf: input, pos: 0 };
     let tag = p.peek()?;
     if tag != b'a' {
-        return Err(ValueError::Unexpected {
-            pos: 0,
-            found: tag as char,
-            expected: "an array",
-        });
+        return Err(ValueError::Unexpected { pos: 0, found: tag as char, expected: "an array" });
     }
     p.pos += 1;
     p.expect(b':', "':' after a type tag")?;
@@ -206,11 +187,7 @@ pub fn php_float(f: f64) -> String {
         return if f > 0.0 { "INF".into() } else { "-INF".into() };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() {
-            "-0".into()
-        } else {
-            "0".into()
-        };
+        return if f.is_sign_negative() { "-0".into() } else { "0".into() };
     }
     // `{:e}` gives the shortest round-trip digits: "-1.25e-7".
     let sci = format!("{:e}", f.abs());
@@ -225,12 +202,7 @@ pub fn php_float(f: f64) -> String {
     if !(-3..=17).contains(&decpt) {
         let (first, rest) = digits.split_at(1);
         let rest = if rest.is_empty() { "0" } else { rest };
-        let _ = write!(
-            out,
-            "{first}.{rest}E{}{}",
-            if exp < 0 { '-' } else { '+' },
-            exp.abs()
-        );
+        let _ = write!(out, "{first}.{rest}E{}{}", if exp < 0 { '-' } else { '+' }, exp.abs());
     } else if decpt <= 0 {
         out.push_str("0.");
         out.extend(std::iter::repeat_n('0', (-decpt) as usize));
@@ -256,20 +228,13 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn peek(&self) -> Result<u8, ValueError> {
-        self.buf
-            .get(self.pos)
-            .copied()
-            .ok_or(ValueError::Truncated(self.pos))
+        self.buf.get(self.pos).copied().ok_or(ValueError::Truncated(self.pos))
     }
 
     fn expect(&mut self, byte: u8, expected: &'static str) -> Result<(), ValueError> {
         let found = self.peek()?;
         if found != byte {
-            return Err(ValueError::Unexpected {
-                pos: self.pos,
-                found: found as char,
-                expected,
-            });
+            return Err(ValueError::Unexpected { pos: self.pos, found: found as char, expected });
         }
         self.pos += 1;
         Ok(())
@@ -278,10 +243,7 @@ impl Parser<'_> {
     /// The bytes up to (not including) `end`, which is consumed.
     fn until(&mut self, end: u8) -> Result<&[u8], ValueError> {
         let rest = self.buf.get(self.pos..).unwrap_or_default();
-        let n = rest
-            .iter()
-            .position(|b| *b == end)
-            .ok_or(ValueError::Truncated(self.buf.len()))?;
+        let n = rest.iter().position(|b| *b == end).ok_or(ValueError::Truncated(self.buf.len()))?;
         let start = self.pos;
         self.pos += n + 1;
         Ok(&self.buf[start..start + n])
@@ -321,11 +283,7 @@ impl Parser<'_> {
             Value::Str(s) => Ok(Key::Str(s)),
             _ => {
                 let found = self.buf.get(key_pos).map_or('?', |b| *b as char);
-                Err(ValueError::Unexpected {
-                    pos: key_pos,
-                    found,
-                    expected: "an int or string key",
-                })
+                Err(ValueError::Unexpected { pos: key_pos, found, expected: "an int or string key" })
             }
         }
     }
@@ -355,9 +313,7 @@ impl Parser<'_> {
             b'd' => {
                 let start = self.pos;
                 let text = self.until(b';')?;
-                parse_float(text)
-                    .map(Value::Float)
-                    .ok_or(ValueError::BadNumber(start))
+                parse_float(text).map(Value::Float).ok_or(ValueError::BadNumber(start))
             }
             b's' => Ok(Value::Str(self.string_body()?)),
             b'a' => {
@@ -376,11 +332,7 @@ impl Parser<'_> {
                 self.expect(b'}', "'}' closing an array")?;
                 Ok(Value::Array(items))
             }
-            other => Err(ValueError::Unexpected {
-                pos: tag_pos,
-                found: other as char,
-                expected: "a value type tag",
-            }),
+            other => Err(ValueError::Unexpected { pos: tag_pos, found: other as char, expected: "a value type tag" }),
         }
     }
 }
@@ -393,11 +345,7 @@ fn parse_float(text: &[u8]) -> Option<f64> {
         _ => {
             let t = std::str::from_utf8(text).ok()?;
             // Rust also accepts "inf"/"nan" spellings that PHP never writes; refuse them.
-            if t.is_empty()
-                || !t
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b))
-            {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b)) {
                 return None;
             }
             t.parse().ok()
@@ -429,34 +377,13 @@ mod tests {
 
     #[test]
     fn refuses_non_data() {
-        assert_eq!(
-            Value::parse(b"O:8:\"stdClass\":0:{}"),
-            Err(ValueError::Forbidden("object"))
-        );
-        assert_eq!(
-            Value::parse(b"a:1:{i:0;r:1;}"),
-            Err(ValueError::Forbidden("reference"))
-        );
-        assert!(matches!(
-            Value::parse(b"s:5:\"abc\";"),
-            Err(ValueError::Truncated(_))
-        ));
-        assert!(matches!(
-            Value::parse(b"i:1;x"),
-            Err(ValueError::Trailing(1))
-        ));
-        assert!(matches!(
-            Value::parse(b"a:1:{d:1;i:1;}"),
-            Err(ValueError::Unexpected { .. })
-        ));
-        assert!(matches!(
-            Value::parse(b"i:99999999999999999999;"),
-            Err(ValueError::BadNumber(_))
-        ));
-        assert!(matches!(
-            Value::parse(b"a:4000000000:{}"),
-            Err(ValueError::Truncated(_))
-        ));
+        assert_eq!(Value::parse(b"O:8:\"stdClass\":0:{}"), Err(ValueError::Forbidden("object")));
+        assert_eq!(Value::parse(b"a:1:{i:0;r:1;}"), Err(ValueError::Forbidden("reference")));
+        assert!(matches!(Value::parse(b"s:5:\"abc\";"), Err(ValueError::Truncated(_))));
+        assert!(matches!(Value::parse(b"i:1;x"), Err(ValueError::Trailing(1))));
+        assert!(matches!(Value::parse(b"a:1:{d:1;i:1;}"), Err(ValueError::Unexpected { .. })));
+        assert!(matches!(Value::parse(b"i:99999999999999999999;"), Err(ValueError::BadNumber(_))));
+        assert!(matches!(Value::parse(b"a:4000000000:{}"), Err(ValueError::Truncated(_))));
     }
 
     #[test]

@@ -5,10 +5,7 @@ use channel_proto::{frame, Key, Request, ServerMessage, Value};
 use proptest::prelude::*;
 
 fn key() -> impl Strategy<Value = Key> {
-    prop_oneof![
-        any::<i64>().prop_map(Key::Int),
-        proptest::collection::vec(any::<u8>(), 0..12).prop_map(Key::Str)
-    ]
+    prop_oneof![any::<i64>().prop_map(Key::Int), proptest::collection::vec(any::<u8>(), 0..12).prop_map(Key::Str)]
 }
 
 fn value() -> impl Strategy<Value = Value> {
@@ -16,14 +13,10 @@ fn value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::Int),
-        any::<f64>()
-            .prop_filter("NaN never equals itself", |f| !f.is_nan())
-            .prop_map(Value::Float),
+        any::<f64>().prop_filter("NaN never equals itself", |f| !f.is_nan()).prop_map(Value::Float),
         proptest::collection::vec(any::<u8>(), 0..24).prop_map(Value::Str),
     ];
-    leaf.prop_recursive(6, 64, 8, |inner| {
-        proptest::collection::vec((key(), inner), 0..8).prop_map(Value::Array)
-    })
+    leaf.prop_recursive(6, 64, 8, |inner| proptest::collection::vec((key(), inner), 0..8).prop_map(Value::Array))
 }
 
 proptest! {

@@ -9,14 +9,9 @@ fn vectors() -> Vec<(String, Vec<u8>, String)> {
     for entry in std::fs::read_dir(dir).expect("vectors directory") {
         let path = entry.expect("dir entry").path();
         if path.extension().is_some_and(|e| e == "bin") {
-            let name = path
-                .file_stem()
-                .expect("stem")
-                .to_string_lossy()
-                .into_owned();
+            let name = path.file_stem().expect("stem").to_string_lossy().into_owned();
             let bytes = std::fs::read(&path).expect("read vector");
-            let txt =
-                std::fs::read_to_string(path.with_extension("txt")).expect("read description");
+            let txt = std::fs::read_to_string(path.with_extension("txt")).expect("read description");
             out.push((name, bytes, txt));
         }
     }
@@ -37,39 +32,21 @@ fn decode(bytes: &[u8]) -> Result<Option<Bytes>, Error> {
 #[test]
 fn good_vectors_round_trip() {
     for (name, bytes, txt) in vectors().into_iter().filter(|(n, ..)| n.as_str() < "90") {
-        let payload = decode(&bytes)
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-            .expect("payload");
-        assert_eq!(
-            frame::encode(&payload)[..],
-            bytes[..],
-            "{name}: frame re-encodes"
-        );
+        let payload = decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}")).expect("payload");
+        assert_eq!(frame::encode(&payload)[..], bytes[..], "{name}: frame re-encodes");
         if payload.is_empty() {
             assert!(name.contains("ping"));
             continue;
         }
         let value = Value::parse(&payload).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(
-            value.encode(),
-            payload,
-            "{name}: value re-encodes to the same bytes"
-        );
+        assert_eq!(value.encode(), payload, "{name}: value re-encodes to the same bytes");
         let encoded = if txt.starts_with("client -> server") {
-            Request::parse(&payload)
-                .unwrap_or_else(|e| panic!("{name}: {e}"))
-                .encode()
+            Request::parse(&payload).unwrap_or_else(|e| panic!("{name}: {e}")).encode()
         } else {
             assert!(txt.starts_with("server -> client"), "{name}");
-            ServerMessage::parse(&payload)
-                .unwrap_or_else(|e| panic!("{name}: {e}"))
-                .encode()
+            ServerMessage::parse(&payload).unwrap_or_else(|e| panic!("{name}: {e}")).encode()
         };
-        assert_eq!(
-            encoded,
-            payload.to_vec(),
-            "{name}: message re-encodes to the same bytes"
-        );
+        assert_eq!(encoded, payload.to_vec(), "{name}: message re-encodes to the same bytes");
     }
 }
 
@@ -84,11 +61,7 @@ fn bad_vectors_are_refused() {
 
 #[test]
 fn specific_values() {
-    let targeted = vectors()
-        .into_iter()
-        .find(|(n, ..)| n.starts_with("07"))
-        .expect("07")
-        .1;
+    let targeted = vectors().into_iter().find(|(n, ..)| n.starts_with("07")).expect("07").1;
     let payload = decode(&targeted).expect("decodes").expect("payload");
     let Request::Publish { channels, data } = Request::parse(&payload).expect("publish") else {
         panic!("not a publish")
