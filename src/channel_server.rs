@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use channel_proto::{frame, FrameError, MessageError, Request};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::hub::{Hub, HubError, Sink};
@@ -77,7 +77,7 @@ pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown
             Ok(s) => s,
             Err(e) => {
                 // Out of descriptors and similar: back off instead of spinning.
-                tracing::error!("channel accept failed: {e}");
+                crate::io::log_accept_error("channel server", &e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -91,7 +91,16 @@ pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown
             tracing::debug!(%peer, "channel client connected");
             match serve(stream, &hub, &cfg).await {
                 Ok(()) => tracing::debug!(%peer, "channel client left"),
-                Err(e) => tracing::warn!(%peer, "closing channel connection: {e}"),
+                Err(ConnError::Io(e)) => tracing::debug!(%peer, "channel connection ended: {e}"),
+                Err(e) => {
+                    if matches!(
+                        e,
+                        ConnError::Frame(_) | ConnError::Message(_) | ConnError::Hub(_) | ConnError::BadSecret
+                    ) {
+                        hub.stats.bad_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tracing::warn!(%peer, "closing channel connection: {e}");
+                }
             }
             drop(permit);
         });
@@ -154,15 +163,44 @@ async fn pump(
     }
 }
 
-/// The frame that a protected server expects first.
-pub fn auth_frame(secret: &str) -> Bytes {
-    frame::encode(&Request::Auth(Bytes::copy_from_slice(secret.as_bytes())).encode())
-}
-
-/// Write `frames` and flush; a helper for clients.
-pub async fn send_frames<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, frames: &[Bytes]) -> std::io::Result<()> {
-    for f in frames {
-        w.write_all(f).await?;
-    }
-    w.flush().await
+/// Serve `/metrics` and `/healthz` for a channel server's hub on `listener`.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shutdown: impl Future<Output = ()>) {
+    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
+        let hub = hub.clone();
+        async move {
+            use hyper::StatusCode;
+            use std::sync::atomic::Ordering::Relaxed;
+            match req.uri().path() {
+                "/healthz" => crate::http::text(StatusCode::OK, "ok\n"),
+                "/metrics" => {
+                    let s = &hub.stats;
+                    let body = crate::metrics::render_with(
+                        &[("channel_clients", "connected channel clients", hub.clients() as u64)],
+                        &[
+                            ("channel_publishes_total", "publish requests routed", s.published.load(Relaxed)),
+                            ("channel_deliveries_total", "events queued to subscribers", s.deliveries.load(Relaxed)),
+                            (
+                                "channel_slow_consumers_total",
+                                "clients cut off for not reading",
+                                s.slow_consumers.load(Relaxed),
+                            ),
+                            (
+                                "channel_local_drops_total",
+                                "events dropped for a full in-process subscriber",
+                                s.local_drops.load(Relaxed),
+                            ),
+                            (
+                                "channel_bad_frames_total",
+                                "connections closed for a bad frame or request",
+                                s.bad_frames.load(Relaxed),
+                            ),
+                        ],
+                    );
+                    crate::http::reply(StatusCode::OK, "text/plain; version=0.0.4", body)
+                }
+                _ => crate::http::text(StatusCode::NOT_FOUND, "not found: /metrics, /healthz\n"),
+            }
+        }
+    };
+    crate::http::serve("channel metrics", listener, handler, shutdown).await;
 }

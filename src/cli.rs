@@ -1,10 +1,18 @@
 //! Command-line interface: one typed configuration per role, read from flags and environment
-//! variables, checked once before anything starts.
+//! variables, checked once before anything starts (a wrong value stops the program with a clear
+//! message).
+//!
+//! **Protected by default.** A listener that can change what clients receive (the publisher, the
+//! channel server) and that is reachable beyond loopback must be authenticated (`--publish-key`,
+//! `--secret`), or the operator must pass `--insecure`; otherwise the process refuses to start.
 
 use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
@@ -43,6 +51,11 @@ pub struct ChannelArgs {
     /// Address to listen on: HOST:PORT, or unix:/path for a Unix socket.
     #[arg(long, default_value = "0.0.0.0:2206")]
     pub listen: ListenAddr,
+    /// Serve /metrics and /healthz on this HTTP address.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub insecure: Insecure,
     #[command(flatten)]
     pub opts: ChannelOpts,
 }
@@ -52,9 +65,16 @@ pub struct ChannelOpts {
     /// Largest channel frame accepted, in bytes (header included).
     #[arg(long, default_value_t = channel_proto::DEFAULT_MAX_FRAME)]
     pub max_frame: usize,
-    /// Secret that channel clients must send first (not understood by PHP clients).
-    #[arg(long, env = "PUSHWIRE_CHANNEL_SECRET")]
+    /// Secret that channel clients must send first; nodes pass it as channel://:SECRET@HOST:PORT.
+    /// PHP Channel clients cannot send it: run those only with --insecure on a trusted network.
+    #[arg(long, env = "PUSHWIRE_CHANNEL_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
+    /// Channels plus queues one channel client may hold.
+    #[arg(long, default_value_t = HubLimits::default().max_names_per_client)]
+    pub max_channels_per_client: usize,
+    /// Longest channel or queue name, in bytes.
+    #[arg(long, default_value_t = HubLimits::default().max_name_len)]
+    pub max_name_len: usize,
 }
 
 /// How a node reaches the broker.
@@ -96,11 +116,23 @@ pub struct GatewayOpts {
     #[arg(long)]
     pub node_id: Option<String>,
     /// Most WebSocket connections at once; more are answered 503.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = GatewayConfig::default().max_connections)]
     pub max_connections: usize,
-    /// Browser origins allowed to connect (comma-separated); all when empty.
+    /// Browser origins allowed to connect (comma-separated, e.g. https://example.com); all when empty.
     #[arg(long, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Largest frame a client may send, in bytes; larger ones close the connection (1009).
+    #[arg(long, default_value_t = GatewayConfig::default().max_client_frame)]
+    pub max_client_frame: usize,
+    /// Messages queued for one client before it is cut off as a slow consumer (1008).
+    #[arg(long, default_value_t = GatewayConfig::default().outbound_queue)]
+    pub outbound_queue: usize,
+    /// Bytes queued for one client before it is cut off as a slow consumer (1008).
+    #[arg(long, default_value_t = GatewayConfig::default().outbound_queue_bytes)]
+    pub outbound_queue_bytes: usize,
+    /// Ping interval (e.g. 25s, 500ms); a client silent for three intervals is closed.
+    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -111,27 +143,36 @@ pub struct PublisherArgs {
     #[command(flatten)]
     pub broker: BrokerOpts,
     #[command(flatten)]
+    pub insecure: Insecure,
+    #[command(flatten)]
     pub opts: PublisherOpts,
 }
 
 #[derive(Debug, Args)]
 pub struct PublisherOpts {
     /// Key every publish must carry (Authorization: Bearer KEY, or key=KEY).
-    #[arg(long, env = "PUSHWIRE_PUBLISH_KEY")]
+    #[arg(long, env = "PUSHWIRE_PUBLISH_KEY", hide_env_values = true)]
     pub publish_key: Option<String>,
+    /// Largest content of one push, in bytes.
+    #[arg(long, default_value_t = PublisherConfig::default().max_content)]
+    pub max_content: usize,
 }
 
 #[derive(Debug, Args)]
 pub struct StandaloneArgs {
-    /// Channel server address (stays open so more nodes, PHP ones too, can join).
-    #[arg(long, default_value = "0.0.0.0:2206")]
+    /// Channel server address (more nodes, PHP ones too, can join through it).
+    #[arg(long, default_value = "127.0.0.1:2206")]
     pub channel_listen: ListenAddr,
     /// WebSocket gateway address.
     #[arg(long, default_value = "0.0.0.0:4236")]
     pub ws_listen: String,
     /// HTTP publisher address.
-    #[arg(long, default_value = "0.0.0.0:4237")]
+    #[arg(long, default_value = "127.0.0.1:4237")]
     pub http_listen: String,
+    /// Run the publisher and channel server without authentication even when reachable from
+    /// other machines. Only on a trusted network.
+    #[arg(long)]
+    pub insecure: bool,
     #[command(flatten)]
     pub channel: ChannelOpts,
     #[command(flatten)]
@@ -140,9 +181,25 @@ pub struct StandaloneArgs {
     pub publisher: PublisherOpts,
 }
 
+/// `--insecure` for the roles that have nothing else to flatten it into.
+#[derive(Debug, Args)]
+pub struct Insecure {
+    /// Run without authentication even when reachable from other machines. Only on a trusted network.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
 impl ChannelOpts {
     fn config(&self) -> ChannelConfig {
         ChannelConfig { max_frame: self.max_frame, secret: self.secret.clone(), ..ChannelConfig::default() }
+    }
+
+    fn limits(&self) -> HubLimits {
+        HubLimits {
+            max_names_per_client: self.max_channels_per_client,
+            max_name_len: self.max_name_len,
+            ..HubLimits::default()
+        }
     }
 }
 
@@ -153,6 +210,10 @@ impl GatewayOpts {
             node_id: self.node_id.clone(),
             max_connections: self.max_connections,
             allowed_origins: self.allowed_origins.clone(),
+            max_client_frame: self.max_client_frame,
+            outbound_queue: self.outbound_queue,
+            outbound_queue_bytes: self.outbound_queue_bytes,
+            heartbeat: self.heartbeat,
             ..GatewayConfig::default()
         }
     }
@@ -160,8 +221,49 @@ impl GatewayOpts {
 
 impl PublisherOpts {
     fn config(&self) -> PublisherConfig {
-        PublisherConfig { publish_key: self.publish_key.clone(), ..PublisherConfig::default() }
+        PublisherConfig { publish_key: self.publish_key.clone(), max_content: self.max_content }
     }
+}
+
+/// `25s`, `500ms`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 25s or 500ms"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    if !(0.001..=86_400.0).contains(&secs) {
+        return Err(format!("{s:?} is out of range (1ms to 24h)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Whether only this machine can reach `addr`.
+pub fn is_local(addr: &ListenAddr) -> bool {
+    match addr {
+        ListenAddr::Unix(_) => true,
+        ListenAddr::Tcp(a) => {
+            let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+    }
+}
+
+/// Refuse an unauthenticated listener that other machines can reach, unless `insecure`.
+fn protect(role: &str, addr: &ListenAddr, authenticated: bool, insecure: bool, how: &str) -> anyhow::Result<()> {
+    if authenticated || insecure || is_local(addr) {
+        return Ok(());
+    }
+    bail!(
+        "refusing to start: the {role} on {addr} is reachable from other machines and has no authentication.\n\
+         Set one with {how},\n\
+         or listen on loopback (127.0.0.1), or pass --insecure to run it open on a trusted network."
+    )
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -181,34 +283,52 @@ async fn signal() {
     tracing::info!("shutting down");
 }
 
+type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// A shutdown signal that several servers can wait on.
-fn shutdown_fanout() -> (impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>, tokio::task::JoinHandle<()>) {
+fn shutdown_signal() -> impl Fn() -> Shutdown {
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let trigger = tokio::spawn(async move {
+    tokio::spawn(async move {
         signal().await;
         let _ = tx.send(true);
     });
-    let make = move || {
+    move || {
         let mut rx = rx.clone();
         Box::pin(async move {
             let _ = rx.wait_for(|v| *v).await;
-        }) as std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
-    };
-    (make, trigger)
+        })
+    }
 }
 
 async fn bind_tcp(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("{what}: cannot listen on {addr}"))
 }
 
+fn tcp_addr(addr: &str) -> anyhow::Result<ListenAddr> {
+    match addr.parse() {
+        Ok(a @ ListenAddr::Tcp(_)) => Ok(a),
+        _ => bail!("{addr:?} is not HOST:PORT"),
+    }
+}
+
+const PUBLISH_KEY_HOW: &str = "--publish-key KEY (or the PUSHWIRE_PUBLISH_KEY environment variable)";
+const SECRET_HOW: &str =
+    "--secret SECRET (or PUSHWIRE_CHANNEL_SECRET); nodes then use --broker channel://:SECRET@HOST:PORT";
+
 /// Run the command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let (shutdown, _signal) = shutdown_fanout();
+    crate::io::raise_fd_limit();
+    let shutdown = shutdown_signal();
     match cli.command {
         Command::Channel(a) => {
+            protect("channel server", &a.listen, a.opts.secret.is_some(), a.insecure.insecure, SECRET_HOW)?;
             let listener =
                 Listener::bind(&a.listen).await.with_context(|| format!("channel: cannot listen on {}", a.listen))?;
-            let hub = Arc::new(Hub::new(HubLimits::default()));
+            let hub = Arc::new(Hub::new(a.opts.limits()));
+            if let Some(m) = &a.metrics_listen {
+                let l = bind_tcp(m, "channel metrics").await?;
+                tokio::spawn(channel_server::serve_metrics(l, hub.clone(), shutdown()));
+            }
             channel_server::run(listener, hub, a.opts.config(), shutdown()).await;
         }
         Command::Gateway(a) => {
@@ -217,17 +337,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             gw.serve(listener, shutdown()).await;
         }
         Command::Publisher(a) => {
+            let addr = tcp_addr(&a.listen)?;
+            protect("publisher", &addr, a.opts.publish_key.is_some(), a.insecure.insecure, PUBLISH_KEY_HOW)?;
             let listener = bind_tcp(&a.listen, "publisher").await?;
-            let broker = a.broker.open();
-            Publisher::new(broker, a.opts.config()).serve(listener, shutdown()).await;
+            Publisher::new(a.broker.open(), a.opts.config()).serve(listener, shutdown()).await;
         }
         Command::Standalone(a) => {
+            let http_addr = tcp_addr(&a.http_listen)?;
+            protect("publisher", &http_addr, a.publisher.publish_key.is_some(), a.insecure, PUBLISH_KEY_HOW)?;
+            protect("channel server", &a.channel_listen, a.channel.secret.is_some(), a.insecure, SECRET_HOW)?;
             let channel = Listener::bind(&a.channel_listen)
                 .await
                 .with_context(|| format!("channel: cannot listen on {}", a.channel_listen))?;
             let ws = bind_tcp(&a.ws_listen, "gateway").await?;
             let http = bind_tcp(&a.http_listen, "publisher").await?;
-            let hub = Arc::new(Hub::new(HubLimits::default()));
+            let hub = Arc::new(Hub::new(a.channel.limits()));
             let broker = broker::open(&BrokerUrl::Memory, None, Some(hub.clone()), LinkConfig::default());
             let gw = Gateway::start(broker.clone(), a.gateway.config())?;
             let publisher = Publisher::new(broker, a.publisher.config());
@@ -239,4 +363,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn locality() {
+        let l = |s: &str| is_local(&s.parse().unwrap());
+        assert!(l("127.0.0.1:1") && l("127.9.9.9:1") && l("[::1]:1") && l("localhost:1") && l("unix:/tmp/s"));
+        assert!(!l("0.0.0.0:1") && !l("[::]:1") && !l("10.1.2.3:1") && !l("example.com:1"));
+    }
+
+    #[test]
+    fn protected_mode() {
+        let open: ListenAddr = "0.0.0.0:4237".parse().unwrap();
+        let err = protect("publisher", &open, false, false, PUBLISH_KEY_HOW).unwrap_err().to_string();
+        assert!(err.contains("--publish-key") && err.contains("--insecure"), "{err}");
+        assert!(protect("publisher", &open, true, false, "").is_ok());
+        assert!(protect("publisher", &open, false, true, "").is_ok());
+        assert!(protect("publisher", &"127.0.0.1:4237".parse().unwrap(), false, false, "").is_ok());
+    }
 }

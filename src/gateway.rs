@@ -16,7 +16,6 @@
 //! every connection and closes those that stopped answering.
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,7 +26,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -49,6 +48,8 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Frames queued for one connection before it counts as a slow consumer.
     pub outbound_queue: usize,
+    /// Bytes queued for one connection before it counts as a slow consumer.
+    pub outbound_queue_bytes: usize,
     /// Largest client frame accepted.
     pub max_client_frame: usize,
     /// How long one write to a client may block.
@@ -66,6 +67,7 @@ impl Default for GatewayConfig {
             node_id: None,
             max_connections: 100_000,
             outbound_queue: 1024,
+            outbound_queue_bytes: 1 << 20,
             max_client_frame: 64 * 1024,
             write_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(25),
@@ -92,11 +94,39 @@ struct Shared {
     wake: Notify,
     close_code: AtomicU16,
     last_seen: AtomicU64,
+    /// Bytes waiting in the connection's queue.
+    queued: AtomicUsize,
 }
 
 struct Conn {
     tx: mpsc::Sender<Bytes>,
     shared: Arc<Shared>,
+}
+
+/// What became of a frame offered to a connection.
+enum Offer {
+    Queued,
+    /// The queue is full (messages or bytes): the client is a slow consumer.
+    Full,
+    /// The connection is closing.
+    Gone,
+}
+
+impl Conn {
+    /// Queue `frame` without waiting; every byte queued is counted, and the writer uncounts it.
+    fn offer(&self, frame: &Bytes, max_bytes: usize) -> Offer {
+        if self.shared.queued.load(Ordering::Relaxed) + frame.len() > max_bytes {
+            return Offer::Full;
+        }
+        match self.tx.try_send(frame.clone()) {
+            Ok(()) => {
+                self.shared.queued.fetch_add(frame.len(), Ordering::Relaxed);
+                Offer::Queued
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+        }
+    }
 }
 
 /// One worker shard: its id, its connections, its connection counter.
@@ -105,19 +135,27 @@ pub struct Worker {
     conns: Mutex<HashMap<u64, Conn>>,
     next_conn: AtomicU64,
     epoch: Instant,
+    max_queued_bytes: usize,
 }
 
 impl Worker {
-    fn new(id: String) -> Worker {
-        Worker { id, conns: Mutex::new(HashMap::new()), next_conn: AtomicU64::new(0), epoch: Instant::now() }
+    fn new(id: String, max_queued_bytes: usize) -> Worker {
+        Worker {
+            id,
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            epoch: Instant::now(),
+            max_queued_bytes,
+        }
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Milliseconds since the worker started: the clock of `last_seen`.
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_secs()
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn add(&self, queue: usize) -> (u64, mpsc::Receiver<Bytes>, Arc<Shared>) {
@@ -127,6 +165,7 @@ impl Worker {
             wake: Notify::new(),
             close_code: AtomicU16::new(0),
             last_seen: AtomicU64::new(self.now()),
+            queued: AtomicUsize::new(0),
         });
         self.table().insert(id, Conn { tx, shared: shared.clone() });
         (id, rx, shared)
@@ -146,10 +185,10 @@ impl Worker {
         let mut table = self.table();
         let mut slow = Vec::new();
         let mut delivered = 0;
-        let mut offer = |id: u64, c: &Conn| match c.tx.try_send(frame.clone()) {
-            Ok(()) => delivered += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => slow.push(id),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        let mut offer = |id: u64, c: &Conn| match c.offer(frame, self.max_queued_bytes) {
+            Offer::Queued => delivered += 1,
+            Offer::Full => slow.push(id),
+            Offer::Gone => {}
         };
         match only {
             Some(id) => {
@@ -205,11 +244,12 @@ impl Worker {
         let ping = ws::ping();
         let mut table = self.table();
         table.retain(|_, c| {
-            if now.saturating_sub(c.shared.last_seen.load(Ordering::Relaxed)) > dead_after.as_secs() {
+            if now.saturating_sub(c.shared.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
                 wake(&c.shared, close::GOING_AWAY);
                 return false;
             }
-            let _ = c.tx.try_send(ping.clone());
+            // A client whose queue is full gets no ping; the next push decides its fate.
+            let _ = c.offer(&ping, self.max_queued_bytes);
             true
         });
     }
@@ -246,7 +286,7 @@ impl Gateway {
         let node_id = cfg.node_id.clone().unwrap_or_else(|| crate::io::random_hex(6));
         let mut workers = Vec::new();
         for i in 0..cfg.workers {
-            let worker = Arc::new(Worker::new(format!("{node_id}-{i}")));
+            let worker = Arc::new(Worker::new(format!("{node_id}-{i}"), cfg.outbound_queue_bytes));
             let mut sub = broker
                 .subscribe(vec![worker.id.clone(), BROADCAST.to_owned()])
                 .map_err(|source| GatewayError::Subscribe { worker: worker.id.clone(), source })?;
@@ -286,41 +326,16 @@ impl Gateway {
 
     /// Serve HTTP and WebSocket on `listener` until `shutdown`; then close every client with 1001.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "gateway listening");
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, _peer) = tokio::select! {
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::error!("gateway accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                () = &mut shutdown => break,
-            };
-            let _ = stream.set_nodelay(true);
-            let gw = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, Infallible>(gw.route(req)) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
-                    tracing::debug!("gateway http connection: {e}");
-                }
-            });
-        }
+        let gw = self.clone();
+        let handler = move |req| {
+            let gw = gw.clone();
+            async move { gw.route(req) }
+        };
+        crate::http::serve("gateway", listener, handler, shutdown).await;
         for w in &self.workers {
             w.close_all(close::GOING_AWAY);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + crate::http::SHUTDOWN_GRACE;
         while self.connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -420,12 +435,7 @@ impl Drop for OpenGuard {
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
+use crate::http::reply as text;
 
 /// Serve one WebSocket connection until it closes or is closed.
 async fn connection(mut stream: TcpStream, mut buf: BytesMut, worker: &Worker, cfg: &GatewayConfig) {
@@ -472,6 +482,8 @@ async fn connection(mut stream: TcpStream, mut buf: BytesMut, worker: &Worker, c
                 if n == 0 {
                     break None;
                 }
+                let bytes: usize = batch.iter().map(Bytes::len).sum();
+                shared.queued.fetch_sub(bytes, Ordering::Relaxed);
                 out.extend(batch.drain(..));
             }
             r = rd.read_buf(&mut buf) => match r {

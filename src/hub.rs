@@ -67,6 +67,7 @@ pub struct HubStats {
     pub deliveries: AtomicU64,
     pub slow_consumers: AtomicU64,
     pub local_drops: AtomicU64,
+    pub bad_frames: AtomicU64,
 }
 
 struct Client {

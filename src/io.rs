@@ -134,6 +134,27 @@ pub fn random_hex(n: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Raise the soft open-file limit to the hard one: a gateway holds one descriptor per client.
+pub fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+/// Log an accept error; running out of descriptors gets a message that says what to do.
+pub fn log_accept_error(what: &str, e: &std::io::Error) {
+    if e.raw_os_error() == Some(24) || e.raw_os_error() == Some(23) {
+        let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(0);
+        tracing::error!(
+            "{what}: out of file descriptors (limit {limit}): new connections wait; raise the hard limit \
+             (ulimit -Hn, LimitNOFILE=) or lower --max-connections"
+        );
+    } else {
+        tracing::error!("{what}: accept failed: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@ pub mod broker;
 pub mod channel_server;
 pub mod cli;
 pub mod gateway;
+pub mod http;
 pub mod hub;
 pub mod io;
 pub mod metrics;

@@ -38,6 +38,11 @@ pub static GLOBAL: Metrics = Metrics {
 
 /// Render the counters plus `gauges` (name, help, value) as Prometheus text.
 pub fn render(gauges: &[(&str, &str, u64)]) -> String {
+    render_with(gauges, &[])
+}
+
+/// Render the counters plus extra `gauges` and `counters` (name, help, value) as Prometheus text.
+pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, u64)]) -> String {
     let m = &GLOBAL;
     let counters: [(&str, &str, &AtomicU64); 12] = [
         ("ws_connections_total", "WebSocket connections accepted", &m.ws_connections_total),
@@ -64,6 +69,9 @@ pub fn render(gauges: &[(&str, &str, u64)]) -> String {
             "# HELP pushwire_{name} {help}\n# TYPE pushwire_{name} counter\npushwire_{name} {}\n",
             v.load(Ordering::Relaxed)
         );
+    }
+    for (name, help, v) in extra_counters {
+        let _ = write!(out, "# HELP pushwire_{name} {help}\n# TYPE pushwire_{name} counter\npushwire_{name} {v}\n");
     }
     for (name, help, v) in gauges {
         let _ = write!(out, "# HELP pushwire_{name} {help}\n# TYPE pushwire_{name} gauge\npushwire_{name} {v}\n");

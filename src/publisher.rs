@@ -6,18 +6,15 @@
 //! publish key, 503 when the broker is unreachable or does not confirm in time. `POST /` with a
 //! form body takes the same fields. CORS is answered so that a page on a gateway can publish.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
@@ -131,48 +128,11 @@ impl Publisher {
 
     /// Serve HTTP on `listener` until `shutdown`; requests in flight then get a few seconds to end.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "publisher listening");
-        let tracker = tokio_tracker();
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, _) = tokio::select! {
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::error!("publisher accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                () = &mut shutdown => break,
-            };
-            let _ = stream.set_nodelay(true);
-            let (me, mut stop) = (self.clone(), tracker.subscribe());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let me = me.clone();
-                    async move { Ok::<_, Infallible>(me.handle(req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => { let _ = r; }
-                    _ = stop.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                    }
-                }
-            });
-        }
-        let _ = tracker.send(());
-        // Let connections see the signal and finish the request they are in.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while tracker.receiver_count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let handler = move |req| {
+            let me = self.clone();
+            async move { me.handle(req).await }
+        };
+        crate::http::serve("publisher", listener, handler, shutdown).await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -249,16 +209,7 @@ impl Publisher {
     }
 }
 
-fn tokio_tracker() -> tokio::sync::watch::Sender<()> {
-    tokio::sync::watch::channel(()).0
-}
-
-fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    r
-}
+use crate::http::text as reply;
 
 fn cors(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
     r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));

@@ -1,0 +1,284 @@
+//! Hold up under strangers, bad input, slow and dead clients, and shutdown: protected mode, keys
+//! and secrets, origins, limits, slow consumers, heartbeats, SIGTERM, metrics.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use channel_proto::Request;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pushwire"));
+    cmd.args(args).env_remove("PUSHWIRE_PUBLISH_KEY").env_remove("PUSHWIRE_CHANNEL_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run pushwire")
+}
+
+#[test]
+fn protected_mode_refuses_open_listeners_without_auth() {
+    // The check happens before binding: nothing listens beyond loopback during this test.
+    for args in [
+        &["publisher", "--listen", "0.0.0.0:1"][..],
+        &["channel", "--listen", "0.0.0.0:1"][..],
+        &["standalone", "--http-listen", "0.0.0.0:1", "--ws-listen", "127.0.0.1:1"][..],
+        &["standalone", "--channel-listen", "0.0.0.0:1", "--ws-listen", "127.0.0.1:1", "--publish-key", "k"][..],
+    ] {
+        let out = run_to_exit(args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must refuse to start");
+        assert!(err.contains("refusing to start") && err.contains("--insecure"), "{args:?}: {err}");
+        assert!(err.contains("--publish-key") || err.contains("--secret"), "{args:?} says how: {err}");
+    }
+}
+
+async fn standalone_with(extra: &[&str]) -> (Proc, u16, u16, u16) {
+    let (c, w, h) = (free_port(), free_port(), free_port());
+    let (cl, wl, hl) = (format!("127.0.0.1:{c}"), format!("127.0.0.1:{w}"), format!("127.0.0.1:{h}"));
+    let mut args = vec!["standalone", "--channel-listen", &cl, "--ws-listen", &wl, "--http-listen", &hl];
+    args.extend_from_slice(extra);
+    (Proc::start(&args, &[c, w, h]).await, c, w, h)
+}
+
+#[tokio::test]
+async fn publish_key_is_required_and_checked() {
+    let (_p, _c, w, h) = standalone_with(&["--publish-key", "s3cret"]).await;
+    let mut a = connect(w).await;
+    assert_eq!(http_get(h, "/?content=x").await.0, 401);
+    assert_eq!(http_get(h, "/?content=x&key=wrong").await.0, 401);
+    let (status, body) = http(h, "GET", "/?content=x", &[("Authorization", "Bearer nope")], "").await;
+    assert_eq!(status, 401);
+    assert!(body.contains("publish key"), "{body}");
+    assert_eq!(next_text_within(&mut a.ws, Duration::from_millis(300)).await, None, "refused pushes reach nobody");
+    assert_eq!(http(h, "GET", "/?content=bearer", &[("Authorization", "Bearer s3cret")], "").await.0, 200);
+    assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("bearer"));
+    assert_eq!(http_get(h, "/?content=param&key=s3cret").await.0, 200);
+    assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("param"));
+}
+
+#[tokio::test]
+async fn channel_secret_guards_the_channel_server() {
+    let c = free_port();
+    let cl = format!("127.0.0.1:{c}");
+    let _ch =
+        Proc::program(env!("CARGO_BIN_EXE_pushwire"), &["channel", "--listen", &cl, "--secret", "hush"], &[c]).await;
+    // A client that does not authenticate is closed at its first request.
+    let mut stranger = ChannelClient::tcp(c).await;
+    stranger.send(Request::Subscribe(names(&["broadcast"]))).await;
+    assert!(stranger.closed_within(WAIT).await);
+    // Nodes with the secret in the broker URL work end to end; a wrong secret never gets healthy.
+    let (w, h, bad) = (free_port(), free_port(), free_port());
+    let good_url = format!("channel://:hush@127.0.0.1:{c}");
+    let bad_url = format!("channel://:wrong@127.0.0.1:{c}");
+    let _g = Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{w}"), "--broker", &good_url], &[w]).await;
+    let _p = Proc::start(&["publisher", "--listen", &format!("127.0.0.1:{h}"), "--broker", &good_url], &[h]).await;
+    let _b = Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{bad}"), "--broker", &bad_url], &[bad]).await;
+    wait_healthy(w).await;
+    wait_healthy(h).await;
+    let mut a = connect(w).await;
+    assert_eq!(http_get(h, "/?content=guarded").await.0, 200);
+    assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("guarded"));
+    assert_eq!(http_get(bad, "/healthz").await.0, 503, "wrong secret: link never verified");
+}
+
+#[tokio::test]
+async fn origins_limits_and_oversized_frames() {
+    let (_p, _c, w, h) = standalone_with(&[
+        "--allowed-origins",
+        "http://good.example",
+        "--max-connections",
+        "2",
+        "--max-client-frame",
+        "1024",
+    ])
+    .await;
+    let url = format!("ws://127.0.0.1:{w}/");
+    let with_origin = |o: &str| {
+        let mut r = url.as_str().into_client_request().unwrap();
+        r.headers_mut().insert("Origin", o.parse().unwrap());
+        r
+    };
+    let refused = tokio_tungstenite::connect_async(with_origin("http://evil.example")).await;
+    assert!(format!("{:?}", refused.expect_err("bad origin refused")).contains("403"));
+    let (mut a, _) = tokio_tungstenite::connect_async(with_origin("http://good.example")).await.expect("good origin");
+    let (mut b, _) = tokio_tungstenite::connect_async(with_origin("http://good.example")).await.expect("second");
+    let full = tokio_tungstenite::connect_async(with_origin("http://good.example")).await;
+    assert!(format!("{:?}", full.expect_err("over the limit")).contains("503"));
+    for ws in [&mut a, &mut b] {
+        next_text(ws).await.expect("welcome");
+    }
+    // A frame over the limit closes that connection with 1009; the other is unaffected.
+    a.send(Message::Binary(vec![0u8; 4096].into())).await.unwrap();
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, a.next()).await {
+        if let Message::Close(Some(f)) = m {
+            code = Some(u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1009));
+    assert_eq!(http_get(h, "/?content=still").await.0, 200);
+    assert_eq!(next_text(&mut b).await.as_deref(), Some("still"));
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off_and_holds_back_nobody() {
+    let (p, _c, w, h) = standalone_with(&["--outbound-queue-bytes", "524288"]).await;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        readers.push(connect(w).await);
+    }
+    let slow = connect(w).await; // never read from again
+    let content = "x".repeat(8 * 1024);
+    let n = 4000; // 32 MB: far more than the socket buffers and the 512 KiB queue hold
+    let collectors: Vec<_> = readers
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut got = 0;
+                while let Some(m) = next_text(&mut c.ws).await {
+                    got += 1;
+                    if m.starts_with("end") {
+                        break;
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", h)).await.unwrap();
+    let mut s = tokio::io::BufReader::new(s);
+    for _ in 0..n {
+        // Keep-alive requests on one connection; each answer is read before the next request.
+        let req = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\ncontent={content}", content.len() + 8);
+        s.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 0];
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\nok") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+    }
+    assert_eq!(http_get(h, "/?content=end").await.0, 200);
+    for c in collectors {
+        assert_eq!(c.await.unwrap(), n + 1, "every reading client got every push");
+    }
+    let (_, metrics) = http_get(w, "/metrics").await;
+    assert!(metrics.contains("pushwire_slow_consumer_disconnects_total 1"), "{metrics}");
+    let rss = rss_kb(p.pid());
+    assert!(rss < 150_000, "server memory stays bounded: {rss} kB");
+    // The slow client's connection was closed: after what was buffered, the stream ends.
+    let mut slow = slow.ws;
+    let mut ended = false;
+    for _ in 0..(n + 10) {
+        match tokio::time::timeout(WAIT, slow.next()).await {
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                ended = true;
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            Err(_) => break,
+        }
+    }
+    assert!(ended, "slow client disconnected");
+}
+
+#[tokio::test]
+async fn heartbeat_closes_dead_peers_and_keeps_live_ones() {
+    let (_p, _c, w, h) = standalone_with(&["--heartbeat", "200ms"]).await;
+    let mut live = connect(w).await;
+    // A dead peer: completes the handshake, then never sends another byte (never answers pings).
+    let mut dead = tokio::net::TcpStream::connect(("127.0.0.1", w)).await.unwrap();
+    dead.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    // The live client keeps reading (and so answers pings) for a while.
+    assert_eq!(next_text_within(&mut live.ws, Duration::from_millis(1500)).await, None);
+    // The dead one has been closed: reading reaches EOF.
+    let mut buf = vec![0u8; 4096];
+    let mut closed = false;
+    while let Ok(Ok(n)) = tokio::time::timeout(WAIT, dead.read(&mut buf)).await {
+        if n == 0 {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "dead peer closed");
+    assert_eq!(http_get(h, "/?content=alive").await.0, 200);
+    assert_eq!(next_text(&mut live.ws).await.as_deref(), Some("alive"), "live client kept");
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits() {
+    let (mut p, _c, w, _h) = standalone_with(&[]).await;
+    let mut a = connect(w).await;
+    let term = Command::new("kill").args(["-TERM", &p.pid().to_string()]).status().expect("kill");
+    assert!(term.success());
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, a.ws.next()).await {
+        if let Message::Close(Some(f)) = m {
+            code = Some(u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(1001), "going away");
+    let status = p.terminate().await.expect("exits within the deadline");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_server_cuts_off_a_subscriber_that_stops_reading_and_counts_it() {
+    let (c, m) = (free_port(), free_port());
+    let _ch = Proc::start(
+        &["channel", "--listen", &format!("127.0.0.1:{c}"), "--metrics-listen", &format!("127.0.0.1:{m}")],
+        &[c, m],
+    )
+    .await;
+    let mut sleeper = ChannelClient::tcp(c).await;
+    sleeper.send(Request::Subscribe(names(&["firehose"]))).await;
+    sleeper.sync().await;
+    let mut reader = ChannelClient::tcp(c).await;
+    reader.send(Request::Subscribe(names(&["firehose"]))).await;
+    reader.sync().await;
+    let mut publisher = ChannelClient::tcp(c).await;
+    let data = channel_proto::Value::Str(vec![b'y'; 1024]).encode();
+    let frame =
+        channel_proto::frame::encode(&Request::Publish { channels: names(&["firehose"]), data: data.into() }.encode());
+    let reading = tokio::spawn(async move {
+        let mut n = 0;
+        while reader.recv_within(WAIT).await.is_some() {
+            n += 1;
+            if n == 20_000 {
+                break;
+            }
+        }
+        n
+    });
+    for _ in 0..20_000 {
+        publisher.raw(&frame).await;
+    }
+    assert_eq!(reading.await.unwrap(), 20_000, "the reading subscriber got everything");
+    let (_, metrics) = http_get(m, "/metrics").await;
+    assert!(metrics.contains("pushwire_channel_slow_consumers_total 1"), "{metrics}");
+    let clients: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pushwire_channel_clients "))
+        .and_then(|v| v.parse().ok())
+        .expect("clients gauge");
+    assert!(clients <= 2, "the sleeper is gone: {metrics}");
+    assert_eq!(http_get(m, "/healthz").await.0, 200);
+}
