@@ -153,7 +153,7 @@ pub struct PublisherOpts {
     /// Key every publish must carry (Authorization: Bearer KEY, or key=KEY).
     #[arg(long, env = "PUSHWIRE_PUBLISH_KEY", hide_env_values = true)]
     pub publish_key: Option<String>,
-    /// Largest content of one push, in bytes.
+    /// Longest content of one push, in characters.
     #[arg(long, default_value_t = PublisherConfig::default().max_content)]
     pub max_content: usize,
 }

@@ -359,7 +359,11 @@ impl Gateway {
                 text(StatusCode::OK, "text/plain; version=0.0.4", body)
             }
             (&Method::GET, _, false) => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
-            _ => text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is served here\n"),
+            _ => {
+                let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is served here\n");
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+                r
+            }
         }
     }
 

@@ -26,7 +26,7 @@ use crate::push::{Push, BROADCAST};
 pub struct PublisherConfig {
     /// When set, every publish must carry it (`Authorization: Bearer KEY` or `key=KEY`).
     pub publish_key: Option<String>,
-    /// Largest `content`, in bytes.
+    /// Longest `content`, in characters.
     pub max_content: usize,
 }
 
@@ -41,6 +41,8 @@ impl Default for PublisherConfig {
 pub enum PublishError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("request body over {0} bytes")]
+    TooLarge(usize),
     #[error("missing or wrong publish key (send Authorization: Bearer KEY or key=KEY)")]
     Unauthorized,
     #[error("{0}")]
@@ -51,11 +53,17 @@ impl PublishError {
     fn status(&self) -> StatusCode {
         match self {
             PublishError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            PublishError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             PublishError::Unauthorized => StatusCode::UNAUTHORIZED,
             PublishError::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
+
+/// Longest `to_worker_id`, in characters.
+pub const MAX_WORKER_ID: usize = 256;
+/// Longest `to_connection_id`, in characters.
+pub const MAX_CONNECTION_ID: usize = 64;
 
 /// The fields of one publish.
 #[derive(Debug, Default, PartialEq)]
@@ -91,11 +99,19 @@ impl PublishRequest {
         r.content = match content {
             None => return bad("missing parameter \"content\"".into()),
             Some(c) if c.is_empty() => return bad("parameter \"content\" is empty".into()),
-            Some(c) if c.len() > max_content => {
-                return bad(format!("content of {} bytes exceeds the limit of {max_content}", c.len()))
+            Some(c) if c.chars().count() > max_content => {
+                return bad(format!("content of {} characters exceeds the limit of {max_content}", c.chars().count()))
             }
             Some(c) => c,
         };
+        for (name, value, max) in [
+            ("to_worker_id", &r.to_worker_id, MAX_WORKER_ID),
+            ("to_connection_id", &r.to_connection_id, MAX_CONNECTION_ID),
+        ] {
+            if value.as_ref().is_some_and(|v| v.chars().count() > max) {
+                return bad(format!("{name} is longer than {max} characters"));
+            }
+        }
         match (&r.to_worker_id, &r.to_connection_id) {
             (Some(w), Some(c)) if w.is_empty() || c.is_empty() => {
                 bad("to_worker_id and to_connection_id must not be empty".into())
@@ -171,8 +187,15 @@ impl Publisher {
                     reply(e.status(), format!("{e}\n"))
                 }
             },
-            (&Method::GET | &Method::POST, _) => reply(StatusCode::NOT_FOUND, "not found: publish on /\n"),
-            _ => reply(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n"),
+            (_, path) if !matches!(path, "/" | "/healthz" | "/metrics") => {
+                reply(StatusCode::NOT_FOUND, "not found: publish on /\n")
+            }
+            (_, path) => {
+                let allow = if path == "/" { "GET, POST, OPTIONS" } else { "GET, OPTIONS" };
+                let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; use {allow}\n"));
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+                r
+            }
         };
         cors(resp)
     }
@@ -186,11 +209,10 @@ impl Publisher {
             .map(str::to_owned);
         let mut form = req.uri().query().unwrap_or_default().as_bytes().to_vec();
         if req.method() == Method::POST {
-            let limit = self.cfg.max_content * 3 + 1024;
-            let body = Limited::new(req.into_body(), limit)
-                .collect()
-                .await
-                .map_err(|e| PublishError::BadRequest(format!("body unreadable or over {limit} bytes: {e}")))?;
+            // Every character of content may take 12 bytes once UTF-8 and percent-encoded.
+            let limit = self.cfg.max_content * 12 + 4096;
+            let body =
+                Limited::new(req.into_body(), limit).collect().await.map_err(|_| PublishError::TooLarge(limit))?;
             if !form.is_empty() {
                 form.push(b'&');
             }
@@ -240,5 +262,6 @@ mod tests {
         assert!(parse("content=a&content=b").unwrap_err().contains("twice"));
         assert!(parse("content=a&to_worker_id=1").unwrap_err().contains("go together"));
         assert!(parse("content=0123456789x").unwrap_err().contains("exceeds"));
+        assert!(parse("content=ééééééééé").is_ok(), "characters, not bytes");
     }
 }
