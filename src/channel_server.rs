@@ -29,6 +29,9 @@ pub struct ChannelConfig {
     pub max_connections: usize,
     /// How long one write to a client may block.
     pub write_timeout: Duration,
+    /// After start, publishes are held this long before they are routed, so that subscribers
+    /// reconnecting after a restart are back before any publish is confirmed.
+    pub settle: Duration,
 }
 
 impl Default for ChannelConfig {
@@ -39,6 +42,7 @@ impl Default for ChannelConfig {
             outbound_queue: 4096,
             max_connections: 10_000,
             write_timeout: Duration::from_secs(10),
+            settle: Duration::from_secs(3),
         }
     }
 }
@@ -64,6 +68,7 @@ enum ConnError {
 
 /// Serve the Channel protocol on `listener` until `shutdown` resolves.
 pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown: impl Future<Output = ()>) {
+    let settled = tokio::time::Instant::now() + cfg.settle;
     let cfg = Arc::new(cfg);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     tracing::info!(listen = %listener.local_addr(), "channel server listening");
@@ -89,7 +94,7 @@ pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown
         let (hub, cfg) = (hub.clone(), cfg.clone());
         tokio::spawn(async move {
             tracing::debug!(%peer, "channel client connected");
-            match serve(stream, &hub, &cfg).await {
+            match serve(stream, &hub, &cfg, settled).await {
                 Ok(()) => tracing::debug!(%peer, "channel client left"),
                 Err(ConnError::Io(e)) => tracing::debug!(%peer, "channel connection ended: {e}"),
                 Err(e) => {
@@ -107,10 +112,15 @@ pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown
     }
 }
 
-async fn serve(stream: Box<dyn Stream>, hub: &Hub, cfg: &ChannelConfig) -> Result<(), ConnError> {
+async fn serve(
+    stream: Box<dyn Stream>,
+    hub: &Hub,
+    cfg: &ChannelConfig,
+    settled: tokio::time::Instant,
+) -> Result<(), ConnError> {
     let (tx, mut rx) = mpsc::channel(cfg.outbound_queue);
     let id = hub.connect(Sink::Frames(tx));
-    let result = pump(stream, hub, id, &mut rx, cfg).await;
+    let result = pump(stream, hub, id, &mut rx, cfg, settled).await;
     hub.disconnect(id);
     result
 }
@@ -121,6 +131,7 @@ async fn pump(
     id: crate::hub::ClientId,
     rx: &mut mpsc::Receiver<Bytes>,
     cfg: &ChannelConfig,
+    settled: tokio::time::Instant,
 ) -> Result<(), ConnError> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(4096);
@@ -146,6 +157,9 @@ async fn pump(
                         }
                         authed = true;
                         continue;
+                    }
+                    if matches!(req, Request::Publish { .. } | Request::PublishLoop { .. } | Request::Enqueue { .. }) {
+                        tokio::time::sleep_until(settled).await;
                     }
                     hub.handle(id, req)?;
                 }

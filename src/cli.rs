@@ -75,6 +75,10 @@ pub struct ChannelOpts {
     /// Longest channel or queue name, in bytes.
     #[arg(long, default_value_t = HubLimits::default().max_name_len)]
     pub max_name_len: usize,
+    /// After start, hold publishes this long so that nodes reconnecting after a restart have
+    /// resubscribed before any publish is confirmed (0s: route at once).
+    #[arg(long, default_value = "3s", value_parser = parse_duration_or_zero)]
+    pub settle: Duration,
 }
 
 /// How a node reaches the broker.
@@ -191,7 +195,12 @@ pub struct Insecure {
 
 impl ChannelOpts {
     fn config(&self) -> ChannelConfig {
-        ChannelConfig { max_frame: self.max_frame, secret: self.secret.clone(), ..ChannelConfig::default() }
+        ChannelConfig {
+            max_frame: self.max_frame,
+            secret: self.secret.clone(),
+            settle: self.settle,
+            ..ChannelConfig::default()
+        }
     }
 
     fn limits(&self) -> HubLimits {
@@ -241,6 +250,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is out of range (1ms to 24h)"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Like [`parse_duration`], and `0` or `0s` means none.
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    match s.trim() {
+        "0" | "0s" | "0ms" => Ok(Duration::ZERO),
+        _ => parse_duration(s),
+    }
 }
 
 /// Whether only this machine can reach `addr`.

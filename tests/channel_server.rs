@@ -18,7 +18,8 @@ fn publish(ch: &[&str], data: &'static [u8]) -> Request {
 
 async fn tcp_server() -> (Proc, u16) {
     let port = free_port();
-    let p = Proc::start(&["channel", "--listen", &format!("127.0.0.1:{port}")], &[port]).await;
+    // No settle time: these tests do not restart the server.
+    let p = Proc::start(&["channel", "--listen", &format!("127.0.0.1:{port}"), "--settle", "0s"], &[port]).await;
     (p, port)
 }
 
@@ -64,7 +65,7 @@ async fn fan_out_and_unsubscribe_over_unix_socket() {
     let dir = std::env::temp_dir().join(format!("pushwire-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("channel.sock");
-    let _p = Proc::start(&["channel", "--listen", &format!("unix:{}", path.display())], &[]).await;
+    let _p = Proc::start(&["channel", "--listen", &format!("unix:{}", path.display()), "--settle", "0s"], &[]).await;
     for _ in 0..200 {
         if path.exists() {
             break;
@@ -186,7 +187,11 @@ async fn bad_frames_close_only_their_connection() {
 #[tokio::test]
 async fn max_frame_is_configurable() {
     let port = free_port();
-    let _p = Proc::start(&["channel", "--listen", &format!("127.0.0.1:{port}"), "--max-frame", "256"], &[port]).await;
+    let _p = Proc::start(
+        &["channel", "--listen", &format!("127.0.0.1:{port}"), "--max-frame", "256", "--settle", "0s"],
+        &[port],
+    )
+    .await;
     let mut c = ChannelClient::tcp(port).await;
     let big = vec![b'x'; 300];
     c.send(Request::Publish { channels: names(&["a"]), data: channel_proto::Value::Str(big).encode().into() }).await;

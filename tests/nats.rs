@@ -57,7 +57,13 @@ async fn failover_across_a_three_node_nats_cluster() {
     for p in [g1, g2, p1, p2] {
         wait_healthy(p).await;
     }
-    let cluster = Cluster { procs, channel_port: 0, gateways: [g1, g2], publishers: [p1, p2] };
+    let cluster = Cluster {
+        procs,
+        channel_port: 0,
+        gateways: [g1.into(), g2.into()],
+        publishers: [p1.into(), p2.into()],
+        key_query: String::new(),
+    };
     let clients = check_seed_pushes(&cluster, cluster.clients(60).await, "before").await;
 
     // Kill the node gateway 1 is connected to; it moves to node 1 of its list.

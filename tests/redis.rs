@@ -26,7 +26,7 @@ async fn redis_restart_resubscribes() {
     redis.kill();
     let mut refused = false;
     for _ in 0..50 {
-        let (status, body) = http_get(cluster.publishers[0], "/?content=down").await;
+        let (status, body) = cluster.publish(0, "content=down").await;
         assert_ne!(status, 200, "no ok while Redis is down: {body}");
         if status == 503 {
             refused = true;
@@ -37,9 +37,7 @@ async fn redis_restart_resubscribes() {
     assert!(refused, "publish during the outage answered 503");
 
     let _redis = redis_server(port).await;
-    for p in cluster.gateways.iter().chain(&cluster.publishers) {
-        wait_healthy(*p).await;
-    }
+    cluster.wait_healthy().await;
     check_seed_pushes(&cluster, clients, "after").await;
 }
 

@@ -14,11 +14,10 @@ async fn channel_server_restart() {
     let clients = check_seed_pushes(&cluster, clients, "before").await;
 
     cluster.procs[0].kill();
-    let p1 = cluster.publishers[0];
     let started = Instant::now();
     let mut refused = 0;
     while started.elapsed() < Duration::from_secs(2) {
-        let (status, body) = http_get(p1, "/?content=during").await;
+        let (status, body) = cluster.publish(0, "content=during").await;
         assert_ne!(status, 200, "no ok while the channel server is down");
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("broker"), "reason names the broker: {body}");
@@ -30,9 +29,7 @@ async fn channel_server_restart() {
     let port = cluster.channel_port;
     let restarted = Instant::now();
     cluster.procs[0] = Proc::start(&["channel", "--listen", &format!("127.0.0.1:{port}")], &[port]).await;
-    for p in cluster.gateways.iter().chain(&cluster.publishers) {
-        wait_healthy(*p).await;
-    }
+    cluster.wait_healthy().await;
     let back = restarted.elapsed();
     assert!(back < Duration::from_secs(10), "links back after {back:?}");
     let clients = check_seed_pushes(&cluster, clients, "after").await;

@@ -113,6 +113,7 @@ async fn channel_port_stays_open_to_other_nodes() {
     let _gw2 =
         Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{w2}"), "--broker", &format!("127.0.0.1:{c}")], &[w2])
             .await;
+    wait_healthy(w2).await;
     let mut a = connect(ws_port).await;
     let mut b = connect(w2).await;
     assert_ne!(a.worker, b.worker);

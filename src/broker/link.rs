@@ -110,7 +110,7 @@ impl Broker for Link {
                 return Err(BrokerError::Unavailable(self.name.clone()));
             }
             let (done, wait) = oneshot::channel();
-            let limit = self.cfg.ack_timeout;
+            let limit = self.cfg.publish_timeout;
             let confirmed = tokio::time::timeout(limit, async {
                 self.cmd.send(Command::Publish { channel, data, done }).await.ok()?;
                 wait.await.ok()

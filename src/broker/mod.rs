@@ -99,8 +99,11 @@ pub struct LinkConfig {
     pub connect_timeout: Duration,
     /// How often an idle link checks that the broker still answers.
     pub probe_interval: Duration,
-    /// A link whose oldest unconfirmed publish or probe is older than this is dead.
+    /// A link whose oldest unconfirmed publish or probe is older than this is dead. Longer than a
+    /// short network outage, which TCP rides out by retransmitting, so that one needs no reconnect.
     pub ack_timeout: Duration,
+    /// How long `publish` waits for the broker's confirmation before failing.
+    pub publish_timeout: Duration,
     /// Publishes awaiting confirmation before new ones wait.
     pub max_in_flight: usize,
 }
@@ -112,7 +115,8 @@ impl Default for LinkConfig {
             max_backoff: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(3),
             probe_interval: Duration::from_secs(1),
-            ack_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(3),
             max_in_flight: 4096,
         }
     }

@@ -34,6 +34,41 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A server address: a bare port means 127.0.0.1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addr(pub String);
+
+impl From<u16> for Addr {
+    fn from(port: u16) -> Addr {
+        Addr(format!("127.0.0.1:{port}"))
+    }
+}
+impl From<&u16> for Addr {
+    fn from(port: &u16) -> Addr {
+        Addr::from(*port)
+    }
+}
+impl From<&str> for Addr {
+    fn from(a: &str) -> Addr {
+        Addr(a.to_owned())
+    }
+}
+impl From<String> for Addr {
+    fn from(a: String) -> Addr {
+        Addr(a)
+    }
+}
+impl From<&Addr> for Addr {
+    fn from(a: &Addr) -> Addr {
+        a.clone()
+    }
+}
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A running `pushwire` process, killed when dropped.
 pub struct Proc {
     child: Child,
@@ -62,6 +97,21 @@ impl Proc {
         let p = Proc { child, args };
         for port in ready {
             wait_port(*port).await;
+        }
+        p
+    }
+
+    /// Start any command line (`ip netns exec NS pushwire ...`, say), then wait for `ready`.
+    pub async fn command(argv: &[String], ready: &[Addr]) -> Proc {
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {argv:?}: {e}"));
+        let p = Proc { child, args: argv.to_vec() };
+        for a in ready {
+            wait_port(a).await;
         }
         p
     }
@@ -95,26 +145,34 @@ impl Drop for Proc {
     }
 }
 
-/// Wait until something listens on 127.0.0.1:`port`.
-pub async fn wait_port(port: u16) {
-    for _ in 0..200 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+/// Wait until something listens on `addr`.
+pub async fn wait_port(addr: impl Into<Addr>) {
+    let addr = addr.into();
+    for _ in 0..400 {
+        if TcpStream::connect(&addr.0).await.is_ok() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("nothing listens on port {port}");
+    panic!("nothing listens on {addr}");
 }
 
 /// One HTTP/1.1 GET over a fresh connection: (status, body).
-pub async fn http_get(port: u16, target: &str) -> (u16, String) {
-    http(port, "GET", target, &[], "").await
+pub async fn http_get(addr: impl Into<Addr>, target: &str) -> (u16, String) {
+    http(addr, "GET", target, &[], "").await
 }
 
 /// One HTTP request over a fresh connection: (status, body).
-pub async fn http(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+pub async fn http(
+    addr: impl Into<Addr>,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let addr = addr.into();
     let go = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        let mut s = TcpStream::connect(&addr.0).await.expect("connect");
         let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
@@ -139,8 +197,8 @@ pub struct Client {
 }
 
 /// Connect to a gateway and read the welcome line.
-pub async fn connect(port: u16) -> Client {
-    let url = format!("ws://127.0.0.1:{port}/");
+pub async fn connect(addr: impl Into<Addr>) -> Client {
+    let url = format!("ws://{}/", addr.into());
     let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
         .await
         .expect("connect timed out")
@@ -296,15 +354,16 @@ pub fn vector(prefix: &str) -> Vec<u8> {
     panic!("no vector {prefix}");
 }
 
-/// Wait until `GET /healthz` on `port` answers 200 (the node's broker link is verified).
-pub async fn wait_healthy(port: u16) {
-    for _ in 0..400 {
-        if http_get(port, "/healthz").await.0 == 200 {
+/// Wait until `GET /healthz` on `addr` answers 200 (the node's broker link is verified).
+pub async fn wait_healthy(addr: impl Into<Addr>) {
+    let addr = addr.into();
+    for _ in 0..600 {
+        if http_get(&addr, "/healthz").await.0 == 200 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("node on port {port} never became healthy");
+    panic!("node on {addr} never became healthy");
 }
 
 /// The seed's topology on loopback: one channel server, two gateways of two workers, two
@@ -312,8 +371,10 @@ pub async fn wait_healthy(port: u16) {
 pub struct Cluster {
     pub procs: Vec<Proc>,
     pub channel_port: u16,
-    pub gateways: [u16; 2],
-    pub publishers: [u16; 2],
+    pub gateways: [Addr; 2],
+    pub publishers: [Addr; 2],
+    /// Appended to every publish URL (`&key=...` when the publishers have a key).
+    pub key_query: String,
 }
 
 impl Cluster {
@@ -342,19 +403,31 @@ impl Cluster {
             let listen = format!("127.0.0.1:{p}");
             procs.push(Proc::start(&["publisher", "--listen", &listen, "--broker", &broker], &[p]).await);
         }
-        for port in gateways.iter().chain(&publishers) {
-            wait_healthy(*port).await;
+        let (gateways, publishers) = (gateways.map(Addr::from), publishers.map(Addr::from));
+        let cluster = Cluster { procs, channel_port, gateways, publishers, key_query: String::new() };
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Wait until every gateway and publisher has a verified broker link.
+    pub async fn wait_healthy(&self) {
+        for a in self.gateways.iter().chain(&self.publishers) {
+            wait_healthy(a).await;
         }
-        Cluster { procs, channel_port, gateways, publishers }
     }
 
     /// `n` clients spread evenly over both gateways.
     pub async fn clients(&self, n: usize) -> Vec<Client> {
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
-            out.push(connect(self.gateways[i % 2]).await);
+            out.push(connect(&self.gateways[i % 2]).await);
         }
         out
+    }
+
+    /// Publish through publisher `i`: (status, body).
+    pub async fn publish(&self, i: usize, query: &str) -> (u16, String) {
+        http_get(&self.publishers[i % 2], &format!("/?{query}{}", self.key_query)).await
     }
 }
 
@@ -388,24 +461,17 @@ pub async fn collect_until(clients: Vec<Client>, last: &str, limit: Duration) ->
 /// The seed's checks across a cluster: broadcasts through either publisher reach every client
 /// exactly once, and a targeted push to every client reaches that client only.
 pub async fn check_seed_pushes(cluster: &Cluster, clients: Vec<Client>, tag: &str) -> Vec<Client> {
-    let [p1, p2] = cluster.publishers;
     let ids: std::collections::HashSet<(String, String)> =
         clients.iter().map(|c| (c.worker.clone(), c.conn.clone())).collect();
     assert_eq!(ids.len(), clients.len(), "every client has its own (worker, connection) pair");
-    assert_eq!(http_get(p1, &format!("/?content={tag}-b1")).await, (200, "ok".into()));
-    assert_eq!(http_get(p2, &format!("/?content={tag}-b2")).await, (200, "ok".into()));
+    assert_eq!(cluster.publish(0, &format!("content={tag}-b1")).await, (200, "ok".into()));
+    assert_eq!(cluster.publish(1, &format!("content={tag}-b2")).await, (200, "ok".into()));
     for (i, c) in clients.iter().enumerate() {
-        let port = cluster.publishers[i % 2];
-        let url = format!(
-            "/?to_worker_id={}&to_connection_id={}&content={tag}-t-{}-{}",
-            q(&c.worker),
-            c.conn,
-            q(&c.worker),
-            c.conn
-        );
-        assert_eq!(http_get(port, &url).await, (200, "ok".into()), "targeted push {i}");
+        let (w, n) = (q(&c.worker), &c.conn);
+        let query = format!("to_worker_id={w}&to_connection_id={n}&content={tag}-t-{w}-{n}");
+        assert_eq!(cluster.publish(i, &query).await, (200, "ok".into()), "targeted push {i}");
     }
-    assert_eq!(http_get(p2, &format!("/?content={tag}-end")).await, (200, "ok".into()));
+    assert_eq!(cluster.publish(1, &format!("content={tag}-end")).await, (200, "ok".into()));
     let results = collect_until(clients, &format!("{tag}-end"), Duration::from_secs(30)).await;
     let mut out = Vec::new();
     for (c, got) in results {
