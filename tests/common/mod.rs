@@ -173,17 +173,42 @@ pub async fn http(
     let addr = addr.into();
     let go = async {
         let mut s = TcpStream::connect(&addr.0).await.expect("connect");
-        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
         s.write_all(req.as_bytes()).await.expect("write");
+        // Read the head, then Content-Length bytes (or to the end when there is none).
         let mut out = Vec::new();
-        s.read_to_end(&mut out).await.expect("read");
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "connection closed before the response head");
+            out.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&out[..head_end]).into_owned();
+        let length = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+            .and_then(|v| v.parse::<usize>().ok());
+        match length {
+            Some(len) => {
+                while out.len() < head_end + len {
+                    let n = s.read(&mut chunk).await.expect("read");
+                    assert!(n > 0, "connection closed in the body");
+                    out.extend_from_slice(&chunk[..n]);
+                }
+            }
+            None => {
+                s.read_to_end(&mut out).await.expect("read");
+            }
+        }
+        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+        let body = String::from_utf8_lossy(&out[head_end..]).into_owned();
         (status, body)
     };
     tokio::time::timeout(WAIT, go).await.expect("http request timed out")

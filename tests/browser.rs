@@ -1,0 +1,214 @@
+//! End to end in headless Chromium: the gateway's page and the seed's own console snippet, with
+//! pushes published through the page's form and through the HTTP API. Chromium is driven over the
+//! DevTools protocol. A screenshot of the page is saved to target/artifacts/browser-page.png.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// One DevTools connection to one page.
+struct Page {
+    ws: Ws,
+    next_id: u64,
+    /// Messages of the `alert()` dialogs seen so far (each is accepted at once).
+    alerts: Vec<String>,
+}
+
+impl Page {
+    async fn open(devtools: u16) -> Page {
+        let (status, body) = http(devtools, "PUT", "/json/new?about:blank", &[], "").await;
+        assert_eq!(status, 200, "new target: {body}");
+        let target: Value = serde_json::from_str(&body).expect("target json");
+        let url = target["webSocketDebuggerUrl"].as_str().expect("debugger url").to_owned();
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("devtools websocket");
+        let mut page = Page { ws, next_id: 0, alerts: Vec::new() };
+        page.call("Page.enable", json!({})).await;
+        page.call("Runtime.enable", json!({})).await;
+        page
+    }
+
+    async fn send(&mut self, method: &str, params: Value) -> u64 {
+        self.next_id += 1;
+        let msg = json!({"id": self.next_id, "method": method, "params": params}).to_string();
+        self.ws.send(Message::Text(msg.into())).await.expect("devtools send");
+        self.next_id
+    }
+
+    /// Read one DevTools message, answering dialogs as they open.
+    async fn read(&mut self, limit: Duration) -> Option<Value> {
+        let m = tokio::time::timeout(limit, self.ws.next()).await.ok()??.ok()?;
+        let Message::Text(t) = m else { return Some(Value::Null) };
+        let v: Value = serde_json::from_str(&t).expect("devtools json");
+        if v["method"] == "Page.javascriptDialogOpening" {
+            self.alerts.push(v["params"]["message"].as_str().unwrap_or_default().to_owned());
+            self.send("Page.handleJavaScriptDialog", json!({"accept": true})).await;
+        }
+        Some(v)
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.send(method, params).await;
+        loop {
+            let v = self.read(WAIT).await.unwrap_or_else(|| panic!("no answer to {method}"));
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self
+            .call("Runtime.evaluate", json!({"expression": expr, "returnByValue": true, "awaitPromise": true}))
+            .await;
+        r["result"]["value"].clone()
+    }
+
+    /// Poll `expr` until it is true.
+    async fn wait_for(&mut self, expr: &str) {
+        for _ in 0..200 {
+            if self.eval(expr).await == Value::Bool(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("never true: {expr}");
+    }
+
+    /// Wait until an alert with `text` has been seen.
+    async fn wait_alert(&mut self, text: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.alerts.iter().any(|a| a == text) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(self.read(left).await.is_some(), "no alert {text:?}; alerts so far: {:?}", self.alerts);
+        }
+    }
+
+    /// Drain events for a while (to see alerts that should not come).
+    async fn settle(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        while let Some(_) = self.read(deadline.saturating_duration_since(tokio::time::Instant::now())).await {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_console_snippet_and_page_in_chromium() {
+    let (c, w, h, d) = (free_port(), free_port(), free_port(), free_port());
+    let args = |c: u16, w: u16, h: u16| {
+        vec![
+            "standalone".to_string(),
+            "--channel-listen".into(),
+            format!("127.0.0.1:{c}"),
+            "--ws-listen".into(),
+            format!("127.0.0.1:{w}"),
+            "--http-listen".into(),
+            format!("127.0.0.1:{h}"),
+            "--publish-key".into(),
+            "page-key".into(),
+        ]
+    };
+    let argv = args(c, w, h);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut server = Proc::start(&argv, &[c, w, h]).await;
+    let profile = std::env::temp_dir().join(format!("pushwire-chromium-{}", std::process::id()));
+    let _chromium = Proc::program(
+        &find_program("chromium"),
+        &[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-renderer-backgrounding",
+            "--disable-background-timer-throttling",
+            "--disable-backgrounding-occluded-windows",
+            "--window-size=1000,800",
+            &format!("--user-data-dir={}", profile.display()),
+            &format!("--remote-debugging-port={d}"),
+            "about:blank",
+        ],
+        &[d],
+    )
+    .await;
+
+    // Page A: the gateway's page.
+    let mut a = Page::open(d).await;
+    a.call("Page.navigate", json!({"url": format!("http://127.0.0.1:{w}/")})).await;
+    a.wait_for("document.getElementById('status').textContent === 'connected' && document.getElementById('conn').textContent !== '?'").await;
+    let a_worker = a.eval("document.getElementById('worker').textContent").await;
+    let a_conn = a.eval("document.getElementById('conn').textContent").await;
+    let welcome = a.eval("document.getElementById('welcome').textContent").await;
+    assert_eq!(
+        welcome,
+        json!(format!("workerID:{} connectionID:{} connected", a_worker.as_str().unwrap(), a_conn.as_str().unwrap()))
+    );
+
+    // Page B: the seed's console snippet, alert and all.
+    let mut b = Page::open(d).await;
+    b.eval(&format!("ws = new WebSocket(\"ws://127.0.0.1:{w}\"); ws.onmessage = function(e) {{ alert(e.data); }}; 1"))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while b.alerts.is_empty() {
+        assert!(
+            b.read(deadline.saturating_duration_since(tokio::time::Instant::now())).await.is_some(),
+            "no welcome alert"
+        );
+    }
+    let (b_worker, b_conn) = parse_welcome(&b.alerts[0]);
+
+    // A broadcast through page A's form (the key typed in, CORS to the publisher).
+    a.eval(&format!(
+        "document.getElementById('publisher').value = 'http://127.0.0.1:{h}/';
+         document.getElementById('key').value = 'page-key';
+         document.getElementById('content').value = 'hello from the page';
+         document.getElementById('send').click(); 1"
+    ))
+    .await;
+    a.wait_for("document.getElementById('result').textContent === '200 ok'").await;
+    a.wait_for("document.getElementById('log').textContent.includes('hello from the page')").await;
+    b.wait_alert("hello from the page").await;
+
+    // Without the key the page shows the refusal, and nothing is pushed.
+    a.eval("document.getElementById('key').value = ''; document.getElementById('content').value = 'keyless'; document.getElementById('send').click(); 1").await;
+    a.wait_for("document.getElementById('result').textContent.startsWith('401')").await;
+
+    // A targeted push to B over the HTTP API reaches B only.
+    let url =
+        format!("/?to_worker_id={}&to_connection_id={b_conn}&content={}&key=page-key", q(&b_worker), q("only for B"));
+    assert_eq!(http_get(h, &url).await, (200, "ok".into()));
+    b.wait_alert("only for B").await;
+    a.settle(Duration::from_millis(300)).await;
+    assert_eq!(a.eval("document.getElementById('log').textContent.includes('only for B')").await, json!(false));
+
+    // A targeted push to A through its own form (its ids are filled in) reaches A only.
+    a.eval("document.getElementById('key').value = 'page-key'; document.getElementById('content').value = 'just page A'; document.getElementById('targeted').checked = true; document.getElementById('send').click(); 1").await;
+    a.wait_for("document.getElementById('log').textContent.includes('just page A')").await;
+    b.settle(Duration::from_millis(300)).await;
+    assert!(!b.alerts.iter().any(|m| m == "just page A"), "B got A's push: {:?}", b.alerts);
+    assert!(!b.alerts.iter().any(|m| m == "keyless"));
+
+    a.call("Page.bringToFront", json!({})).await;
+    let shot = a.call("Page.captureScreenshot", json!({"format": "png"})).await;
+    let png =
+        base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().expect("png data")).expect("base64");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/artifacts");
+    std::fs::create_dir_all(&dir).expect("artifacts dir");
+    std::fs::write(dir.join("browser-page.png"), &png).expect("write screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+
+    // The page reconnects when the gateway comes back.
+    server.kill();
+    a.wait_for("document.getElementById('status').textContent.startsWith('disconnected')").await;
+    let _server = Proc::start(&argv, &[c, w, h]).await;
+    a.wait_for("document.getElementById('status').textContent === 'connected'").await;
+    let _ = std::fs::remove_dir_all(profile);
+}
