@@ -93,7 +93,7 @@ impl Page {
     /// Drain events for a while (to see alerts that should not come).
     async fn settle(&mut self, d: Duration) {
         let deadline = tokio::time::Instant::now() + d;
-        while let Some(_) = self.read(deadline.saturating_duration_since(tokio::time::Instant::now())).await {}
+        while self.read(deadline.saturating_duration_since(tokio::time::Instant::now())).await.is_some() {}
     }
 }
 
