@@ -44,6 +44,8 @@ pub enum Command {
     Publisher(PublisherArgs),
     /// Run channel server, gateway and publisher in one process, wired in-process.
     Standalone(StandaloneArgs),
+    /// Load-test a running system with the seed's API (pushwire or the PHP original).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -337,6 +339,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     crate::io::raise_fd_limit();
     let shutdown = shutdown_signal();
     match cli.command {
+        Command::Bench(a) => crate::bench::run(a).await?,
         Command::Channel(a) => {
             protect("channel server", &a.listen, a.opts.secret.is_some(), a.insecure.insecure, SECRET_HOW)?;
             let listener =

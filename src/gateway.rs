@@ -210,7 +210,7 @@ impl Worker {
     }
 
     /// Carry out one message from the broker.
-    fn handle(&self, m: Message) {
+    pub fn handle(&self, m: Message) {
         GLOBAL.broker_messages.fetch_add(1, Ordering::Relaxed);
         let push = match Push::decode(&m.data) {
             Ok(p) => p,
@@ -265,6 +265,14 @@ impl Worker {
 fn wake(shared: &Shared, code: u16) {
     shared.close_code.store(code, Ordering::Release);
     shared.wake.notify_one();
+}
+
+/// For benchmarks: a worker with `n` connections, and the receiving ends of their queues.
+#[doc(hidden)]
+pub fn bench_worker(n: usize, queue: usize) -> (Worker, Vec<mpsc::Receiver<Bytes>>) {
+    let w = Worker::new("bench-0".into(), usize::MAX);
+    let rxs = (0..n).map(|_| w.add(queue).1).collect();
+    (w, rxs)
 }
 
 /// A running gateway node.

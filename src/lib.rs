@@ -21,6 +21,7 @@
 //! See `docs/ARCHITECTURE.md` for the whole picture.
 
 pub mod auth;
+pub mod bench;
 pub mod broker;
 pub mod channel_server;
 pub mod cli;

@@ -1,0 +1,29 @@
+//! Fan-out of one broadcast to 10,000 in-memory connections through a gateway worker: decode the
+//! broker message, encode the WebSocket frame once, queue it to every connection.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use pushwire::broker::Message;
+use pushwire::push::Push;
+
+fn fanout(c: &mut Criterion) {
+    const N: usize = 10_000;
+    let (worker, mut rxs) = pushwire::gateway::bench_worker(N, 4);
+    let data = Push { to_connection_id: None, content: vec![b'x'; 64] }.encode();
+    let msg = Message { channel: Bytes::from_static(b"broadcast"), data };
+    let mut g = c.benchmark_group("fanout");
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function("broadcast_64B_to_10k_connections", |b| {
+        b.iter(|| {
+            worker.handle(msg.clone());
+            // Drain, as the connection writers would, so that queues never fill.
+            for rx in rxs.iter_mut() {
+                while rx.try_recv().is_ok() {}
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);

@@ -1,0 +1,691 @@
+//! `pushwire bench`: a load tool for any system with the seed's API (pushwire, or the PHP
+//! original): WebSocket clients on gateways, publishes through publishers over HTTP.
+//!
+//! Modes: `broadcast` (a fixed rate, or as fast as delivery keeps up), `targeted` (a random client
+//! each time, several requests in flight) and `idle` (hold connections, measure server RSS). It
+//! measures deliveries/s, latency percentiles (HDR histogram), fan-out completion time, missing,
+//! duplicate and misdelivered messages, connect rate, and RSS per connection of given pids.
+//!
+//! Receiving is kept cheap because the tool shares the machine with the server: a minimal
+//! WebSocket client, a bitset per connection for duplicates, latencies batched into a few sharded
+//! histograms. Each push carries `SEQ:SENT_US:TARGET` padded to `--size` bytes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Broadcast,
+    Targeted,
+    Idle,
+}
+
+/// Settings of one run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// broadcast, targeted or idle.
+    #[arg(long, value_enum, default_value = "broadcast")]
+    pub mode: Mode,
+    /// Gateway addresses (HOST:PORT or ws://HOST:PORT), clients spread over them.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:4236")]
+    pub gateway: Vec<String>,
+    /// Publisher addresses (HOST:PORT or http://HOST:PORT), publishes spread over them.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:4237")]
+    pub publisher: Vec<String>,
+    /// WebSocket clients.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Local source addresses 127.0.0.1..127.0.0.N for client sockets (about 28k ports each).
+    #[arg(long, default_value_t = 4)]
+    pub source_ips: u8,
+    /// Publishes per second (0: as fast as delivery keeps up; broadcast and targeted).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// How long to publish (or, in idle mode, to hold the connections).
+    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    pub duration: Duration,
+    /// Bytes of content per push.
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Publish requests in flight.
+    #[arg(long, default_value_t = 8)]
+    pub inflight: usize,
+    /// Publish key (sent as key=KEY).
+    #[arg(long, env = "PUSHWIRE_PUBLISH_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Server processes whose RSS to report per connection (repeatable).
+    #[arg(long)]
+    pub pid: Vec<u32>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// Connections opened at once while connecting.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+}
+
+const SHARDS: usize = 16;
+/// Broadcasts may be ahead of the slowest delivery by this many before the publisher waits.
+const WINDOW: u64 = 64;
+
+struct Stats {
+    epoch: Instant,
+    deliveries: AtomicU64,
+    broadcasts_seen: AtomicU64,
+    duplicates: AtomicU64,
+    misdelivered: AtomicU64,
+    targeted_received: AtomicU64,
+    hist: Vec<Mutex<Histogram<u64>>>,
+    /// Per broadcast: when it was sent and its latest arrival, in µs since `epoch`.
+    sent_at: Vec<AtomicU64>,
+    last_arrival: Vec<AtomicU64>,
+    first_send: AtomicU64,
+    last_receive: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Stats {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 100 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 100_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+fn host_port(s: &str) -> String {
+    s.trim_start_matches("ws://").trim_start_matches("http://").trim_end_matches('/').to_owned()
+}
+
+/// One connected client: its ids from the welcome line.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    worker: String,
+    conn: String,
+}
+
+async fn connect_one(gateway: &str, source: u8) -> anyhow::Result<Conn> {
+    let addr: SocketAddr = tokio::net::lookup_host(gateway).await?.next().context("gateway address")?;
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if addr.ip().is_loopback() && addr.is_ipv4() {
+        sock.bind(SocketAddr::from(([127, 0, 0, source.max(1)], 0)))?;
+    }
+    let mut stream = sock.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: cHVzaHdpcmUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if stream.read_buf(&mut buf).await? == 0 || buf.len() > 8192 {
+            bail!("gateway closed during the handshake");
+        }
+    };
+    if !buf.starts_with(b"HTTP/1.1 101") {
+        bail!("handshake refused: {}", String::from_utf8_lossy(&buf[..head_end.min(80)]).lines().next().unwrap_or(""));
+    }
+    buf.advance(head_end);
+    loop {
+        if let Some((_, payload)) = frame(&mut buf)? {
+            let text = String::from_utf8_lossy(&payload);
+            let mut parts = text.split_whitespace();
+            let worker = parts.next().and_then(|p| p.strip_prefix("workerID:")).context("welcome line")?.to_owned();
+            let conn = parts.next().and_then(|p| p.strip_prefix("connectionID:")).context("welcome line")?.to_owned();
+            return Ok(Conn { stream, buf, worker, conn });
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            bail!("gateway closed before the welcome line");
+        }
+    }
+}
+
+/// Take one unmasked server frame: (opcode, payload).
+fn frame(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, BytesMut)>> {
+    let [b0, b1, ..] = buf[..] else { return Ok(None) };
+    let (len, head) = match b1 & 0x7F {
+        126 => match buf.get(2..4) {
+            Some(b) => (u16::from_be_bytes([b[0], b[1]]) as usize, 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => (u64::from_be_bytes(b.try_into()?) as usize, 10),
+            None => return Ok(None),
+        },
+        n => (n as usize, 2),
+    };
+    if buf.len() < head + len {
+        return Ok(None);
+    }
+    buf.advance(head);
+    Ok(Some((b0 & 0x0F, buf.split_to(len))))
+}
+
+/// A masked client frame (pong or close).
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len().min(125) as u8, 1, 2, 3, 4];
+    f.extend(payload.iter().take(125).enumerate().map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]));
+    f
+}
+
+/// Read pushes until told to stop; `me` is this client's index, `broadcasts` the most expected.
+async fn receive(mut c: Conn, me: usize, stats: Arc<Stats>, broadcasts: usize) {
+    let shard = me % SHARDS;
+    let mut seen = vec![0u64; broadcasts.div_ceil(64).max(1)];
+    let mut lat: Vec<u64> = Vec::with_capacity(128);
+    let flush = |lat: &mut Vec<u64>| {
+        if let Ok(mut h) = stats.hist[shard].lock() {
+            for l in lat.drain(..) {
+                let _ = h.record(l.max(1));
+            }
+        }
+    };
+    loop {
+        while let Ok(Some((op, payload))) = frame(&mut c.buf) {
+            match op {
+                0x9 => {
+                    let _ = c.stream.write_all(&client_frame(0xA, &payload)).await;
+                    continue;
+                }
+                0x8 => {
+                    flush(&mut lat);
+                    return;
+                }
+                0x1 | 0x2 => {}
+                _ => continue,
+            }
+            let now = stats.now_us();
+            let mut parts = payload[..].split(|b| *b == b':');
+            let (Some(seq), Some(sent), Some(target)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let num = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok());
+            let (Some(seq), Some(sent)) = (num(seq), num(sent)) else { continue };
+            stats.deliveries.fetch_add(1, Relaxed);
+            stats.last_receive.fetch_max(now, Relaxed);
+            lat.push(now.saturating_sub(sent));
+            if target == b"b" {
+                let (word, bit) = (seq as usize / 64, 1u64 << (seq % 64));
+                match seen.get_mut(word) {
+                    Some(w) if *w & bit != 0 => {
+                        stats.duplicates.fetch_add(1, Relaxed);
+                    }
+                    Some(w) => {
+                        *w |= bit;
+                        stats.broadcasts_seen.fetch_add(1, Relaxed);
+                        if let Some(a) = stats.last_arrival.get(seq as usize) {
+                            a.fetch_max(now, Relaxed);
+                        }
+                    }
+                    None => {}
+                }
+            } else if num(target) == Some(me as u64) {
+                stats.targeted_received.fetch_add(1, Relaxed);
+            } else {
+                stats.misdelivered.fetch_add(1, Relaxed);
+            }
+            if lat.len() == lat.capacity() {
+                flush(&mut lat);
+            }
+        }
+        if stats.stop.load(Relaxed) {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), c.stream.read_buf(&mut c.buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            _ => {}
+        }
+    }
+    flush(&mut lat);
+}
+
+/// A keep-alive HTTP/1.1 client for one publisher.
+struct Http {
+    stream: TcpStream,
+    host: String,
+    buf: BytesMut,
+}
+
+impl Http {
+    async fn open(host: &str) -> anyhow::Result<Http> {
+        let stream = TcpStream::connect(host).await.with_context(|| format!("publisher {host}"))?;
+        stream.set_nodelay(true)?;
+        Ok(Http { stream, host: host.to_owned(), buf: BytesMut::with_capacity(1024) })
+    }
+
+    /// GET `target`; returns the status.
+    async fn get(&mut self, target: &str) -> anyhow::Result<u16> {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        self.stream.write_all(req.as_bytes()).await?;
+        loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
+                let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while self.buf.len() < i + 4 + len {
+                    if self.stream.read_buf(&mut self.buf).await? == 0 {
+                        bail!("publisher closed the connection");
+                    }
+                }
+                self.buf.advance(i + 4 + len);
+                return Ok(status);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                bail!("publisher closed the connection");
+            }
+        }
+    }
+}
+
+fn content(seq: u64, sent_us: u64, target: &str, size: usize) -> String {
+    let mut c = format!("{seq}:{sent_us}:{target}:");
+    while c.len() < size {
+        c.push('x');
+    }
+    c
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// Run a benchmark and print (and optionally write) its results.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let gateways: Vec<String> = args.gateway.iter().map(|g| host_port(g)).collect();
+    let publishers: Vec<String> = args.publisher.iter().map(|p| host_port(p)).collect();
+    if gateways.is_empty() || publishers.is_empty() || args.clients == 0 {
+        bail!("need at least one gateway, one publisher and one client");
+    }
+    let planned = match (args.mode, args.rate) {
+        (Mode::Broadcast, 0) => 1_000_000,
+        (Mode::Broadcast, r) => (r as f64 * args.duration.as_secs_f64()).ceil() as usize,
+        _ => 0,
+    };
+    let stats = Arc::new(Stats {
+        epoch: Instant::now(),
+        deliveries: AtomicU64::new(0),
+        broadcasts_seen: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
+        misdelivered: AtomicU64::new(0),
+        targeted_received: AtomicU64::new(0),
+        hist: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
+        sent_at: (0..planned).map(|_| AtomicU64::new(0)).collect(),
+        last_arrival: (0..planned).map(|_| AtomicU64::new(0)).collect(),
+        first_send: AtomicU64::new(u64::MAX),
+        last_receive: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let rss_before: Vec<(u32, u64)> = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
+
+    // Connect.
+    eprintln!("connecting {} clients to {}", args.clients, gateways.join(", "));
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let conns: Arc<Mutex<Vec<Option<Conn>>>> = Arc::new(Mutex::new((0..args.clients).map(|_| None).collect()));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..args.connect_concurrency.max(1) {
+        let (next, conns, failures, gateways) = (next.clone(), conns.clone(), failures.clone(), gateways.clone());
+        let (n, ips) = (args.clients, args.source_ips.max(1));
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Relaxed);
+                if i >= n {
+                    return;
+                }
+                let g = &gateways[i % gateways.len()];
+                match connect_one(g, 1 + (i / gateways.len()) as u8 % ips).await {
+                    Ok(c) => {
+                        if let Ok(mut v) = conns.lock() {
+                            v[i] = Some(c);
+                        }
+                    }
+                    Err(e) => {
+                        if failures.fetch_add(1, Relaxed) < 3 {
+                            eprintln!("client {i}: {e:#}");
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    let conns: Vec<Option<Conn>> = std::mem::take(&mut *conns.lock().map_err(|_| anyhow::anyhow!("lock"))?);
+    let connected = conns.iter().filter(|c| c.is_some()).count();
+    eprintln!(
+        "connected {connected}/{} in {connect_secs:.2}s ({:.0}/s), {} failed",
+        args.clients,
+        connected as f64 / connect_secs,
+        failures.load(Relaxed)
+    );
+    if connected == 0 {
+        bail!("no client connected");
+    }
+    let ids: Vec<Option<(String, String)>> = conns.iter().map(|c| c.as_ref().map(|c| (c.worker.clone(), c.conn.clone()))).collect();
+    let mut receivers = Vec::new();
+    for (i, c) in conns.into_iter().enumerate() {
+        if let Some(c) = c {
+            receivers.push(tokio::spawn(receive(c, i, stats.clone(), planned.max(1))));
+        }
+    }
+
+    let key = args.key.as_deref().map(|k| format!("&key={k}")).unwrap_or_default();
+    let mut rss_held = Vec::new();
+    let published = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let pub_hist = Arc::new(Mutex::new(histogram()));
+    let publish_started = Instant::now();
+    // Progress on stderr.
+    let progress = {
+        let (stats, published) = (stats.clone(), published.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let d = stats.deliveries.load(Relaxed);
+                eprintln!("  published {:>8}  delivered {:>10}  ({:>8}/s)", published.load(Relaxed), d, d - last);
+                last = d;
+            }
+        })
+    };
+    match args.mode {
+        Mode::Idle => {
+            tokio::time::sleep(args.duration).await;
+            rss_held = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
+        }
+        Mode::Broadcast | Mode::Targeted => {
+            let seq = Arc::new(AtomicU64::new(0));
+            let deadline = Instant::now() + args.duration;
+            let interval = (args.rate > 0).then(|| Duration::from_secs_f64(args.inflight as f64 / args.rate as f64));
+            let mut pubs = Vec::new();
+            for w in 0..args.inflight.max(1) {
+                let host = publishers[w % publishers.len()].clone();
+                let (stats, seq, published, errors, pub_hist, ids, key) =
+                    (stats.clone(), seq.clone(), published.clone(), errors.clone(), pub_hist.clone(), ids.clone(), key.clone());
+                let (mode, size, planned) = (args.mode, args.size, planned as u64);
+                pubs.push(tokio::spawn(async move {
+                    let mut http = Http::open(&host).await?;
+                    let mut tick = interval.map(|i| {
+                        let mut t = tokio::time::interval(i);
+                        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                        t
+                    });
+                    let mut rng = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    while Instant::now() < deadline {
+                        if let Some(t) = tick.as_mut() {
+                            t.tick().await;
+                        }
+                        let target = match mode {
+                            Mode::Broadcast => {
+                                let s = seq.fetch_add(1, Relaxed);
+                                if s >= planned {
+                                    break;
+                                }
+                                // Closed loop at max rate: stay within WINDOW broadcasts of delivery.
+                                while tick.is_none()
+                                    && s > WINDOW
+                                    && stats.broadcasts_seen.load(Relaxed) < (s - WINDOW) * connected as u64 * 9 / 10
+                                    && Instant::now() < deadline
+                                {
+                                    tokio::time::sleep(Duration::from_micros(200)).await;
+                                }
+                                let now = stats.now_us();
+                                if let Some(t) = stats.sent_at.get(s as usize) {
+                                    t.store(now, Relaxed);
+                                }
+                                format!("content={}", content(s, now, "b", size))
+                            }
+                            _ => {
+                                rng ^= rng << 13;
+                                rng ^= rng >> 7;
+                                rng ^= rng << 17;
+                                let i = (rng % ids.len() as u64) as usize;
+                                let Some((worker, conn)) = &ids[i] else { continue };
+                                let s = seq.fetch_add(1, Relaxed);
+                                let c = content(s, stats.now_us(), &i.to_string(), size);
+                                format!("to_worker_id={worker}&to_connection_id={conn}&content={c}")
+                            }
+                        };
+                        let t0 = stats.now_us();
+                        stats.first_send.fetch_min(t0, Relaxed);
+                        match http.get(&format!("/?{target}{key}")).await {
+                            Ok(200) => {
+                                published.fetch_add(1, Relaxed);
+                                if let Ok(mut h) = pub_hist.lock() {
+                                    let _ = h.record((stats.now_us() - t0).max(1));
+                                }
+                            }
+                            Ok(status) => {
+                                if errors.fetch_add(1, Relaxed) < 3 {
+                                    eprintln!("publisher {host}: answered {status}");
+                                }
+                            }
+                            Err(e) => {
+                                if errors.fetch_add(1, Relaxed) < 3 {
+                                    eprintln!("publisher {host}: {e:#}; reconnecting");
+                                }
+                                http = Http::open(&host).await?;
+                            }
+                        }
+                    }
+                    anyhow::Ok(())
+                }));
+            }
+            for p in pubs {
+                p.await??;
+            }
+        }
+    }
+    let publish_secs = publish_started.elapsed().as_secs_f64();
+    // Let deliveries drain: stop when nothing arrived for a while.
+    let mut last = u64::MAX;
+    while args.mode != Mode::Idle && stats.deliveries.load(Relaxed) != last {
+        last = stats.deliveries.load(Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    progress.abort();
+    stats.stop.store(true, Relaxed);
+    for r in receivers {
+        let _ = r.await;
+    }
+
+    let mut hist = histogram();
+    for h in &stats.hist {
+        if let Ok(h) = h.lock() {
+            let _ = hist.add(&*h);
+        }
+    }
+    let published = published.load(Relaxed);
+    let deliveries = stats.deliveries.load(Relaxed);
+    let span_us = stats.last_receive.load(Relaxed).saturating_sub(stats.first_send.load(Relaxed)).max(1);
+    let expected = match args.mode {
+        Mode::Broadcast => published * connected as u64,
+        Mode::Targeted => published,
+        Mode::Idle => 0,
+    };
+    let received_ok = match args.mode {
+        Mode::Broadcast => stats.broadcasts_seen.load(Relaxed),
+        _ => stats.targeted_received.load(Relaxed),
+    };
+    // Fan-out completion: from a broadcast's send to its arrival at the last client.
+    let mut fanout = histogram();
+    for (sent, last) in stats.sent_at.iter().zip(&stats.last_arrival) {
+        let (sent, last) = (sent.load(Relaxed), last.load(Relaxed));
+        if sent > 0 && last > 0 {
+            let _ = fanout.record(last.saturating_sub(sent).max(1));
+        }
+    }
+    let pub_hist = pub_hist.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    let rss: Vec<report::Rss> = rss_before
+        .iter()
+        .zip(&rss_held)
+        .map(|((pid, before), (_, after))| report::Rss {
+            pid: *pid,
+            before_kb: *before,
+            after_kb: *after,
+            per_connection_kb: (*after as f64 - *before as f64) / connected as f64,
+        })
+        .collect();
+    let summary = report::Summary {
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        clients: connected,
+        connect_per_s: connected as f64 / connect_secs,
+        published,
+        publish_errors: errors.load(Relaxed),
+        publish_per_s: published as f64 / publish_secs,
+        deliveries,
+        deliveries_per_s: deliveries as f64 / (span_us as f64 / 1e6),
+        missing: expected.saturating_sub(received_ok),
+        duplicates: stats.duplicates.load(Relaxed),
+        misdelivered: stats.misdelivered.load(Relaxed),
+        latency_ms: [q(&hist, 0.5), q(&hist, 0.9), q(&hist, 0.99), q(&hist, 0.999), hist.max() as f64 / 1000.0],
+        publish_latency_ms: [q(&pub_hist, 0.5), q(&pub_hist, 0.9), q(&pub_hist, 0.99), q(&pub_hist, 0.999), pub_hist.max() as f64 / 1000.0],
+        fanout_ms: [q(&fanout, 0.5), q(&fanout, 0.9), q(&fanout, 0.99), q(&fanout, 0.999), fanout.max() as f64 / 1000.0],
+        rss,
+    };
+    println!("{}", summary.human());
+    if let Some(path) = &args.json {
+        std::fs::write(path, summary.json()).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("results written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The results, printable for people and as JSON (written by hand: no serde dependency).
+mod report {
+    use std::fmt::Write as _;
+
+    pub struct Rss {
+        pub pid: u32,
+        pub before_kb: u64,
+        pub after_kb: u64,
+        pub per_connection_kb: f64,
+    }
+
+    pub struct Summary {
+        pub mode: String,
+        pub clients: usize,
+        pub connect_per_s: f64,
+        pub published: u64,
+        pub publish_errors: u64,
+        pub publish_per_s: f64,
+        pub deliveries: u64,
+        pub deliveries_per_s: f64,
+        pub missing: u64,
+        pub duplicates: u64,
+        pub misdelivered: u64,
+        /// p50, p90, p99, p99.9, max.
+        pub latency_ms: [f64; 5],
+        pub publish_latency_ms: [f64; 5],
+        /// Broadcasts: send to arrival at the last client.
+        pub fanout_ms: [f64; 5],
+        pub rss: Vec<Rss>,
+    }
+
+    impl Summary {
+        pub fn human(&self) -> String {
+            let l = &self.latency_ms;
+            let p = &self.publish_latency_ms;
+            let f = &self.fanout_ms;
+            let mut s = format!(
+                "mode {}: {} clients (connected at {:.0}/s)\n\
+                 published {} ({:.0}/s, {} errors), deliveries {} ({:.0}/s)\n\
+                 missing {}, duplicates {}, misdelivered {}\n\
+                 delivery latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
+                 publish latency ms:  p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
+                 fan-out complete ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                self.mode,
+                self.clients,
+                self.connect_per_s,
+                self.published,
+                self.publish_per_s,
+                self.publish_errors,
+                self.deliveries,
+                self.deliveries_per_s,
+                self.missing,
+                self.duplicates,
+                self.misdelivered,
+                l[0],
+                l[1],
+                l[2],
+                l[3],
+                l[4],
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                p[4],
+                f[0],
+                f[1],
+                f[2],
+                f[3],
+                f[4],
+            );
+            for r in &self.rss {
+                let _ = write!(
+                    s,
+                    "\npid {}: RSS {} kB -> {} kB, {:.2} kB per connection",
+                    r.pid, r.before_kb, r.after_kb, r.per_connection_kb
+                );
+            }
+            s
+        }
+
+        pub fn json(&self) -> String {
+            let arr = |a: &[f64; 5]| format!("{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{}}}", a[0], a[1], a[2], a[3], a[4]);
+            let rss: Vec<String> = self
+                .rss
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{{\"pid\":{},\"before_kb\":{},\"after_kb\":{},\"per_connection_kb\":{:.3}}}",
+                        r.pid, r.before_kb, r.after_kb, r.per_connection_kb
+                    )
+                })
+                .collect();
+            format!(
+                "{{\"mode\":\"{}\",\"clients\":{},\"connect_per_s\":{:.1},\"published\":{},\"publish_errors\":{},\
+                 \"publish_per_s\":{:.1},\"deliveries\":{},\"deliveries_per_s\":{:.1},\"missing\":{},\"duplicates\":{},\
+                 \"misdelivered\":{},\"latency_ms\":{},\"publish_latency_ms\":{},\"fanout_ms\":{},\"rss\":[{}]}}\n",
+                self.mode,
+                self.clients,
+                self.connect_per_s,
+                self.published,
+                self.publish_errors,
+                self.publish_per_s,
+                self.deliveries,
+                self.deliveries_per_s,
+                self.missing,
+                self.duplicates,
+                self.misdelivered,
+                arr(&self.latency_ms),
+                arr(&self.publish_latency_ms),
+                arr(&self.fanout_ms),
+                rss.join(",")
+            )
+        }
+    }
+}
