@@ -11,7 +11,7 @@
 //! histograms. Each push carries `SEQ:SENT_US:TARGET` padded to `--size` bytes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,7 +90,6 @@ struct Stats {
     last_arrival: Vec<AtomicU64>,
     first_send: AtomicU64,
     last_receive: AtomicU64,
-    stop: AtomicBool,
 }
 
 impl Stats {
@@ -101,7 +100,8 @@ impl Stats {
 
 fn histogram() -> Histogram<u64> {
     // 1 µs to 100 s, 3 significant digits.
-    Histogram::new_with_bounds(1, 100_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+    Histogram::new_with_bounds(1, 100_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
 fn host_port(s: &str) -> String {
@@ -184,49 +184,39 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Read pushes until told to stop; `me` is this client's index, `broadcasts` the most expected.
+/// Read pushes until the connection ends (or the task is aborted at the end of the run); `me` is
+/// this client's index, `broadcasts` the most expected. Everything is counted once per read batch,
+/// so aborting between reads loses nothing and the shared counters are touched rarely.
 async fn receive(mut c: Conn, me: usize, stats: Arc<Stats>, broadcasts: usize) {
     let shard = me % SHARDS;
     let mut seen = vec![0u64; broadcasts.div_ceil(64).max(1)];
-    let mut lat: Vec<u64> = Vec::with_capacity(128);
-    let flush = |lat: &mut Vec<u64>| {
-        if let Ok(mut h) = stats.hist[shard].lock() {
-            for l in lat.drain(..) {
-                let _ = h.record(l.max(1));
-            }
-        }
-    };
+    let mut lat: Vec<u64> = Vec::with_capacity(64);
     loop {
+        let now = stats.now_us();
+        let (mut delivered, mut new_broadcasts, mut dups, mut mine, mut wrong) = (0, 0, 0, 0, 0);
         while let Ok(Some((op, payload))) = frame(&mut c.buf) {
             match op {
                 0x9 => {
                     let _ = c.stream.write_all(&client_frame(0xA, &payload)).await;
                     continue;
                 }
-                0x8 => {
-                    flush(&mut lat);
-                    return;
-                }
+                0x8 => return,
                 0x1 | 0x2 => {}
                 _ => continue,
             }
-            let now = stats.now_us();
             let mut parts = payload[..].split(|b| *b == b':');
             let (Some(seq), Some(sent), Some(target)) = (parts.next(), parts.next(), parts.next()) else { continue };
             let num = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok());
             let (Some(seq), Some(sent)) = (num(seq), num(sent)) else { continue };
-            stats.deliveries.fetch_add(1, Relaxed);
-            stats.last_receive.fetch_max(now, Relaxed);
+            delivered += 1;
             lat.push(now.saturating_sub(sent));
             if target == b"b" {
                 let (word, bit) = (seq as usize / 64, 1u64 << (seq % 64));
                 match seen.get_mut(word) {
-                    Some(w) if *w & bit != 0 => {
-                        stats.duplicates.fetch_add(1, Relaxed);
-                    }
+                    Some(w) if *w & bit != 0 => dups += 1,
                     Some(w) => {
                         *w |= bit;
-                        stats.broadcasts_seen.fetch_add(1, Relaxed);
+                        new_broadcasts += 1;
                         if let Some(a) = stats.last_arrival.get(seq as usize) {
                             a.fetch_max(now, Relaxed);
                         }
@@ -234,23 +224,29 @@ async fn receive(mut c: Conn, me: usize, stats: Arc<Stats>, broadcasts: usize) {
                     None => {}
                 }
             } else if num(target) == Some(me as u64) {
-                stats.targeted_received.fetch_add(1, Relaxed);
+                mine += 1;
             } else {
-                stats.misdelivered.fetch_add(1, Relaxed);
-            }
-            if lat.len() == lat.capacity() {
-                flush(&mut lat);
+                wrong += 1;
             }
         }
-        if stats.stop.load(Relaxed) {
-            break;
+        if delivered > 0 {
+            stats.deliveries.fetch_add(delivered, Relaxed);
+            stats.broadcasts_seen.fetch_add(new_broadcasts, Relaxed);
+            stats.duplicates.fetch_add(dups, Relaxed);
+            stats.targeted_received.fetch_add(mine, Relaxed);
+            stats.misdelivered.fetch_add(wrong, Relaxed);
+            stats.last_receive.fetch_max(now, Relaxed);
+            if let Ok(mut h) = stats.hist[shard].lock() {
+                for l in lat.drain(..) {
+                    let _ = h.record(l.max(1));
+                }
+            }
         }
-        match tokio::time::timeout(Duration::from_millis(200), c.stream.read_buf(&mut c.buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            _ => {}
+        match c.stream.read_buf(&mut c.buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
-    flush(&mut lat);
 }
 
 /// A keep-alive HTTP/1.1 client for one publisher.
@@ -305,7 +301,11 @@ fn content(seq: u64, sent_us: u64, target: &str, size: usize) -> String {
 
 fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Run a benchmark and print (and optionally write) its results.
@@ -332,7 +332,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         last_arrival: (0..planned).map(|_| AtomicU64::new(0)).collect(),
         first_send: AtomicU64::new(u64::MAX),
         last_receive: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
     });
     let rss_before: Vec<(u32, u64)> = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
 
@@ -383,7 +382,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if connected == 0 {
         bail!("no client connected");
     }
-    let ids: Vec<Option<(String, String)>> = conns.iter().map(|c| c.as_ref().map(|c| (c.worker.clone(), c.conn.clone()))).collect();
+    let ids: Vec<Option<(String, String)>> =
+        conns.iter().map(|c| c.as_ref().map(|c| (c.worker.clone(), c.conn.clone()))).collect();
     let mut receivers = Vec::new();
     for (i, c) in conns.into_iter().enumerate() {
         if let Some(c) = c {
@@ -422,8 +422,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let mut pubs = Vec::new();
             for w in 0..args.inflight.max(1) {
                 let host = publishers[w % publishers.len()].clone();
-                let (stats, seq, published, errors, pub_hist, ids, key) =
-                    (stats.clone(), seq.clone(), published.clone(), errors.clone(), pub_hist.clone(), ids.clone(), key.clone());
+                let (stats, seq, published, errors, pub_hist, ids, key) = (
+                    stats.clone(),
+                    seq.clone(),
+                    published.clone(),
+                    errors.clone(),
+                    pub_hist.clone(),
+                    ids.clone(),
+                    key.clone(),
+                );
                 let (mode, size, planned) = (args.mode, args.size, planned as u64);
                 pubs.push(tokio::spawn(async move {
                     let mut http = Http::open(&host).await?;
@@ -506,7 +513,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     progress.abort();
-    stats.stop.store(true, Relaxed);
+    for r in &receivers {
+        r.abort();
+    }
     for r in receivers {
         let _ = r.await;
     }
@@ -562,8 +571,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         duplicates: stats.duplicates.load(Relaxed),
         misdelivered: stats.misdelivered.load(Relaxed),
         latency_ms: [q(&hist, 0.5), q(&hist, 0.9), q(&hist, 0.99), q(&hist, 0.999), hist.max() as f64 / 1000.0],
-        publish_latency_ms: [q(&pub_hist, 0.5), q(&pub_hist, 0.9), q(&pub_hist, 0.99), q(&pub_hist, 0.999), pub_hist.max() as f64 / 1000.0],
-        fanout_ms: [q(&fanout, 0.5), q(&fanout, 0.9), q(&fanout, 0.99), q(&fanout, 0.999), fanout.max() as f64 / 1000.0],
+        publish_latency_ms: [
+            q(&pub_hist, 0.5),
+            q(&pub_hist, 0.9),
+            q(&pub_hist, 0.99),
+            q(&pub_hist, 0.999),
+            pub_hist.max() as f64 / 1000.0,
+        ],
+        fanout_ms: [
+            q(&fanout, 0.5),
+            q(&fanout, 0.9),
+            q(&fanout, 0.99),
+            q(&fanout, 0.999),
+            fanout.max() as f64 / 1000.0,
+        ],
         rss,
     };
     println!("{}", summary.human());
@@ -655,7 +676,9 @@ mod report {
         }
 
         pub fn json(&self) -> String {
-            let arr = |a: &[f64; 5]| format!("{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{}}}", a[0], a[1], a[2], a[3], a[4]);
+            let arr = |a: &[f64; 5]| {
+                format!("{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{}}}", a[0], a[1], a[2], a[3], a[4])
+            };
             let rss: Vec<String> = self
                 .rss
                 .iter()

@@ -320,7 +320,7 @@ fn shutdown_signal() -> impl Fn() -> Shutdown {
 }
 
 async fn bind_tcp(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("{what}: cannot listen on {addr}"))
+    crate::io::bind_tcp(addr).await.with_context(|| format!("{what}: cannot listen on {addr}"))
 }
 
 fn tcp_addr(addr: &str) -> anyhow::Result<ListenAddr> {

@@ -54,11 +54,29 @@ pub enum Listener {
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
+/// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`).
+/// The usual default of 128 overflows when thousands of clients connect at once.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind a TCP listener on `addr` (`HOST:PORT`) with [`LISTEN_BACKLOG`].
+pub async fn bind_tcp(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        sock.set_reuseaddr(true)?;
+        match sock.bind(a) {
+            Ok(()) => return sock.listen(LISTEN_BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")))
+}
+
 impl Listener {
     /// Bind `addr`; a stale Unix socket file is replaced.
     pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
         match addr {
-            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(bind_tcp(a).await?)),
             ListenAddr::Unix(p) => {
                 let _ = std::fs::remove_file(p);
                 Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
