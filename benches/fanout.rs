@@ -8,7 +8,7 @@ use pushwire::push::Push;
 
 fn fanout(c: &mut Criterion) {
     const N: usize = 10_000;
-    let (worker, mut rxs) = pushwire::gateway::bench_worker(N, 4);
+    let (worker, conns) = pushwire::gateway::bench_worker(N, 4);
     let data = Push { to_connection_id: None, content: vec![b'x'; 64] }.encode();
     let msg = Message { channel: Bytes::from_static(b"broadcast"), data };
     let mut g = c.benchmark_group("fanout");
@@ -16,9 +16,9 @@ fn fanout(c: &mut Criterion) {
     g.bench_function("broadcast_64B_to_10k_connections", |b| {
         b.iter(|| {
             worker.handle(msg.clone());
-            // Drain, as the connection writers would, so that queues never fill.
-            for rx in rxs.iter_mut() {
-                while rx.try_recv().is_ok() {}
+            // Drain, as the connection tasks would, so that queues never fill.
+            for c in &conns {
+                c.drain();
             }
         })
     });

@@ -416,93 +416,117 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             rss_held = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
         }
         Mode::Broadcast | Mode::Targeted => {
-            let seq = Arc::new(AtomicU64::new(0));
-            let deadline = Instant::now() + args.duration;
-            let interval = (args.rate > 0).then(|| Duration::from_secs_f64(args.inflight as f64 / args.rate as f64));
-            let mut pubs = Vec::new();
-            for w in 0..args.inflight.max(1) {
-                let host = publishers[w % publishers.len()].clone();
-                let (stats, seq, published, errors, pub_hist, ids, key) = (
-                    stats.clone(),
-                    seq.clone(),
-                    published.clone(),
-                    errors.clone(),
-                    pub_hist.clone(),
-                    ids.clone(),
-                    key.clone(),
-                );
-                let (mode, size, planned) = (args.mode, args.size, planned as u64);
-                pubs.push(tokio::spawn(async move {
-                    let mut http = Http::open(&host).await?;
-                    let mut tick = interval.map(|i| {
-                        let mut t = tokio::time::interval(i);
-                        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                        t
-                    });
-                    let mut rng = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    while Instant::now() < deadline {
-                        if let Some(t) = tick.as_mut() {
-                            t.tick().await;
-                        }
-                        let target = match mode {
-                            Mode::Broadcast => {
-                                let s = seq.fetch_add(1, Relaxed);
-                                if s >= planned {
-                                    break;
+            // Publishers run on their own thread and runtime, so that thousands of receivers
+            // waking at once never delay a publish (or its timestamp).
+            let (stats, published, errors, pub_hist, ids, key, publishers, args) = (
+                stats.clone(),
+                published.clone(),
+                errors.clone(),
+                pub_hist.clone(),
+                ids.clone(),
+                key.clone(),
+                publishers.clone(),
+                args.clone(),
+            );
+            let planned = planned;
+            let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async move {
+                    let seq = Arc::new(AtomicU64::new(0));
+                    let deadline = Instant::now() + args.duration;
+                    let interval =
+                        (args.rate > 0).then(|| Duration::from_secs_f64(args.inflight as f64 / args.rate as f64));
+                    let mut pubs = Vec::new();
+                    for w in 0..args.inflight.max(1) {
+                        let host = publishers[w % publishers.len()].clone();
+                        let (stats, seq, published, errors, pub_hist, ids, key) = (
+                            stats.clone(),
+                            seq.clone(),
+                            published.clone(),
+                            errors.clone(),
+                            pub_hist.clone(),
+                            ids.clone(),
+                            key.clone(),
+                        );
+                        let (mode, size, planned) = (args.mode, args.size, planned as u64);
+                        pubs.push(tokio::spawn(async move {
+                            let mut http = Http::open(&host).await?;
+                            let mut tick = interval.map(|i| {
+                                let mut t = tokio::time::interval(i);
+                                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                                t
+                            });
+                            let mut rng = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                            while Instant::now() < deadline {
+                                if let Some(t) = tick.as_mut() {
+                                    t.tick().await;
                                 }
-                                // Closed loop at max rate: stay within WINDOW broadcasts of delivery.
-                                while tick.is_none()
-                                    && s > WINDOW
-                                    && stats.broadcasts_seen.load(Relaxed) < (s - WINDOW) * connected as u64 * 9 / 10
-                                    && Instant::now() < deadline
-                                {
-                                    tokio::time::sleep(Duration::from_micros(200)).await;
+                                let target = match mode {
+                                    Mode::Broadcast => {
+                                        let s = seq.fetch_add(1, Relaxed);
+                                        if s >= planned {
+                                            break;
+                                        }
+                                        // Closed loop at max rate: stay within WINDOW broadcasts of delivery.
+                                        while tick.is_none()
+                                            && s > WINDOW
+                                            && stats.broadcasts_seen.load(Relaxed)
+                                                < (s - WINDOW) * connected as u64 * 9 / 10
+                                            && Instant::now() < deadline
+                                        {
+                                            tokio::time::sleep(Duration::from_micros(200)).await;
+                                        }
+                                        let now = stats.now_us();
+                                        if let Some(t) = stats.sent_at.get(s as usize) {
+                                            t.store(now, Relaxed);
+                                        }
+                                        format!("content={}", content(s, now, "b", size))
+                                    }
+                                    _ => {
+                                        rng ^= rng << 13;
+                                        rng ^= rng >> 7;
+                                        rng ^= rng << 17;
+                                        let i = (rng % ids.len() as u64) as usize;
+                                        let Some((worker, conn)) = &ids[i] else { continue };
+                                        let s = seq.fetch_add(1, Relaxed);
+                                        let c = content(s, stats.now_us(), &i.to_string(), size);
+                                        format!("to_worker_id={worker}&to_connection_id={conn}&content={c}")
+                                    }
+                                };
+                                let t0 = stats.now_us();
+                                stats.first_send.fetch_min(t0, Relaxed);
+                                match http.get(&format!("/?{target}{key}")).await {
+                                    Ok(200) => {
+                                        published.fetch_add(1, Relaxed);
+                                        if let Ok(mut h) = pub_hist.lock() {
+                                            let _ = h.record((stats.now_us() - t0).max(1));
+                                        }
+                                    }
+                                    Ok(status) => {
+                                        if errors.fetch_add(1, Relaxed) < 3 {
+                                            eprintln!("publisher {host}: answered {status}");
+                                        }
+                                    }
+                                    Err(e) => {
+                                        if errors.fetch_add(1, Relaxed) < 3 {
+                                            eprintln!("publisher {host}: {e:#}; reconnecting");
+                                        }
+                                        http = Http::open(&host).await?;
+                                    }
                                 }
-                                let now = stats.now_us();
-                                if let Some(t) = stats.sent_at.get(s as usize) {
-                                    t.store(now, Relaxed);
-                                }
-                                format!("content={}", content(s, now, "b", size))
                             }
-                            _ => {
-                                rng ^= rng << 13;
-                                rng ^= rng >> 7;
-                                rng ^= rng << 17;
-                                let i = (rng % ids.len() as u64) as usize;
-                                let Some((worker, conn)) = &ids[i] else { continue };
-                                let s = seq.fetch_add(1, Relaxed);
-                                let c = content(s, stats.now_us(), &i.to_string(), size);
-                                format!("to_worker_id={worker}&to_connection_id={conn}&content={c}")
-                            }
-                        };
-                        let t0 = stats.now_us();
-                        stats.first_send.fetch_min(t0, Relaxed);
-                        match http.get(&format!("/?{target}{key}")).await {
-                            Ok(200) => {
-                                published.fetch_add(1, Relaxed);
-                                if let Ok(mut h) = pub_hist.lock() {
-                                    let _ = h.record((stats.now_us() - t0).max(1));
-                                }
-                            }
-                            Ok(status) => {
-                                if errors.fetch_add(1, Relaxed) < 3 {
-                                    eprintln!("publisher {host}: answered {status}");
-                                }
-                            }
-                            Err(e) => {
-                                if errors.fetch_add(1, Relaxed) < 3 {
-                                    eprintln!("publisher {host}: {e:#}; reconnecting");
-                                }
-                                http = Http::open(&host).await?;
-                            }
-                        }
+                            anyhow::Ok(())
+                        }));
+                    }
+                    for p in pubs {
+                        p.await??;
                     }
                     anyhow::Ok(())
-                }));
-            }
-            for p in pubs {
-                p.await??;
-            }
+                })
+            });
+            tokio::task::spawn_blocking(move || thread.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("publisher thread panicked"))??;
         }
     }
     let publish_secs = publish_started.elapsed().as_secs_f64();

@@ -27,12 +27,10 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::broker::{Broker, BrokerError, Message};
-use crate::io::write_frames;
 use crate::metrics::GLOBAL;
 use crate::push::{Push, BROADCAST};
 use crate::ws::{self, close, ClientFrame};
@@ -89,18 +87,21 @@ pub enum GatewayError {
     NoWorkers,
 }
 
-/// Why a connection is being closed by the server; stored before the connection is woken.
-struct Shared {
+/// What a worker and a connection's task share: the connection's outbound queue, and how to wake
+/// the task (for queued frames, or to close with `close_code`).
+pub struct Conn {
+    queue: Mutex<Queue>,
     wake: Notify,
     close_code: AtomicU16,
     last_seen: AtomicU64,
-    /// Bytes waiting in the connection's queue.
-    queued: AtomicUsize,
 }
 
-struct Conn {
-    tx: mpsc::Sender<Bytes>,
-    shared: Arc<Shared>,
+/// Frames waiting for the connection's task. Empty, it allocates nothing: most connections
+/// mostly listen.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
 }
 
 /// What became of a frame offered to a connection.
@@ -108,23 +109,37 @@ enum Offer {
     Queued,
     /// The queue is full (messages or bytes): the client is a slow consumer.
     Full,
-    /// The connection is closing.
-    Gone,
 }
 
 impl Conn {
-    /// Queue `frame` without waiting; every byte queued is counted, and the writer uncounts it.
-    fn offer(&self, frame: &Bytes, max_bytes: usize) -> Offer {
-        if self.shared.queued.load(Ordering::Relaxed) + frame.len() > max_bytes {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue `frame` without waiting, within `max_frames` and `max_bytes`.
+    fn offer(&self, frame: &Bytes, max_frames: usize, max_bytes: usize) -> Offer {
+        let mut q = self.queue();
+        if q.frames.len() >= max_frames || q.bytes + frame.len() > max_bytes {
             return Offer::Full;
         }
-        match self.tx.try_send(frame.clone()) {
-            Ok(()) => {
-                self.shared.queued.fetch_add(frame.len(), Ordering::Relaxed);
-                Offer::Queued
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+        let was_empty = q.frames.is_empty();
+        q.bytes += frame.len();
+        q.frames.push_back(frame.clone());
+        drop(q);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Offer::Queued
+    }
+
+    /// Move everything queued into `out`.
+    fn take(&self, out: &mut VecDeque<Bytes>) {
+        let mut q = self.queue();
+        q.bytes = 0;
+        if out.is_empty() {
+            std::mem::swap(out, &mut q.frames);
+        } else {
+            out.extend(q.frames.drain(..));
         }
     }
 }
@@ -132,24 +147,20 @@ impl Conn {
 /// One worker shard: its id, its connections, its connection counter.
 pub struct Worker {
     pub id: String,
-    conns: Mutex<HashMap<u64, Conn>>,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_conn: AtomicU64,
     epoch: Instant,
-    max_queued_bytes: usize,
+    max_frames: usize,
+    max_bytes: usize,
 }
 
 impl Worker {
-    fn new(id: String, max_queued_bytes: usize) -> Worker {
-        Worker {
-            id,
-            conns: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(0),
-            epoch: Instant::now(),
-            max_queued_bytes,
-        }
+    fn new(id: String, max_frames: usize, max_bytes: usize) -> Worker {
+        let (conns, next_conn, epoch) = (Mutex::new(HashMap::new()), AtomicU64::new(0), Instant::now());
+        Worker { id, conns, next_conn, epoch, max_frames, max_bytes }
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -158,17 +169,16 @@ impl Worker {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn add(&self, queue: usize) -> (u64, mpsc::Receiver<Bytes>, Arc<Shared>) {
+    fn add(&self) -> (u64, Arc<Conn>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(queue);
-        let shared = Arc::new(Shared {
+        let conn = Arc::new(Conn {
+            queue: Mutex::default(),
             wake: Notify::new(),
             close_code: AtomicU16::new(0),
             last_seen: AtomicU64::new(self.now()),
-            queued: AtomicUsize::new(0),
         });
-        self.table().insert(id, Conn { tx, shared: shared.clone() });
-        (id, rx, shared)
+        self.table().insert(id, conn.clone());
+        (id, conn)
     }
 
     fn remove(&self, id: u64) {
@@ -185,10 +195,9 @@ impl Worker {
         let mut table = self.table();
         let mut slow = Vec::new();
         let mut delivered = 0;
-        let mut offer = |id: u64, c: &Conn| match c.offer(frame, self.max_queued_bytes) {
+        let mut offer = |id: u64, c: &Conn| match c.offer(frame, self.max_frames, self.max_bytes) {
             Offer::Queued => delivered += 1,
             Offer::Full => slow.push(id),
-            Offer::Gone => {}
         };
         match only {
             Some(id) => {
@@ -202,7 +211,7 @@ impl Worker {
             if let Some(c) = table.remove(&id) {
                 GLOBAL.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(worker = %self.id, connection = id, "client not reading: closing (slow consumer)");
-                wake(&c.shared, close::POLICY);
+                c.close(close::POLICY);
             }
         }
         GLOBAL.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
@@ -244,12 +253,12 @@ impl Worker {
         let ping = ws::ping();
         let mut table = self.table();
         table.retain(|_, c| {
-            if now.saturating_sub(c.shared.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
-                wake(&c.shared, close::GOING_AWAY);
+            if now.saturating_sub(c.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
+                c.close(close::GOING_AWAY);
                 return false;
             }
             // A client whose queue is full gets no ping; the next push decides its fate.
-            let _ = c.offer(&ping, self.max_queued_bytes);
+            let _ = c.offer(&ping, self.max_frames, self.max_bytes);
             true
         });
     }
@@ -257,22 +266,32 @@ impl Worker {
     /// Close every connection with `code`.
     fn close_all(&self, code: u16) {
         for (_, c) in self.table().drain() {
-            wake(&c.shared, code);
+            c.close(code);
         }
     }
 }
 
-fn wake(shared: &Shared, code: u16) {
-    shared.close_code.store(code, Ordering::Release);
-    shared.wake.notify_one();
+impl Conn {
+    /// Ask the connection's task to close with `code`.
+    fn close(&self, code: u16) {
+        self.close_code.store(code, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// For benchmarks: drop whatever is queued.
+    #[doc(hidden)]
+    pub fn drain(&self) {
+        *self.queue() = Queue::default();
+    }
 }
 
-/// For benchmarks: a worker with `n` connections, and the receiving ends of their queues.
+/// For benchmarks: a worker with `n` in-memory connections (no sockets); empty their queues with
+/// [`Conn::drain`], as their tasks would.
 #[doc(hidden)]
-pub fn bench_worker(n: usize, queue: usize) -> (Worker, Vec<mpsc::Receiver<Bytes>>) {
-    let w = Worker::new("bench-0".into(), usize::MAX);
-    let rxs = (0..n).map(|_| w.add(queue).1).collect();
-    (w, rxs)
+pub fn bench_worker(n: usize, queue: usize) -> (Worker, Vec<Arc<Conn>>) {
+    let w = Worker::new("bench-0".into(), queue, usize::MAX);
+    let conns = (0..n).map(|_| w.add().1).collect();
+    (w, conns)
 }
 
 /// A running gateway node.
@@ -294,7 +313,7 @@ impl Gateway {
         let node_id = cfg.node_id.clone().unwrap_or_else(|| crate::io::random_hex(6));
         let mut workers = Vec::new();
         for i in 0..cfg.workers {
-            let worker = Arc::new(Worker::new(format!("{node_id}-{i}"), cfg.outbound_queue_bytes));
+            let worker = Arc::new(Worker::new(format!("{node_id}-{i}"), cfg.outbound_queue, cfg.outbound_queue_bytes));
             let mut sub = broker
                 .subscribe(vec![worker.id.clone(), BROADCAST.to_owned()])
                 .map_err(|source| GatewayError::Subscribe { worker: worker.id.clone(), source })?;
@@ -423,8 +442,12 @@ impl Gateway {
             let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
             let worker = gw.workers[n].clone();
             GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-            let leftover = BytesMut::from(&parts.read_buf[..]);
-            connection(parts.io.into_inner(), leftover, &worker, &gw.cfg).await;
+            // Copy what hyper read past the handshake and let its read buffer go: `read_buf` is a
+            // view into hyper's whole buffer, which would otherwise live as long as the connection.
+            let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+            let leftover = BytesMut::from(&read_buf[..]);
+            drop(read_buf);
+            connection(io.into_inner(), leftover, &worker, &gw.cfg).await;
             drop(open);
         });
         let mut r = Response::new(Full::new(Bytes::new()));
@@ -450,19 +473,14 @@ impl Drop for OpenGuard {
 use crate::http::reply as text;
 
 /// Serve one WebSocket connection until it closes or is closed.
-async fn connection(mut stream: TcpStream, mut buf: BytesMut, worker: &Worker, cfg: &GatewayConfig) {
-    let (id, mut rx, shared) = worker.add(cfg.outbound_queue);
+async fn connection(stream: TcpStream, mut buf: BytesMut, worker: &Worker, cfg: &GatewayConfig) {
+    let (id, conn) = worker.add();
     let welcome = format!("workerID:{} connectionID:{id} connected\n", worker.id);
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
-    let (mut rd, mut wr) = stream.split();
     let mut out = VecDeque::from([ws::encode(ws::TEXT, welcome.as_bytes())]);
-    let mut batch = Vec::with_capacity(16);
     let closing: Option<(u16, &str)> = 'conn: loop {
-        if !out.is_empty() {
-            match tokio::time::timeout(cfg.write_timeout, write_frames(&mut wr, &mut out)).await {
-                Ok(Ok(())) => {}
-                _ => break None,
-            }
+        if !out.is_empty() && !flush(&stream, &mut out, cfg.write_timeout).await {
+            break None;
         }
         loop {
             match ws::parse(&mut buf, cfg.max_client_frame) {
@@ -482,32 +500,50 @@ async fn connection(mut stream: TcpStream, mut buf: BytesMut, worker: &Worker, c
         }
         tokio::select! {
             biased;
-            () = shared.wake.notified() => {
-                let code = shared.close_code.load(Ordering::Acquire);
-                break match code {
-                    close::POLICY => Some((code, "slow consumer")),
-                    close::GOING_AWAY => Some((code, "going away")),
-                    _ => Some((code, "")),
-                };
-            }
-            n = rx.recv_many(&mut batch, 64) => {
-                if n == 0 {
+            () = conn.wake.notified() => match conn.close_code.load(Ordering::Acquire) {
+                0 => conn.take(&mut out),
+                close::POLICY => break Some((close::POLICY, "slow consumer")),
+                close::GOING_AWAY => break Some((close::GOING_AWAY, "going away")),
+                code => break Some((code, "")),
+            },
+            r = stream.readable() => {
+                if r.is_err() {
                     break None;
                 }
-                let bytes: usize = batch.iter().map(Bytes::len).sum();
-                shared.queued.fetch_sub(bytes, Ordering::Relaxed);
-                out.extend(batch.drain(..));
+                match stream.try_read_buf(&mut buf) {
+                    Ok(0) => break None,
+                    Ok(_) => conn.last_seen.store(worker.now(), Ordering::Relaxed),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break None,
+                }
             }
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => break None,
-                Ok(_) => shared.last_seen.store(worker.now(), Ordering::Relaxed),
-            },
         }
     };
     worker.remove(id);
     if let Some((code, reason)) = closing {
         let mut last = VecDeque::from([ws::close_frame(code, reason)]);
-        let _ = tokio::time::timeout(Duration::from_secs(1), write_frames(&mut wr, &mut last)).await;
+        flush(&stream, &mut last, Duration::from_secs(1)).await;
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
+}
+
+/// Write every queued frame, several per system call, waiting (up to `limit` each time) while the
+/// socket's buffer is full. Returns false when the socket failed or stayed full.
+///
+/// The system call is made synchronously (`try_write_vectored`) so that the slice array lives on
+/// the thread's stack, never in the connection's future: an idle connection stays small.
+async fn flush(stream: &TcpStream, out: &mut VecDeque<Bytes>, limit: Duration) -> bool {
+    while !out.is_empty() {
+        match crate::io::try_write_frames(stream, out) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Boxed: the timer exists only while a socket is full, not in every idle connection.
+                if !matches!(Box::pin(tokio::time::timeout(limit, stream.writable())).await, Ok(Ok(()))) {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
 }

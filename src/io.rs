@@ -115,24 +115,41 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &mut VecDequ
             let slices: Vec<IoSlice<'_>> = frames.iter().take(MAX_IOVECS).map(|b| IoSlice::new(b)).collect();
             w.write_vectored(&slices).await?
         };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let mut left = n;
-        while left > 0 {
-            let Some(front) = frames.front_mut() else {
-                break;
-            };
-            if front.len() <= left {
-                left -= front.len();
-                frames.pop_front();
-            } else {
-                front.advance(left);
-                left = 0;
-            }
-        }
+        advance(frames, n)?;
     }
     w.flush().await
+}
+
+/// One non-blocking vectored write of the queued frames to a TCP socket; written frames are
+/// popped. `WouldBlock` when the socket takes nothing now.
+pub fn try_write_frames(stream: &tokio::net::TcpStream, frames: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+    let mut k = 0;
+    for (slot, f) in slices.iter_mut().zip(frames.iter()) {
+        *slot = IoSlice::new(f);
+        k += 1;
+    }
+    let n = stream.try_write_vectored(&slices[..k])?;
+    advance(frames, n)
+}
+
+/// Pop `n` written bytes off the front of `frames`.
+fn advance(frames: &mut VecDeque<Bytes>, n: usize) -> std::io::Result<()> {
+    if n == 0 {
+        return Err(std::io::ErrorKind::WriteZero.into());
+    }
+    let mut left = n;
+    while left > 0 {
+        let Some(front) = frames.front_mut() else { break };
+        if front.len() <= left {
+            left -= front.len();
+            frames.pop_front();
+        } else {
+            front.advance(left);
+            left = 0;
+        }
+    }
+    Ok(())
 }
 
 /// `n` random bytes as lowercase hex, from the kernel's generator.
