@@ -428,7 +428,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 publishers.clone(),
                 args.clone(),
             );
-            let planned = planned;
             let thread = std::thread::spawn(move || -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
