@@ -299,7 +299,8 @@ fn content(seq: u64, sent_us: u64, target: &str, size: usize) -> String {
     c
 }
 
-fn rss_kb(pid: u32) -> u64 {
+/// Resident memory of process `pid`, in kB (0 when it cannot be read).
+pub fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()

@@ -39,17 +39,9 @@ fn protected_mode_refuses_open_listeners_without_auth() {
     }
 }
 
-async fn standalone_with(extra: &[&str]) -> (Proc, u16, u16, u16) {
-    let (c, w, h) = (free_port(), free_port(), free_port());
-    let (cl, wl, hl) = (format!("127.0.0.1:{c}"), format!("127.0.0.1:{w}"), format!("127.0.0.1:{h}"));
-    let mut args = vec!["standalone", "--channel-listen", &cl, "--ws-listen", &wl, "--http-listen", &hl];
-    args.extend_from_slice(extra);
-    (Proc::start(&args, &[c, w, h]).await, c, w, h)
-}
-
 #[tokio::test]
 async fn publish_key_is_required_and_checked() {
-    let (_p, _c, w, h) = standalone_with(&["--publish-key", "s3cret"]).await;
+    let (_p, _c, w, h) = standalone(&["--publish-key", "s3cret"]).await;
     let mut a = connect(w).await;
     assert_eq!(http_get(h, "/?content=x").await.0, 401);
     assert_eq!(http_get(h, "/?content=x&key=wrong").await.0, 401);
@@ -90,7 +82,7 @@ async fn channel_secret_guards_the_channel_server() {
 
 #[tokio::test]
 async fn origins_limits_and_oversized_frames() {
-    let (_p, _c, w, h) = standalone_with(&[
+    let (_p, _c, w, h) = standalone(&[
         "--allowed-origins",
         "http://good.example",
         "--max-connections",
@@ -128,18 +120,9 @@ async fn origins_limits_and_oversized_frames() {
     assert_eq!(next_text(&mut b).await.as_deref(), Some("still"));
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_cut_off_and_holds_back_nobody() {
-    let (p, _c, w, h) = standalone_with(&["--outbound-queue-bytes", "524288"]).await;
+    let (p, _c, w, h) = standalone(&["--outbound-queue-bytes", "524288"]).await;
     let mut readers = Vec::new();
     for _ in 0..3 {
         readers.push(connect(w).await);
@@ -181,7 +164,7 @@ async fn a_client_that_never_reads_is_cut_off_and_holds_back_nobody() {
     }
     let (_, metrics) = http_get(w, "/metrics").await;
     assert!(metrics.contains("pushwire_slow_consumer_disconnects_total 1"), "{metrics}");
-    let rss = rss_kb(p.pid());
+    let rss = pushwire::bench::rss_kb(p.pid());
     assert!(rss < 150_000, "server memory stays bounded: {rss} kB");
     // The slow client's connection was closed: after what was buffered, the stream ends.
     let mut slow = slow.ws;
@@ -201,7 +184,7 @@ async fn a_client_that_never_reads_is_cut_off_and_holds_back_nobody() {
 
 #[tokio::test]
 async fn heartbeat_closes_dead_peers_and_keeps_live_ones() {
-    let (_p, _c, w, h) = standalone_with(&["--heartbeat", "200ms"]).await;
+    let (_p, _c, w, h) = standalone(&["--heartbeat", "200ms"]).await;
     let mut live = connect(w).await;
     // A dead peer: completes the handshake, then never sends another byte (never answers pings).
     let mut dead = tokio::net::TcpStream::connect(("127.0.0.1", w)).await.unwrap();
@@ -224,7 +207,7 @@ async fn heartbeat_closes_dead_peers_and_keeps_live_ones() {
 
 #[tokio::test]
 async fn sigterm_closes_clients_with_1001_and_exits() {
-    let (mut p, _c, w, _h) = standalone_with(&[]).await;
+    let (mut p, _c, w, _h) = standalone(&[]).await;
     let mut a = connect(w).await;
     let term = Command::new("kill").args(["-TERM", &p.pid().to_string()]).status().expect("kill");
     assert!(term.success());

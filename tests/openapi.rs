@@ -8,22 +8,7 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_matches_its_openapi_description() {
-    let (c, w, h) = (free_port(), free_port(), free_port());
-    let _p = Proc::start(
-        &[
-            "standalone",
-            "--channel-listen",
-            &format!("127.0.0.1:{c}"),
-            "--ws-listen",
-            &format!("127.0.0.1:{w}"),
-            "--http-listen",
-            &format!("127.0.0.1:{h}"),
-            "--publish-key",
-            "openapi-key",
-        ],
-        &[c, w, h],
-    )
-    .await;
+    let (_p, _c, _w, h) = standalone(&["--publish-key", "openapi-key"]).await;
     let root = env!("CARGO_MANIFEST_DIR");
     let out = tokio::process::Command::new(find_program("schemathesis"))
         .args(["--no-color", "--config-file", &format!("{root}/tests/schemathesis.toml"), "run"])

@@ -6,27 +6,9 @@ use std::time::Duration;
 
 use common::*;
 
-async fn standalone() -> (Proc, u16, u16, u16) {
-    let (c, w, h) = (free_port(), free_port(), free_port());
-    let p = Proc::start(
-        &[
-            "standalone",
-            "--channel-listen",
-            &format!("127.0.0.1:{c}"),
-            "--ws-listen",
-            &format!("127.0.0.1:{w}"),
-            "--http-listen",
-            &format!("127.0.0.1:{h}"),
-        ],
-        &[c, w, h],
-    )
-    .await;
-    (p, c, w, h)
-}
-
 #[tokio::test]
 async fn seed_test_steps() {
-    let (_p, _c, ws_port, http_port) = standalone().await;
+    let (_p, _c, ws_port, http_port) = standalone(&[]).await;
     let mut a = connect(ws_port).await;
     let mut b = connect(ws_port).await;
     // Two workers by default, clients spread over them; ids have the NODE-N form.
@@ -52,7 +34,7 @@ async fn seed_test_steps() {
 
 #[tokio::test]
 async fn publisher_refuses_bad_requests_clearly() {
-    let (_p, _c, ws_port, http_port) = standalone().await;
+    let (_p, _c, ws_port, http_port) = standalone(&[]).await;
     let mut a = connect(ws_port).await;
     for (target, status, reason) in [
         ("/", 400, "missing parameter \"content\""),
@@ -77,7 +59,7 @@ async fn publisher_refuses_bad_requests_clearly() {
 #[tokio::test]
 async fn keep_alive_serves_many_requests_on_one_connection() {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-    let (_p, _c, ws_port, http_port) = standalone().await;
+    let (_p, _c, ws_port, http_port) = standalone(&[]).await;
     let mut a = connect(ws_port).await;
     let s = tokio::net::TcpStream::connect(("127.0.0.1", http_port)).await.unwrap();
     let mut s = BufReader::new(s);
@@ -108,7 +90,7 @@ async fn keep_alive_serves_many_requests_on_one_connection() {
 #[tokio::test]
 async fn channel_port_stays_open_to_other_nodes() {
     // A second gateway joins the standalone process through its channel port, as a PHP node could.
-    let (_p, c, ws_port, http_port) = standalone().await;
+    let (_p, c, ws_port, http_port) = standalone(&[]).await;
     let w2 = free_port();
     let _gw2 =
         Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{w2}"), "--broker", &format!("127.0.0.1:{c}")], &[w2])

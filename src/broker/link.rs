@@ -313,15 +313,3 @@ impl<T: Transport> Task<T> {
         end
     }
 }
-
-/// Back-off helper for tests and callers that wait for a link.
-pub async fn wait_connected(broker: &dyn Broker, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while !broker.is_connected() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}

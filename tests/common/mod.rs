@@ -546,3 +546,13 @@ pub async fn nats_server(port: u16, cluster: Option<(u16, &[u16])>, monitor: Opt
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Proc::program(&find_program("nats-server"), &args, &[port]).await
 }
+
+/// A `pushwire standalone` on free loopback ports, with `extra` flags:
+/// (process, channel port, gateway port, publisher port).
+pub async fn standalone(extra: &[&str]) -> (Proc, u16, u16, u16) {
+    let (c, w, h) = (free_port(), free_port(), free_port());
+    let (cl, wl, hl) = (format!("127.0.0.1:{c}"), format!("127.0.0.1:{w}"), format!("127.0.0.1:{h}"));
+    let mut args = vec!["standalone", "--channel-listen", &cl, "--ws-listen", &wl, "--http-listen", &hl];
+    args.extend_from_slice(extra);
+    (Proc::start(&args, &[c, w, h]).await, c, w, h)
+}
