@@ -1,9 +1,7 @@
 //! The `pushwire` binary: parse flags, set up logging, run.
 
-use clap::Parser;
-
 fn main() -> anyhow::Result<()> {
-    let cli = pushwire::cli::Cli::parse();
+    let cli = pushwire::cli::parse()?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level)?)
         .with_writer(std::io::stderr)

@@ -265,3 +265,70 @@ async fn channel_server_cuts_off_a_subscriber_that_stops_reading_and_counts_it()
     assert!(clients <= 2, "the sleeper is gone: {metrics}");
     assert_eq!(http_get(m, "/healthz").await.0, 200);
 }
+
+#[tokio::test]
+async fn config_file_under_environment_under_flags() {
+    let dir = std::env::temp_dir().join(format!("pushwire-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pushwire.conf");
+    std::fs::write(
+        &file,
+        "# test\n[standalone]\npublish-key = \"from-file\"\nheartbeat = 30s\n[gateway]\nworkers = 9\n",
+    )
+    .unwrap();
+    let config = file.to_string_lossy().into_owned();
+    let bin = env!("CARGO_BIN_EXE_pushwire");
+    let ports = || (free_port(), free_port(), free_port());
+    let args = |(c, w, h): (u16, u16, u16)| {
+        [
+            "standalone",
+            "--channel-listen",
+            &format!("127.0.0.1:{c}"),
+            "--ws-listen",
+            &format!("127.0.0.1:{w}"),
+            "--http-listen",
+            &format!("127.0.0.1:{h}"),
+            "--config",
+            &config,
+        ]
+        .map(String::from)
+    };
+    let accepts = |h: u16, key: &'static str| async move { http_get(h, &format!("/?content=x&key={key}")).await.0 };
+
+    // The file's key applies.
+    let p = ports();
+    let a = args(p);
+    let _s = Proc::program(bin, &a.each_ref().map(String::as_str), &[p.0, p.1, p.2]).await;
+    assert_eq!(accepts(p.2, "from-file").await, 200);
+    assert_eq!(accepts(p.2, "other").await, 401);
+
+    // The environment overrides the file.
+    let p = ports();
+    let a = args(p);
+    let _s = Proc::program_env(
+        bin,
+        &a.each_ref().map(String::as_str),
+        &[("PUSHWIRE_PUBLISH_KEY", "from-env")],
+        &[p.0, p.1, p.2],
+    )
+    .await;
+    assert_eq!(accepts(p.2, "from-env").await, 200);
+    assert_eq!(accepts(p.2, "from-file").await, 401);
+
+    // A flag overrides both.
+    let p = ports();
+    let mut a = args(p).to_vec();
+    a.extend(["--publish-key".to_string(), "from-flag".to_string()]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let _s = Proc::program_env(bin, &a, &[("PUSHWIRE_PUBLISH_KEY", "from-env")], &[p.0, p.1, p.2]).await;
+    assert_eq!(accepts(p.2, "from-flag").await, 200);
+    assert_eq!(accepts(p.2, "from-env").await, 401);
+
+    // A setting the command does not have stops it with the file and line.
+    std::fs::write(&file, "[standalone]\npublish-key = k\nbogus = 1\n").unwrap();
+    let out = run_to_exit(&["standalone", "--config", &config], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("pushwire.conf:3") && err.contains("bogus"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

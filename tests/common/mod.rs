@@ -84,10 +84,16 @@ impl Proc {
     /// Start any program (a Redis or NATS server, say) the same way; its output is discarded
     /// unless it is pushwire.
     pub async fn program(program: &str, args: &[&str], ready: &[u16]) -> Proc {
+        Proc::program_env(program, args, &[], ready).await
+    }
+
+    /// [`Proc::program`] with extra environment variables.
+    pub async fn program_env(program: &str, args: &[&str], env: &[(&str, &str)], ready: &[u16]) -> Proc {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let ours = program == env!("CARGO_BIN_EXE_pushwire");
         let child = Command::new(program)
             .args(&args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(if ours { Stdio::inherit() } else { Stdio::null() })
