@@ -27,6 +27,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -358,7 +359,9 @@ impl Gateway {
             let gw = gw.clone();
             async move { gw.route(req) }
         };
-        crate::http::serve("gateway", listener, handler, shutdown).await;
+        let gw = self.clone();
+        let intercept = move |stream| gw.clone().fast_upgrade(stream);
+        crate::http::serve_with("gateway", listener, handler, intercept, shutdown).await;
         for w in &self.workers {
             w.close_all(close::GOING_AWAY);
         }
@@ -414,41 +417,36 @@ impl Gateway {
             r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
             return r;
         }
-        if !self.cfg.allowed_origins.is_empty() {
-            let origin = h.get(header::ORIGIN).and_then(|o| o.to_str().ok()).unwrap_or_default();
-            if !self.cfg.allowed_origins.iter().any(|a| a == origin) {
-                GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
-                return text(StatusCode::FORBIDDEN, "text/plain", format!("origin {origin:?} is not allowed\n"));
-            }
+        let origin = h.get(header::ORIGIN).map(HeaderValue::as_bytes);
+        if !self.origin_allowed(origin) {
+            GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+            let origin = String::from_utf8_lossy(origin.unwrap_or_default());
+            return text(StatusCode::FORBIDDEN, "text/plain", format!("origin {origin:?} is not allowed\n"));
         }
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
-            self.open.fetch_sub(1, Ordering::AcqRel);
+        let Some(open) = self.open_slot() else {
             GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
             let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return r;
-        }
+        };
         let accept = ws::accept_key(key.as_bytes());
-        let gw = self.clone();
+        // Only the upgrade future goes into the connection's task, not the whole request: the
+        // task lives as long as the connection.
+        let on_upgrade = hyper::upgrade::on(req);
         tokio::spawn(async move {
-            let open = OpenGuard(gw.clone());
-            let upgraded = match hyper::upgrade::on(req).await {
+            let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => return tracing::debug!("websocket upgrade failed: {e}"),
             };
             let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
                 return tracing::error!("websocket upgrade gave an unexpected stream type");
             };
-            let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
-            let worker = gw.workers[n].clone();
-            GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
             // Copy what hyper read past the handshake and let its read buffer go: `read_buf` is a
             // view into hyper's whole buffer, which would otherwise live as long as the connection.
             let hyper::upgrade::Parts { io, read_buf, .. } = parts;
             let leftover = BytesMut::from(&read_buf[..]);
             drop(read_buf);
-            connection(io.into_inner(), leftover, &worker, &gw.cfg).await;
-            drop(open);
+            open.run(io.into_inner(), leftover).await;
         });
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -462,6 +460,7 @@ impl Gateway {
     }
 }
 
+/// One of the gateway's `--max-connections` slots, held for a connection's life.
 struct OpenGuard(Arc<Gateway>);
 
 impl Drop for OpenGuard {
@@ -470,14 +469,79 @@ impl Drop for OpenGuard {
     }
 }
 
+impl OpenGuard {
+    /// Serve an upgraded connection on the next worker, round-robin.
+    async fn run(self, stream: TcpStream, leftover: BytesMut) {
+        let gw = &self.0;
+        let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
+        let worker = gw.workers[n].clone();
+        GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
+        connection(stream, leftover, &worker, &gw.cfg).await;
+    }
+}
+
+impl Gateway {
+    fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
+        let origin = origin.unwrap_or_default();
+        self.cfg.allowed_origins.is_empty() || self.cfg.allowed_origins.iter().any(|a| a.as_bytes() == origin)
+    }
+
+    /// Take a connection slot, if the gateway is below its limit.
+    fn open_slot(self: &Arc<Self>) -> Option<OpenGuard> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(OpenGuard(self.clone()))
+    }
+
+    /// The WebSocket handshake without the HTTP stack, when the whole request is already in the
+    /// socket and is an upgrade this gateway accepts: no per-connection HTTP state, which matters
+    /// with tens of thousands of clients. Anything else is handed back (`Some`) to hyper, which
+    /// answers errors and unusual requests properly.
+    async fn fast_upgrade(self: Arc<Self>, mut stream: TcpStream) -> Option<TcpStream> {
+        let mut head = vec![0u8; 2048];
+        let n = match tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut head)).await {
+            Ok(Ok(n)) => n,
+            _ => return Some(stream),
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(len)) = req.parse(&head[..n]) else { return Some(stream) };
+        let get = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+        let upgrade = get("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));
+        let (Some(key), Some(b"13")) = (get("sec-websocket-key"), get("sec-websocket-version")) else {
+            return Some(stream);
+        };
+        if req.method != Some("GET") || !upgrade || !self.origin_allowed(get("origin")) {
+            return Some(stream);
+        }
+        let accept = ws::accept_key(key);
+        let Some(open) = self.open_slot() else { return Some(stream) };
+        let mut consumed = vec![0u8; len];
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        let handshake = async {
+            stream.read_exact(&mut consumed).await?;
+            stream.write_all(response.as_bytes()).await
+        };
+        if tokio::time::timeout(crate::http::HEADER_TIMEOUT, handshake).await.is_ok_and(|r| r.is_ok()) {
+            // A task of its own, sized for the connection alone, not for this HTTP accept path.
+            tokio::spawn(open.run(stream, BytesMut::new()));
+        }
+        None
+    }
+}
+
 use crate::http::reply as text;
 
 /// Serve one WebSocket connection until it closes or is closed.
 async fn connection(stream: TcpStream, mut buf: BytesMut, worker: &Worker, cfg: &GatewayConfig) {
     let (id, conn) = worker.add();
-    let welcome = format!("workerID:{} connectionID:{id} connected\n", worker.id);
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
-    let mut out = VecDeque::from([ws::encode(ws::TEXT, welcome.as_bytes())]);
+    let welcome = ws::encode(ws::TEXT, format!("workerID:{} connectionID:{id} connected\n", worker.id).as_bytes());
+    let mut out = VecDeque::from([welcome]);
     let closing: Option<(u16, &str)> = 'conn: loop {
         if !out.is_empty() && !flush(&stream, &mut out, cfg.write_timeout).await {
             break None;

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +40,23 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
+    serve_with(what, listener, handler, |s| std::future::ready(Some(s)), shutdown).await
+}
+
+/// [`serve`], with `intercept` offered each new connection first: it takes the connection
+/// (`None`) or hands it on to HTTP (`Some`).
+pub async fn serve_with<H, F, I, IF>(
+    what: &'static str,
+    listener: TcpListener,
+    handler: H,
+    intercept: I,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Reply> + Send + 'static,
+    I: Fn(TcpStream) -> IF + Clone + Send + Sync + 'static,
+    IF: Future<Output = Option<TcpStream>> + Send + 'static,
+{
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(listen = %addr, "{what} listening");
     let (stop, _) = tokio::sync::watch::channel(());
@@ -58,8 +75,9 @@ where
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let (handler, mut stopped) = (handler.clone(), stop.subscribe());
+        let (handler, intercept, mut stopped) = (handler.clone(), intercept.clone(), stop.subscribe());
         tokio::spawn(async move {
+            let Some(stream) = intercept(stream).await else { return };
             let service = hyper::service::service_fn(move |req| {
                 let f = handler(req);
                 async move { Ok::<_, std::convert::Infallible>(f.await) }

@@ -114,3 +114,34 @@ async fn channel_port_stays_open_to_other_nodes() {
     assert_eq!(http_get(http_port, &url).await.0, 200);
     assert_eq!(next_text(&mut b.ws).await.as_deref(), Some("remote"));
 }
+
+#[tokio::test]
+async fn a_handshake_split_across_packets_still_upgrades() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The gateway answers a whole handshake itself and hands anything else to its HTTP stack; a
+    // request that arrives in pieces takes the second path and must work the same.
+    let (_p, _c, ws_port, http_port) = standalone(&[]).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ws_port)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains(" connected\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("answer").expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{text}");
+    assert_eq!(http_get(http_port, "/?content=split").await.0, 200);
+    let mut more = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, s.read(&mut more)).await.expect("push").expect("read");
+    assert_eq!(&more[2..n], b"split");
+}
