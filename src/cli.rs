@@ -453,11 +453,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let broker = broker::open(&BrokerUrl::Memory, None, Some(hub.clone()), LinkConfig::default());
             let gw = Gateway::start(broker.clone(), a.gateway.config())?;
             let publisher = Publisher::new(broker, a.publisher.config());
-            tokio::join!(
-                channel_server::run(channel, hub, a.channel.config(), shutdown()),
-                gw.serve(ws, shutdown()),
-                publisher.serve(http, shutdown()),
-            );
+            // The publisher gets a thread and runtime of its own, so that a publish is never
+            // queued behind the thousands of connection tasks a broadcast wakes.
+            let (http, stop) = (http.into_std()?, shutdown());
+            let publisher_thread = std::thread::Builder::new().name("publisher".into()).spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async move {
+                    publisher.serve(TcpListener::from_std(http)?, stop).await;
+                    anyhow::Ok(())
+                })
+            })?;
+            tokio::join!(channel_server::run(channel, hub, a.channel.config(), shutdown()), gw.serve(ws, shutdown()),);
+            tokio::task::spawn_blocking(move || publisher_thread.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("publisher thread panicked"))??;
         }
     }
     Ok(())
