@@ -10,7 +10,12 @@ use common::*;
 async fn publisher_matches_its_openapi_description() {
     let (_p, _c, _w, h) = standalone(&["--publish-key", "openapi-key"]).await;
     let root = env!("CARGO_MANIFEST_DIR");
+    // Run from a scratch directory: schemathesis keeps a cache of earlier failures in its working
+    // directory and replays them, which must not leak between runs or into the repository.
+    let scratch = std::env::temp_dir().join(format!("pushwire-schemathesis-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch directory");
     let out = tokio::process::Command::new(find_program("schemathesis"))
+        .current_dir(&scratch)
         .args(["--no-color", "--config-file", &format!("{root}/tests/schemathesis.toml"), "run"])
         .arg(format!("{root}/docs/openapi.yaml"))
         .args(["--url", &format!("http://127.0.0.1:{h}")])
@@ -21,6 +26,7 @@ async fn publisher_matches_its_openapi_description() {
         .await
         .expect("schemathesis finishes")
         .expect("run schemathesis");
+    let _ = std::fs::remove_dir_all(&scratch);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "schemathesis found problems:\n{report}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(report.contains("No issues found"), "{report}");
