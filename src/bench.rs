@@ -571,7 +571,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let pub_hist = pub_hist.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
-    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    // p50, p90, p99, p99.9 and max, in ms.
+    let pcts = |h: &Histogram<u64>| {
+        let ms = |us: u64| us as f64 / 1000.0;
+        let q = |p: f64| ms(h.value_at_quantile(p));
+        [q(0.5), q(0.9), q(0.99), q(0.999), ms(h.max())]
+    };
     let rss: Vec<report::Rss> = rss_before
         .iter()
         .zip(&rss_held)
@@ -594,21 +599,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         missing: expected.saturating_sub(received_ok),
         duplicates: stats.duplicates.load(Relaxed),
         misdelivered: stats.misdelivered.load(Relaxed),
-        latency_ms: [q(&hist, 0.5), q(&hist, 0.9), q(&hist, 0.99), q(&hist, 0.999), hist.max() as f64 / 1000.0],
-        publish_latency_ms: [
-            q(&pub_hist, 0.5),
-            q(&pub_hist, 0.9),
-            q(&pub_hist, 0.99),
-            q(&pub_hist, 0.999),
-            pub_hist.max() as f64 / 1000.0,
-        ],
-        fanout_ms: [
-            q(&fanout, 0.5),
-            q(&fanout, 0.9),
-            q(&fanout, 0.99),
-            q(&fanout, 0.999),
-            fanout.max() as f64 / 1000.0,
-        ],
+        latency_ms: pcts(&hist),
+        publish_latency_ms: pcts(&pub_hist),
+        fanout_ms: pcts(&fanout),
         rss,
     };
     println!("{}", summary.human());
@@ -652,16 +645,16 @@ mod report {
 
     impl Summary {
         pub fn human(&self) -> String {
-            let l = &self.latency_ms;
-            let p = &self.publish_latency_ms;
-            let f = &self.fanout_ms;
+            let pct = |a: &[f64; 5]| {
+                format!("p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}", a[0], a[1], a[2], a[3], a[4])
+            };
             let mut s = format!(
                 "mode {}: {} clients (connected at {:.0}/s)\n\
                  published {} ({:.0}/s, {} errors), deliveries {} ({:.0}/s)\n\
                  missing {}, duplicates {}, misdelivered {}\n\
-                 delivery latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
-                 publish latency ms:  p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
-                 fan-out complete ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                 delivery latency ms: {}\n\
+                 publish latency ms:  {}\n\
+                 fan-out complete ms: {}",
                 self.mode,
                 self.clients,
                 self.connect_per_s,
@@ -673,21 +666,9 @@ mod report {
                 self.missing,
                 self.duplicates,
                 self.misdelivered,
-                l[0],
-                l[1],
-                l[2],
-                l[3],
-                l[4],
-                p[0],
-                p[1],
-                p[2],
-                p[3],
-                p[4],
-                f[0],
-                f[1],
-                f[2],
-                f[3],
-                f[4],
+                pct(&self.latency_ms),
+                pct(&self.publish_latency_ms),
+                pct(&self.fanout_ms),
             );
             for r in &self.rss {
                 let _ = write!(

@@ -115,17 +115,21 @@ pub struct NatsWriter {
     next_sid: u64,
 }
 
+/// Where the first protocol line in `buf` ends (before its CRLF), if it is whole.
+fn line_end(buf: &[u8]) -> std::io::Result<Option<usize>> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        None if buf.len() > MAX_LINE => Err(bad("NATS protocol line too long")),
+        end => Ok(end),
+    }
+}
+
 /// Take one protocol line (without CRLF) off `buf`.
 fn take_line(buf: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
-        Some(n) => {
-            let l = buf.split_to(n).freeze();
-            buf.advance(2);
-            Ok(Some(l))
-        }
-        None if buf.len() > MAX_LINE => Err(bad("NATS protocol line too long")),
-        None => Ok(None),
-    }
+    Ok(line_end(buf)?.map(|n| {
+        let l = buf.split_to(n).freeze();
+        buf.advance(2);
+        l
+    }))
 }
 
 impl Transport for NatsTransport {
@@ -238,9 +242,7 @@ impl Writer for NatsWriter {
 impl NatsReader {
     /// Parse one whole protocol message at the front of the buffer, if it is there.
     fn parse(&mut self) -> std::io::Result<Option<Incoming>> {
-        let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") else {
-            return if self.buf.len() > MAX_LINE { Err(bad("NATS protocol line too long")) } else { Ok(None) };
-        };
+        let Some(end) = line_end(&self.buf)? else { return Ok(None) };
         let line = &self.buf[..end];
         if line.starts_with(b"MSG ") {
             // MSG <subject> <sid> [reply-to] <#bytes>

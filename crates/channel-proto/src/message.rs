@@ -130,39 +130,43 @@ pub enum ServerKind {
     Queue,
 }
 
+/// The top-level entries of a message, parsed once: each value's bytes and its parsed form.
 struct Fields {
     payload: Bytes,
-    spans: Vec<(Key, std::ops::Range<usize>)>,
+    entries: Vec<(Key, std::ops::Range<usize>, Value)>,
 }
 
 impl Fields {
     fn parse(payload: &Bytes) -> Result<Fields, MessageError> {
-        let spans = array_spans(payload).map_err(MessageError::NotArray)?;
-        Ok(Fields { payload: payload.clone(), spans })
+        let entries = array_spans(payload).map_err(MessageError::NotArray)?;
+        Ok(Fields { payload: payload.clone(), entries })
     }
 
-    fn raw(&self, key: &str) -> Option<Bytes> {
-        self.spans.iter().find_map(|(k, r)| match k {
-            Key::Str(s) if s == key.as_bytes() => Some(self.payload.slice(r.clone())),
-            _ => None,
-        })
+    fn entry(&mut self, key: &str) -> Option<&mut (Key, std::ops::Range<usize>, Value)> {
+        self.entries.iter_mut().find(|(k, ..)| matches!(k, Key::Str(s) if s == key.as_bytes()))
     }
 
-    fn value(&self, key: &str) -> Option<Value> {
-        // Already checked by `array_spans`, so this parse cannot fail in practice.
-        self.raw(key).and_then(|raw| Value::parse(&raw).ok())
+    /// The value's bytes as the peer sent them.
+    fn raw(&mut self, key: &str) -> Option<Bytes> {
+        let range = self.entry(key)?.1.clone();
+        Some(self.payload.slice(range))
     }
 
-    fn kind(&self) -> Result<String, MessageError> {
-        match self.value("type") {
+    /// The parsed value, taken out (each field is read once).
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.entry(key).map(|e| std::mem::replace(&mut e.2, Value::Null))
+    }
+
+    fn kind(&mut self) -> Result<String, MessageError> {
+        match self.take("type") {
             Some(Value::Str(s)) => Ok(String::from_utf8_lossy(&s).into_owned()),
             _ => Err(MessageError::MissingType),
         }
     }
 
-    fn names(&self, kind: &'static str) -> Result<Vec<Name>, MessageError> {
+    fn names(&mut self, kind: &'static str) -> Result<Vec<Name>, MessageError> {
         let field = "channels";
-        match self.value(field) {
+        match self.take(field) {
             Some(Value::Array(items)) => {
                 items.into_iter().map(|(_, v)| Name::from_value(v).ok_or(MessageError::BadNames(field))).collect()
             }
@@ -173,7 +177,7 @@ impl Fields {
         }
     }
 
-    fn data(&self, kind: &'static str) -> Result<Bytes, MessageError> {
+    fn data(&mut self, kind: &'static str) -> Result<Bytes, MessageError> {
         self.raw("data").ok_or(MessageError::MissingField { kind, field: "data" })
     }
 }
@@ -181,7 +185,7 @@ impl Fields {
 impl Request {
     /// Decode a frame payload (not a ping: the caller handles empty payloads).
     pub fn parse(payload: &Bytes) -> Result<Request, MessageError> {
-        let f = Fields::parse(payload)?;
+        let mut f = Fields::parse(payload)?;
         let kind = f.kind()?;
         Ok(match kind.as_str() {
             "subscribe" => Request::Subscribe(f.names("subscribe")?),
@@ -192,7 +196,7 @@ impl Request {
             "unwatch" => Request::Unwatch(f.names("unwatch")?),
             "enqueue" => Request::Enqueue { channels: f.names("enqueue")?, data: f.data("enqueue")? },
             "reserve" => Request::Reserve,
-            "auth" => match f.value("secret") {
+            "auth" => match f.take("secret") {
                 Some(Value::Str(s)) => Request::Auth(s.into()),
                 _ => return Err(MessageError::MissingField { kind: "auth", field: "secret" }),
             },
@@ -256,7 +260,7 @@ impl Request {
 impl ServerMessage {
     /// Decode a server-to-client payload.
     pub fn parse(payload: &Bytes) -> Result<ServerMessage, MessageError> {
-        let f = Fields::parse(payload)?;
+        let mut f = Fields::parse(payload)?;
         let kind = match f.kind()?.as_str() {
             "event" => ServerKind::Event,
             "queue" => ServerKind::Queue,
@@ -267,7 +271,7 @@ impl ServerMessage {
             ServerKind::Queue => "queue",
         };
         let channel = f
-            .value("channel")
+            .take("channel")
             .and_then(Name::from_value)
             .ok_or(MessageError::MissingField { kind: name, field: "channel" })?;
         Ok(ServerMessage { kind, channel, data: f.data(name)? })

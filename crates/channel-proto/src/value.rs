@@ -138,9 +138,9 @@ impl Value {
     }
 }
 
-/// Parse a serialized array and give each of its top-level keys with the byte range of its value
-/// within `input`. Every value is fully checked; this lets callers keep a value's bytes as they are.
-pub fn array_spans(input: &[u8]) -> Result<Vec<(Key, std::ops::Range<usize>)>, ValueError> {
+/// Parse a serialized array and give each of its top-level entries: the key, the byte range of the
+/// value within `input` (so callers can keep a value's bytes as they are), and the parsed value.
+pub fn array_spans(input: &[u8]) -> Result<Vec<(Key, std::ops::Range<usize>, Value)>, ValueError> {
     let mut p = Parser { buf: input, pos: 0 };
     let tag = p.peek()?;
     if tag != b'a' {
@@ -154,8 +154,8 @@ pub fn array_spans(input: &[u8]) -> Result<Vec<(Key, std::ops::Range<usize>)>, V
     for _ in 0..count {
         let key = p.key(1)?;
         let start = p.pos;
-        p.value(1)?;
-        spans.push((key, start..p.pos));
+        let value = p.value(1)?;
+        spans.push((key, start..p.pos, value));
     }
     p.expect(b'}', "'}' closing an array")?;
     match input.len() - p.pos {
