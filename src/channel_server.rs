@@ -2,9 +2,17 @@
 //!
 //! Each connection is one task that reads frames and writes what the hub queued for it. A frame
 //! that cannot be decoded, or a request the hub refuses, is logged and closes that connection only.
+//!
+//! **Strangers.** With a secret, a new connection is a stranger until its first frame, a small
+//! `auth`, proves the secret, within a short deadline. Strangers are capped on their own
+//! (`max_unauthenticated`) and take none of the `max_connections` slots. When the stranger slots
+//! are full, a new connection still gets [`LATE_AUTH_TIMEOUT`] to authenticate (as many again at
+//! most): a node sends its secret as soon as it connects, so connections that never send anything
+//! cannot keep an authenticated node out.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +23,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::hub::{Hub, HubError, Sink};
 use crate::io::{write_frames, Listener, Stream};
+use crate::metrics::LogEvery;
 
 /// Settings of a channel server.
 #[derive(Debug, Clone)]
@@ -25,8 +34,12 @@ pub struct ChannelConfig {
     pub secret: Option<String>,
     /// Frames queued for one client before it counts as a slow consumer and is cut off.
     pub outbound_queue: usize,
-    /// Most simultaneous connections; more are closed at once.
+    /// Most simultaneous (authenticated) connections; more are closed at once.
     pub max_connections: usize,
+    /// With a secret: most connections that have not authenticated yet; more are closed at once.
+    pub max_unauthenticated: usize,
+    /// With a secret: how long a new connection has to authenticate.
+    pub auth_timeout: Duration,
     /// How long one write to a client may block.
     pub write_timeout: Duration,
     /// After start, publishes are held this long before they are routed, so that subscribers
@@ -41,6 +54,8 @@ impl Default for ChannelConfig {
             secret: None,
             outbound_queue: 4096,
             max_connections: 10_000,
+            max_unauthenticated: 1024,
+            auth_timeout: Duration::from_secs(3),
             write_timeout: Duration::from_secs(10),
             settle: Duration::from_secs(3),
         }
@@ -60,17 +75,29 @@ enum ConnError {
     Hub(#[from] HubError),
     #[error("wrong secret")]
     BadSecret,
+    #[error("did not authenticate within {0:?}")]
+    AuthTimeout(Duration),
     #[error("write blocked for more than {0:?}")]
     WriteTimeout(Duration),
     #[error("not reading its messages (slow consumer)")]
     Slow,
 }
 
+/// Largest frame a connection may send before it has authenticated: an `auth` request.
+pub const MAX_AUTH_FRAME: usize = 4096;
+/// How long a connection arriving while every stranger slot is taken has to authenticate.
+pub const LATE_AUTH_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Warnings about refused connections: at most one line per interval.
+static REFUSED_LOG: LogEvery = LogEvery::new(Duration::from_secs(10));
+
 /// Serve the Channel protocol on `listener` until `shutdown` resolves.
 pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown: impl Future<Output = ()>) {
     let settled = tokio::time::Instant::now() + cfg.settle;
     let cfg = Arc::new(cfg);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let strangers = Arc::new(Semaphore::new(cfg.max_unauthenticated));
+    let late = Arc::new(Semaphore::new(cfg.max_unauthenticated));
     tracing::info!(listen = %listener.local_addr(), "channel server listening");
     tokio::pin!(shutdown);
     loop {
@@ -87,22 +114,48 @@ pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = cfg.max_connections, "channel connection refused: too many connections");
-            continue;
+        let stranger = match cfg.secret {
+            None => None,
+            Some(_) => match (strangers.clone().try_acquire_owned(), late.clone().try_acquire_owned()) {
+                (Ok(p), _) => Some((p, cfg.auth_timeout)),
+                (_, Ok(p)) => Some((p, LATE_AUTH_TIMEOUT.min(cfg.auth_timeout))),
+                _ => {
+                    refused(&hub, &peer, "too many connections that have not authenticated", cfg.max_unauthenticated);
+                    continue;
+                }
+            },
         };
-        let (hub, cfg) = (hub.clone(), cfg.clone());
+        let (hub, cfg, slots) = (hub.clone(), cfg.clone(), slots.clone());
         tokio::spawn(async move {
+            let mut stream = stream;
+            let mut buf = BytesMut::with_capacity(4096);
+            if let (Some(secret), Some((stranger, deadline))) = (&cfg.secret, stranger) {
+                let auth = tokio::time::timeout(deadline, authenticate(&mut stream, &mut buf, secret));
+                let result = auth.await.unwrap_or(Err(ConnError::AuthTimeout(deadline)));
+                drop(stranger);
+                match result {
+                    Ok(()) => {}
+                    // Gone before saying anything: a port probe, not an attack.
+                    Err(ConnError::Io(e)) => return tracing::debug!(%peer, "channel connection ended: {e}"),
+                    Err(e) => {
+                        hub.stats.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                        if let Some(held) = REFUSED_LOG.ready() {
+                            tracing::warn!(%peer, similar_since_last = held, "closing channel connection: {e}");
+                        }
+                        return;
+                    }
+                }
+            }
+            let Ok(permit) = slots.try_acquire_owned() else {
+                return refused(&hub, &peer, "too many connections", cfg.max_connections);
+            };
             tracing::debug!(%peer, "channel client connected");
-            match serve(stream, &hub, &cfg, settled).await {
+            match serve(stream, buf, &hub, &cfg, settled).await {
                 Ok(()) => tracing::debug!(%peer, "channel client left"),
                 Err(ConnError::Io(e)) => tracing::debug!(%peer, "channel connection ended: {e}"),
                 Err(e) => {
-                    if matches!(
-                        e,
-                        ConnError::Frame(_) | ConnError::Message(_) | ConnError::Hub(_) | ConnError::BadSecret
-                    ) {
-                        hub.stats.bad_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if matches!(e, ConnError::Frame(_) | ConnError::Message(_) | ConnError::Hub(_)) {
+                        hub.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::warn!(%peer, "closing channel connection: {e}");
                 }
@@ -112,21 +165,53 @@ pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown
     }
 }
 
+/// A connection turned away for a full cap: counted, and logged now and then.
+fn refused(hub: &Hub, peer: &str, why: &str, max: usize) {
+    hub.stats.refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(held) = REFUSED_LOG.ready() {
+        tracing::warn!(%peer, max, similar_since_last = held, "channel connection refused: {why}");
+    }
+}
+
+/// Read the first frame, which must be `auth` with `secret` (pings may come before it). What the
+/// peer sent after it stays in `buf`.
+async fn authenticate(stream: &mut Box<dyn Stream>, buf: &mut BytesMut, secret: &str) -> Result<(), ConnError> {
+    loop {
+        while let Some(payload) = frame::take_payload(buf, MAX_AUTH_FRAME)? {
+            if payload.is_empty() {
+                continue; // ping
+            }
+            let Request::Auth(given) = Request::parse(&payload)? else {
+                return Err(MessageError::AuthRequired.into());
+            };
+            return match crate::auth::constant_time_eq(&given, secret.as_bytes()) {
+                true => Ok(()),
+                false => Err(ConnError::BadSecret),
+            };
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
 async fn serve(
     stream: Box<dyn Stream>,
+    buf: BytesMut,
     hub: &Hub,
     cfg: &ChannelConfig,
     settled: tokio::time::Instant,
 ) -> Result<(), ConnError> {
     let (tx, mut rx) = mpsc::channel(cfg.outbound_queue);
     let id = hub.connect(Sink::Frames(tx));
-    let result = pump(stream, hub, id, &mut rx, cfg, settled).await;
+    let result = pump(stream, buf, hub, id, &mut rx, cfg, settled).await;
     hub.disconnect(id);
     result
 }
 
 async fn pump(
     stream: Box<dyn Stream>,
+    mut buf: BytesMut,
     hub: &Hub,
     id: crate::hub::ClientId,
     rx: &mut mpsc::Receiver<Bytes>,
@@ -134,10 +219,8 @@ async fn pump(
     settled: tokio::time::Instant,
 ) -> Result<(), ConnError> {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(4096);
     let mut out = VecDeque::new();
     let mut batch = Vec::with_capacity(64);
-    let mut authed = cfg.secret.is_none();
     loop {
         tokio::select! {
             n = rd.read_buf(&mut buf) => {
@@ -149,15 +232,6 @@ async fn pump(
                         continue; // ping
                     }
                     let req = Request::parse(&payload)?;
-                    if !authed {
-                        let Request::Auth(given) = req else { return Err(MessageError::AuthRequired.into()) };
-                        let want = cfg.secret.as_deref().unwrap_or_default().as_bytes();
-                        if !crate::auth::constant_time_eq(&given, want) {
-                            return Err(ConnError::BadSecret);
-                        }
-                        authed = true;
-                        continue;
-                    }
                     if matches!(req, Request::Publish { .. } | Request::PublishLoop { .. } | Request::Enqueue { .. }) {
                         tokio::time::sleep_until(settled).await;
                     }
@@ -204,6 +278,16 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
                                 s.local_drops.load(Relaxed),
                             ),
                             (
+                                "channel_refused_total",
+                                "connections refused at a connection cap",
+                                s.refused.load(Relaxed),
+                            ),
+                            (
+                                "channel_unauthenticated_total",
+                                "connections closed for a missing or wrong secret or no auth in time",
+                                s.unauthenticated.load(Relaxed),
+                            ),
+                            (
                                 "channel_bad_frames_total",
                                 "connections closed for a bad frame or request",
                                 s.bad_frames.load(Relaxed),
@@ -216,5 +300,5 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
             }
         }
     };
-    crate::http::serve("channel metrics", listener, handler, shutdown).await;
+    crate::http::serve("channel metrics", listener, 64, handler, shutdown).await;
 }

@@ -85,6 +85,16 @@ pub struct ChannelOpts {
     /// resubscribed before any publish is confirmed (0s: route at once).
     #[arg(long, default_value = "3s", value_parser = parse_duration_or_zero)]
     pub settle: Duration,
+    /// Most authenticated channel clients (connections) at once.
+    #[arg(long, default_value_t = ChannelConfig::default().max_connections)]
+    pub max_clients: usize,
+    /// With --secret: most connections that have not authenticated yet (kept apart from
+    /// --max-clients, so that strangers cannot lock nodes out).
+    #[arg(long, default_value_t = ChannelConfig::default().max_unauthenticated)]
+    pub max_unauthenticated: usize,
+    /// With --secret: how long a new connection has to send its secret.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub auth_timeout: Duration,
 }
 
 /// How a node reaches the broker.
@@ -166,6 +176,12 @@ pub struct PublisherOpts {
     /// Longest content of one push, in characters.
     #[arg(long, default_value_t = PublisherConfig::default().max_content)]
     pub max_content: usize,
+    /// Most HTTP connections at once; more are answered 503 and closed.
+    #[arg(long = "max-http-connections", default_value_t = PublisherConfig::default().max_connections)]
+    pub max_http_connections: usize,
+    /// How long a client may take to send a request body; 408 after that.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -205,6 +221,9 @@ impl ChannelOpts {
             max_frame: self.max_frame,
             secret: self.secret.clone(),
             settle: self.settle,
+            max_connections: self.max_clients,
+            max_unauthenticated: self.max_unauthenticated,
+            auth_timeout: self.auth_timeout,
             ..ChannelConfig::default()
         }
     }
@@ -236,7 +255,12 @@ impl GatewayOpts {
 
 impl PublisherOpts {
     fn config(&self) -> PublisherConfig {
-        PublisherConfig { publish_key: self.publish_key.clone(), max_content: self.max_content }
+        PublisherConfig {
+            publish_key: self.publish_key.clone(),
+            max_content: self.max_content,
+            max_connections: self.max_http_connections,
+            body_timeout: self.body_timeout,
+        }
     }
 }
 

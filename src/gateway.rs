@@ -4,11 +4,13 @@
 //! its own broker subscription: to its worker id (targeted pushes) and to `broadcast`. A client is
 //! greeted with `workerID:W connectionID:C connected\n`.
 //!
-//! **Ids.** A worker id is `NODE-N`: `NODE` is `--node-id` or, by default, 12 random hex digits
-//! drawn when the process starts, and `N` the worker's index. Two gateways started with the same
-//! command line on two hosts therefore have different worker ids, and a targeted push
-//! (`to_worker_id`, `to_connection_id`) names exactly one connection in the cluster. Connection ids
-//! count up from 1 per worker and are never reused while the worker lives.
+//! **Ids.** A worker id is `NODE-N`: `NODE` is, by default, 12 random hex digits drawn when the
+//! process starts, or `--node-id` followed by `.` and the start time in base 36
+//! (`web1.mhx3k2a9-0`), and `N` the worker's index. Two gateways started with the same command
+//! line on two hosts, or one gateway restarted, therefore have different worker ids, and a targeted
+//! push (`to_worker_id`, `to_connection_id`) names at most one connection, ever: a pair stored
+//! before a restart reaches nobody after it. Connection ids count up from 1 per worker and are never
+//! reused while the worker lives.
 //!
 //! **Fan-out.** A push is encoded into one WebSocket frame once and the same bytes are queued to
 //! every connection. Each connection has a bounded queue; a client whose queue is full is a slow
@@ -86,6 +88,8 @@ pub enum GatewayError {
     },
     #[error("--workers must be at least 1")]
     NoWorkers,
+    #[error("--node-id {0:?}: use 1 to 64 letters, digits, '_' and '-'")]
+    BadNodeId(String),
 }
 
 /// What a worker and a connection's task share: the connection's outbound queue, and how to wake
@@ -144,6 +148,9 @@ impl Conn {
         }
     }
 }
+
+/// Warnings about events that cannot be decoded: at most one line per interval.
+static BAD_EVENT_LOG: crate::metrics::LogEvery = crate::metrics::LogEvery::new(Duration::from_secs(10));
 
 /// One worker shard: its id, its connections, its connection counter.
 pub struct Worker {
@@ -226,7 +233,10 @@ impl Worker {
             Ok(p) => p,
             Err(e) => {
                 GLOBAL.bad_broker_messages.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(worker = %self.id, channel = %String::from_utf8_lossy(&m.channel), "ignoring event: {e}");
+                if let Some(held) = BAD_EVENT_LOG.ready() {
+                    let channel = String::from_utf8_lossy(&m.channel);
+                    tracing::warn!(worker = %self.id, %channel, similar_since_last = held, "ignoring event: {e}");
+                }
                 return;
             }
         };
@@ -311,7 +321,11 @@ impl Gateway {
         if cfg.workers == 0 {
             return Err(GatewayError::NoWorkers);
         }
-        let node_id = cfg.node_id.clone().unwrap_or_else(|| crate::io::random_hex(6));
+        let node_id = match &cfg.node_id {
+            None => crate::io::random_hex(6),
+            Some(id) if !crate::push::valid_node_id(id) => return Err(GatewayError::BadNodeId(id.clone())),
+            Some(id) => format!("{id}.{}", start_epoch()),
+        };
         let mut workers = Vec::new();
         for i in 0..cfg.workers {
             let worker = Arc::new(Worker::new(format!("{node_id}-{i}"), cfg.outbound_queue, cfg.outbound_queue_bytes));
@@ -361,7 +375,7 @@ impl Gateway {
         };
         let gw = self.clone();
         let intercept = move |stream| gw.clone().fast_upgrade(stream);
-        crate::http::serve_with("gateway", listener, handler, intercept, shutdown).await;
+        crate::http::serve_with("gateway", listener, self.cfg.max_connections, handler, intercept, shutdown).await;
         for w in &self.workers {
             w.close_all(close::GOING_AWAY);
         }
@@ -458,6 +472,19 @@ impl Gateway {
         }
         r
     }
+}
+
+/// This start of the process, as milliseconds since the Unix epoch in base 36 (8 digits): part of
+/// the worker ids when `--node-id` fixes the rest, so that a worker id (and so a stored
+/// `(worker, connection)` pair) never outlives the process that handed it out.
+fn start_epoch() -> String {
+    let mut ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut digits = Vec::new();
+    while ms > 0 || digits.is_empty() {
+        digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(ms % 36) as usize]);
+        ms /= 36;
+    }
+    digits.iter().rev().map(|&d| d as char).collect()
 }
 
 /// One of the gateway's `--max-connections` slots, held for a connection's life.

@@ -1,6 +1,7 @@
 //! HTTP serving shared by the gateway, the publisher and the channel server's metrics endpoint:
-//! an accept loop over hyper's HTTP/1 with a header timeout, upgrades allowed, and graceful
-//! shutdown (requests in flight finish, idle keep-alive connections close, all within a deadline).
+//! an accept loop over hyper's HTTP/1 with a header timeout, a cap on connections (one over it is
+//! answered 503 and closed), upgrades allowed, and graceful shutdown (requests in flight finish,
+//! idle keep-alive connections close, all within a deadline).
 
 use std::future::Future;
 use std::time::Duration;
@@ -12,6 +13,11 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::metrics::LogEvery;
+
+/// Warnings about connections over the cap: at most one line per interval.
+static BUSY_LOG: LogEvery = LogEvery::new(Duration::from_secs(10));
 
 /// How long a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,20 +40,32 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
-/// Serve `handler` on `listener` until `shutdown` resolves, then let connections finish.
-pub async fn serve<H, F>(what: &'static str, listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>)
-where
+/// The answer to a connection over the cap, written without the HTTP stack.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 26\r\n\
+Retry-After: 5\r\nConnection: close\r\n\r\ntoo many open connections\n";
+
+/// Serve `handler` on `listener`, at most `max_connections` at once, until `shutdown` resolves,
+/// then let connections finish.
+pub async fn serve<H, F>(
+    what: &'static str,
+    listener: TcpListener,
+    max_connections: usize,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
-    serve_with(what, listener, handler, |s| std::future::ready(Some(s)), shutdown).await
+    serve_with(what, listener, max_connections, handler, |s| std::future::ready(Some(s)), shutdown).await
 }
 
 /// [`serve`], with `intercept` offered each new connection first: it takes the connection
-/// (`None`) or hands it on to HTTP (`Some`).
+/// (`None`) or hands it on to HTTP (`Some`). A connection counts towards the cap until it is
+/// intercepted, upgraded or closed.
 pub async fn serve_with<H, F, I, IF>(
     what: &'static str,
     listener: TcpListener,
+    max_connections: usize,
     handler: H,
     intercept: I,
     shutdown: impl Future<Output = ()>,
@@ -60,6 +78,7 @@ pub async fn serve_with<H, F, I, IF>(
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(listen = %addr, "{what} listening");
     let (stop, _) = tokio::sync::watch::channel(());
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -75,8 +94,16 @@ pub async fn serve_with<H, F, I, IF>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(held) = BUSY_LOG.ready() {
+                tracing::warn!(max_connections, similar_since_last = held, "{what}: connection refused: too many open");
+            }
+            let _ = stream.try_write(BUSY);
+            continue;
+        };
         let (handler, intercept, mut stopped) = (handler.clone(), intercept.clone(), stop.subscribe());
         tokio::spawn(async move {
+            let _slot = slot;
             let Some(stream) = intercept(stream).await else { return };
             let service = hyper::service::service_fn(move |req| {
                 let f = handler(req);

@@ -39,11 +39,21 @@ pub struct HubLimits {
     pub max_name_len: usize,
     /// Items a queue holds while nobody takes them; further enqueues are refused.
     pub max_queue_items: usize,
+    /// Bytes held by all queues together; further enqueues are refused.
+    pub max_queued_bytes: usize,
+    /// Queues that may exist at once (a queue exists while it holds items or has watchers).
+    pub max_queues: usize,
 }
 
 impl Default for HubLimits {
     fn default() -> Self {
-        HubLimits { max_names_per_client: 10_000, max_name_len: 1024, max_queue_items: 100_000 }
+        HubLimits {
+            max_names_per_client: 10_000,
+            max_name_len: 1024,
+            max_queue_items: 100_000,
+            max_queued_bytes: 64 << 20,
+            max_queues: 10_000,
+        }
     }
 }
 
@@ -56,6 +66,10 @@ pub enum HubError {
     TooManyNames(usize),
     #[error("queue {0:?} is full ({1} items)")]
     QueueFull(String, usize),
+    #[error("queues hold {0} bytes, the limit")]
+    QueuesFull(usize),
+    #[error("{0} queues exist, the limit")]
+    TooManyQueues(usize),
     #[error("{0} is not allowed on this connection")]
     NotAllowed(&'static str),
 }
@@ -68,6 +82,8 @@ pub struct HubStats {
     pub slow_consumers: AtomicU64,
     pub local_drops: AtomicU64,
     pub bad_frames: AtomicU64,
+    pub refused: AtomicU64,
+    pub unauthenticated: AtomicU64,
 }
 
 struct Client {
@@ -95,6 +111,8 @@ struct State {
     clients: HashMap<ClientId, Client>,
     channels: HashMap<Name, Channel>,
     queues: HashMap<Name, Queue>,
+    /// Bytes of every queued item.
+    queued_bytes: usize,
 }
 
 /// The publish/subscribe and queue state of one channel server.
@@ -302,12 +320,15 @@ impl Hub {
         let mut st = self.lock();
         self.check_names(&st, id, &names)?;
         for n in names {
+            if st.clients.get(&id).is_none_or(|c| c.watching.contains(&n)) {
+                continue;
+            }
+            if !st.queues.contains_key(&n) && st.queues.len() >= self.limits.max_queues {
+                return Err(HubError::TooManyQueues(st.queues.len()));
+            }
             let Some(c) = st.clients.get_mut(&id) else {
                 return Ok(());
             };
-            if c.watching.contains(&n) {
-                continue;
-            }
             c.watching.push(n.clone());
             c.names.insert(n.clone());
             st.queues.entry(n.clone()).or_default().watchers.push(id);
@@ -322,11 +343,18 @@ impl Hub {
             return Err(HubError::NameTooLong(n.as_bytes().len(), self.limits.max_name_len));
         }
         for n in names {
+            if st.queued_bytes + data.len() > self.limits.max_queued_bytes {
+                return Err(HubError::QueuesFull(st.queued_bytes));
+            }
+            if !st.queues.contains_key(n) && st.queues.len() >= self.limits.max_queues {
+                return Err(HubError::TooManyQueues(st.queues.len()));
+            }
             let q = st.queues.entry(n.clone()).or_default();
             if q.items.len() >= self.limits.max_queue_items {
                 return Err(HubError::QueueFull(n.to_string_lossy(), q.items.len()));
             }
             q.items.push_back(data.clone());
+            st.queued_bytes += data.len();
             dispatch(&mut st, n, &self.stats);
         }
         Ok(())
@@ -344,7 +372,7 @@ impl Hub {
 /// Hand queued items of `queue` to reserved watchers, one item per reservation.
 fn dispatch(st: &mut State, queue: &Name, stats: &HubStats) {
     loop {
-        let State { queues, clients, .. } = &mut *st;
+        let State { queues, clients, queued_bytes, .. } = &mut *st;
         let Some(q) = queues.get_mut(queue) else {
             return;
         };
@@ -360,6 +388,7 @@ fn dispatch(st: &mut State, queue: &Name, stats: &HubStats) {
         let Some(item) = q.items.pop_front() else {
             return;
         };
+        *queued_bytes -= item.len();
         let Some(c) = clients.get_mut(&id) else {
             return;
         };
@@ -444,7 +473,13 @@ mod tests {
 
     #[test]
     fn limits() {
-        let hub = Hub::new(HubLimits { max_names_per_client: 2, max_name_len: 3, max_queue_items: 1 });
+        let hub = Hub::new(HubLimits {
+            max_names_per_client: 2,
+            max_name_len: 3,
+            max_queue_items: 1,
+            max_queued_bytes: 10,
+            max_queues: 2,
+        });
         let (id, _rx) = local(&hub);
         assert!(matches!(hub.subscribe(id, vec![Name::new("long")]), Err(HubError::NameTooLong(4, 3))));
         assert!(matches!(
@@ -454,5 +489,13 @@ mod tests {
         let q = [Name::new("q")];
         hub.enqueue(&q, &Bytes::new()).unwrap();
         assert!(matches!(hub.enqueue(&q, &Bytes::new()), Err(HubError::QueueFull(..))));
+        // All queues together hold at most 10 bytes, and at most two queues exist.
+        hub.enqueue(&[Name::new("r")], &Bytes::from_static(b"123456789")).unwrap();
+        assert!(matches!(hub.enqueue(&[Name::new("s")], &Bytes::from_static(b"12")), Err(HubError::QueuesFull(9))));
+        assert!(matches!(hub.enqueue(&[Name::new("s")], &Bytes::new()), Err(HubError::TooManyQueues(2))));
+        // A watcher that takes the item frees its bytes.
+        hub.handle(id, Request::Watch(vec![Name::new("r")])).unwrap();
+        hub.handle(id, Request::Reserve).unwrap();
+        hub.enqueue(&[Name::new("r")], &Bytes::from_static(b"123456789")).unwrap();
     }
 }

@@ -1,7 +1,39 @@
-//! Process-wide counters, exposed as Prometheus text on `/metrics`.
+//! Process-wide counters, exposed as Prometheus text on `/metrics`, and [`LogEvery`], which keeps
+//! a warning that repeats per message or per connection from flooding the log.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Lets a repeated log line through at most once per interval and counts the ones held back.
+pub struct LogEvery {
+    interval: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogEvery {
+    pub const fn new(interval: Duration) -> LogEvery {
+        LogEvery { interval, state: Mutex::new((None, 0)) }
+    }
+
+    /// `Some(n)` when a line may be logged now, `n` being how many were held back since the last.
+    pub fn ready(&self) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match st.0 {
+            Some(last) if now.duration_since(last) < self.interval => {
+                st.1 += 1;
+                None
+            }
+            _ => {
+                let held = std::mem::take(&mut st.1);
+                st.0 = Some(now);
+                Some(held)
+            }
+        }
+    }
+}
 
 /// Counters of one process. Gauges are computed when rendered.
 #[derive(Debug, Default)]
@@ -77,4 +109,18 @@ pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, 
         let _ = write!(out, "# HELP pushwire_{name} {help}\n# TYPE pushwire_{name} gauge\npushwire_{name} {v}\n");
     }
     out
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn log_every_holds_back_and_counts() {
+        let l = LogEvery::new(Duration::from_millis(50));
+        assert_eq!(l.ready(), Some(0));
+        assert_eq!((l.ready(), l.ready()), (None, None));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(l.ready(), Some(2));
+    }
 }

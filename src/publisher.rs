@@ -28,11 +28,20 @@ pub struct PublisherConfig {
     pub publish_key: Option<String>,
     /// Longest `content`, in characters.
     pub max_content: usize,
+    /// Most HTTP connections at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// How long a client may take to send a request body (408 after that).
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for PublisherConfig {
     fn default() -> Self {
-        PublisherConfig { publish_key: None, max_content: 64 * 1024 }
+        PublisherConfig {
+            publish_key: None,
+            max_content: 64 * 1024,
+            max_connections: 10_000,
+            body_timeout: std::time::Duration::from_secs(10),
+        }
     }
 }
 
@@ -43,6 +52,8 @@ pub enum PublishError {
     BadRequest(String),
     #[error("request body over {0} bytes")]
     TooLarge(usize),
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("missing or wrong publish key (send Authorization: Bearer KEY or key=KEY)")]
     Unauthorized,
     #[error("{0}")]
@@ -54,6 +65,7 @@ impl PublishError {
         match self {
             PublishError::BadRequest(_) => StatusCode::BAD_REQUEST,
             PublishError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            PublishError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             PublishError::Unauthorized => StatusCode::UNAUTHORIZED,
             PublishError::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -116,6 +128,9 @@ impl PublishRequest {
             (Some(w), Some(c)) if w.is_empty() || c.is_empty() => {
                 bad("to_worker_id and to_connection_id must not be empty".into())
             }
+            (Some(w), Some(_)) if !crate::push::is_worker_id(w) => {
+                bad(format!("to_worker_id {w:?} does not name a worker (NODE-N, as in the welcome line)"))
+            }
             (Some(_), None) | (None, Some(_)) => bad("to_worker_id and to_connection_id go together".into()),
             _ => Ok(r),
         }
@@ -144,11 +159,12 @@ impl Publisher {
 
     /// Serve HTTP on `listener` until `shutdown`; requests in flight then get a few seconds to end.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let max = self.cfg.max_connections;
         let handler = move |req| {
             let me = self.clone();
             async move { me.handle(req).await }
         };
-        crate::http::serve("publisher", listener, handler, shutdown).await;
+        crate::http::serve("publisher", listener, max, handler, shutdown).await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -211,8 +227,11 @@ impl Publisher {
         if req.method() == Method::POST {
             // Every character of content may take 12 bytes once UTF-8 and percent-encoded.
             let limit = self.cfg.max_content * 12 + 4096;
-            let body =
-                Limited::new(req.into_body(), limit).collect().await.map_err(|_| PublishError::TooLarge(limit))?;
+            let wait = self.cfg.body_timeout;
+            let body = tokio::time::timeout(wait, Limited::new(req.into_body(), limit).collect())
+                .await
+                .map_err(|_| PublishError::BodyTimeout(wait))?
+                .map_err(|_| PublishError::TooLarge(limit))?;
             if !form.is_empty() {
                 form.push(b'&');
             }
@@ -261,6 +280,11 @@ mod tests {
         assert!(parse("content=a&foo=1").unwrap_err().contains("unknown parameter \"foo\""));
         assert!(parse("content=a&content=b").unwrap_err().contains("twice"));
         assert!(parse("content=a&to_worker_id=1").unwrap_err().contains("go together"));
+        for w in ["broadcast", "pushwire%3Aack%3Aab12", "a+b-1"] {
+            let e = parse(&format!("content=a&to_worker_id={w}&to_connection_id=1")).unwrap_err();
+            assert!(e.contains("does not name a worker"), "{w}: {e}");
+        }
+        assert!(parse("content=a&to_worker_id=0&to_connection_id=1").is_ok(), "a PHP worker");
         assert!(parse("content=0123456789x").unwrap_err().contains("exceeds"));
         assert!(parse("content=ééééééééé").is_ok(), "characters, not bytes");
     }

@@ -8,6 +8,26 @@ use channel_proto::Value;
 /// The channel every gateway worker listens on for pushes to all clients.
 pub const BROADCAST: &str = "broadcast";
 
+/// Longest node id (`--node-id`).
+pub const MAX_NODE_ID: usize = 64;
+
+/// Whether `id` can be a node id: 1 to [`MAX_NODE_ID`] ASCII letters, digits, `_` and `-`.
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=MAX_NODE_ID).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `id` names a gateway worker: a pushwire worker id `NODE-N` (the node part may carry a
+/// `.EPOCH`), or a PHP worker's number. `broadcast` and internal channels are not workers.
+pub fn is_worker_id(id: &str) -> bool {
+    match id.rsplit_once('-') {
+        None => !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()),
+        Some((node, n)) => {
+            let node_ok = node.split('.').all(valid_node_id);
+            node_ok && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        }
+    }
+}
+
 /// One push as a gateway worker sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Push {
@@ -48,6 +68,17 @@ impl Push {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_ids() {
+        for ok in ["3f9a0c1b2d4e-0", "web1.lx2k9a1b-12", "a_b-c-3", "0", "17"] {
+            assert!(is_worker_id(ok), "{ok}");
+        }
+        for bad in ["broadcast", "", "-1", "web1-", "web1-x", "pushwire:ack:1f-0", "a b-1", "web1..x-0", "x.-0"] {
+            assert!(!is_worker_id(bad), "{bad}");
+        }
+        assert!(valid_node_id("web-1_a") && !valid_node_id("web.1") && !valid_node_id(&"x".repeat(65)));
+    }
 
     #[test]
     fn seed_payloads() {

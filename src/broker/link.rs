@@ -65,6 +65,9 @@ enum Command {
     Subscribe { channels: Vec<String>, tx: mpsc::Sender<Message> },
 }
 
+/// Warnings about messages dropped for a full subscriber: at most one line per interval.
+static DROP_LOG: crate::metrics::LogEvery = crate::metrics::LogEvery::new(std::time::Duration::from_secs(10));
+
 /// Commands queued for the link task before callers wait.
 const COMMAND_QUEUE: usize = 1024;
 
@@ -165,14 +168,18 @@ impl<T: Transport> Task<T> {
             let attempt = tokio::time::timeout(self.cfg.connect_timeout, self.transport.connect()).await;
             let err = match attempt {
                 Ok(Ok((reader, writer))) => {
-                    if sessions > 0 {
-                        self.reconnects.fetch_add(1, Ordering::Relaxed);
-                    }
-                    sessions += 1;
-                    backoff = self.cfg.min_backoff;
-                    failures = 0;
-                    let end = self.session(reader, writer).await;
+                    let (end, verified) = self.session(reader, writer).await;
                     self.connected.store(false, Ordering::Release);
+                    // Only a session that worked resets the backoff: a server that accepts the
+                    // connection and then drops it (full, wrong secret) is a failure like any other.
+                    if verified {
+                        if sessions > 0 {
+                            self.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        sessions += 1;
+                        backoff = self.cfg.min_backoff;
+                        failures = 0;
+                    }
                     match end {
                         End::Closed => return,
                         End::Lost(why) => why,
@@ -228,7 +235,9 @@ impl<T: Transport> Task<T> {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 crate::metrics::GLOBAL.subscriber_drops.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(broker = %self.name, "subscriber is full: message dropped");
+                if let Some(held) = DROP_LOG.ready() {
+                    tracing::warn!(broker = %self.name, similar_since_last = held, "subscriber is full: message dropped");
+                }
                 true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -240,7 +249,8 @@ impl<T: Transport> Task<T> {
         None
     }
 
-    async fn session(&mut self, mut reader: T::Reader, mut writer: T::Writer) -> End {
+    /// Run one connection until it ends; also says whether the broker ever confirmed anything.
+    async fn session(&mut self, mut reader: T::Reader, mut writer: T::Writer) -> (End, bool) {
         let all: Vec<String> = self.subs.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
         if !all.is_empty() {
             writer.subscribe(&all);
@@ -309,6 +319,6 @@ impl<T: Transport> Task<T> {
                 let _ = done.send(Err(BrokerError::Unavailable(self.name.clone())));
             }
         }
-        end
+        (end, verified)
     }
 }

@@ -73,6 +73,7 @@ impl std::fmt::Display for Addr {
 pub struct Proc {
     child: Child,
     pub args: Vec<String>,
+    log: Option<std::path::PathBuf>,
 }
 
 impl Proc {
@@ -100,11 +101,35 @@ impl Proc {
             .stderr(if ours { Stdio::inherit() } else { Stdio::null() })
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e} (./scripts/test installs it)"));
-        let p = Proc { child, args };
+        let p = Proc { child, args, log: None };
         for port in ready {
             wait_port(*port).await;
         }
         p
+    }
+
+    /// A `pushwire` process whose log (stderr, at `info`) goes to a file, read with [`Proc::log`].
+    pub async fn start_logged(args: &[&str], ready: &[u16]) -> Proc {
+        let path = std::env::temp_dir().join(format!("pushwire-test-{}-{}.log", std::process::id(), free_port()));
+        let file = std::fs::File::create(&path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pushwire"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start pushwire");
+        let p = Proc { child, args: args.iter().map(|s| s.to_string()).collect(), log: Some(path) };
+        for port in ready {
+            wait_port(*port).await;
+        }
+        p
+    }
+
+    /// What a [`Proc::start_logged`] process has logged so far.
+    pub fn log(&self) -> String {
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
     }
 
     /// Start any command line (`ip netns exec NS pushwire ...`, say), then wait for `ready`.
@@ -115,7 +140,7 @@ impl Proc {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {argv:?}: {e}"));
-        let p = Proc { child, args: argv.to_vec() };
+        let p = Proc { child, args: argv.to_vec(), log: None };
         for a in ready {
             wait_port(a).await;
         }
