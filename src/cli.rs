@@ -101,18 +101,32 @@ pub struct ChannelOpts {
 #[derive(Debug, Args)]
 pub struct BrokerOpts {
     /// Broker: channel://[:SECRET@]HOST:PORT (or HOST:PORT), channel+unix:///path,
-    /// redis://[[USER]:PASS@]HOST:PORT[/DB], nats://[USER:PASS@]HOST:PORT[,HOST:PORT...], memory.
+    /// redis://[[USER]:PASS@]HOST:PORT[/DB] (rediss:// for TLS), redis-cluster://HOST:PORT[,HOST:PORT...],
+    /// redis-sentinel://HOST:PORT?sentinelServiceName=NAME, nats://[USER:PASS@|TOKEN@]HOST:PORT[,HOST:PORT...]
+    /// (tls:// for TLS), memory.
     #[arg(long, default_value = "channel://127.0.0.1:2206")]
     pub broker: BrokerUrl,
     /// Prefix before channel names on the broker, so clusters can share one broker
-    /// [default: none on channel://, "pushwire." on redis:// and nats://].
+    /// [default: none on channel://, "pushwire." on Redis and NATS].
     #[arg(long)]
     pub broker_prefix: Option<String>,
+    /// PEM file of the certificate authorities to trust for TLS to the broker (rediss://, tls://)
+    /// instead of the system's.
+    #[arg(long)]
+    pub broker_ca: Option<std::path::PathBuf>,
+    /// NATS credentials file (user JWT and nkey seed).
+    #[arg(long)]
+    pub nats_creds: Option<std::path::PathBuf>,
 }
 
 impl BrokerOpts {
-    fn open(&self) -> Arc<dyn broker::Broker> {
-        broker::open(&self.broker, self.broker_prefix.as_deref(), None, LinkConfig::default())
+    async fn open(&self) -> anyhow::Result<Arc<dyn broker::Broker>> {
+        let opts = broker::BrokerOptions {
+            prefix: self.broker_prefix.clone(),
+            ca: self.broker_ca.clone(),
+            nats_creds: self.nats_creds.clone(),
+        };
+        Ok(broker::open(&self.broker, &opts, None, LinkConfig::default()).await?)
     }
 }
 
@@ -455,14 +469,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gateway(a) => {
             let listener = bind_tcp(&a.listen, "gateway").await?;
-            let gw = Gateway::start(a.broker.open(), a.opts.config())?;
+            let gw = Gateway::start(a.broker.open().await?, a.opts.config())?;
             gw.serve(listener, shutdown()).await;
         }
         Command::Publisher(a) => {
             let addr = tcp_addr(&a.listen)?;
             protect("publisher", &addr, a.opts.publish_key.is_some(), a.insecure.insecure, PUBLISH_KEY_HOW)?;
             let listener = bind_tcp(&a.listen, "publisher").await?;
-            Publisher::new(a.broker.open(), a.opts.config()).serve(listener, shutdown()).await;
+            Publisher::new(a.broker.open().await?, a.opts.config()).serve(listener, shutdown()).await;
         }
         Command::Standalone(a) => {
             let http_addr = tcp_addr(&a.http_listen)?;
@@ -474,7 +488,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let ws = bind_tcp(&a.ws_listen, "gateway").await?;
             let http = bind_tcp(&a.http_listen, "publisher").await?;
             let hub = Arc::new(Hub::new(a.channel.limits()));
-            let broker = broker::open(&BrokerUrl::Memory, None, Some(hub.clone()), LinkConfig::default());
+            let memory = (&BrokerUrl::Memory, &broker::BrokerOptions::default());
+            let broker = broker::open(memory.0, memory.1, Some(hub.clone()), LinkConfig::default()).await?;
             let gw = Gateway::start(broker.clone(), a.gateway.config())?;
             let publisher = Publisher::new(broker, a.publisher.config());
             // The publisher gets a thread and runtime of its own, so that a publish is never

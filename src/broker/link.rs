@@ -4,7 +4,7 @@
 //! A backend only says how to speak its protocol ([`Transport`], [`Reader`], [`Writer`]); all the
 //! state (subscribers, unconfirmed publishes) lives here, in one task per link.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::subscribers::Subscribers;
 use super::{Broker, BrokerError, LinkConfig, Message, Subscription, SUBSCRIPTION_CAPACITY};
 
 /// What a reader took off the wire.
@@ -65,9 +66,6 @@ enum Command {
     Subscribe { channels: Vec<String>, tx: mpsc::Sender<Message> },
 }
 
-/// Warnings about messages dropped for a full subscriber: at most one line per interval.
-static DROP_LOG: crate::metrics::LogEvery = crate::metrics::LogEvery::new(std::time::Duration::from_secs(10));
-
 /// Commands queued for the link task before callers wait.
 const COMMAND_QUEUE: usize = 1024;
 
@@ -91,7 +89,7 @@ impl Link {
             cfg,
             name: name.clone(),
             rx,
-            subs: HashMap::new(),
+            subs: Subscribers::default(),
             connected: connected.clone(),
             reconnects: reconnects.clone(),
         };
@@ -147,7 +145,7 @@ struct Task<T> {
     cfg: LinkConfig,
     name: String,
     rx: mpsc::Receiver<Command>,
-    subs: HashMap<Bytes, Vec<mpsc::Sender<Message>>>,
+    subs: Subscribers,
     connected: Arc<AtomicBool>,
     reconnects: Arc<AtomicU64>,
 }
@@ -206,7 +204,7 @@ impl<T: Transport> Task<T> {
                             let _ = done.send(Err(BrokerError::Unavailable(self.name.clone())));
                         }
                         Some(Command::Subscribe { channels, tx }) => {
-                            self.add(channels, tx);
+                            self.subs.add(channels, tx);
                         }
                     },
                 }
@@ -215,43 +213,9 @@ impl<T: Transport> Task<T> {
         }
     }
 
-    /// Record subscribers; returns the channels that are new to this link.
-    fn add(&mut self, channels: Vec<String>, tx: mpsc::Sender<Message>) -> Vec<String> {
-        let mut new = Vec::new();
-        for c in channels {
-            let list = self.subs.entry(Bytes::from(c.clone())).or_default();
-            if list.is_empty() {
-                new.push(c);
-            }
-            list.push(tx.clone());
-        }
-        new
-    }
-
-    /// Hand a message to its subscribers; returns a channel nobody listens to any more.
-    fn deliver(&mut self, m: Message) -> Option<String> {
-        let list = self.subs.get_mut(&m.channel)?;
-        list.retain(|tx| match tx.try_send(m.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                crate::metrics::GLOBAL.subscriber_drops.fetch_add(1, Ordering::Relaxed);
-                if let Some(held) = DROP_LOG.ready() {
-                    tracing::warn!(broker = %self.name, similar_since_last = held, "subscriber is full: message dropped");
-                }
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
-        if list.is_empty() {
-            self.subs.remove(&m.channel);
-            return Some(String::from_utf8_lossy(&m.channel).into_owned());
-        }
-        None
-    }
-
     /// Run one connection until it ends; also says whether the broker ever confirmed anything.
     async fn session(&mut self, mut reader: T::Reader, mut writer: T::Writer) -> (End, bool) {
-        let all: Vec<String> = self.subs.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+        let all = self.subs.channels();
         if !all.is_empty() {
             writer.subscribe(&all);
         }
@@ -266,7 +230,7 @@ impl<T: Transport> Task<T> {
             tokio::select! {
                 incoming = reader.next() => match incoming {
                     Ok(Incoming::Message(m)) => {
-                        if let Some(gone) = self.deliver(m) {
+                        if let Some(gone) = self.subs.deliver(&self.name, m) {
                             writer.unsubscribe(&[gone]);
                         }
                     }
@@ -291,7 +255,7 @@ impl<T: Transport> Task<T> {
                         pending.push_back((Instant::now(), Some(done)));
                     }
                     Some(Command::Subscribe { channels, tx }) => {
-                        let new = self.add(channels, tx);
+                        let new = self.subs.add(channels, tx);
                         if !new.is_empty() {
                             writer.subscribe(&new);
                         }

@@ -2,17 +2,25 @@
 //!
 //! A [`Broker`] carries [`Message`]s (a channel name and a payload) from publishers to every
 //! subscriber of that channel. Backends: `memory` (an in-process [`Hub`](crate::hub::Hub)),
-//! `channel` (a Workerman-compatible channel server, ours or PHP's), `redis` (Redis pub/sub) and
-//! `nats` (NATS core). The remote backends share one link loop ([`link`]) that reconnects,
-//! resubscribes, confirms publishes and notices dead peers; each backend only speaks its protocol.
+//! `channel` (a Workerman-compatible channel server, ours or PHP's), `redis` (Redis pub/sub, Redis
+//! Cluster sharded pub/sub, Sentinel, on fred) and `nats` (NATS core, on async-nats).
+//!
+//! The channel protocol is ours to drive: [`link`] connects, resubscribes, confirms publishes and
+//! notices dead peers, and [`channel`] only speaks the protocol. Redis and NATS are driven by their
+//! maintained client libraries, which own the connections; [`managed`] adds what pushwire promises
+//! on top (up only once subscribed, confirmed publishes, settle after a reconnection), and
+//! [`redis`] and [`nats`] are thin adapters. Both share [`subscribers`], the in-process fan-out.
 
 pub mod channel;
 pub mod link;
+#[cfg(any(feature = "redis", feature = "nats"))]
+pub mod managed;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod subscribers;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,6 +51,8 @@ pub enum BrokerError {
     Busy(String),
     #[error("subscription refused: {0}")]
     Refused(String),
+    #[error("broker {0}: {1}")]
+    Config(String, String),
 }
 
 /// Messages for one subscriber. Dropping it ends the subscription.
@@ -106,6 +116,10 @@ pub struct LinkConfig {
     pub publish_timeout: Duration,
     /// Publishes awaiting confirmation before new ones wait.
     pub max_in_flight: usize,
+    /// After a link managed by a client library comes back from a loss, publishes wait this long,
+    /// so that other nodes that lost the broker too have resubscribed (longer than
+    /// `max_backoff`).
+    pub settle: Duration,
 }
 
 impl Default for LinkConfig {
@@ -118,23 +132,31 @@ impl Default for LinkConfig {
             ack_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(3),
             max_in_flight: 4096,
+            settle: Duration::from_secs(3),
         }
     }
 }
 
 /// What `--broker` names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BrokerUrl {
     /// In-process (`standalone`).
     Memory,
     /// A channel server over TCP or a Unix socket, with an optional secret.
     Channel { addr: ListenAddr, secret: Option<String> },
-    /// A Redis server (pub/sub).
+    /// A Redis server, Sentinel group or Cluster.
     #[cfg(feature = "redis")]
     Redis(redis::RedisUrl),
     /// One or more servers of a NATS cluster.
     #[cfg(feature = "nats")]
     Nats(nats::NatsUrl),
+}
+
+/// The URL schemes of the Redis backend.
+macro_rules! REDIS_SCHEMES {
+    () => {
+        "redis" | "rediss" | "redis-cluster" | "rediss-cluster" | "redis-sentinel" | "rediss-sentinel"
+    };
 }
 
 /// The prefix put before channel names on a broker when none is configured: none on `channel://`
@@ -156,16 +178,17 @@ impl std::str::FromStr for BrokerUrl {
         let rest = match s.split_once("://") {
             Some(("channel", rest)) => rest,
             #[cfg(feature = "redis")]
-            Some(("redis", _)) => return redis::RedisUrl::parse(s).map(BrokerUrl::Redis),
+            Some((REDIS_SCHEMES!(), _)) => return redis::RedisUrl::parse(s).map(BrokerUrl::Redis),
             #[cfg(feature = "nats")]
-            Some(("nats", _)) => return nats::NatsUrl::parse(s).map(BrokerUrl::Nats),
+            Some(("nats" | "tls", _)) => return nats::NatsUrl::parse(s).map(BrokerUrl::Nats),
             #[allow(unreachable_patterns)] // reached only when a backend feature is off
-            Some((scheme @ ("redis" | "nats"), _)) => {
-                return Err(format!("{s:?}: this pushwire was built without the {scheme} feature"))
+            Some((scheme @ (REDIS_SCHEMES!() | "nats" | "tls"), _)) => {
+                return Err(format!("{s:?}: this pushwire was built without the backend for {scheme}://"))
             }
             Some((scheme, _)) => {
                 return Err(format!(
-                    "{s:?}: unknown broker scheme {scheme:?} (use channel://, channel+unix://, redis://, nats:// or memory)"
+                    "{s:?}: unknown broker scheme {scheme:?} (use channel://, channel+unix://, redis://, rediss://, \
+                     redis-cluster://, redis-sentinel://, nats://, tls:// or memory)"
                 ))
             }
             None => s,
@@ -187,24 +210,38 @@ impl std::fmt::Display for BrokerUrl {
             BrokerUrl::Channel { addr: ListenAddr::Tcp(a), .. } => write!(f, "channel://{a}"),
             BrokerUrl::Channel { addr: ListenAddr::Unix(p), .. } => write!(f, "channel+unix://{}", p.display()),
             #[cfg(feature = "redis")]
-            BrokerUrl::Redis(u) => write!(f, "redis://{}/{}", u.addr, u.db),
+            BrokerUrl::Redis(u) => f.write_str(&u.display),
             #[cfg(feature = "nats")]
-            BrokerUrl::Nats(u) => write!(f, "nats://{}", u.servers.join(",")),
+            BrokerUrl::Nats(u) => f.write_str(&u.servers.join(",")),
         }
     }
 }
 
+/// How a node reaches its broker, beyond the URL.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerOptions {
+    /// Before every channel name on the broker (`None`: [`DEFAULT_PREFIX`] on Redis and NATS,
+    /// nothing elsewhere).
+    pub prefix: Option<String>,
+    /// PEM file of certificate authorities to trust for TLS to the broker (`rediss://`, `tls://`),
+    /// instead of the system's.
+    pub ca: Option<std::path::PathBuf>,
+    /// NATS credentials file (JWT and nkey seed).
+    pub nats_creds: Option<std::path::PathBuf>,
+}
+
 /// Open a broker for `url`. `hub` serves `memory`; links start in the background and connect
-/// (and reconnect) by themselves. `prefix` goes before every channel name on the broker (`None`:
-/// [`DEFAULT_PREFIX`] on Redis and NATS, nothing elsewhere).
-pub fn open(
+/// (and reconnect) by themselves.
+#[allow(unused_variables)] // `opts` is unused when no backend with TLS is compiled in
+pub async fn open(
     url: &BrokerUrl,
-    prefix: Option<&str>,
+    opts: &BrokerOptions,
     hub: Option<Arc<crate::hub::Hub>>,
     cfg: LinkConfig,
-) -> Arc<dyn Broker> {
+) -> Result<Arc<dyn Broker>, BrokerError> {
     let name = url.to_string();
-    match url {
+    let prefix = opts.prefix.as_deref();
+    Ok(match url {
         BrokerUrl::Memory => Arc::new(memory::MemoryBroker::new(hub.unwrap_or_default(), prefix.unwrap_or_default())),
         BrokerUrl::Channel { addr, secret } => {
             let t = channel::ChannelTransport::new(addr.clone(), secret.clone(), prefix.unwrap_or_default());
@@ -212,15 +249,34 @@ pub fn open(
         }
         #[cfg(feature = "redis")]
         BrokerUrl::Redis(u) => {
-            let t = redis::RedisTransport::new(u.clone(), prefix.unwrap_or(DEFAULT_PREFIX).to_owned());
-            link::Link::spawn(t, cfg, name)
+            let tls = opts.ca.as_deref().map(rustls_with_ca).transpose().map_err(|e| BrokerError::Config(name.clone(), e))?;
+            let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
+            let (client, events) = redis::open(u, prefix, tls, &cfg).map_err(|e| BrokerError::Config(name.clone(), e))?;
+            managed::Managed::spawn(client, events, cfg, name)
         }
         #[cfg(feature = "nats")]
         BrokerUrl::Nats(u) => {
-            let t = nats::NatsTransport::new(u.clone(), prefix.unwrap_or(DEFAULT_PREFIX).to_owned());
-            link::Link::spawn(t, cfg, name)
+            let nats_opts = nats::NatsOptions { ca: opts.ca.clone(), creds: opts.nats_creds.clone() };
+            let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
+            let (client, events) =
+                nats::open(u, prefix, &nats_opts, &cfg).await.map_err(|e| BrokerError::Config(name.clone(), e))?;
+            managed::Managed::spawn(client, events, cfg, name)
         }
+    })
+}
+
+/// A TLS client configuration that trusts the certificate authorities in the PEM file `ca`.
+#[cfg(feature = "redis")]
+fn rustls_with_ca(ca: &std::path::Path) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", ca.display()))?;
     }
+    Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
 }
 
 #[cfg(test)]

@@ -1,58 +1,78 @@
-//! The `nats://` backend: NATS core publish/subscribe.
+//! The NATS backend on [async-nats](https://docs.rs/async-nats): `nats://` and `tls://`, a thin
+//! adapter under [`managed`](super::managed). async-nats connects, rotates over the given servers
+//! and the ones the cluster announces, reconnects, resubscribes, handles lame-duck mode, TLS,
+//! tokens, user/password and credentials files (nkeys).
 //!
-//! `PUB` is followed by `PING`; the server answers `PONG` only after handling what came before it,
-//! so each `PONG` confirms one publish (or one idle probe), in order. Every connect attempt moves
-//! to the next server of the URL's list, so a gateway whose node dies reconnects to another node
-//! of the NATS cluster. Channel names become subjects `PREFIX` + name, with bytes that are not
-//! allowed or not safe in a subject token (space, `.`, `*`, `>`, `%`, non-ASCII) percent-encoded.
+//! **Confirmation.** NATS core has no acknowledgement, and the client's `flush` only empties its
+//! own buffer. So the adapter subscribes to a private inbox and, after each publish (or
+//! subscription), publishes a numbered marker there: the server handles one connection's
+//! operations in order, so the marker's return proves the operations before it were processed.
+//! A server error that does not close the connection (a permissions violation) is logged and the
+//! link stays up.
+//!
+//! Channel names become subjects `PREFIX` + name, with bytes that are not allowed or not safe in a
+//! subject token (space, `.`, `*`, `>`, `%`, non-ASCII) percent-encoded.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
 
-use super::link::{Incoming, Reader, Transport, Writer};
-use super::Message;
-
-/// Longest protocol line accepted from the server (INFO lines included).
-const MAX_LINE: usize = 64 * 1024;
-/// Largest message payload accepted from the server.
-const MAX_PAYLOAD: usize = 64 << 20;
+use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
+use super::{LinkConfig, Message};
 
 /// Where and how to reach a NATS cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsUrl {
+    /// `nats://HOST:PORT` or `tls://HOST:PORT`, credentials removed.
     pub servers: Vec<String>,
     pub user: Option<String>,
     pub pass: Option<String>,
     pub token: Option<String>,
+    /// `tls://`: TLS is required.
+    pub tls: bool,
 }
 
 impl NatsUrl {
-    /// Parse `nats://[USER:PASS@|TOKEN@]HOST:PORT[,HOST:PORT...]`.
+    /// Parse `nats://[USER:PASS@|TOKEN@]HOST:PORT[,HOST:PORT...]` (`tls://` to require TLS).
+    /// Credentials may be percent-encoded.
     pub fn parse(url: &str) -> Result<NatsUrl, String> {
-        let rest = url.strip_prefix("nats://").ok_or_else(|| format!("{url:?} is not a nats:// URL"))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?} is not a nats:// URL"))?;
+        if !matches!(scheme, "nats" | "tls") {
+            return Err(format!("{url:?} is not a nats:// or tls:// URL"));
+        }
         let (auth, hosts) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),
         };
-        let servers: Vec<String> =
-            hosts.trim_end_matches('/').split(',').map(|s| s.trim().trim_start_matches("nats://").to_owned()).collect();
-        for s in &servers {
+        let mut servers = Vec::new();
+        for s in hosts.trim_end_matches('/').split(',') {
+            let s = s.trim().trim_start_matches("nats://").trim_start_matches("tls://");
             if s.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
                 return Err(format!("{url:?}: {s:?} is not HOST:PORT"));
             }
+            servers.push(format!("{scheme}://{s}"));
         }
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
         let (user, pass, token) = match auth.map(|a| a.split_once(':')) {
             None => (None, None, None),
-            Some(None) => (None, None, auth.map(str::to_owned)),
-            Some(Some((u, p))) => (Some(u.to_owned()), Some(p.to_owned()), None),
+            Some(None) => (None, None, auth.map(decode)),
+            Some(Some((u, p))) => (Some(decode(u)), Some(decode(p)), None),
         };
-        Ok(NatsUrl { servers, user, pass, token })
+        Ok(NatsUrl { servers, user, pass, token, tls: scheme == "tls" })
     }
+}
+
+/// Extra settings of a NATS connection.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// PEM file of certificate authorities to trust (a private CA).
+    pub ca: Option<std::path::PathBuf>,
+    /// A NATS credentials file (JWT and nkey seed).
+    pub creds: Option<std::path::PathBuf>,
 }
 
 /// A channel name as a subject token.
@@ -68,224 +88,159 @@ fn encode_name(name: &str) -> String {
     out
 }
 
-fn decode_name(token: &[u8]) -> Option<Bytes> {
-    let mut out = Vec::with_capacity(token.len());
-    let mut i = 0;
-    while let Some(&b) = token.get(i) {
-        if b == b'%' {
-            let hex = std::str::from_utf8(token.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b);
-            i += 1;
-        }
-    }
-    Some(out.into())
+fn decode_name(token: &str) -> Option<Bytes> {
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(token).collect();
+    Some(Bytes::from(decoded))
 }
 
-fn bad(msg: impl Into<String>) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
-}
-
-/// Connects to one of the servers of a NATS cluster, rotating on every attempt.
-pub struct NatsTransport {
-    url: NatsUrl,
+/// A NATS cluster seen as a [`Client`].
+pub struct Nats {
+    client: async_nats::Client,
     prefix: String,
-    next: AtomicUsize,
+    /// Subscriptions by channel: the task forwarding its messages.
+    subs: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    events: mpsc::Sender<Event>,
+    /// The private subject of confirmation markers, and who waits for which marker.
+    inbox: String,
+    next_marker: AtomicU64,
+    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
 }
 
-impl NatsTransport {
-    pub fn new(url: NatsUrl, prefix: String) -> NatsTransport {
-        NatsTransport { url, prefix, next: AtomicUsize::new(0) }
-    }
-}
-
-pub struct NatsReader {
-    rd: OwnedReadHalf,
-    buf: BytesMut,
+/// Connect (in the background: async-nats retries until a server answers) and start forwarding.
+pub async fn open(
+    url: &NatsUrl,
     prefix: String,
-}
-
-pub struct NatsWriter {
-    wr: OwnedWriteHalf,
-    out: BytesMut,
-    prefix: String,
-    sids: HashMap<String, u64>,
-    next_sid: u64,
-}
-
-/// Where the first protocol line in `buf` ends (before its CRLF), if it is whole.
-fn line_end(buf: &[u8]) -> std::io::Result<Option<usize>> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
-        None if buf.len() > MAX_LINE => Err(bad("NATS protocol line too long")),
-        end => Ok(end),
+    opts: &NatsOptions,
+    cfg: &LinkConfig,
+) -> Result<(Arc<Nats>, mpsc::Receiver<Event>), String> {
+    let (tx, events) = mpsc::channel(EVENT_QUEUE);
+    let mut o = async_nats::ConnectOptions::new();
+    if let Some(path) = &opts.creds {
+        o = o.credentials_file(path).await.map_err(|e| format!("NATS credentials {}: {e}", path.display()))?;
     }
-}
-
-/// Take one protocol line (without CRLF) off `buf`.
-fn take_line(buf: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
-    Ok(line_end(buf)?.map(|n| {
-        let l = buf.split_to(n).freeze();
-        buf.advance(2);
-        l
-    }))
-}
-
-impl Transport for NatsTransport {
-    type Reader = NatsReader;
-    type Writer = NatsWriter;
-
-    async fn connect(&self) -> std::io::Result<(NatsReader, NatsWriter)> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.url.servers.len().max(1);
-        let server = self.url.servers.get(i).ok_or_else(|| bad("no NATS server"))?;
-        let s =
-            TcpStream::connect(server).await.map_err(|e| std::io::Error::new(e.kind(), format!("{server}: {e}")))?;
-        s.set_nodelay(true)?;
-        let (mut rd, mut wr) = s.into_split();
-        let mut buf = BytesMut::with_capacity(4096);
-        // The server speaks first: INFO {...}.
-        let info = loop {
-            if let Some(l) = take_line(&mut buf)? {
-                break l;
-            }
-            if rd.read_buf(&mut buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        };
-        if !info.starts_with(b"INFO ") {
-            return Err(bad(format!("{server} is not a NATS server")));
-        }
-        let mut connect = String::from(
-            r#"{"verbose":false,"pedantic":false,"lang":"rust","name":"pushwire","protocol":1,"echo":true"#,
-        );
-        let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-        if let (Some(u), Some(p)) = (&self.url.user, &self.url.pass) {
-            connect.push_str(&format!(r#","user":"{}","pass":"{}""#, quote(u), quote(p)));
-        }
-        if let Some(t) = &self.url.token {
-            connect.push_str(&format!(r#","auth_token":"{}""#, quote(t)));
-        }
-        connect.push('}');
-        wr.write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes()).await?;
-        // The first PONG proves the CONNECT was accepted; -ERR says why not.
-        loop {
-            match take_line(&mut buf)? {
-                Some(l) if &l[..] == b"PONG" => break,
-                Some(l) if l.starts_with(b"-ERR") => {
-                    return Err(bad(format!("{server}: {}", String::from_utf8_lossy(&l))));
-                }
-                Some(_) => continue,
-                None => {
-                    if rd.read_buf(&mut buf).await? == 0 {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    if let (Some(u), Some(p)) = (&url.user, &url.pass) {
+        o = o.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &url.token {
+        o = o.token(t.clone());
+    }
+    if let Some(ca) = &opts.ca {
+        o = o.add_root_certificates(ca.clone());
+    }
+    let (min, max) = (cfg.min_backoff, cfg.max_backoff);
+    let ev = tx.clone();
+    o = o
+        .name("pushwire")
+        .require_tls(url.tls)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(cfg.connect_timeout)
+        .ping_interval(cfg.probe_interval.max(std::time::Duration::from_secs(1)))
+        .subscription_capacity(EVENT_QUEUE)
+        .reconnect_delay_callback(move |attempts| (min * 2u32.saturating_pow(attempts as u32)).min(max))
+        .event_callback(move |event| {
+            let ev = ev.clone();
+            async move {
+                let e = match event {
+                    async_nats::Event::Connected => Event::Connected,
+                    async_nats::Event::Disconnected => Event::Disconnected("disconnected".into()),
+                    async_nats::Event::SlowConsumer(_) => Event::Lost(1),
+                    async_nats::Event::LameDuckMode => {
+                        return tracing::info!("NATS server entered lame duck mode: moving on when it closes");
                     }
+                    other => return tracing::warn!("NATS: {other}"),
+                };
+                let _ = ev.send(e).await;
+            }
+        });
+    let servers: Vec<async_nats::ServerAddr> =
+        url.servers.iter().map(|s| s.parse()).collect::<Result<_, _>>().map_err(|e| format!("{e}"))?;
+    let client = o.connect(servers).await.map_err(|e| e.to_string())?;
+    let inbox = format!("{}.pushwire", client.new_inbox());
+    let waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>> = Arc::default();
+    let mut markers = client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+    let w = waiting.clone();
+    tokio::spawn(async move {
+        while let Some(m) = markers.next().await {
+            let n = std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse::<u64>().ok());
+            if let Some(done) = n.and_then(|n| w.lock().unwrap_or_else(|e| e.into_inner()).remove(&n)) {
+                let _ = done.send(());
+            }
+        }
+    });
+    let nats =
+        Nats { client, prefix, subs: Mutex::default(), events: tx, inbox, next_marker: AtomicU64::new(0), waiting };
+    Ok((Arc::new(nats), events))
+}
+
+impl Nats {
+    fn subject(&self, channel: &str) -> String {
+        format!("{}{}", self.prefix, encode_name(channel))
+    }
+
+    /// Publish a marker after what this client sent so far and wait for it to come back.
+    async fn round_trip(&self) -> Result<(), String> {
+        let n = self.next_marker.fetch_add(1, Ordering::Relaxed);
+        let (done, wait) = oneshot::channel();
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(n, done);
+        let sent = self.client.publish(self.inbox.clone(), Bytes::from(n.to_string())).await;
+        let result = match sent {
+            Ok(()) => wait.await.map_err(|_| "confirmation lost".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        // Timed out callers drop this future: forget the marker either way.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&n);
+        result
+    }
+}
+
+impl Client for Nats {
+    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_> {
+        let subject = self.subject(channel);
+        Box::pin(async move {
+            self.client.publish(subject, data).await.map_err(|e| e.to_string())?;
+            self.round_trip().await
+        })
+    }
+
+    fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
+        Box::pin(async move {
+            for c in channels {
+                if self.subs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&c) {
+                    continue; // async-nats renews its subscriptions after a reconnection
                 }
+                let mut sub = self.client.subscribe(self.subject(&c)).await.map_err(|e| e.to_string())?;
+                let (events, prefix) = (self.events.clone(), self.prefix.clone());
+                let forward = tokio::spawn(async move {
+                    while let Some(m) = sub.next().await {
+                        let Some(channel) = m.subject.strip_prefix(prefix.as_str()).and_then(decode_name) else {
+                            continue;
+                        };
+                        if events.send(Event::Message(Message { channel, data: m.payload })).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                self.subs.lock().unwrap_or_else(|e| e.into_inner()).insert(c, forward);
             }
-        }
-        let p = self.prefix.clone();
-        Ok((
-            NatsReader { rd, buf, prefix: p.clone() },
-            NatsWriter { wr, out: BytesMut::with_capacity(4096), prefix: p, sids: HashMap::new(), next_sid: 0 },
-        ))
+            // The server has the subscriptions once a marker sent after them comes back.
+            self.round_trip().await
+        })
     }
-}
 
-impl Writer for NatsWriter {
-    fn subscribe(&mut self, channels: &[String]) {
+    fn unsubscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
+        let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
         for c in channels {
-            if self.sids.contains_key(c) {
-                continue;
-            }
-            self.next_sid += 1;
-            self.sids.insert(c.clone(), self.next_sid);
-            self.out
-                .extend_from_slice(format!("SUB {}{} {}\r\n", self.prefix, encode_name(c), self.next_sid).as_bytes());
-        }
-    }
-
-    fn unsubscribe(&mut self, channels: &[String]) {
-        for c in channels {
-            if let Some(sid) = self.sids.remove(c) {
-                self.out.extend_from_slice(format!("UNSUB {sid}\r\n").as_bytes());
+            // Dropping the subscriber (with its task) unsubscribes on the server.
+            if let Some(task) = subs.remove(&c) {
+                task.abort();
             }
         }
+        Box::pin(std::future::ready(Ok(())))
     }
 
-    fn publish(&mut self, channel: &str, data: &[u8]) {
-        self.out
-            .extend_from_slice(format!("PUB {}{} {}\r\n", self.prefix, encode_name(channel), data.len()).as_bytes());
-        self.out.extend_from_slice(data);
-        self.out.extend_from_slice(b"\r\nPING\r\n");
-    }
-
-    fn probe(&mut self) {
-        self.out.extend_from_slice(b"PING\r\n");
-    }
-
-    fn answer_ping(&mut self) {
-        self.out.extend_from_slice(b"PONG\r\n");
-    }
-
-    fn has_pending(&self) -> bool {
-        !self.out.is_empty()
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        while self.out.has_remaining() {
-            self.wr.write_buf(&mut self.out).await?;
-        }
-        Ok(())
-    }
-}
-
-impl NatsReader {
-    /// Parse one whole protocol message at the front of the buffer, if it is there.
-    fn parse(&mut self) -> std::io::Result<Option<Incoming>> {
-        let Some(end) = line_end(&self.buf)? else { return Ok(None) };
-        let line = &self.buf[..end];
-        if line.starts_with(b"MSG ") {
-            // MSG <subject> <sid> [reply-to] <#bytes>
-            let parts: Vec<&[u8]> = line.split(|b| *b == b' ').filter(|p| !p.is_empty()).collect();
-            let (Some(subject), Some(len)) = (parts.get(1), parts.last()) else { return Err(bad("bad MSG line")) };
-            let len: usize =
-                std::str::from_utf8(len).ok().and_then(|l| l.parse().ok()).ok_or_else(|| bad("bad MSG size"))?;
-            if len > MAX_PAYLOAD {
-                return Err(bad("NATS message too large"));
-            }
-            if self.buf.len() < end + 2 + len + 2 {
-                return Ok(None);
-            }
-            let channel = subject.strip_prefix(self.prefix.as_bytes()).and_then(decode_name);
-            let mut whole = self.buf.split_to(end + 2 + len + 2).freeze();
-            whole.advance(end + 2);
-            whole.truncate(len);
-            return Ok(Some(match channel {
-                Some(channel) => Incoming::Message(Message { channel, data: whole }),
-                None => Incoming::Nothing,
-            }));
-        }
-        let line = self.buf.split_to(end).freeze();
-        self.buf.advance(2);
-        Ok(Some(match &line[..] {
-            b"PONG" => Incoming::Ack,
-            b"PING" => Incoming::Ping,
-            l if l.starts_with(b"-ERR") => return Err(bad(format!("nats: {}", String::from_utf8_lossy(l)))),
-            _ => Incoming::Nothing, // +OK, INFO updates
-        }))
-    }
-}
-
-impl Reader for NatsReader {
-    async fn next(&mut self) -> std::io::Result<Incoming> {
-        loop {
-            if let Some(m) = self.parse()? {
-                return Ok(m);
-            }
-            if self.rd.read_buf(&mut self.buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
     }
 }
 
@@ -296,10 +251,12 @@ mod tests {
     #[test]
     fn urls() {
         let u = NatsUrl::parse("nats://127.0.0.1:4222,127.0.0.1:4223").unwrap();
-        assert_eq!(u.servers, ["127.0.0.1:4222", "127.0.0.1:4223"]);
-        let u = NatsUrl::parse("nats://me:pw@h:1").unwrap();
-        assert_eq!((u.user.as_deref(), u.pass.as_deref()), (Some("me"), Some("pw")));
+        assert_eq!(u.servers, ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]);
+        let u = NatsUrl::parse("nats://me:p%40ss@h:1").unwrap();
+        assert_eq!((u.user.as_deref(), u.pass.as_deref()), (Some("me"), Some("p@ss")));
         assert_eq!(NatsUrl::parse("nats://tok@h:1").unwrap().token.as_deref(), Some("tok"));
+        let u = NatsUrl::parse("tls://h:1").unwrap();
+        assert!(u.tls && u.servers == ["tls://h:1"]);
         assert!(NatsUrl::parse("nats://h:1,nope").is_err());
     }
 
@@ -308,7 +265,7 @@ mod tests {
         for n in ["broadcast", "3f9a-0", "a b.c*>%", "ünï"] {
             let e = encode_name(n);
             assert!(!e.contains(['.', ' ', '*', '>']), "{e}");
-            assert_eq!(decode_name(e.as_bytes()).unwrap(), n.as_bytes());
+            assert_eq!(decode_name(&e).unwrap(), n.as_bytes());
         }
     }
 }

@@ -1,301 +1,224 @@
-//! The `redis://` backend: Redis pub/sub (RESP2) over two connections, because a subscribed
-//! Redis connection accepts no `PUBLISH`.
+//! The Redis backend on [fred](https://docs.rs/fred): `redis://`, `rediss://` (TLS),
+//! `redis-sentinel://` and `redis-cluster://`, a thin adapter under [`managed`](super::managed).
 //!
-//! `SUBSCRIBE`/`UNSUBSCRIBE` go on the subscriber connection; `PUBLISH` and the liveness `PING` go
-//! on the command connection, whose replies (`:receivers`, `+PONG`) arrive in order and confirm
-//! them. Pub/sub in Redis is global to the server (the `/DB` in the URL does not scope it), so
-//! channel names carry the configured prefix.
+//! Two clients, because a subscribed Redis connection (RESP2) takes no `PUBLISH`: one subscribes,
+//! one publishes. `PUBLISH` is confirmed by its reply. On a cluster, sharded pub/sub
+//! (`SSUBSCRIBE`/`SPUBLISH`) keeps each message on the shard that owns its channel's slot instead
+//! of flooding every node; fred routes by slot and follows `MOVED`, failover and topology changes,
+//! and every reconnection or topology change renews the subscriptions. Pub/sub is global to a
+//! server (the `/DB` of a URL does not scope it), so names carry the configured prefix.
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use std::sync::Arc;
 
-use super::link::{Incoming, Reader, Transport, Writer};
-use super::Message;
+use bytes::Bytes;
+use fred::prelude::{
+    ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, ServerConfig, TlsConnector,
+};
+use tokio::sync::mpsc;
 
-/// Deepest RESP nesting parsed (pub/sub replies are one level).
-const MAX_DEPTH: usize = 4;
-/// Largest RESP bulk string accepted from the server.
-const MAX_BULK: usize = 64 << 20;
+use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
+use super::{LinkConfig, Message};
 
-/// Where and how to reach Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where and how to reach Redis: a URL as fred reads it, plus what pushwire adds.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisUrl {
-    pub addr: String,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub db: u32,
+    /// The URL as given, with any password hidden: how logs name the broker.
+    pub display: String,
+    config: Config,
 }
 
 impl RedisUrl {
-    /// Parse `redis://[[USER]:PASSWORD@]HOST:PORT[/DB]`.
+    /// Parse `redis://[[USER]:PASS@]HOST:PORT[/DB]`, `rediss://...` (TLS),
+    /// `redis-sentinel://...?sentinelServiceName=NAME`, or `redis-cluster://HOST:PORT[,HOST:PORT...]`
+    /// (`rediss-cluster://` with TLS). Passwords may be percent-encoded.
     pub fn parse(url: &str) -> Result<RedisUrl, String> {
-        let rest = url.strip_prefix("redis://").ok_or_else(|| format!("{url:?} is not a redis:// URL"))?;
-        let (auth, hostpart) = match rest.rsplit_once('@') {
-            Some((a, h)) => (Some(a), h),
-            None => (None, rest),
-        };
-        let (addr, db) = match hostpart.split_once('/') {
-            Some((a, "")) => (a, 0),
-            Some((a, d)) => (a, d.parse().map_err(|_| format!("{url:?}: database {d:?} is not a number"))?),
-            None => (hostpart, 0),
-        };
-        if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
-            return Err(format!("{url:?}: expected redis://HOST:PORT"));
-        }
-        let (username, password) = match auth.map(|a| a.split_once(':')) {
-            None => (None, None),
-            Some(None) => (None, auth.map(str::to_owned)),
-            Some(Some((u, p))) => ((!u.is_empty()).then(|| u.to_owned()), Some(p.to_owned())),
-        };
-        Ok(RedisUrl { addr: addr.to_owned(), username, password, db })
-    }
-}
-
-/// A parsed RESP2 reply.
-#[derive(Debug, PartialEq)]
-enum Resp {
-    Simple(Bytes),
-    Error(Bytes),
-    Int(i64),
-    Bulk(Option<Bytes>),
-    Array(Option<Vec<Resp>>),
-}
-
-fn bad(msg: impl Into<String>) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
-}
-
-/// Parse one reply at the front of `buf`: `Ok(None)` when incomplete.
-fn parse(buf: &mut BytesMut) -> std::io::Result<Option<Resp>> {
-    let mut pos = 0;
-    match parse_at(buf, &mut pos, 0)? {
-        Some(v) => {
-            buf.advance(pos);
-            Ok(Some(v))
-        }
-        None => Ok(None),
-    }
-}
-
-fn line<'a>(buf: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
-    let rest = buf.get(*pos..)?;
-    let end = rest.windows(2).position(|w| w == b"\r\n")?;
-    *pos += end + 2;
-    Some(&rest[..end])
-}
-
-fn parse_at(buf: &[u8], pos: &mut usize, depth: usize) -> std::io::Result<Option<Resp>> {
-    if depth > MAX_DEPTH {
-        return Err(bad("RESP nested too deep"));
-    }
-    let Some(&tag) = buf.get(*pos) else { return Ok(None) };
-    *pos += 1;
-    let Some(l) = line(buf, pos) else { return Ok(None) };
-    let num = || -> std::io::Result<i64> {
-        std::str::from_utf8(l).ok().and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad RESP number"))
-    };
-    Ok(Some(match tag {
-        b'+' => Resp::Simple(Bytes::copy_from_slice(l)),
-        b'-' => Resp::Error(Bytes::copy_from_slice(l)),
-        b':' => Resp::Int(num()?),
-        b'$' => {
-            let n = num()?;
-            if n < 0 {
-                return Ok(Some(Resp::Bulk(None)));
-            }
-            let n = n as usize;
-            if n > MAX_BULK {
-                return Err(bad("RESP bulk string too large"));
-            }
-            let Some(body) = buf.get(*pos..*pos + n + 2) else { return Ok(None) };
-            *pos += n + 2;
-            Resp::Bulk(Some(Bytes::copy_from_slice(&body[..n])))
-        }
-        b'*' => {
-            let n = num()?;
-            if n < 0 {
-                return Ok(Some(Resp::Array(None)));
-            }
-            let mut items = Vec::with_capacity((n as usize).min(16));
-            for _ in 0..n {
-                match parse_at(buf, pos, depth + 1)? {
-                    Some(v) => items.push(v),
-                    None => return Ok(None),
-                }
-            }
-            Resp::Array(Some(items))
-        }
-        other => return Err(bad(format!("unexpected RESP type byte {other:#x}"))),
-    }))
-}
-
-/// Append a command as a RESP array of bulk strings.
-fn command(out: &mut BytesMut, args: &[&[u8]]) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// Connects to one Redis server.
-pub struct RedisTransport {
-    url: RedisUrl,
-    prefix: String,
-}
-
-impl RedisTransport {
-    pub fn new(url: RedisUrl, prefix: String) -> RedisTransport {
-        RedisTransport { url, prefix }
-    }
-
-    async fn open(&self) -> std::io::Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut)> {
-        let s = TcpStream::connect(&self.url.addr).await?;
-        s.set_nodelay(true)?;
-        let (mut rd, mut wr) = s.into_split();
-        let mut buf = BytesMut::with_capacity(4096);
-        if let Some(pass) = &self.url.password {
-            let mut out = BytesMut::new();
-            match &self.url.username {
-                Some(user) => command(&mut out, &[b"AUTH", user.as_bytes(), pass.as_bytes()]),
-                None => command(&mut out, &[b"AUTH", pass.as_bytes()]),
-            }
-            wr.write_all(&out).await?;
-            loop {
-                if let Some(reply) = parse(&mut buf)? {
-                    match reply {
-                        Resp::Simple(_) => break,
-                        Resp::Error(e) => return Err(bad(format!("redis AUTH: {}", String::from_utf8_lossy(&e)))),
-                        other => return Err(bad(format!("redis AUTH: unexpected {other:?}"))),
-                    }
-                }
-                if rd.read_buf(&mut buf).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-            }
-        }
-        Ok((rd, wr, buf))
-    }
-}
-
-pub struct RedisReader {
-    sub: OwnedReadHalf,
-    sub_buf: BytesMut,
-    cmd: OwnedReadHalf,
-    cmd_buf: BytesMut,
-    prefix: String,
-}
-
-pub struct RedisWriter {
-    sub: OwnedWriteHalf,
-    sub_out: BytesMut,
-    cmd: OwnedWriteHalf,
-    cmd_out: BytesMut,
-    prefix: String,
-}
-
-impl Transport for RedisTransport {
-    type Reader = RedisReader;
-    type Writer = RedisWriter;
-
-    async fn connect(&self) -> std::io::Result<(RedisReader, RedisWriter)> {
-        let (sub_rd, sub_wr, sub_buf) = self.open().await?;
-        let (cmd_rd, cmd_wr, cmd_buf) = self.open().await?;
-        let p = self.prefix.clone();
-        Ok((
-            RedisReader { sub: sub_rd, sub_buf, cmd: cmd_rd, cmd_buf, prefix: p.clone() },
-            RedisWriter { sub: sub_wr, sub_out: BytesMut::new(), cmd: cmd_wr, cmd_out: BytesMut::new(), prefix: p },
-        ))
-    }
-}
-
-impl RedisWriter {
-    fn names(&self, verb: &[u8], channels: &[String]) -> Vec<Vec<u8>> {
-        std::iter::once(verb.to_vec())
-            .chain(channels.iter().map(|c| format!("{}{c}", self.prefix).into_bytes()))
-            .collect()
-    }
-}
-
-impl Writer for RedisWriter {
-    fn subscribe(&mut self, channels: &[String]) {
-        let args = self.names(b"SUBSCRIBE", channels);
-        command(&mut self.sub_out, &args.iter().map(Vec::as_slice).collect::<Vec<_>>());
-    }
-
-    fn unsubscribe(&mut self, channels: &[String]) {
-        let args = self.names(b"UNSUBSCRIBE", channels);
-        command(&mut self.sub_out, &args.iter().map(Vec::as_slice).collect::<Vec<_>>());
-    }
-
-    fn publish(&mut self, channel: &str, data: &[u8]) {
-        let name = format!("{}{channel}", self.prefix);
-        command(&mut self.cmd_out, &[b"PUBLISH", name.as_bytes(), data]);
-    }
-
-    fn probe(&mut self) {
-        command(&mut self.cmd_out, &[b"PING"]);
-        // Keeps the subscriber connection's path warm; its answer is not tracked.
-        command(&mut self.sub_out, &[b"PING"]);
-    }
-
-    fn has_pending(&self) -> bool {
-        !self.sub_out.is_empty() || !self.cmd_out.is_empty()
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        while self.sub_out.has_remaining() {
-            self.sub.write_buf(&mut self.sub_out).await?;
-        }
-        while self.cmd_out.has_remaining() {
-            self.cmd.write_buf(&mut self.cmd_out).await?;
-        }
-        Ok(())
-    }
-}
-
-impl RedisReader {
-    fn subscriber_reply(&self, reply: Resp) -> std::io::Result<Incoming> {
-        let Resp::Array(Some(items)) = reply else {
-            return match reply {
-                Resp::Error(e) => Err(bad(format!("redis: {}", String::from_utf8_lossy(&e)))),
-                _ => Ok(Incoming::Nothing),
-            };
-        };
-        match &items[..] {
-            [Resp::Bulk(Some(kind)), Resp::Bulk(Some(ch)), Resp::Bulk(Some(data))] if &kind[..] == b"message" => {
-                let Some(local) = ch.strip_prefix(self.prefix.as_bytes()) else { return Ok(Incoming::Nothing) };
-                Ok(Incoming::Message(Message { channel: Bytes::copy_from_slice(local), data: data.clone() }))
-            }
-            _ => Ok(Incoming::Nothing), // subscribe/unsubscribe confirmations, pong
-        }
-    }
-}
-
-impl Reader for RedisReader {
-    async fn next(&mut self) -> std::io::Result<Incoming> {
-        loop {
-            if let Some(reply) = parse(&mut self.sub_buf)? {
-                return self.subscriber_reply(reply);
-            }
-            if let Some(reply) = parse(&mut self.cmd_buf)? {
-                return match reply {
-                    Resp::Int(_) | Resp::Simple(_) => Ok(Incoming::Ack),
-                    Resp::Error(e) => Err(bad(format!("redis: {}", String::from_utf8_lossy(&e)))),
-                    other => Err(bad(format!("redis: unexpected reply {other:?}"))),
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?} is not a Redis URL"))?;
+        // A cluster's seed nodes as a comma-separated list: fred takes the first as the host and
+        // the others as `node=` parameters.
+        let normalized = match (scheme.ends_with("-cluster"), rest.split_once(',')) {
+            (true, Some((first, others))) => {
+                let (others, query) = match others.split_once('?') {
+                    Some((o, q)) => (o, Some(q)),
+                    None => (others, None),
                 };
+                let mut nodes: Vec<String> = others.split(',').map(|n| format!("node={}", n.trim())).collect();
+                nodes.extend(query.map(str::to_owned));
+                let (first, first_query) = first.split_once('?').unwrap_or((first, ""));
+                if !first_query.is_empty() {
+                    nodes.push(first_query.to_owned());
+                }
+                format!("{scheme}://{}?{}", first.trim_end_matches('/'), nodes.join("&"))
             }
-            let n = tokio::select! {
-                r = self.sub.read_buf(&mut self.sub_buf) => r?,
-                r = self.cmd.read_buf(&mut self.cmd_buf) => r?,
-            };
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            _ => url.to_owned(),
+        };
+        let config = Config::from_url(&normalized).map_err(|e| format!("{}: {e}", hide_password(url)))?;
+        if let ServerConfig::Centralized { server } = &config.server {
+            if !rest.split(['/', '?']).next().is_some_and(|hp| hp.rsplit_once(':').is_some()) {
+                return Err(format!("{}: expected HOST:PORT, got {:?}", hide_password(url), server.host));
             }
         }
+        Ok(RedisUrl { display: hide_password(url), config })
+    }
+
+    fn clustered(&self) -> bool {
+        matches!(self.config.server, ServerConfig::Clustered { .. })
+    }
+}
+
+/// `url` with the password of its user info replaced by `***`.
+fn hide_password(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (userinfo, host) = rest.rsplit_once('@').unwrap_or(("", rest));
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A Redis deployment seen as a [`Client`].
+pub struct Redis {
+    publisher: fred::clients::Client,
+    subscriber: fred::clients::Client,
+    prefix: String,
+    clustered: bool,
+}
+
+/// Build the two clients, start connecting (fred retries with backoff by itself), and forward
+/// their messages and connection events to `events`.
+pub fn open(
+    url: &RedisUrl,
+    prefix: String,
+    tls: Option<rustls::ClientConfig>,
+    cfg: &LinkConfig,
+) -> Result<(Arc<Redis>, mpsc::Receiver<Event>), String> {
+    let mut config = url.config.clone();
+    if let Some(tls) = tls {
+        config.tls = Some(TlsConnector::from(tls).into());
+    }
+    let build = || {
+        let mut b = fred::types::Builder::from_config(config.clone());
+        let (connect, probe, dead) = (cfg.connect_timeout, cfg.probe_interval, cfg.ack_timeout);
+        b.with_connection_config(|c| {
+            c.connection_timeout = connect;
+            c.internal_command_timeout = connect;
+            c.unresponsive.max_timeout = Some(dead);
+            c.unresponsive.interval = probe;
+            c.max_command_buffer_len = cfg.max_in_flight;
+        });
+        b.with_performance_config(|p| p.broadcast_channel_capacity = EVENT_QUEUE);
+        let (min, max) = (cfg.min_backoff.as_millis() as u32, cfg.max_backoff.as_millis() as u32);
+        b.set_policy(ReconnectPolicy::new_exponential(0, min.max(1), max.max(1), 2));
+        b.build().map_err(|e| format!("{}: {e}", url.display))
+    };
+    let (publisher, subscriber) = (build()?, build()?);
+    let (tx, events) = mpsc::channel(EVENT_QUEUE);
+    for client in [&publisher, &subscriber] {
+        let mut reconnects = client.reconnect_rx();
+        let mut changes = client.cluster_change_rx();
+        let mut errors = client.error_rx();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    r = reconnects.recv() => match r {
+                        Ok(_) => Event::Connected,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Event::Connected,
+                        Err(_) => return,
+                    },
+                    // Slots moved: sharded subscriptions may have been dropped by the server.
+                    r = changes.recv() => match r {
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Event::Connected,
+                        Err(_) => return,
+                    },
+                    r = errors.recv() => match r {
+                        Ok((e, server)) => Event::Disconnected(match server {
+                            Some(s) => format!("{s}: {e}"),
+                            None => e.to_string(),
+                        }),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    },
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        client.connect();
+    }
+    let mut messages = subscriber.message_rx();
+    let strip = prefix.clone();
+    tokio::spawn(async move {
+        loop {
+            let event = match messages.recv().await {
+                Ok(m) => {
+                    let Some(local) = m.channel.strip_prefix(strip.as_str()) else { continue };
+                    let data = match m.value {
+                        fred::types::Value::Bytes(b) => b,
+                        fred::types::Value::String(s) => s.into_inner(),
+                        _ => continue,
+                    };
+                    Event::Message(Message { channel: Bytes::copy_from_slice(local.as_bytes()), data })
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Event::Lost(n),
+                Err(_) => return,
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((Arc::new(Redis { publisher, subscriber, prefix, clustered: url.clustered() }), events))
+}
+
+impl Client for Redis {
+    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_> {
+        let name = format!("{}{channel}", self.prefix);
+        Box::pin(async move {
+            let receivers: Result<i64, _> = if self.clustered {
+                self.publisher.spublish(name, data).await
+            } else {
+                self.publisher.publish(name, data).await
+            };
+            receivers.map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+
+    fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
+        Box::pin(async move {
+            if channels.is_empty() {
+                // Nothing to subscribe: a round trip proves the server answers.
+                return self.publisher.ping::<()>(None).await.map_err(|e| e.to_string());
+            }
+            let names: Vec<String> = channels.iter().map(|c| format!("{}{c}", self.prefix)).collect();
+            if self.clustered {
+                // One command per channel: a sharded subscription names channels of one slot.
+                for n in names {
+                    self.subscriber.ssubscribe(n).await.map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            } else {
+                self.subscriber.subscribe(names).await.map_err(|e| e.to_string())
+            }
+        })
+    }
+
+    fn unsubscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
+        Box::pin(async move {
+            let names: Vec<String> = channels.iter().map(|c| format!("{}{c}", self.prefix)).collect();
+            let r = if self.clustered {
+                self.subscriber.sunsubscribe(names).await
+            } else {
+                self.subscriber.unsubscribe(names).await
+            };
+            r.map_err(|e| e.to_string())
+        })
+    }
+
+    fn connected(&self) -> bool {
+        self.publisher.is_connected() && self.subscriber.is_connected()
     }
 }
 
@@ -306,30 +229,15 @@ mod tests {
     #[test]
     fn urls() {
         let u = RedisUrl::parse("redis://127.0.0.1:6379").unwrap();
-        assert_eq!((u.addr.as_str(), u.password, u.db), ("127.0.0.1:6379", None, 0));
-        let u = RedisUrl::parse("redis://:pw@h:1/3").unwrap();
-        assert_eq!((u.username, u.password.as_deref(), u.db), (None, Some("pw"), 3));
-        let u = RedisUrl::parse("redis://me:pw@h:1").unwrap();
-        assert_eq!(u.username.as_deref(), Some("me"));
-        assert!(RedisUrl::parse("redis://h").is_err());
-        assert!(RedisUrl::parse("redis://h:1/x").is_err());
-    }
-
-    #[test]
-    fn replies() {
-        let mut b =
-            BytesMut::from(&b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n:5\r\n+PONG\r\n$-1\r\n*2\r\n$1\r\n"[..]);
-        let msg = Resp::Array(Some(vec![
-            Resp::Bulk(Some(Bytes::from_static(b"message"))),
-            Resp::Bulk(Some(Bytes::from_static(b"c"))),
-            Resp::Bulk(Some(Bytes::from_static(b"hi"))),
-        ]));
-        assert_eq!(parse(&mut b).unwrap(), Some(msg));
-        assert_eq!(parse(&mut b).unwrap(), Some(Resp::Int(5)));
-        assert_eq!(parse(&mut b).unwrap(), Some(Resp::Simple(Bytes::from_static(b"PONG"))));
-        assert_eq!(parse(&mut b).unwrap(), Some(Resp::Bulk(None)));
-        assert_eq!(parse(&mut b).unwrap(), None, "incomplete array waits");
-        assert!(parse(&mut BytesMut::from(&b"?x\r\n"[..])).is_err());
-        assert!(parse(&mut BytesMut::from(&b"$99999999999\r\n"[..])).is_err());
+        assert!(!u.clustered());
+        let u = RedisUrl::parse("redis://:p%40ss@h:1/3").unwrap();
+        assert_eq!((u.config.password.as_deref(), u.config.database), (Some("p@ss"), Some(3)), "percent-decoded");
+        assert_eq!(u.display, "redis://:***@h:1/3");
+        let u = RedisUrl::parse("redis-cluster://127.0.0.1:7000,127.0.0.1:7001, 127.0.0.1:7002").unwrap();
+        assert!(u.clustered());
+        let ServerConfig::Clustered { hosts, .. } = &u.config.server else { panic!("clustered") };
+        assert_eq!(hosts.len(), 3);
+        assert!(RedisUrl::parse("redis://h:notaport").is_err());
+        assert!(RedisUrl::parse("redis://h").is_err(), "a port is required");
     }
 }

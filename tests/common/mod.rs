@@ -587,3 +587,59 @@ pub async fn standalone(extra: &[&str]) -> (Proc, u16, u16, u16) {
     args.extend_from_slice(extra);
     (Proc::start(&args, &[c, w, h]).await, c, w, h)
 }
+
+/// Broadcast `tag-N` through alternating publishers of `cluster` every 20 ms while `during` runs
+/// (an outage, say), then until a publish is confirmed again; then `tag-end`. Every client must
+/// have received every confirmed (200) broadcast exactly once, in order. Returns the clients and
+/// (confirmed, refused) counts.
+pub async fn every_ok_arrives<F: std::future::Future<Output = ()>>(
+    cluster: &Cluster,
+    clients: Vec<Client>,
+    tag: &str,
+    during: F,
+) -> (Vec<Client>, usize, usize) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let publishing = async {
+        let (mut confirmed, mut refused): (Vec<(String, bool)>, usize) = (Vec::new(), 0);
+        let mut n = 0;
+        // Go on until the outage is over and a publish was confirmed after it.
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) || confirmed.last().is_none_or(|&(_, after)| !after) {
+            n += 1;
+            let content = format!("{tag}-{n}");
+            let after = stop.load(std::sync::atomic::Ordering::Relaxed);
+            match cluster.publish(n, &format!("content={content}")).await.0 {
+                200 => confirmed.push((content, after)),
+                503 => refused += 1,
+                other => panic!("publish answered {other}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(n < 5_000, "no publish confirmed after the outage");
+        }
+        (confirmed.into_iter().map(|(c, _)| c).collect::<Vec<_>>(), refused)
+    };
+    let outage = async {
+        during.await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let ((confirmed, refused), ()) = tokio::join!(publishing, outage);
+    let end = format!("{tag}-end");
+    assert_eq!(cluster.publish(0, &format!("content={end}")).await.0, 200);
+    let got = collect_until(clients, &end, WAIT).await;
+    let mut out = Vec::new();
+    for (c, msgs) in got {
+        let seen: Vec<&String> = msgs.iter().filter(|m| confirmed.contains(m)).collect();
+        let missing: Vec<&String> = confirmed.iter().filter(|m| !msgs.contains(m)).collect();
+        assert!(missing.is_empty(), "client {}/{} missed confirmed pushes {missing:?}", c.worker, c.conn);
+        assert_eq!(seen.len(), confirmed.len(), "no duplicates");
+        assert!(seen.iter().zip(&confirmed).all(|(a, b)| *a == b), "in order");
+        assert_eq!(msgs.last(), Some(&end));
+        out.push(c);
+    }
+    (out, confirmed.len(), refused)
+}
+
+/// A `/metrics` value of a node, 0 when missing.
+pub async fn metric(addr: impl Into<Addr>, name: &str) -> u64 {
+    let (_, text) = http_get(addr, "/metrics").await;
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+}

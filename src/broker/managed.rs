@@ -1,0 +1,243 @@
+//! The shared part of the brokers reached through a maintained client library (Redis on fred, NATS
+//! on async-nats). The library owns the connections: it connects, reconnects, follows cluster
+//! topology, discovers servers and handles TLS. This module owns what pushwire promises on top:
+//!
+//! - **Up means subscribed.** The link counts as up (`/healthz` 200, publishes accepted) only once
+//!   the library is connected *and* every subscription of this process has been confirmed by the
+//!   broker since the latest (re)connection.
+//! - **Confirmed publishes.** `publish` fails at once while the link is down (the library would
+//!   buffer it), and resolves `Ok` only when the adapter saw the broker accept it.
+//! - **Settle after a reconnection.** When the link comes back after a loss, publishes wait
+//!   [`LinkConfig::settle`] before they are sent: other nodes that lost the broker at the same time
+//!   (a broker restart, the loss of a shared NATS node) have resubscribed by then, so no publish is
+//!   confirmed that a reconnecting gateway would miss.
+//! - **Fan-out and bounds.** Messages go to this process's subscribers through [`Subscribers`];
+//!   messages the library lost (a lagging receiver) are counted and logged.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::subscribers::Subscribers;
+use super::{Broker, BrokerError, LinkConfig, Message, Subscription, SUBSCRIPTION_CAPACITY};
+use crate::metrics::{LogEvery, GLOBAL};
+
+/// A future returned by a [`Client`].
+pub type ClientFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// A backend's client library, seen through what the shared part needs.
+pub trait Client: Send + Sync + 'static {
+    /// Publish; resolves once the broker has accepted the message (and routed it, where the
+    /// broker can say so).
+    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_>;
+    /// Make sure `channels` are subscribed on the broker (again, after a reconnection); resolves
+    /// once the broker has confirmed them.
+    fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_>;
+    /// Drop the subscription to `channels`.
+    fn unsubscribe(&self, channels: Vec<String>) -> ClientFuture<'_>;
+    /// Whether the library has its connections up right now.
+    fn connected(&self) -> bool;
+}
+
+/// What an adapter reports from its library.
+#[derive(Debug)]
+pub enum Event {
+    /// A message on a subscribed channel (name without the broker prefix).
+    Message(Message),
+    /// The library (re)connected: subscriptions must be confirmed again.
+    Connected,
+    /// The library lost a connection.
+    Disconnected(String),
+    /// The library dropped this many messages (a receiver that lagged).
+    Lost(u64),
+}
+
+/// Events an adapter may queue before its forwarding waits (and the library's own buffers fill).
+pub const EVENT_QUEUE: usize = SUBSCRIPTION_CAPACITY;
+
+enum Command {
+    Subscribe { channels: Vec<String>, tx: mpsc::Sender<Message> },
+}
+
+/// A broker reached through a client library.
+pub struct Managed<C> {
+    client: Arc<C>,
+    cmd: mpsc::Sender<Command>,
+    state: Arc<State>,
+    name: String,
+    cfg: LinkConfig,
+}
+
+/// What the link task and callers share.
+struct State {
+    up: AtomicBool,
+    reconnects: AtomicU64,
+    /// Publishes wait until then after a reconnection.
+    hold_until: Mutex<Option<Instant>>,
+}
+
+/// Warnings about messages the library lost: at most one line per interval.
+static LOST_LOG: LogEvery = LogEvery::new(Duration::from_secs(10));
+
+impl<C: Client> Managed<C> {
+    /// Start the link task for `client`, whose adapter reports on `events`.
+    pub fn spawn(client: Arc<C>, events: mpsc::Receiver<Event>, cfg: LinkConfig, name: String) -> Arc<Managed<C>> {
+        let (cmd, rx) = mpsc::channel(64);
+        let state =
+            Arc::new(State { up: AtomicBool::new(false), reconnects: AtomicU64::new(0), hold_until: Mutex::new(None) });
+        let task = Task {
+            client: client.clone(),
+            cfg,
+            name: name.clone(),
+            state: state.clone(),
+            subs: Subscribers::default(),
+            renew: true,
+            ever_up: false,
+        };
+        tokio::spawn(task.run(events, rx));
+        Arc::new(Managed { client, cmd, state, name, cfg })
+    }
+}
+
+impl<C: Client> Broker for Managed<C> {
+    fn publish(&self, channel: &str, data: Bytes) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
+        let channel = channel.to_owned();
+        Box::pin(async move {
+            if !self.is_connected() {
+                return Err(BrokerError::Unavailable(self.name.clone()));
+            }
+            let hold = *self.state.hold_until.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(until) = hold {
+                tokio::time::sleep_until(until).await;
+            }
+            let limit = self.cfg.publish_timeout;
+            match tokio::time::timeout(limit, self.client.publish(&channel, data)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    tracing::debug!(broker = %self.name, "publish failed: {e}");
+                    Err(BrokerError::Unavailable(self.name.clone()))
+                }
+                Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
+            }
+        })
+    }
+
+    fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        self.cmd
+            .try_send(Command::Subscribe { channels, tx })
+            .map_err(|_| BrokerError::Refused(format!("link to {} is busy or gone", self.name)))?;
+        Ok(Subscription { rx, _guard: None })
+    }
+
+    fn is_connected(&self) -> bool {
+        self.state.up.load(Ordering::Acquire) && self.client.connected()
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.state.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+struct Task<C> {
+    client: Arc<C>,
+    cfg: LinkConfig,
+    name: String,
+    state: Arc<State>,
+    subs: Subscribers,
+    /// Subscriptions must be confirmed (again) before the link counts as up.
+    renew: bool,
+    ever_up: bool,
+}
+
+impl<C: Client> Task<C> {
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut cmds: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(self.cfg.probe_interval.min(Duration::from_millis(250)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u64;
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    None => return,
+                    Some(Event::Message(m)) => {
+                        if let Some(gone) = self.subs.deliver(&self.name, m) {
+                            let _ = self.client.unsubscribe(vec![gone]).await;
+                        }
+                    }
+                    Some(Event::Connected) => {
+                        // Up again only once the subscriptions are confirmed on the new connection.
+                        self.renew = true;
+                        self.state.up.store(false, Ordering::Release);
+                    }
+                    Some(Event::Disconnected(why)) => self.down(&why),
+                    Some(Event::Lost(n)) => {
+                        GLOBAL.subscriber_drops.fetch_add(n, Ordering::Relaxed);
+                        if let Some(held) = LOST_LOG.ready() {
+                            tracing::warn!(broker = %self.name, lost = n, similar_since_last = held, "broker client lagged: messages lost");
+                        }
+                    }
+                },
+                cmd = cmds.recv() => match cmd {
+                    None => return,
+                    Some(Command::Subscribe { channels, tx }) => {
+                        let new = self.subs.add(channels, tx);
+                        if !new.is_empty() && !self.renew && self.confirm(new).await.is_err() {
+                            self.renew = true;
+                        }
+                    }
+                },
+                _ = tick.tick() => {
+                    if !self.client.connected() {
+                        self.down("connection lost");
+                    } else if self.renew {
+                        match self.confirm(self.subs.channels()).await {
+                            Ok(()) => {
+                                failures = 0;
+                                self.up();
+                            }
+                            Err(e) => {
+                                failures += 1;
+                                if failures == 1 || failures % 30 == 0 {
+                                    tracing::warn!(broker = %self.name, failures, "subscriptions not confirmed: {e}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscribe to `channels` and wait for the broker's confirmation, within the publish timeout.
+    async fn confirm(&self, channels: Vec<String>) -> Result<(), String> {
+        match tokio::time::timeout(self.cfg.publish_timeout, self.client.subscribe(channels)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no confirmation within {:?}", self.cfg.publish_timeout)),
+        }
+    }
+
+    fn up(&mut self) {
+        self.renew = false;
+        if self.ever_up {
+            self.state.reconnects.fetch_add(1, Ordering::Relaxed);
+            let until = Instant::now() + self.cfg.settle;
+            *self.state.hold_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+        }
+        self.ever_up = true;
+        self.state.up.store(true, Ordering::Release);
+        tracing::info!(broker = %self.name, "broker link up");
+    }
+
+    fn down(&mut self, why: &str) {
+        self.renew = true;
+        if self.state.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(broker = %self.name, "broker link down: {why}");
+        }
+    }
+}
