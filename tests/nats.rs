@@ -27,8 +27,12 @@ async fn wait_routes(m: u16, n: usize) {
     panic!("NATS routes never formed on monitor port {m}");
 }
 
+/// Kill the NATS node that gateway 1 and both publishers are connected to, under continuous
+/// publishing. Each was given that node's address only: they must find the others from the
+/// cluster's announcements, reconnect, and lose no confirmed push (publishes wait for the settle
+/// time after a reconnection, so gateway 1 has resubscribed before any is confirmed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_across_a_three_node_nats_cluster() {
+async fn node_loss_across_a_three_node_nats_cluster() {
     let ports = [free_port(), free_port(), free_port()];
     let routes = [free_port(), free_port(), free_port()];
     let monitors = [free_port(), free_port(), free_port()];
@@ -40,22 +44,13 @@ async fn failover_across_a_three_node_nats_cluster() {
     for m in monitors {
         wait_routes(m, 2).await;
     }
-    // Gateway 1 prefers node 0, gateway 2 node 1; publishers prefer node 2, then node 0.
-    let list = |order: [usize; 3]| format!("nats://{}", order.map(|i| format!("127.0.0.1:{}", ports[i])).join(","));
+    let url = |i: usize| format!("nats://127.0.0.1:{}", ports[i]);
     let (g1, g2, p1, p2) = (free_port(), free_port(), free_port(), free_port());
     let mut procs = Vec::new();
-    for (port, role, order) in [
-        (g1, "gateway", [0, 1, 2]),
-        (g2, "gateway", [1, 2, 0]),
-        (p1, "publisher", [2, 0, 1]),
-        (p2, "publisher", [2, 1, 0]),
-    ] {
+    for (port, role, node) in [(g1, "gateway", 0), (g2, "gateway", 1), (p1, "publisher", 0), (p2, "publisher", 0)] {
         procs.push(
-            Proc::start(&[role, "--listen", &format!("127.0.0.1:{port}"), "--broker", &list(order)], &[port]).await,
+            Proc::start(&[role, "--listen", &format!("127.0.0.1:{port}"), "--broker", &url(node)], &[port]).await,
         );
-    }
-    for p in [g1, g2, p1, p2] {
-        wait_healthy(p).await;
     }
     let cluster = Cluster {
         procs,
@@ -64,25 +59,50 @@ async fn failover_across_a_three_node_nats_cluster() {
         publishers: [p1.into(), p2.into()],
         key_query: String::new(),
     };
+    cluster.wait_healthy().await;
     let clients = check_seed_pushes(&cluster, cluster.clients(60).await, "before").await;
-
-    // Kill the node gateway 1 is connected to; it moves to node 1 of its list.
-    nodes[0] = None;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for p in [g1, g2, p1, p2] {
-        wait_healthy(p).await;
+    let loss = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nodes[0] = None;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.wait_healthy().await;
+    };
+    let (clients, confirmed, refused) = every_ok_arrives(&cluster, clients, "live", loss).await;
+    assert!(confirmed > 10 && refused > 0, "confirmed {confirmed}, refused {refused}");
+    for (node, reconnected) in [(g1, true), (p1, true), (p2, true), (g2, false)] {
+        assert_eq!(metric(node, "pushwire_broker_reconnects").await >= 1, reconnected, "node {node}");
     }
-    // Routes between the two survivors carry the pushes to both gateways.
-    let mut all_back = false;
-    for _ in 0..100 {
-        let (status, _) = http_get(g1, "/metrics").await;
-        assert_eq!(status, 200);
-        if http_get(g1, "/healthz").await.0 == 200 {
-            all_back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(all_back);
     check_seed_pushes(&cluster, clients, "after").await;
+}
+
+/// A server error that does not close the connection (a permissions violation) leaves the link
+/// up: no reconnection, and the next pushes go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permissions_violation_keeps_the_link() {
+    let port = free_port();
+    let conf = std::env::temp_dir().join(format!("pushwire-nats-{}-{port}.conf", std::process::id()));
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\nauthorization {{ users = [ {{ user: pw, password: s3cret, permissions: {{ publish: {{ deny: [\"pushwire.forbidden-0\"] }} }} }} ] }}\n"
+        ),
+    )
+    .expect("config");
+    let _nats = Proc::program(&find_program("nats-server"), &["-c", conf.to_str().expect("path")], &[port]).await;
+    let url = format!("nats://pw:s3cret@127.0.0.1:{port}");
+    let (g, p) = (free_port(), free_port());
+    let _g = Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{g}"), "--broker", &url], &[g]).await;
+    let pub_node =
+        Proc::start_logged(&["publisher", "--listen", &format!("127.0.0.1:{p}"), "--broker", &url], &[p]).await;
+    wait_healthy(g).await;
+    wait_healthy(p).await;
+    let mut c = connect(g).await;
+    http_get(p, "/?to_worker_id=forbidden-0&to_connection_id=1&content=denied").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(http_get(p, "/?content=still-up").await.0, 200);
+    assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("still-up"));
+    assert_eq!(metric(p, "pushwire_broker_reconnects").await, 0, "the link was not dropped");
+    assert_eq!(http_get(p, "/healthz").await.0, 200);
+    assert!(pub_node.log().contains("Permissions Violation"), "the server refused the publish:\n{}", pub_node.log());
+    let _ = std::fs::remove_file(conf);
 }

@@ -52,7 +52,11 @@ async fn healthy_means_subscribed() {
         let cluster = Cluster::start(Some(format!("redis://127.0.0.1:{port}"))).await;
         let mut c = connect(&cluster.gateways[0]).await;
         assert_eq!(cluster.publish(0, "content=first").await.0, 200);
-        assert_eq!(next_text_within(&mut c.ws, Duration::from_secs(2)).await.as_deref(), Some("first"), "round {round}");
+        assert_eq!(
+            next_text_within(&mut c.ws, Duration::from_secs(2)).await.as_deref(),
+            Some("first"),
+            "round {round}"
+        );
     }
 }
 

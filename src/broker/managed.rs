@@ -106,7 +106,11 @@ impl<C: Client> Managed<C> {
 }
 
 impl<C: Client> Broker for Managed<C> {
-    fn publish(&self, channel: &str, data: Bytes) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
+    fn publish(
+        &self,
+        channel: &str,
+        data: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
         let channel = channel.to_owned();
         Box::pin(async move {
             if !self.is_connected() {

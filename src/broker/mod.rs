@@ -249,9 +249,11 @@ pub async fn open(
         }
         #[cfg(feature = "redis")]
         BrokerUrl::Redis(u) => {
-            let tls = opts.ca.as_deref().map(rustls_with_ca).transpose().map_err(|e| BrokerError::Config(name.clone(), e))?;
+            let tls =
+                opts.ca.as_deref().map(rustls_with_ca).transpose().map_err(|e| BrokerError::Config(name.clone(), e))?;
             let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
-            let (client, events) = redis::open(u, prefix, tls, &cfg).map_err(|e| BrokerError::Config(name.clone(), e))?;
+            let (client, events) =
+                redis::open(u, prefix, tls, &cfg).map_err(|e| BrokerError::Config(name.clone(), e))?;
             managed::Managed::spawn(client, events, cfg, name)
         }
         #[cfg(feature = "nats")]

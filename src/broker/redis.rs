@@ -11,9 +11,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fred::prelude::{
-    ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, ServerConfig, TlsConnector,
-};
+use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, ServerConfig, TlsConnector};
 use tokio::sync::mpsc;
 
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
@@ -53,7 +51,7 @@ impl RedisUrl {
         };
         let config = Config::from_url(&normalized).map_err(|e| format!("{}: {e}", hide_password(url)))?;
         if let ServerConfig::Centralized { server } = &config.server {
-            if !rest.split(['/', '?']).next().is_some_and(|hp| hp.rsplit_once(':').is_some()) {
+            if rest.split(['/', '?']).next().is_none_or(|hp| hp.rsplit_once(':').is_none()) {
                 return Err(format!("{}: expected HOST:PORT, got {:?}", hide_password(url), server.host));
             }
         }
