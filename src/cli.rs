@@ -30,8 +30,8 @@ pub struct Cli {
     /// Log filter (tracing syntax): error, warn, info, debug, or per module.
     #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
-    /// Settings file: a `[channel]`, `[gateway]`, `[publisher]` or `[standalone]` section of
-    /// `flag-name = value` lines. Flags and environment variables override it.
+    /// Settings file (TOML): `[channel]`, `[gateway]`, `[publisher]` and `[standalone]` tables of
+    /// `flag-name = value`. Environment variables and flags override it.
     #[arg(long, global = true, env = "PUSHWIRE_CONFIG")]
     pub config: Option<std::path::PathBuf>,
     #[command(subcommand)]
@@ -50,6 +50,11 @@ pub enum Command {
     Standalone(StandaloneArgs),
     /// Load-test a running system with the seed's API (pushwire or the PHP original).
     Bench(crate::bench::BenchArgs),
+    /// Check a settings file and print the effective settings of each command (secrets masked).
+    CheckConfig {
+        /// The TOML file.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -281,8 +286,7 @@ impl PublisherOpts {
 /// Parse the command line, with the settings of `--config FILE` (if given) under flags and
 /// environment variables: defaults, then the file, then the environment, then flags.
 pub fn parse() -> anyhow::Result<Cli> {
-    use clap::parser::ValueSource;
-    use clap::{ArgAction, CommandFactory, FromArgMatches};
+    use clap::{CommandFactory, FromArgMatches};
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cmd = Cli::command();
     let matches = cmd.clone().try_get_matches_from(&argv).unwrap_or_else(|e| e.exit());
@@ -290,64 +294,32 @@ pub fn parse() -> anyhow::Result<Cli> {
     else {
         return Ok(Cli::from_arg_matches(&matches)?);
     };
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    let sub_cmd = cmd.find_subcommand(name).context("no such command")?;
-    let mut injected = Vec::new();
-    for (line, key, value) in config_section(&text, name).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))? {
-        let Some(arg) = sub_cmd.get_arguments().find(|a| a.get_long() == Some(key.as_str())) else {
-            bail!("{}:{line}: `pushwire {name}` has no setting {key:?} (settings are its flag names)", path.display());
-        };
-        if matches!(sub.value_source(arg.get_id().as_str()), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
-        {
-            continue;
-        }
-        match (arg.get_action(), value.as_str()) {
-            (ArgAction::SetTrue, "true") => injected.push(format!("--{key}")),
-            (ArgAction::SetTrue, "false") => {}
-            (ArgAction::SetTrue, v) => bail!("{}:{line}: {key} must be true or false, not {v:?}", path.display()),
-            _ => injected.push(format!("--{key}={value}")),
-        }
+    if !crate::config::SECTIONS.contains(&name) {
+        return Ok(Cli::from_arg_matches(&matches)?);
     }
+    let file = crate::config::File::read(path)?;
+    let sub_cmd = cmd.find_subcommand(name).context("no such command")?;
+    let injected = file.flags(name, sub_cmd, sub)?;
     let at = argv.iter().position(|a| a == name).map_or(argv.len(), |i| i + 1);
     let mut full = argv;
     full.splice(at..at, injected.into_iter().map(Into::into));
     Ok(Cli::try_parse_from(full).unwrap_or_else(|e| e.exit()))
 }
 
-/// The `key = value` lines of section `[section]`: (line number, key, value). Values may be
-/// quoted (`"..."`, with `\"` and `\\`); `#` starts a comment line.
-pub fn config_section(text: &str, section: &str) -> Result<Vec<(usize, String, String)>, String> {
-    let mut current = None;
-    let mut out = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let (n, line) = (i + 1, raw.trim());
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            current = Some(name.trim().to_owned());
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else {
-            return Err(format!("line {n}: expected `key = value` or `[section]`"));
-        };
-        if current.is_none() {
-            return Err(format!(
-                "line {n}: settings go under a [channel], [gateway], [publisher] or [standalone] section"
-            ));
-        }
-        if current.as_deref() != Some(section) {
-            continue;
-        }
-        let value = value.trim();
-        let value = match value.strip_prefix('"') {
-            Some(rest) => {
-                let inner = rest.strip_suffix('"').ok_or(format!("line {n}: unterminated string"))?;
-                inner.replace("\\\"", "\"").replace("\\\\", "\\")
-            }
-            None => value.to_owned(),
-        };
-        out.push((n, key.trim().to_owned(), value));
+/// `pushwire check-config FILE`: every command's effective settings from `file`, the environment
+/// and the defaults; an error names the file and line.
+pub fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
+    use clap::CommandFactory;
+    let file = crate::config::File::read(path)?;
+    let cmd = Cli::command();
+    let mut out = format!("# {}: valid\n", path.display());
+    for role in crate::config::SECTIONS {
+        let sub_cmd = cmd.find_subcommand(role).context("no such command")?;
+        let base = sub_cmd.clone().try_get_matches_from([role]).map_err(|e| anyhow::anyhow!("{role}: {e}"))?;
+        let mut argv = vec![role.to_owned()];
+        argv.extend(file.flags(role, sub_cmd, &base)?);
+        let matches = sub_cmd.clone().try_get_matches_from(&argv).map_err(|e| anyhow::anyhow!("[{role}]: {e}"))?;
+        out.push_str(&format!("\n[{role}]\n{}", crate::config::describe(sub_cmd, &matches)));
     }
     Ok(out)
 }
@@ -455,6 +427,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     crate::io::raise_fd_limit();
     let shutdown = shutdown_signal();
     match cli.command {
+        Command::CheckConfig { file } => print!("{}", check_config(&file)?),
         Command::Bench(a) => crate::bench::run(a).await?,
         Command::Channel(a) => {
             protect("channel server", &a.listen, a.opts.secret.is_some(), a.insecure.insecure, SECRET_HOW)?;
@@ -514,18 +487,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn config_sections() {
-        let text =
-            "# pushwire\n[gateway]\nworkers = 4\n[publisher]\npublish-key = \"k \\\"q\\\"\"\nlisten=127.0.0.1:1\n";
-        let p = config_section(text, "publisher").unwrap();
-        assert_eq!(p, vec![(5, "publish-key".into(), "k \"q\"".into()), (6, "listen".into(), "127.0.0.1:1".into())]);
-        assert_eq!(config_section(text, "gateway").unwrap(), vec![(3, "workers".into(), "4".into())]);
-        assert!(config_section("workers = 4", "gateway").unwrap_err().contains("section"));
-        assert!(config_section("[gateway]\nnonsense", "gateway").unwrap_err().contains("line 2"));
-        assert!(config_section("[gateway]\nx = \"open", "gateway").unwrap_err().contains("unterminated"));
-    }
 
     #[test]
     fn durations() {

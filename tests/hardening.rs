@@ -270,10 +270,11 @@ async fn channel_server_cuts_off_a_subscriber_that_stops_reading_and_counts_it()
 async fn config_file_under_environment_under_flags() {
     let dir = std::env::temp_dir().join(format!("pushwire-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("pushwire.conf");
+    let file = dir.join("pushwire.toml");
     std::fs::write(
         &file,
-        "# test\n[standalone]\npublish-key = \"from-file\"\nheartbeat = 30s\n[gateway]\nworkers = 9\n",
+        "# test\n[standalone]\npublish-key = \"from-file\" # a comment\nheartbeat = \"30s\"\n\
+         allowed-origins = [\"http://a.example\", \"http://b.example\"]\n[gateway]\nworkers = 9\n",
     )
     .unwrap();
     let config = file.to_string_lossy().into_owned();
@@ -324,11 +325,47 @@ async fn config_file_under_environment_under_flags() {
     assert_eq!(accepts(p.2, "from-flag").await, 200);
     assert_eq!(accepts(p.2, "from-env").await, 401);
 
-    // A setting the command does not have stops it with the file and line.
-    std::fs::write(&file, "[standalone]\npublish-key = k\nbogus = 1\n").unwrap();
-    let out = run_to_exit(&["standalone", "--config", &config], &[]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("pushwire.conf:3") && err.contains("bogus"), "{err}");
+    // The array of origins applies: an origin outside it is refused.
+    let p = ports();
+    let a = args(p);
+    let _s = Proc::program(bin, &a.each_ref().map(String::as_str), &[p.0, p.1, p.2]).await;
+    for (origin, status) in [("http://b.example", "101"), ("http://c.example", "403")] {
+        let mut ws = tokio::net::TcpStream::connect(("127.0.0.1", p.1)).await.unwrap();
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nOrigin: {origin}\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        ws.write_all(req.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(WAIT, ws.read_exact(&mut head)).await.expect("answer").expect("read");
+        assert_eq!(&head[9..12], status.as_bytes(), "{origin}");
+    }
+
+    // check-config: the effective settings of each role, secrets masked, sources named.
+    let out = run_to_exit(&["check-config", &config], &[("PUSHWIRE_PUBLISH_KEY", "from-env")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("[gateway]\n") && text.contains("workers = 9  # file"), "{text}");
+    assert!(text.contains("heartbeat = \"30s\"  # file"), "{text}");
+    assert!(text.contains("publish-key = \"***\"  # environment") && !text.contains("from-"), "{text}");
+
+    // A setting the command does not have, or a value of the wrong type, stops it with the file
+    // and line.
+    for (role, bad, line, what) in [
+        ("standalone", "[standalone]\npublish-key = \"k\"\nbogus = 1\n", 3, "bogus"),
+        ("gateway", "[gateway]\n\nworkers = \"many\"\n", 3, "workers"),
+        ("gateway", "[gateway]\nworkers = [1, 2]\n", 2, "one value"),
+        ("standalone", "[standalone]\ninsecure = \"yes\"\n", 2, "true or false"),
+        ("gateway", "[gatway]\nworkers = 1\n", 1, "unknown section"),
+        ("gateway", "[gateway]\nworkers = \n", 2, ""),
+    ] {
+        std::fs::write(&file, bad).unwrap();
+        for argv in [vec![role, "--config", &config], vec!["check-config", &config]] {
+            let out = run_to_exit(&argv, &[]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{bad}");
+            assert!(err.contains(&format!("pushwire.toml:{line}:")) && err.contains(what), "{bad}: {err}");
+        }
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
