@@ -73,11 +73,12 @@ impl File {
                 let msg = format!("unknown section [{}] (sections: {})", name.get_ref(), SECTIONS.join(", "));
                 return Err(at(name.span().start, msg));
             }
-            let settings = table
+            let mut settings: Vec<Setting> = table
                 .into_inner()
                 .into_iter()
                 .map(|(k, v)| Setting { line: line_of(k.span().start), key: k.into_inner(), value: v.into_inner() })
                 .collect();
+            settings.sort_by_key(|s| s.line);
             sections.insert(name.into_inner(), settings);
         }
         Ok(File { path: path.to_owned(), sections })
