@@ -48,8 +48,12 @@ pub enum Command {
     Publisher(PublisherArgs),
     /// Run channel server, gateway and publisher in one process, wired in-process.
     Standalone(StandaloneArgs),
-    /// Load-test a running system with the seed's API (pushwire or the PHP original).
-    Bench(crate::bench::BenchArgs),
+    /// Load-test a running system with the seed's API: runs the `pushwire-bench` binary next to
+    /// this one with the same arguments (`pushwire bench --help` lists them).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Check a settings file and print the effective settings of each command (secrets masked).
     CheckConfig {
         /// The TOML file.
@@ -131,7 +135,7 @@ impl BrokerOpts {
             ca: self.broker_ca.clone(),
             nats_creds: self.nats_creds.clone(),
         };
-        Ok(broker::open(&self.broker, &opts, None, LinkConfig::default()).await?)
+        Ok(broker::open(&self.broker, &opts, LinkConfig::default()).await?)
     }
 }
 
@@ -324,22 +328,17 @@ pub fn check_config(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// `25s`, `500ms`, `2m`, or a bare number of seconds.
+/// `25s`, `500ms`, `2m`, `1h 30m` (humantime), or a bare number of seconds; 1 ms to 24 h.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 25s or 500ms"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        _ => humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 25s or 500ms: {e}"))?,
     };
-    if !(0.001..=86_400.0).contains(&secs) {
+    if !(Duration::from_millis(1)..=Duration::from_secs(86_400)).contains(&d) {
         return Err(format!("{s:?} is out of range (1ms to 24h)"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 /// Like [`parse_duration`], and `0` or `0s` means none.
@@ -428,7 +427,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     match cli.command {
         Command::CheckConfig { file } => print!("{}", check_config(&file)?),
-        Command::Bench(a) => crate::bench::run(a).await?,
+        Command::Bench { args } => {
+            use std::os::unix::process::CommandExt as _;
+            let exe = std::env::current_exe()?.with_file_name("pushwire-bench");
+            let err = std::process::Command::new(&exe).args(args).exec();
+            bail!("cannot run {}: {err} (build it with `cargo build --release --workspace`)", exe.display());
+        }
         Command::Channel(a) => {
             protect("channel server", &a.listen, a.opts.secret.is_some(), a.insecure.insecure, SECRET_HOW)?;
             let listener =
@@ -461,8 +465,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let ws = bind_tcp(&a.ws_listen, "gateway").await?;
             let http = bind_tcp(&a.http_listen, "publisher").await?;
             let hub = Arc::new(Hub::new(a.channel.limits()));
-            let memory = (&BrokerUrl::Memory, &broker::BrokerOptions::default());
-            let broker = broker::open(memory.0, memory.1, Some(hub.clone()), LinkConfig::default()).await?;
+            let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
             let gw = Gateway::start(broker.clone(), a.gateway.config())?;
             let publisher = Publisher::new(broker, a.publisher.config());
             // The publisher gets a thread and runtime of its own, so that a publish is never
@@ -495,7 +498,8 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("25h").is_err());
         assert!(parse_duration("soon").is_err());
     }
 

@@ -17,7 +17,7 @@ use channel_proto::message::ServerKind;
 use channel_proto::{frame, Name, Request, ServerMessage};
 use tokio::sync::mpsc;
 
-use crate::broker::Message;
+use crate::message::Message;
 
 /// Identifies a hub client.
 pub type ClientId = u64;

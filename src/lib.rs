@@ -21,7 +21,6 @@
 //! See `docs/ARCHITECTURE.md` for the whole picture.
 
 pub mod auth;
-pub mod bench;
 pub mod broker;
 pub mod channel_server;
 pub mod cli;
@@ -30,6 +29,7 @@ pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod io;
+pub mod message;
 pub mod metrics;
 pub mod page;
 pub mod publisher;

@@ -98,6 +98,9 @@ fn exists(p: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca() {
+    if !have(&["openssl", "redis-server", "nats-server"], false) {
+        return;
+    }
     let certs = Certs::make();
     let port = free_port();
     let (p, cert, key, ca) =
@@ -131,6 +134,9 @@ async fn rediss_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_tls_with_a_private_ca() {
+    if !have(&["openssl", "redis-server", "nats-server"], false) {
+        return;
+    }
     let certs = Certs::make();
     let port = free_port();
     let (p, cert, key, ca) =

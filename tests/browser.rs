@@ -99,6 +99,9 @@ impl Page {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_console_snippet_and_page_in_chromium() {
+    if !have(&["chromium"], false) {
+        return;
+    }
     let (c, w, h, d) = (free_port(), free_port(), free_port(), free_port());
     let args = |c: u16, w: u16, h: u16| {
         vec![

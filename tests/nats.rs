@@ -8,6 +8,9 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_on_nats() {
+    if !have(&["nats-server"], false) {
+        return;
+    }
     let port = free_port();
     let _nats = nats_server(port, None, None).await;
     let cluster = Cluster::start(Some(format!("nats://127.0.0.1:{port}"))).await;
@@ -33,6 +36,9 @@ async fn wait_routes(m: u16, n: usize) {
 /// time after a reconnection, so gateway 1 has resubscribed before any is confirmed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_loss_across_a_three_node_nats_cluster() {
+    if !have(&["nats-server"], false) {
+        return;
+    }
     let ports = [free_port(), free_port(), free_port()];
     let routes = [free_port(), free_port(), free_port()];
     let monitors = [free_port(), free_port(), free_port()];
@@ -79,6 +85,9 @@ async fn node_loss_across_a_three_node_nats_cluster() {
 /// up: no reconnection, and the next pushes go through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permissions_violation_keeps_the_link() {
+    if !have(&["nats-server"], false) {
+        return;
+    }
     let port = free_port();
     let conf = std::env::temp_dir().join(format!("pushwire-nats-{}-{port}.conf", std::process::id()));
     std::fs::write(

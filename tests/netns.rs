@@ -99,6 +99,9 @@ fn remove_stale() {
 
 #[test]
 fn five_hosts_over_network_namespaces() {
+    if !have(&["ip"], true) {
+        return;
+    }
     let net = Net::create();
     let exe = std::env::current_exe().expect("test executable");
     let out = Command::new("ip")

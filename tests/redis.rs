@@ -9,6 +9,9 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_on_redis() {
+    if !have(&["redis-server"], false) {
+        return;
+    }
     let port = free_port();
     let _redis = redis_server(port).await;
     let cluster = Cluster::start(Some(format!("redis://127.0.0.1:{port}"))).await;
@@ -20,6 +23,9 @@ async fn cluster_on_redis() {
 /// `ok` (before, during and after) reaches every client exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_under_load_loses_no_confirmed_push() {
+    if !have(&["redis-server"], false) {
+        return;
+    }
     let port = free_port();
     let mut redis = Some(redis_server(port).await);
     let cluster = Cluster::start(Some(format!("redis://127.0.0.1:{port}"))).await;
@@ -46,6 +52,9 @@ async fn redis_restart_under_load_loses_no_confirmed_push() {
 /// moment every node is healthy reaches a client connected just before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_means_subscribed() {
+    if !have(&["redis-server"], false) {
+        return;
+    }
     for round in 0..5 {
         let port = free_port();
         let _redis = redis_server(port).await;
@@ -62,6 +71,9 @@ async fn healthy_means_subscribed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefixes_keep_two_clusters_apart_on_one_redis() {
+    if !have(&["redis-server"], false) {
+        return;
+    }
     let port = free_port();
     let _redis = redis_server(port).await;
     let url = format!("redis://127.0.0.1:{port}");

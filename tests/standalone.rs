@@ -118,12 +118,14 @@ async fn channel_port_stays_open_to_other_nodes() {
 #[tokio::test]
 async fn a_handshake_split_across_packets_still_upgrades() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // The gateway answers a whole handshake itself and hands anything else to its HTTP stack; a
-    // request that arrives in pieces takes the second path and must work the same.
+    // The gateway answers a whole handshake that fits its first look (2 KiB) itself and hands
+    // anything else to its HTTP stack; a request in pieces, with a large cookie as browsers send,
+    // takes the second path whatever the timing, and must work the same.
     let (_p, _c, ws_port, http_port) = standalone(&[]).await;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ws_port)).await.unwrap();
     s.set_nodelay(true).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n").await.unwrap();
+    let cookie = format!("Cookie: session={}\r\n", "x".repeat(3000));
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: x\r\n{cookie}Upgrade: websocket\r\n").as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     s.write_all(
         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -140,6 +142,7 @@ async fn a_handshake_split_across_packets_still_upgrades() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{text}");
+    assert!(text.contains("\r\ndate: "), "answered by the HTTP stack (which sends a date), not the fast path: {text}");
     assert_eq!(http_get(http_port, "/?content=split").await.0, 200);
     let mut more = [0u8; 64];
     let n = tokio::time::timeout(WAIT, s.read(&mut more)).await.expect("push").expect("read");

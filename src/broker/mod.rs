@@ -32,13 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::io::ListenAddr;
 
-/// One published message: the channel it was published on and its payload (for the seed's events,
-/// a PHP-serialized array; see [`crate::push`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Message {
-    pub channel: Bytes,
-    pub data: Bytes,
-}
+pub use crate::message::Message;
 
 /// Why a broker operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -230,19 +224,15 @@ pub struct BrokerOptions {
     pub nats_creds: Option<std::path::PathBuf>,
 }
 
-/// Open a broker for `url`. `hub` serves `memory`; links start in the background and connect
-/// (and reconnect) by themselves.
+/// Open a broker for `url`; links start in the background and connect (and reconnect) by
+/// themselves. `memory` is a hub of its own here; `standalone` builds its
+/// [`MemoryBroker`](memory::MemoryBroker) on the hub it shares with its channel server.
 #[allow(unused_variables)] // `opts` is unused when no backend with TLS is compiled in
-pub async fn open(
-    url: &BrokerUrl,
-    opts: &BrokerOptions,
-    hub: Option<Arc<crate::hub::Hub>>,
-    cfg: LinkConfig,
-) -> Result<Arc<dyn Broker>, BrokerError> {
+pub async fn open(url: &BrokerUrl, opts: &BrokerOptions, cfg: LinkConfig) -> Result<Arc<dyn Broker>, BrokerError> {
     let name = url.to_string();
     let prefix = opts.prefix.as_deref();
     Ok(match url {
-        BrokerUrl::Memory => Arc::new(memory::MemoryBroker::new(hub.unwrap_or_default(), prefix.unwrap_or_default())),
+        BrokerUrl::Memory => Arc::new(memory::MemoryBroker::new(Arc::default(), prefix.unwrap_or_default())),
         BrokerUrl::Channel { addr, secret } => {
             let t = channel::ChannelTransport::new(addr.clone(), secret.clone(), prefix.unwrap_or_default());
             link::Link::spawn(t, cfg, name)

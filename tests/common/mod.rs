@@ -543,16 +543,42 @@ pub async fn check_seed_pushes(cluster: &Cluster, clients: Vec<Client>, tag: &st
     out
 }
 
-/// The path of an installed program (Debian puts some servers in /usr/sbin).
-pub fn find_program(name: &str) -> String {
+/// The path of an installed program (Debian puts some servers in /usr/sbin), if there is one.
+fn installed(name: &str) -> Option<String> {
     let path = std::env::var("PATH").unwrap_or_default();
-    for dir in path.split(':').chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"]) {
-        let p = std::path::Path::new(dir).join(name);
-        if p.is_file() {
-            return p.to_string_lossy().into_owned();
-        }
+    let dirs = path.split(':').map(str::to_owned).chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"].map(String::from));
+    dirs.map(|dir| std::path::Path::new(&dir).join(name))
+        .find(|p| p.is_file())
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// The path of an installed program.
+pub fn find_program(name: &str) -> String {
+    installed(name).unwrap_or_else(|| panic!("{name} is not installed: run ./scripts/test, which installs it"))
+}
+
+/// Set by ./scripts/test: every test runs, and a missing program is a failure, not a skip.
+pub const ALL_TESTS: &str = "PUSHWIRE_TEST_ALL";
+
+/// Whether what a test needs is here: `programs` installed and, with `root`, root privileges.
+/// Under plain `cargo test` a missing one skips the test with a message saying what to run;
+/// under ./scripts/test (which installs everything) it fails the test.
+pub fn have(programs: &[&str], root: bool) -> bool {
+    let mut missing: Vec<String> = programs.iter().filter(|p| installed(p).is_none()).map(|p| p.to_string()).collect();
+    // The effective user, from "Uid: real effective ..." in /proc/self/status.
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().nth(1)?.parse::<u32>().ok()));
+    if root && uid != Some(0) {
+        missing.push("root privileges".into());
     }
-    panic!("{name} is not installed: run ./scripts/test, which installs it");
+    if missing.is_empty() {
+        return true;
+    }
+    let what = missing.join(", ");
+    assert!(std::env::var_os(ALL_TESTS).is_none(), "{ALL_TESTS} is set and this test needs {what}");
+    eprintln!("SKIPPED: this test needs {what}; ./scripts/test installs what is missing and runs it");
+    false
 }
 
 /// A Redis server on 127.0.0.1:`port`, no persistence.
@@ -642,4 +668,14 @@ pub async fn every_ok_arrives<F: std::future::Future<Output = ()>>(
 pub async fn metric(addr: impl Into<Addr>, name: &str) -> u64 {
     let (_, text) = http_get(addr, "/metrics").await;
     text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Resident memory of process `pid`, in kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

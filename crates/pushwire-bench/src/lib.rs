@@ -1,4 +1,4 @@
-//! `pushwire bench`: a load tool for any system with the seed's API (pushwire, or the PHP
+//! `pushwire-bench` (also run as `pushwire bench`): a load tool for any system with the seed's API (pushwire, or the PHP
 //! original): WebSocket clients on gateways, publishes through publishers over HTTP.
 //!
 //! Modes: `broadcast` (a fixed rate, or as fast as delivery keeps up), `targeted` (a random client
@@ -51,7 +51,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
     /// How long to publish (or, in idle mode, to hold the connections).
-    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Bytes of content per push.
     #[arg(long, default_value_t = 64)]
