@@ -184,7 +184,7 @@ async fn authenticate(stream: &mut Box<dyn Stream>, buf: &mut BytesMut, secret: 
             let Request::Auth(given) = Request::parse(&payload)? else {
                 return Err(MessageError::AuthRequired.into());
             };
-            return match crate::auth::constant_time_eq(&given, secret.as_bytes()) {
+            return match bool::from(subtle::ConstantTimeEq::ct_eq(&given[..], secret.as_bytes())) {
                 true => Ok(()),
                 false => Err(ConnError::BadSecret),
             };

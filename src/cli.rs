@@ -6,9 +6,7 @@
 //! channel server) and that is reachable beyond loopback must be authenticated (`--publish-key`,
 //! `--secret`), or the operator must pass `--insecure`; otherwise the process refuses to start.
 
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -389,21 +387,16 @@ async fn signal() {
     tracing::info!("shutting down");
 }
 
-type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// A shutdown signal that several servers can wait on.
-fn shutdown_signal() -> impl Fn() -> Shutdown {
-    let (tx, rx) = tokio::sync::watch::channel(false);
+/// A shutdown signal that several servers can wait on: each call of the returned function gives
+/// a future that resolves on SIGINT or SIGTERM.
+fn shutdown_signal() -> impl Fn() -> tokio_util::sync::WaitForCancellationFutureOwned {
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
     tokio::spawn(async move {
         signal().await;
-        let _ = tx.send(true);
+        cancel.cancel();
     });
-    move || {
-        let mut rx = rx.clone();
-        Box::pin(async move {
-            let _ = rx.wait_for(|v| *v).await;
-        })
-    }
+    move || token.clone().cancelled_owned()
 }
 
 async fn bind_tcp(addr: &str, what: &str) -> anyhow::Result<TcpListener> {

@@ -77,7 +77,7 @@ pub async fn serve_with<H, F, I, IF>(
 {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(listen = %addr, "{what} listening");
-    let (stop, _) = tokio::sync::watch::channel(());
+    let (stop, tasks) = (tokio_util::sync::CancellationToken::new(), tokio_util::task::TaskTracker::new());
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -101,8 +101,8 @@ pub async fn serve_with<H, F, I, IF>(
             let _ = stream.try_write(BUSY);
             continue;
         };
-        let (handler, intercept, mut stopped) = (handler.clone(), intercept.clone(), stop.subscribe());
-        tokio::spawn(async move {
+        let (handler, intercept, stopped) = (handler.clone(), intercept.clone(), stop.clone());
+        tasks.spawn(async move {
             let _slot = slot;
             let Some(stream) = intercept(stream).await else { return };
             let service = hyper::service::service_fn(move |req| {
@@ -117,16 +117,14 @@ pub async fn serve_with<H, F, I, IF>(
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { tracing::debug!("{what}: connection: {e}") },
-                _ = stopped.changed() => {
+                () = stopped.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
                 }
             }
         });
     }
-    let _ = stop.send(());
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    while stop.receiver_count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stop.cancel();
+    tasks.close();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await;
 }

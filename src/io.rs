@@ -152,20 +152,11 @@ fn advance(frames: &mut VecDeque<Bytes>, n: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `n` random bytes as lowercase hex, from the kernel's generator.
+/// `n` random bytes as lowercase hex, from the operating system's generator.
 pub fn random_hex(n: usize) -> String {
-    use std::io::Read;
     let mut buf = vec![0u8; n];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).is_err() {
-        // No /dev/urandom: fall back to the std hasher's per-process random keys and the clock.
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-        h.write_u32(std::process::id());
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (h.finish() >> ((i % 8) * 8)) as u8;
-        }
-    }
+    // Without a working system generator there is nothing sound to fall back on.
+    getrandom::fill(&mut buf).expect("the operating system's random generator works");
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 

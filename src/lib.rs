@@ -13,14 +13,15 @@
 //! Layout:
 //! - [`channel_proto`] (its own crate): frames and PHP values, no I/O.
 //! - [`hub`]: subscriptions, round-robin, queues; [`channel_server`] serves it over TCP/Unix.
-//! - [`broker`]: the [`Broker`](broker::Broker) trait, the in-process backend and the remote link.
+//! - [`broker`]: the [`Broker`](broker::Broker) trait and its backends: in-process, the channel
+//!   protocol (our own link loop), Redis and NATS (maintained client libraries under one managed
+//!   link); [`message`]: what travels through them.
 //! - [`gateway`]: WebSocket workers and fan-out; [`ws`]: the WebSocket wire format.
 //! - [`publisher`]: the HTTP publish API; [`push`]: the seed's event payloads.
-//! - [`cli`]: flags and wiring; [`metrics`], [`io`], [`auth`]: small shared pieces.
+//! - [`cli`]: flags and wiring; [`config`]: the TOML settings file; [`metrics`], [`io`]: small shared pieces.
 //!
 //! See `docs/ARCHITECTURE.md` for the whole picture.
 
-pub mod auth;
 pub mod broker;
 pub mod channel_server;
 pub mod cli;

@@ -240,7 +240,7 @@ impl Publisher {
         let r = PublishRequest::parse(&form, self.cfg.max_content)?;
         if let Some(want) = &self.cfg.publish_key {
             let given = bearer.or_else(|| r.key.clone()).unwrap_or_default();
-            if !crate::auth::constant_time_eq(given.as_bytes(), want.as_bytes()) {
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), want.as_bytes())) {
                 return Err(PublishError::Unauthorized);
             }
         }

@@ -1,0 +1,130 @@
+//! The WebSocket handshake. A complete upgrade request found by peeking at a new socket is
+//! answered here without the HTTP stack (no per-connection HTTP state: what keeps an idle
+//! connection near 1.5 kB); anything else goes through hyper, which answers errors and unusual
+//! requests properly. Both paths check the key, the version, the origin and the connection limit.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Gateway, OpenGuard};
+use crate::http::reply as text;
+use crate::metrics::GLOBAL;
+use crate::ws;
+
+impl Gateway {
+    pub(super) fn upgrade(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let h = req.headers();
+        let Some(key) = h.get("sec-websocket-key") else {
+            GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return text(StatusCode::BAD_REQUEST, "text/plain", "missing Sec-WebSocket-Key\n");
+        };
+        if h.get("sec-websocket-version").map(HeaderValue::as_bytes) != Some(b"13") {
+            GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
+            let mut r = text(StatusCode::UPGRADE_REQUIRED, "text/plain", "only WebSocket version 13 is supported\n");
+            r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
+            return r;
+        }
+        let origin = h.get(header::ORIGIN).map(HeaderValue::as_bytes);
+        if !self.origin_allowed(origin) {
+            GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+            let origin = String::from_utf8_lossy(origin.unwrap_or_default());
+            return text(StatusCode::FORBIDDEN, "text/plain", format!("origin {origin:?} is not allowed\n"));
+        }
+        let Some(open) = self.open_slot() else {
+            GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return r;
+        };
+        let accept = ws::accept_key(key.as_bytes());
+        // Only the upgrade future goes into the connection's task, not the whole request: the
+        // task lives as long as the connection.
+        let on_upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => return tracing::debug!("websocket upgrade failed: {e}"),
+            };
+            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                return tracing::error!("websocket upgrade gave an unexpected stream type");
+            };
+            // Copy what hyper read past the handshake and let its read buffer go: `read_buf` is a
+            // view into hyper's whole buffer, which would otherwise live as long as the connection.
+            let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+            let leftover = BytesMut::from(&read_buf[..]);
+            drop(read_buf);
+            open.run(io.into_inner(), leftover).await;
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let hs = r.headers_mut();
+        hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        hs.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            hs.insert("sec-websocket-accept", v);
+        }
+        r
+    }
+
+    pub(super) fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
+        let origin = origin.unwrap_or_default();
+        self.cfg.allowed_origins.is_empty() || self.cfg.allowed_origins.iter().any(|a| a.as_bytes() == origin)
+    }
+
+    /// Take a connection slot, if the gateway is below its limit.
+    pub(super) fn open_slot(self: &Arc<Self>) -> Option<OpenGuard> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(OpenGuard(self.clone()))
+    }
+
+    /// The WebSocket handshake without the HTTP stack, when the whole request is already in the
+    /// socket and is an upgrade this gateway accepts: no per-connection HTTP state, which matters
+    /// with tens of thousands of clients. Anything else is handed back (`Some`) to hyper, which
+    /// answers errors and unusual requests properly.
+    pub(super) async fn fast_upgrade(self: Arc<Self>, mut stream: TcpStream) -> Option<TcpStream> {
+        let mut head = vec![0u8; 2048];
+        let n = match tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut head)).await {
+            Ok(Ok(n)) => n,
+            _ => return Some(stream),
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(len)) = req.parse(&head[..n]) else { return Some(stream) };
+        let get = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+        let upgrade = get("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));
+        let (Some(key), Some(b"13")) = (get("sec-websocket-key"), get("sec-websocket-version")) else {
+            return Some(stream);
+        };
+        if req.method != Some("GET") || !upgrade || !self.origin_allowed(get("origin")) {
+            return Some(stream);
+        }
+        let accept = ws::accept_key(key);
+        let Some(open) = self.open_slot() else { return Some(stream) };
+        let mut consumed = vec![0u8; len];
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        let handshake = async {
+            stream.read_exact(&mut consumed).await?;
+            stream.write_all(response.as_bytes()).await
+        };
+        if tokio::time::timeout(crate::http::HEADER_TIMEOUT, handshake).await.is_ok_and(|r| r.is_ok()) {
+            // A task of its own, sized for the connection alone, not for this HTTP accept path.
+            tokio::spawn(open.run(stream, BytesMut::new()));
+        }
+        None
+    }
+}

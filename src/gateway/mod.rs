@@ -1,0 +1,210 @@
+//! The WebSocket gateway (the seed's `start_ws.php`).
+//!
+//! A gateway node runs several workers. Each worker is a shard with its own connection table and
+//! its own broker subscription: to its worker id (targeted pushes) and to `broadcast`. A client is
+//! greeted with `workerID:W connectionID:C connected\n`.
+//!
+//! **Ids.** A worker id is `NODE-N`: `NODE` is, by default, 12 random hex digits drawn when the
+//! process starts, or `--node-id` followed by `.` and the start time in base 36
+//! (`web1.mhx3k2a9-0`), and `N` the worker's index. Two gateways started with the same command
+//! line on two hosts, or one gateway restarted, therefore have different worker ids, and a targeted
+//! push (`to_worker_id`, `to_connection_id`) names at most one connection, ever: a pair stored
+//! before a restart reaches nobody after it. Connection ids count up from 1 per worker and are never
+//! reused while the worker lives.
+//!
+//! **Fan-out.** A push is encoded into one WebSocket frame once and the same bytes are queued to
+//! every connection. Each connection has a bounded queue; a client whose queue is full is a slow
+//! consumer and is closed (1008), so it never holds back the others. A per-worker sweeper pings
+//! every connection and closes those that stopped answering.
+//!
+//! Layout: [`worker`] (a shard: connection table, fan-out, heartbeat sweep), [`connection`] (one
+//! client's task: its queue, reads, writes, close), [`handshake`] (the WebSocket upgrade, with and
+//! without the HTTP stack), [`routes`] (the page, `/healthz`, `/metrics`).
+
+mod connection;
+mod handshake;
+mod routes;
+mod worker;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::net::{TcpListener, TcpStream};
+
+pub use worker::{bench_worker, Conn, Worker};
+
+use crate::broker::{Broker, BrokerError};
+use crate::metrics::GLOBAL;
+use crate::push::BROADCAST;
+use crate::ws::close;
+
+/// Settings of a gateway node.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Worker shards (the seed's `count`).
+    pub workers: usize,
+    /// Fixed node id; random when `None`.
+    pub node_id: Option<String>,
+    /// Most WebSocket connections at once; more are answered 503.
+    pub max_connections: usize,
+    /// Frames queued for one connection before it counts as a slow consumer.
+    pub outbound_queue: usize,
+    /// Bytes queued for one connection before it counts as a slow consumer.
+    pub outbound_queue_bytes: usize,
+    /// Largest client frame accepted.
+    pub max_client_frame: usize,
+    /// How long one write to a client may block.
+    pub write_timeout: Duration,
+    /// How often connections are pinged; one silent for three intervals is closed.
+    pub heartbeat: Duration,
+    /// Browser origins allowed to connect; empty allows all.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            workers: 2,
+            node_id: None,
+            max_connections: 100_000,
+            outbound_queue: 1024,
+            outbound_queue_bytes: 1 << 20,
+            max_client_frame: 64 * 1024,
+            write_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(25),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("worker {worker} could not subscribe: {source}")]
+    Subscribe {
+        worker: String,
+        #[source]
+        source: BrokerError,
+    },
+    #[error("--workers must be at least 1")]
+    NoWorkers,
+    #[error("--node-id {0:?}: use 1 to 64 letters, digits, '_' and '-'")]
+    BadNodeId(String),
+}
+
+/// A running gateway node.
+pub struct Gateway {
+    pub node_id: String,
+    pub workers: Vec<Arc<Worker>>,
+    broker: Arc<dyn Broker>,
+    cfg: GatewayConfig,
+    next_worker: AtomicUsize,
+    open: AtomicUsize,
+}
+
+impl Gateway {
+    /// Create the workers and subscribe each to its channels.
+    pub fn start(broker: Arc<dyn Broker>, cfg: GatewayConfig) -> Result<Arc<Gateway>, GatewayError> {
+        if cfg.workers == 0 {
+            return Err(GatewayError::NoWorkers);
+        }
+        let node_id = match &cfg.node_id {
+            None => crate::io::random_hex(6),
+            Some(id) if !crate::push::valid_node_id(id) => return Err(GatewayError::BadNodeId(id.clone())),
+            Some(id) => format!("{id}.{}", start_epoch()),
+        };
+        let mut workers = Vec::new();
+        for i in 0..cfg.workers {
+            let worker = Arc::new(Worker::new(format!("{node_id}-{i}"), cfg.outbound_queue, cfg.outbound_queue_bytes));
+            let mut sub = broker
+                .subscribe(vec![worker.id.clone(), BROADCAST.to_owned()])
+                .map_err(|source| GatewayError::Subscribe { worker: worker.id.clone(), source })?;
+            let w = worker.clone();
+            tokio::spawn(async move {
+                while let Some(m) = sub.recv().await {
+                    w.handle(m);
+                }
+            });
+            let (w, beat) = (Arc::downgrade(&worker), cfg.heartbeat);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(beat);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(w) = w.upgrade() else { return };
+                    w.sweep(beat * 3);
+                }
+            });
+            workers.push(worker);
+        }
+        tracing::info!(node_id = %node_id, workers = cfg.workers, "gateway workers started");
+        Ok(Arc::new(Gateway {
+            node_id,
+            workers,
+            broker,
+            cfg,
+            next_worker: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Open WebSocket connections on this node.
+    pub fn connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Serve HTTP and WebSocket on `listener` until `shutdown`; then close every client with 1001.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let gw = self.clone();
+        let handler = move |req| {
+            let gw = gw.clone();
+            async move { gw.route(req) }
+        };
+        let gw = self.clone();
+        let intercept = move |stream| gw.clone().fast_upgrade(stream);
+        crate::http::serve_with("gateway", listener, self.cfg.max_connections, handler, intercept, shutdown).await;
+        for w in &self.workers {
+            w.close_all(close::GOING_AWAY);
+        }
+        let deadline = Instant::now() + crate::http::SHUTDOWN_GRACE;
+        while self.connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// This start of the process, as milliseconds since the Unix epoch in base 36 (8 digits): part of
+/// the worker ids when `--node-id` fixes the rest, so that a worker id (and so a stored
+/// `(worker, connection)` pair) never outlives the process that handed it out.
+fn start_epoch() -> String {
+    let mut ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut digits = Vec::new();
+    while ms > 0 || digits.is_empty() {
+        digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(ms % 36) as usize]);
+        ms /= 36;
+    }
+    digits.iter().rev().map(|&d| d as char).collect()
+}
+
+/// One of the gateway's `--max-connections` slots, held for a connection's life.
+struct OpenGuard(Arc<Gateway>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl OpenGuard {
+    /// Serve an upgraded connection on the next worker, round-robin.
+    async fn run(self, stream: TcpStream, leftover: BytesMut) {
+        let gw = &self.0;
+        let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
+        let worker = gw.workers[n].clone();
+        GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
+        connection::serve(stream, leftover, &worker, &gw.cfg).await;
+    }
+}

@@ -1,0 +1,48 @@
+//! The gateway's HTTP routes besides the upgrade: the demo page, `/healthz` and `/metrics`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::Gateway;
+use crate::http::reply as text;
+
+impl Gateway {
+    pub(super) fn route(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let upgrade =
+            req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        match (req.method(), req.uri().path(), upgrade) {
+            (&Method::GET, _, true) => self.upgrade(req),
+            (&Method::GET, "/", false) => text(StatusCode::OK, "text/html; charset=utf-8", crate::page::INDEX),
+            (&Method::GET, "/healthz", _) => self.health(),
+            (&Method::GET, "/metrics", _) => {
+                let workers: u64 = self.workers.iter().map(|w| w.connections() as u64).sum();
+                let body = crate::metrics::render(&[
+                    ("ws_connections", "open WebSocket connections", self.connections() as u64),
+                    ("ws_registered", "connections in worker tables", workers),
+                    ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
+                    ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
+                ]);
+                text(StatusCode::OK, "text/plain; version=0.0.4", body)
+            }
+            (&Method::GET, _, false) => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+            _ => {
+                let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is served here\n");
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+                r
+            }
+        }
+    }
+
+    fn health(&self) -> Response<Full<Bytes>> {
+        if self.broker.is_connected() {
+            text(StatusCode::OK, "text/plain", "ok\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "broker unreachable\n")
+        }
+    }
+}
