@@ -86,7 +86,7 @@ enum ConnError {
 /// Largest frame a connection may send before it has authenticated: an `auth` request.
 pub const MAX_AUTH_FRAME: usize = 4096;
 /// How long a connection arriving while every stranger slot is taken has to authenticate.
-pub const LATE_AUTH_TIMEOUT: Duration = Duration::from_millis(250);
+pub const LATE_AUTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Warnings about refused connections: at most one line per interval.
 static REFUSED_LOG: LogEvery = LogEvery::new(Duration::from_secs(10));

@@ -77,6 +77,9 @@ pub struct Managed<C> {
 /// What the link task and callers share.
 struct State {
     up: AtomicBool,
+    /// Counts connection changes (lost, re-established): a publish whose confirmation spans one
+    /// is not confirmed.
+    epoch: AtomicU64,
     reconnects: AtomicU64,
     /// Publishes wait until then after a reconnection.
     hold_until: Mutex<Option<Instant>>,
@@ -89,8 +92,12 @@ impl<C: Client> Managed<C> {
     /// Start the link task for `client`, whose adapter reports on `events`.
     pub fn spawn(client: Arc<C>, events: mpsc::Receiver<Event>, cfg: LinkConfig, name: String) -> Arc<Managed<C>> {
         let (cmd, rx) = mpsc::channel(64);
-        let state =
-            Arc::new(State { up: AtomicBool::new(false), reconnects: AtomicU64::new(0), hold_until: Mutex::new(None) });
+        let state = Arc::new(State {
+            up: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            hold_until: Mutex::new(None),
+        });
         let task = Task {
             client: client.clone(),
             cfg,
@@ -121,8 +128,10 @@ impl<C: Client> Broker for Managed<C> {
                 tokio::time::sleep_until(until).await;
             }
             let limit = self.cfg.publish_timeout;
+            let epoch = self.state.epoch.load(Ordering::Acquire);
             match tokio::time::timeout(limit, self.client.publish(&channel, data)).await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) if self.state.epoch.load(Ordering::Acquire) == epoch && self.is_connected() => Ok(()),
+                Ok(Ok(())) => Err(BrokerError::Unavailable(self.name.clone())),
                 Ok(Err(e)) => {
                     tracing::debug!(broker = %self.name, "publish failed: {e}");
                     Err(BrokerError::Unavailable(self.name.clone()))
@@ -177,6 +186,7 @@ impl<C: Client> Task<C> {
                     Some(Event::Connected) => {
                         // Up again only once the subscriptions are confirmed on the new connection.
                         self.renew = true;
+                        self.state.epoch.fetch_add(1, Ordering::AcqRel);
                         self.state.up.store(false, Ordering::Release);
                     }
                     Some(Event::Disconnected(why)) => self.down(&why),
@@ -240,6 +250,7 @@ impl<C: Client> Task<C> {
 
     fn down(&mut self, why: &str) {
         self.renew = true;
+        self.state.epoch.fetch_add(1, Ordering::AcqRel);
         if self.state.up.swap(false, Ordering::AcqRel) {
             tracing::warn!(broker = %self.name, "broker link down: {why}");
         }

@@ -77,7 +77,9 @@ fn hide_password(url: &str) -> String {
 
 /// A Redis deployment seen as a [`Client`].
 pub struct Redis {
-    publisher: fred::clients::Client,
+    /// Publishes fail when the connection is down or drops under them, instead of waiting to be
+    /// sent again after a reconnection (when a gateway may not have resubscribed yet).
+    publisher: fred::clients::WithOptions<fred::clients::Client>,
     subscriber: fred::clients::Client,
     prefix: String,
     clustered: bool,
@@ -168,6 +170,8 @@ pub fn open(
             }
         }
     });
+    let once = fred::types::config::Options { fail_fast: true, max_attempts: Some(1), ..Default::default() };
+    let publisher = publisher.with_options(&once);
     Ok((Arc::new(Redis { publisher, subscriber, prefix, clustered: url.clustered() }), events))
 }
 
