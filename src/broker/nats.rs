@@ -183,14 +183,19 @@ impl Nats {
         let n = self.next_marker.fetch_add(1, Ordering::Relaxed);
         let (done, wait) = oneshot::channel();
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(n, done);
-        let sent = self.client.publish(self.inbox.clone(), Bytes::from(n.to_string())).await;
-        let result = match sent {
-            Ok(()) => wait.await.map_err(|_| "confirmation lost".to_owned()),
-            Err(e) => Err(e.to_string()),
-        };
-        // Timed out callers drop this future: forget the marker either way.
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&n);
-        result
+        // Forget the marker however this ends, a caller's timeout included: the map stays bounded.
+        let _forget = Forget(&self.waiting, n);
+        self.client.publish(self.inbox.clone(), Bytes::from(n.to_string())).await.map_err(|e| e.to_string())?;
+        wait.await.map_err(|_| "confirmation lost".to_owned())
+    }
+}
+
+/// Removes a marker from the waiting map when dropped.
+struct Forget<'a>(&'a Mutex<HashMap<u64, oneshot::Sender<()>>>, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
     }
 }
 

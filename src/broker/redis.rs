@@ -106,6 +106,8 @@ pub fn open(
             c.unresponsive.max_timeout = Some(dead);
             c.unresponsive.interval = probe;
             c.max_command_buffer_len = cfg.max_in_flight;
+            // Each confirmation is waited for: no Nagle delay on small pipelined commands.
+            c.tcp.nodelay = Some(true);
         });
         b.with_performance_config(|p| p.broadcast_channel_capacity = EVENT_QUEUE);
         let (min, max) = (cfg.min_backoff.as_millis() as u32, cfg.max_backoff.as_millis() as u32);
