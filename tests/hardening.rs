@@ -164,7 +164,7 @@ async fn a_client_that_never_reads_is_cut_off_and_holds_back_nobody() {
     }
     let (_, metrics) = http_get(w, "/metrics").await;
     assert!(metrics.contains("pushwire_slow_consumer_disconnects_total 1"), "{metrics}");
-    let rss = rss_kb(p.pid());
+    let rss = pushwire_bench::rss_kb(p.pid());
     assert!(rss < 150_000, "server memory stays bounded: {rss} kB");
     // The slow client's connection was closed: after what was buffered, the stream ends.
     let mut slow = slow.ws;

@@ -66,7 +66,9 @@ async fn node_loss_across_a_three_node_nats_cluster() {
         key_query: String::new(),
     };
     cluster.wait_healthy().await;
-    let clients = check_seed_pushes(&cluster, cluster.clients(60).await, "before").await;
+    let clients = cluster.clients(60).await;
+    wait_interest(&cluster, &clients).await;
+    let clients = check_seed_pushes(&cluster, clients, "before").await;
     let loss = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         nodes[0] = None;
@@ -79,6 +81,32 @@ async fn node_loss_across_a_three_node_nats_cluster() {
         assert_eq!(metric(node, "pushwire_broker_reconnects").await >= 1, reconnected, "node {node}");
     }
     check_seed_pushes(&cluster, clients, "after").await;
+}
+
+/// Wait until the publishers' NATS node routes every worker's subject: a node learns of
+/// subscriptions on the other nodes of a cluster that has just formed a little later than the
+/// subscribing gateway sees them confirmed. A push to connection 0 of each worker must reach its
+/// gateway (where it is counted as undeliverable).
+async fn wait_interest(cluster: &Cluster, clients: &[Client]) {
+    let workers: std::collections::BTreeSet<(usize, &str)> =
+        clients.iter().enumerate().map(|(i, c)| (i % 2, c.worker.as_str())).collect();
+    for (g, w) in workers {
+        let gateway = &cluster.gateways[g];
+        let mut routed = false;
+        for _ in 0..100 {
+            let before = metric(gateway, "pushwire_undeliverable_total").await;
+            assert_eq!(
+                cluster.publish(0, &format!("to_worker_id={}&to_connection_id=0&content=probe", q(w))).await.0,
+                200
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if metric(gateway, "pushwire_undeliverable_total").await > before {
+                routed = true;
+                break;
+            }
+        }
+        assert!(routed, "worker {w} never became reachable through the publishers' node");
+    }
 }
 
 /// A server error that does not close the connection (a permissions violation) leaves the link

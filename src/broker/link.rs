@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
-use super::{Broker, BrokerError, LinkConfig, Message, Subscription, SUBSCRIPTION_CAPACITY};
+use super::{Broker, BrokerError, LinkConfig, Message, Subscription};
 
 /// What a reader took off the wire.
 pub enum Incoming {
@@ -124,11 +124,7 @@ impl Broker for Link {
     }
 
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
-        self.cmd
-            .try_send(Command::Subscribe { channels, tx })
-            .map_err(|_| BrokerError::Refused(format!("link to {} is busy or gone", self.name)))?;
-        Ok(Subscription { rx, _guard: None })
+        Subscription::through(&self.cmd, &self.name, |tx| Command::Subscribe { channels, tx })
     }
 
     fn is_connected(&self) -> bool {

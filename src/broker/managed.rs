@@ -142,11 +142,7 @@ impl<C: Client> Broker for Managed<C> {
     }
 
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
-        self.cmd
-            .try_send(Command::Subscribe { channels, tx })
-            .map_err(|_| BrokerError::Refused(format!("link to {} is busy or gone", self.name)))?;
-        Ok(Subscription { rx, _guard: None })
+        Subscription::through(&self.cmd, &self.name, |tx| Command::Subscribe { channels, tx })
     }
 
     fn is_connected(&self) -> bool {

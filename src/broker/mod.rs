@@ -56,6 +56,18 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// A subscription fed by a link task: `make` wraps the new sender into the task's command,
+    /// which is queued without waiting on `cmd`.
+    fn through<T>(
+        cmd: &mpsc::Sender<T>,
+        link: &str,
+        make: impl FnOnce(mpsc::Sender<Message>) -> T,
+    ) -> Result<Subscription, BrokerError> {
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        cmd.try_send(make(tx)).map_err(|_| BrokerError::Refused(format!("link to {link} is busy or gone")))?;
+        Ok(Subscription { rx, _guard: None })
+    }
+
     /// The next message, or `None` once the broker is gone.
     pub async fn recv(&mut self) -> Option<Message> {
         self.rx.recv().await

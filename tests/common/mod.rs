@@ -669,13 +669,3 @@ pub async fn metric(addr: impl Into<Addr>, name: &str) -> u64 {
     let (_, text) = http_get(addr, "/metrics").await;
     text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
 }
-
-/// Resident memory of process `pid`, in kB.
-pub fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
