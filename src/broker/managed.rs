@@ -179,11 +179,9 @@ impl<C: Client> Task<C> {
                             let _ = self.client.unsubscribe(vec![gone]).await;
                         }
                     }
+                    // Up again only once the subscriptions are confirmed on the new connection.
                     Some(Event::Connected) => {
-                        // Up again only once the subscriptions are confirmed on the new connection.
-                        self.renew = true;
-                        self.state.epoch.fetch_add(1, Ordering::AcqRel);
-                        self.state.up.store(false, Ordering::Release);
+                        self.lost();
                     }
                     Some(Event::Disconnected(why)) => self.down(&why),
                     Some(Event::Lost(n)) => {
@@ -244,10 +242,15 @@ impl<C: Client> Task<C> {
         tracing::info!(broker = %self.name, "broker link up");
     }
 
-    fn down(&mut self, why: &str) {
+    /// The connection changed: down until the subscriptions are confirmed again. Whether it was up.
+    fn lost(&mut self) -> bool {
         self.renew = true;
         self.state.epoch.fetch_add(1, Ordering::AcqRel);
-        if self.state.up.swap(false, Ordering::AcqRel) {
+        self.state.up.swap(false, Ordering::AcqRel)
+    }
+
+    fn down(&mut self, why: &str) {
+        if self.lost() {
             tracing::warn!(broker = %self.name, "broker link down: {why}");
         }
     }

@@ -31,30 +31,29 @@ impl RedisUrl {
     /// (`rediss-cluster://` with TLS). Passwords may be percent-encoded.
     pub fn parse(url: &str) -> Result<RedisUrl, String> {
         let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?} is not a Redis URL"))?;
+        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (auth, hosts) = authority.rsplit_once('@').map_or(("", authority), |(a, h)| (a, h));
+        let hosts = hosts.split('/').next().unwrap_or_default();
         // A cluster's seed nodes as a comma-separated list: fred takes the first as the host and
         // the others as `node=` parameters.
-        let normalized = match (scheme.ends_with("-cluster"), rest.split_once(',')) {
-            (true, Some((first, others))) => {
-                let (others, query) = match others.split_once('?') {
-                    Some((o, q)) => (o, Some(q)),
-                    None => (others, None),
-                };
-                let mut nodes: Vec<String> = others.split(',').map(|n| format!("node={}", n.trim())).collect();
-                nodes.extend(query.map(str::to_owned));
-                let (first, first_query) = first.split_once('?').unwrap_or((first, ""));
-                if !first_query.is_empty() {
-                    nodes.push(first_query.to_owned());
-                }
-                format!("{scheme}://{}?{}", first.trim_end_matches('/'), nodes.join("&"))
+        let normalized = match scheme.ends_with("-cluster") {
+            true => {
+                let mut nodes = hosts.split(',').map(str::trim);
+                let first = nodes.next().unwrap_or_default();
+                let params: Vec<String> =
+                    nodes.map(|n| format!("node={n}")).chain((!query.is_empty()).then(|| query.to_owned())).collect();
+                let at = if auth.is_empty() { "" } else { "@" };
+                format!("{scheme}://{auth}{at}{first}?{}", params.join("&"))
             }
-            _ => url.to_owned(),
+            false => url.to_owned(),
         };
-        let config = Config::from_url(&normalized).map_err(|e| format!("{}: {e}", hide_password(url)))?;
-        if let ServerConfig::Centralized { server } = &config.server {
-            if rest.split(['/', '?']).next().is_none_or(|hp| hp.rsplit_once(':').is_none()) {
-                return Err(format!("{}: expected HOST:PORT, got {:?}", hide_password(url), server.host));
-            }
+        if hosts
+            .split(',')
+            .any(|hp| hp.trim().rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
+        {
+            return Err(format!("{}: expected HOST:PORT", hide_password(url)));
         }
+        let config = Config::from_url(&normalized).map_err(|e| format!("{}: {e}", hide_password(url)))?;
         Ok(RedisUrl { display: hide_password(url), config })
     }
 
@@ -243,5 +242,8 @@ mod tests {
         assert_eq!(hosts.len(), 3);
         assert!(RedisUrl::parse("redis://h:notaport").is_err());
         assert!(RedisUrl::parse("redis://h").is_err(), "a port is required");
+        assert!(RedisUrl::parse("redis://:pw@h").is_err(), "a port is required, with a password too");
+        let u = RedisUrl::parse("redis-cluster://me:pw@127.0.0.1:7000,127.0.0.1:7001").unwrap();
+        assert_eq!((u.config.username.as_deref(), u.config.password.as_deref()), (Some("me"), Some("pw")));
     }
 }
