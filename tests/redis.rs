@@ -1,5 +1,6 @@
 //! The seed's cluster on a real Redis server: broadcast and targeted pushes with zero
-//! misdeliveries, and a Redis restart that gateways and publishers ride out.
+//! misdeliveries, a Redis restart and a Sentinel failover that gateways and publishers ride out
+//! without losing a confirmed push, and health that means subscribed.
 
 mod common;
 
@@ -101,4 +102,56 @@ async fn prefixes_keep_two_clusters_apart_on_one_redis() {
     assert_eq!(http_get(p1, "/?content=only-app1").await.0, 200);
     assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("only-app1"));
     assert_eq!(next_text_within(&mut b.ws, Duration::from_millis(300)).await, None, "app2 hears nothing of app1");
+}
+
+/// Behind Sentinel: nodes find the primary through a sentinel, and when the primary dies and the
+/// sentinel promotes its replica, they follow it: pushes flow again, with no confirmed one lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover() {
+    if !have(&["redis-server", "redis-cli"], false) {
+        return;
+    }
+    let (primary, replica, sentinel) = (free_port(), free_port(), free_port());
+    let mut primary_proc = Some(redis_server(primary).await);
+    let (r, p) = (replica.to_string(), primary.to_string());
+    let args =
+        ["--port", &r, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--replicaof", "127.0.0.1", &p];
+    let _replica = Proc::program(&find_program("redis-server"), &args, &[replica]).await;
+    let conf = std::env::temp_dir().join(format!("pushwire-sentinel-{}-{sentinel}.conf", std::process::id()));
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel}\nbind 127.0.0.1\nsentinel monitor pw 127.0.0.1 {primary} 1\n\
+             sentinel down-after-milliseconds pw 500\nsentinel failover-timeout pw 2000\n"
+        ),
+    )
+    .expect("sentinel config");
+    let conf_path = conf.to_string_lossy().into_owned();
+    let _sentinel = Proc::program(&find_program("redis-server"), &[&conf_path, "--sentinel"], &[sentinel]).await;
+    let cluster = Cluster::start(Some(format!("redis-sentinel://127.0.0.1:{sentinel}?sentinelServiceName=pw"))).await;
+    let clients = check_seed_pushes(&cluster, cluster.clients(20).await, "before").await;
+    let failover = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(mut p) = primary_proc.take() {
+            p.kill();
+        }
+        // The sentinel notices after 500 ms and promotes the replica; the nodes follow it.
+        for _ in 0..200 {
+            let (status, _) = http_get(&cluster.publishers[0], "/healthz").await;
+            let info = std::process::Command::new(find_program("redis-cli"))
+                .args(["-p", &r, "info", "replication"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("role:master"))
+                .unwrap_or(false);
+            if status == 200 && info {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cluster.wait_healthy().await;
+    };
+    let (clients, confirmed, refused) = every_ok_arrives(&cluster, clients, "live", failover).await;
+    assert!(confirmed > 10 && refused > 0, "confirmed {confirmed}, refused {refused}");
+    check_seed_pushes(&cluster, clients, "after").await;
+    let _ = std::fs::remove_file(conf);
 }
