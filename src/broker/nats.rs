@@ -1,7 +1,8 @@
 //! The NATS backend on [async-nats](https://docs.rs/async-nats): `nats://` and `tls://`, a thin
 //! adapter under [`managed`](super::managed). async-nats connects, rotates over the given servers
-//! and the ones the cluster announces, reconnects, resubscribes, handles lame-duck mode, TLS,
-//! tokens, user/password and credentials files (nkeys).
+//! and the ones the cluster announces, reconnects, resubscribes, does TLS, tokens, user/password
+//! and credentials files (nkeys). When a server announces lame-duck mode, the adapter moves to
+//! another server at once rather than waiting to be closed (gateways a little after publishers).
 //!
 //! **Confirmation.** NATS core has no acknowledgement, and the client's `flush` only empties its
 //! own buffer. So the adapter subscribes to a private inbox and, after each publish (or
@@ -16,6 +17,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -23,6 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
 use super::{LinkConfig, Message};
+
+/// How much later than publishers a subscriber leaves a server in lame-duck mode.
+pub const LAME_DUCK_SUBSCRIBER_DELAY: Duration = Duration::from_millis(1500);
 
 /// Where and how to reach a NATS cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,24 +134,26 @@ pub async fn open(
     }
     let (min, max) = (cfg.min_backoff, cfg.max_backoff);
     let ev = tx.clone();
+    let (lame_duck, mut lame_ducks) = mpsc::channel::<()>(1);
     o = o
         .name("pushwire")
         .require_tls(url.tls)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(cfg.connect_timeout)
-        .ping_interval(cfg.probe_interval.max(std::time::Duration::from_secs(1)))
+        .ping_interval(cfg.probe_interval.max(Duration::from_secs(1)))
         .subscription_capacity(EVENT_QUEUE)
         .reconnect_delay_callback(move |attempts| (min * 2u32.saturating_pow(attempts as u32)).min(max))
         .event_callback(move |event| {
-            let ev = ev.clone();
+            let (ev, lame_duck) = (ev.clone(), lame_duck.clone());
             async move {
                 let e = match event {
                     async_nats::Event::Connected => Event::Connected,
                     async_nats::Event::Disconnected => Event::Disconnected("disconnected".into()),
                     async_nats::Event::SlowConsumer(_) => Event::Lost(1),
                     async_nats::Event::LameDuckMode => {
-                        return tracing::info!("NATS server entered lame duck mode: moving on when it closes");
+                        let _ = lame_duck.try_send(());
+                        return tracing::info!("NATS server entered lame duck mode: moving to another server");
                     }
                     other => return tracing::warn!("NATS: {other}"),
                 };
@@ -170,10 +177,35 @@ pub async fn open(
     });
     let nats =
         Nats { client, prefix, subs: Mutex::default(), events: tx, inbox, next_marker: AtomicU64::new(0), waiting };
-    Ok((Arc::new(nats), events))
+    let nats = Arc::new(nats);
+    let mover = nats.clone();
+    tokio::spawn(async move {
+        while lame_ducks.recv().await.is_some() {
+            mover.leave_lame_duck().await;
+        }
+    });
+    Ok((nats, events))
 }
 
 impl Nats {
+    /// The server announced lame-duck mode: it is about to go. Move to another server now rather
+    /// than when it closes us, at a moment spread over a second so that its clients do not all
+    /// arrive elsewhere at once. A subscriber (a gateway) moves after [`LAME_DUCK_SUBSCRIBER_DELAY`]
+    /// more: publishers on the same server have moved by then and hold their publishes for the
+    /// settle time, which covers the gateway's move.
+    async fn leave_lame_duck(&self) {
+        let mut jitter = [0u8; 1];
+        let _ = getrandom::fill(&mut jitter);
+        let mut wait = Duration::from_millis(u64::from(jitter[0]) * 2);
+        if !self.subs.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            wait += LAME_DUCK_SUBSCRIBER_DELAY;
+        }
+        tokio::time::sleep(wait).await;
+        if let Err(e) = self.client.force_reconnect().await {
+            tracing::warn!("NATS: cannot leave a server in lame duck mode: {e}");
+        }
+    }
+
     fn subject(&self, channel: &str) -> String {
         format!("{}{}", self.prefix, encode_name(channel))
     }
