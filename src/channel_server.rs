@@ -116,14 +116,16 @@ pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown
         };
         let stranger = match cfg.secret {
             None => None,
-            Some(_) => match (strangers.clone().try_acquire_owned(), late.clone().try_acquire_owned()) {
-                (Ok(p), _) => Some((p, cfg.auth_timeout)),
-                (_, Ok(p)) => Some((p, LATE_AUTH_TIMEOUT.min(cfg.auth_timeout))),
-                _ => {
+            Some(_) => {
+                let slot = strangers.clone().try_acquire_owned().map(|p| (p, cfg.auth_timeout)).or_else(|_| {
+                    late.clone().try_acquire_owned().map(|p| (p, LATE_AUTH_TIMEOUT.min(cfg.auth_timeout)))
+                });
+                let Ok(slot) = slot else {
                     refused(&hub, &peer, "too many connections that have not authenticated", cfg.max_unauthenticated);
                     continue;
-                }
-            },
+                };
+                Some(slot)
+            }
         };
         let (hub, cfg, slots) = (hub.clone(), cfg.clone(), slots.clone());
         tokio::spawn(async move {
