@@ -595,7 +595,9 @@ pub async fn nats_server(port: u16, cluster: Option<(u16, &[u16])>, monitor: Opt
     if let Some((cport, routes)) = cluster {
         args.extend(["--cluster_name".into(), "pw".into(), "--cluster".into(), format!("nats://127.0.0.1:{cport}")]);
         let r: Vec<String> = routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
-        args.extend(["--routes".into(), r.join(",")]);
+        if !r.is_empty() {
+            args.extend(["--routes".into(), r.join(",")]);
+        }
     }
     if let Some(m) = monitor {
         args.extend(["-m".into(), m.to_string()]);
