@@ -124,6 +124,9 @@ pub struct BrokerOpts {
     /// NATS credentials file (user JWT and nkey seed).
     #[arg(long)]
     pub nats_creds: Option<std::path::PathBuf>,
+    /// File holding a NATS user nkey seed (SU...), for servers that authenticate users by nkey.
+    #[arg(long)]
+    pub nats_nkey: Option<std::path::PathBuf>,
 }
 
 impl BrokerOpts {
@@ -132,6 +135,7 @@ impl BrokerOpts {
             prefix: self.broker_prefix.clone(),
             ca: self.broker_ca.clone(),
             nats_creds: self.nats_creds.clone(),
+            nats_nkey: self.nats_nkey.clone(),
         };
         Ok(broker::open(&self.broker, &opts, LinkConfig::default()).await?)
     }

@@ -196,3 +196,48 @@ async fn a_permissions_violation_keeps_the_link() {
     assert!(pub_node.log().contains("Permissions Violation"), "the server refused the publish:\n{}", pub_node.log());
     let _ = std::fs::remove_file(conf);
 }
+
+/// A server that authenticates users by nkey: a node with the user's seed (`--nats-nkey`) gets in
+/// and pushes go through; one with another user's seed never becomes healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_authentication() {
+    if !have(&["nats-server"], false) {
+        return;
+    }
+    let (user, stranger) = (nkeys::KeyPair::new_user(), nkeys::KeyPair::new_user());
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("pushwire-nkey-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let conf = dir.join("nats.conf");
+    let pk = user.public_key();
+    std::fs::write(&conf, format!("listen: 127.0.0.1:{port}\nauthorization {{ users = [ {{ nkey: {pk} }} ] }}\n"))
+        .expect("config");
+    let (good, bad) = (dir.join("user.nk"), dir.join("stranger.nk"));
+    std::fs::write(&good, user.seed().expect("seed")).expect("seed file");
+    std::fs::write(&bad, stranger.seed().expect("seed")).expect("seed file");
+    let _nats = Proc::program(&find_program("nats-server"), &["-c", conf.to_str().expect("path")], &[port]).await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let (g, p, b) = (free_port(), free_port(), free_port());
+    let start = |role: &'static str, listen: u16, seed: &std::path::Path| {
+        let args = [role, "--listen", &format!("127.0.0.1:{listen}"), "--broker", &url, "--nats-nkey"]
+            .map(String::from)
+            .into_iter()
+            .chain([seed.to_string_lossy().into_owned()])
+            .collect::<Vec<_>>();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Proc::start(&args, &[listen]).await
+        }
+    };
+    let _g = start("gateway", g, &good).await;
+    let _p = start("publisher", p, &good).await;
+    let _b = start("gateway", b, &bad).await;
+    wait_healthy(g).await;
+    wait_healthy(p).await;
+    let mut c = connect(g).await;
+    assert_eq!(http_get(p, "/?content=signed").await.0, 200);
+    assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("signed"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(http_get(b, "/healthz").await.0, 503, "another user's seed is refused");
+    let _ = std::fs::remove_dir_all(dir);
+}

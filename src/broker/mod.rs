@@ -234,6 +234,8 @@ pub struct BrokerOptions {
     pub ca: Option<std::path::PathBuf>,
     /// NATS credentials file (JWT and nkey seed).
     pub nats_creds: Option<std::path::PathBuf>,
+    /// File holding a NATS user nkey seed (`SU...`), for servers that authenticate by nkey.
+    pub nats_nkey: Option<std::path::PathBuf>,
 }
 
 /// Open a broker for `url`; links start in the background and connect (and reconnect) by
@@ -260,7 +262,8 @@ pub async fn open(url: &BrokerUrl, opts: &BrokerOptions, cfg: LinkConfig) -> Res
         }
         #[cfg(feature = "nats")]
         BrokerUrl::Nats(u) => {
-            let nats_opts = nats::NatsOptions { ca: opts.ca.clone(), creds: opts.nats_creds.clone() };
+            let nats_opts =
+                nats::NatsOptions { ca: opts.ca.clone(), creds: opts.nats_creds.clone(), nkey: opts.nats_nkey.clone() };
             let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
             let (client, events) =
                 nats::open(u, prefix, &nats_opts, &cfg).await.map_err(|e| BrokerError::Config(name.clone(), e))?;

@@ -78,6 +78,8 @@ pub struct NatsOptions {
     pub ca: Option<std::path::PathBuf>,
     /// A NATS credentials file (JWT and nkey seed).
     pub creds: Option<std::path::PathBuf>,
+    /// A file holding a user nkey seed.
+    pub nkey: Option<std::path::PathBuf>,
 }
 
 /// A channel name as a subject token.
@@ -122,6 +124,10 @@ pub async fn open(
     let mut o = async_nats::ConnectOptions::new();
     if let Some(path) = &opts.creds {
         o = o.credentials_file(path).await.map_err(|e| format!("NATS credentials {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &opts.nkey {
+        let seed = std::fs::read_to_string(path).map_err(|e| format!("NATS nkey {}: {e}", path.display()))?;
+        o = o.nkey(seed.trim().to_owned());
     }
     if let (Some(u), Some(p)) = (&url.user, &url.pass) {
         o = o.user_and_password(u.clone(), p.clone());
