@@ -50,6 +50,7 @@ pub struct Metrics {
     pub publish_requests: AtomicU64,
     pub publish_errors: AtomicU64,
     pub bad_requests: AtomicU64,
+    pub broker_link_failures: AtomicU64,
 }
 
 /// The counters of this process.
@@ -66,6 +67,7 @@ pub static GLOBAL: Metrics = Metrics {
     publish_requests: AtomicU64::new(0),
     publish_errors: AtomicU64::new(0),
     bad_requests: AtomicU64::new(0),
+    broker_link_failures: AtomicU64::new(0),
 };
 
 /// Render the counters plus `gauges` (name, help, value) as Prometheus text.
@@ -76,7 +78,7 @@ pub fn render(gauges: &[(&str, &str, u64)]) -> String {
 /// Render the counters plus extra `gauges` and `counters` (name, help, value) as Prometheus text.
 pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, u64)]) -> String {
     let m = &GLOBAL;
-    let counters: [(&str, &str, &AtomicU64); 12] = [
+    let counters: [(&str, &str, &AtomicU64); 13] = [
         ("ws_connections_total", "WebSocket connections accepted", &m.ws_connections_total),
         ("ws_connections_refused_total", "WebSocket connections refused at the limit", &m.ws_connections_refused),
         ("deliveries_total", "frames queued to WebSocket clients", &m.deliveries),
@@ -93,6 +95,11 @@ pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, 
         ("publish_requests_total", "publish requests answered ok", &m.publish_requests),
         ("publish_errors_total", "publish requests the broker did not confirm", &m.publish_errors),
         ("bad_requests_total", "HTTP requests refused as invalid", &m.bad_requests),
+        (
+            "broker_link_failures_total",
+            "broker connections that failed or were lost before or after working",
+            &m.broker_link_failures,
+        ),
     ];
     let mut out = String::new();
     for (name, help, v) in counters {

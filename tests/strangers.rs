@@ -126,6 +126,8 @@ async fn a_refused_link_backs_off_and_logs_sparingly() {
     assert!(lines >= 1, "the failure is logged:\n{log}");
     assert!(lines <= 2, "{lines} lines in 4 s: backoff and log throttling do not work:\n{log}");
     assert!(log.contains("failures=1"), "{log}");
+    let failures = common::metric(w, "pushwire_broker_link_failures_total").await;
+    assert!((2..=10).contains(&failures), "failed attempts counted, with backoff: {failures} in 4 s");
     assert!(!log.contains("failures=2 "), "only the first and every 30th failure are logged:\n{log}");
 }
 

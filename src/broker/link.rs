@@ -183,6 +183,7 @@ impl<T: Transport> Task<T> {
                 Err(_) => format!("connect timed out after {:?}", self.cfg.connect_timeout),
             };
             failures += 1;
+            crate::metrics::GLOBAL.broker_link_failures.fetch_add(1, Ordering::Relaxed);
             // Say it once, then only now and then: an outage should not flood the log.
             if failures == 1 || failures % 30 == 0 {
                 tracing::warn!(broker = %self.name, failures, retry_in = ?backoff, "broker link down: {err}");

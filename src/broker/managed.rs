@@ -251,6 +251,7 @@ impl<C: Client> Task<C> {
 
     fn down(&mut self, why: &str) {
         if self.lost() {
+            GLOBAL.broker_link_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(broker = %self.name, "broker link down: {why}");
         }
     }
