@@ -323,9 +323,7 @@ impl Hub {
             if st.clients.get(&id).is_none_or(|c| c.watching.contains(&n)) {
                 continue;
             }
-            if !st.queues.contains_key(&n) && st.queues.len() >= self.limits.max_queues {
-                return Err(HubError::TooManyQueues(st.queues.len()));
-            }
+            self.check_queue_room(&st, &n)?;
             let Some(c) = st.clients.get_mut(&id) else {
                 return Ok(());
             };
@@ -346,9 +344,7 @@ impl Hub {
             if st.queued_bytes + data.len() > self.limits.max_queued_bytes {
                 return Err(HubError::QueuesFull(st.queued_bytes));
             }
-            if !st.queues.contains_key(n) && st.queues.len() >= self.limits.max_queues {
-                return Err(HubError::TooManyQueues(st.queues.len()));
-            }
+            self.check_queue_room(&st, n)?;
             let q = st.queues.entry(n.clone()).or_default();
             if q.items.len() >= self.limits.max_queue_items {
                 return Err(HubError::QueueFull(n.to_string_lossy(), q.items.len()));
@@ -356,6 +352,14 @@ impl Hub {
             q.items.push_back(data.clone());
             st.queued_bytes += data.len();
             dispatch(&mut st, n, &self.stats);
+        }
+        Ok(())
+    }
+
+    /// Whether `name` may hold a queue: an existing one, or a new one within `max_queues`.
+    fn check_queue_room(&self, st: &State, name: &Name) -> Result<(), HubError> {
+        if !st.queues.contains_key(name) && st.queues.len() >= self.limits.max_queues {
+            return Err(HubError::TooManyQueues(st.queues.len()));
         }
         Ok(())
     }

@@ -78,7 +78,7 @@ pub fn render(gauges: &[(&str, &str, u64)]) -> String {
 /// Render the counters plus extra `gauges` and `counters` (name, help, value) as Prometheus text.
 pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, u64)]) -> String {
     let m = &GLOBAL;
-    let counters: [(&str, &str, &AtomicU64); 13] = [
+    let counters: &[(&str, &str, &AtomicU64)] = &[
         ("ws_connections_total", "WebSocket connections accepted", &m.ws_connections_total),
         ("ws_connections_refused_total", "WebSocket connections refused at the limit", &m.ws_connections_refused),
         ("deliveries_total", "frames queued to WebSocket clients", &m.deliveries),
@@ -102,7 +102,7 @@ pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, 
         ),
     ];
     let mut out = String::new();
-    for (name, help, v) in counters {
+    for &(name, help, v) in counters {
         let _ = write!(
             out,
             "# HELP pushwire_{name} {help}\n# TYPE pushwire_{name} counter\npushwire_{name} {}\n",

@@ -16,12 +16,6 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
     matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
 }
 
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
-}
-
 #[tokio::test]
 async fn idle_strangers_do_not_keep_nodes_out_of_the_channel_server() {
     let (c, m) = (free_port(), free_port());
@@ -73,9 +67,9 @@ async fn idle_strangers_do_not_keep_nodes_out_of_the_channel_server() {
     assert_eq!(http_get(h, "/?content=through").await.0, 200);
     assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("through"));
     let (_, metrics) = http_get(m, "/metrics").await;
-    assert!(metric(&metrics, "pushwire_channel_refused_total") >= 1, "{metrics}");
-    assert!(metric(&metrics, "pushwire_channel_unauthenticated_total") >= 10, "{metrics}");
-    assert_eq!(metric(&metrics, "pushwire_channel_clients"), 2, "one link per node");
+    assert!(metric_in(&metrics, "pushwire_channel_refused_total") >= 1, "{metrics}");
+    assert!(metric_in(&metrics, "pushwire_channel_unauthenticated_total") >= 10, "{metrics}");
+    assert_eq!(metric_in(&metrics, "pushwire_channel_clients"), 2, "one link per node");
 }
 
 #[tokio::test]
@@ -108,7 +102,7 @@ async fn strangers_have_a_deadline_and_a_small_first_frame() {
     }
     assert!(closed, "pings before auth do not keep a stranger alive");
     let (_, metrics) = http_get(m, "/metrics").await;
-    assert!(metric(&metrics, "pushwire_channel_unauthenticated_total") >= 3, "{metrics}");
+    assert!(metric_in(&metrics, "pushwire_channel_unauthenticated_total") >= 3, "{metrics}");
 }
 
 #[tokio::test]
@@ -126,7 +120,7 @@ async fn a_refused_link_backs_off_and_logs_sparingly() {
     assert!(lines >= 1, "the failure is logged:\n{log}");
     assert!(lines <= 2, "{lines} lines in 4 s: backoff and log throttling do not work:\n{log}");
     assert!(log.contains("failures=1"), "{log}");
-    let failures = common::metric(w, "pushwire_broker_link_failures_total").await;
+    let failures = metric(w, "pushwire_broker_link_failures_total").await;
     assert!((2..=10).contains(&failures), "failed attempts counted, with backoff: {failures} in 4 s");
     assert!(!log.contains("failures=2 "), "only the first and every 30th failure are logged:\n{log}");
 }

@@ -176,7 +176,7 @@ pub async fn open(
     tokio::spawn(async move {
         while let Some(m) = markers.next().await {
             let n = std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse::<u64>().ok());
-            if let Some(done) = n.and_then(|n| w.lock().unwrap_or_else(|e| e.into_inner()).remove(&n)) {
+            if let Some(done) = n.and_then(|n| locked(&w).remove(&n)) {
                 let _ = done.send(());
             }
         }
@@ -203,7 +203,7 @@ impl Nats {
         let mut jitter = [0u8; 1];
         let _ = getrandom::fill(&mut jitter);
         let mut wait = Duration::from_millis(u64::from(jitter[0]) * 2);
-        if !self.subs.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        if !locked(&self.subs).is_empty() {
             wait += LAME_DUCK_SUBSCRIBER_DELAY;
         }
         tokio::time::sleep(wait).await;
@@ -220,7 +220,7 @@ impl Nats {
     async fn round_trip(&self) -> Result<(), String> {
         let n = self.next_marker.fetch_add(1, Ordering::Relaxed);
         let (done, wait) = oneshot::channel();
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(n, done);
+        locked(&self.waiting).insert(n, done);
         // Forget the marker however this ends, a caller's timeout included: the map stays bounded.
         let _forget = Forget(&self.waiting, n);
         self.client.publish(self.inbox.clone(), Bytes::from(n.to_string())).await.map_err(|e| e.to_string())?;
@@ -228,12 +228,17 @@ impl Nats {
     }
 }
 
+/// `m` locked; a panic elsewhere while it was held does not make its data unusable here.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Removes a marker from the waiting map when dropped.
 struct Forget<'a>(&'a Mutex<HashMap<u64, oneshot::Sender<()>>>, u64);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+        locked(self.0).remove(&self.1);
     }
 }
 
@@ -249,7 +254,7 @@ impl Client for Nats {
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
         Box::pin(async move {
             for c in channels {
-                if self.subs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&c) {
+                if locked(&self.subs).contains_key(&c) {
                     continue; // async-nats renews its subscriptions after a reconnection
                 }
                 let mut sub = self.client.subscribe(self.subject(&c)).await.map_err(|e| e.to_string())?;
@@ -264,7 +269,7 @@ impl Client for Nats {
                         }
                     }
                 });
-                self.subs.lock().unwrap_or_else(|e| e.into_inner()).insert(c, forward);
+                locked(&self.subs).insert(c, forward);
             }
             // The server has the subscriptions once a marker sent after them comes back.
             self.round_trip().await
@@ -272,7 +277,7 @@ impl Client for Nats {
     }
 
     fn unsubscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
-        let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut subs = locked(&self.subs);
         for c in channels {
             // Dropping the subscriber (with its task) unsubscribes on the server.
             if let Some(task) = subs.remove(&c) {

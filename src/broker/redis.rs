@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, ServerConfig, TlsConnector};
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
@@ -124,13 +125,12 @@ pub fn open(
             loop {
                 let event = tokio::select! {
                     r = reconnects.recv() => match r {
-                        Ok(_) => Event::Connected,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Event::Connected,
+                        Ok(_) | Err(RecvError::Lagged(_)) => Event::Connected,
                         Err(_) => return,
                     },
                     // Slots moved: sharded subscriptions may have been dropped by the server.
                     r = changes.recv() => match r {
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Event::Connected,
+                        Ok(_) | Err(RecvError::Lagged(_)) => Event::Connected,
                         Err(_) => return,
                     },
                     r = errors.recv() => match r {
@@ -138,7 +138,7 @@ pub fn open(
                             Some(s) => format!("{s}: {e}"),
                             None => e.to_string(),
                         }),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Lagged(_)) => continue,
                         Err(_) => return,
                     },
                 };
@@ -163,7 +163,7 @@ pub fn open(
                     };
                     Event::Message(Message { channel: Bytes::copy_from_slice(local.as_bytes()), data })
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Event::Lost(n),
+                Err(RecvError::Lagged(n)) => Event::Lost(n),
                 Err(_) => return,
             };
             if tx.send(event).await.is_err() {
@@ -174,6 +174,13 @@ pub fn open(
     let once = fred::types::config::Options { fail_fast: true, max_attempts: Some(1), ..Default::default() };
     let publisher = publisher.with_options(&once);
     Ok((Arc::new(Redis { publisher, subscriber, prefix, clustered: url.clustered() }), events))
+}
+
+impl Redis {
+    /// Channel names as they are on the server.
+    fn names(&self, channels: &[String]) -> Vec<String> {
+        channels.iter().map(|c| format!("{}{c}", self.prefix)).collect()
+    }
 }
 
 impl Client for Redis {
@@ -195,7 +202,7 @@ impl Client for Redis {
                 // Nothing to subscribe: a round trip proves the server answers.
                 return self.publisher.ping::<()>(None).await.map_err(|e| e.to_string());
             }
-            let names: Vec<String> = channels.iter().map(|c| format!("{}{c}", self.prefix)).collect();
+            let names = self.names(&channels);
             if self.clustered {
                 // One command per channel: a sharded subscription names channels of one slot.
                 for n in names {
@@ -210,7 +217,7 @@ impl Client for Redis {
 
     fn unsubscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
         Box::pin(async move {
-            let names: Vec<String> = channels.iter().map(|c| format!("{}{c}", self.prefix)).collect();
+            let names = self.names(&channels);
             let r = if self.clustered {
                 self.subscriber.sunsubscribe(names).await
             } else {

@@ -666,8 +666,12 @@ pub async fn every_ok_arrives<F: std::future::Future<Output = ()>>(
     (out, confirmed.len(), refused)
 }
 
+/// The value of metric `name` in Prometheus `text`, 0 when missing.
+pub fn metric_in(text: &str, name: &str) -> u64 {
+    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+}
+
 /// A `/metrics` value of a node, 0 when missing.
 pub async fn metric(addr: impl Into<Addr>, name: &str) -> u64 {
-    let (_, text) = http_get(addr, "/metrics").await;
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+    metric_in(&http_get(addr, "/metrics").await.1, name)
 }
