@@ -163,6 +163,9 @@ pub struct GatewayOpts {
     /// Most WebSocket connections at once; more are answered 503.
     #[arg(long, default_value_t = GatewayConfig::default().max_connections)]
     pub max_connections: usize,
+    /// Most sockets at once still in their HTTP stage (handshakes, /healthz); more are answered 503.
+    #[arg(long, default_value_t = GatewayConfig::default().max_handshakes)]
+    pub max_handshakes: usize,
     /// Browser origins allowed to connect (comma-separated, e.g. https://example.com); all when empty.
     #[arg(long, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -268,6 +271,7 @@ impl GatewayOpts {
             workers: self.workers,
             node_id: self.node_id.clone(),
             max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
             allowed_origins: self.allowed_origins.clone(),
             max_client_frame: self.max_client_frame,
             outbound_queue: self.outbound_queue,

@@ -99,6 +99,8 @@ async fn origins_limits_and_oversized_frames() {
     };
     let refused = tokio_tungstenite::connect_async(with_origin("http://evil.example")).await;
     assert!(format!("{:?}", refused.expect_err("bad origin refused")).contains("403"));
+    // A socket still in its HTTP stage does not take a WebSocket's place.
+    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", w)).await.unwrap();
     let (mut a, _) = tokio_tungstenite::connect_async(with_origin("http://good.example")).await.expect("good origin");
     let (mut b, _) = tokio_tungstenite::connect_async(with_origin("http://good.example")).await.expect("second");
     let full = tokio_tungstenite::connect_async(with_origin("http://good.example")).await;
@@ -118,6 +120,32 @@ async fn origins_limits_and_oversized_frames() {
     assert_eq!(code, Some(1009));
     assert_eq!(http_get(h, "/?content=still").await.0, 200);
     assert_eq!(next_text(&mut b).await.as_deref(), Some("still"));
+}
+
+#[tokio::test]
+async fn sockets_in_their_http_stage_are_bounded_apart() {
+    let (_p, _c, w, _h) = standalone(&["--max-handshakes", "1"]).await;
+    // The readiness probe may still hold the slot for a moment: retry until the idle socket
+    // is the one holding it (it was not answered 503).
+    let mut tries = 0;
+    let idle = loop {
+        tries += 1;
+        assert!(tries < 50, "an idle socket never got the handshake slot");
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", w)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut b = [0u8; 64];
+        if matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            break s;
+        }
+    };
+    let busy = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{w}/")).await;
+    assert!(format!("{:?}", busy.expect_err("no handshake slot")).contains("503"));
+    drop(idle);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{w}/")).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the slot is given back once the idle socket closes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,10 @@ pub struct GatewayConfig {
     pub node_id: Option<String>,
     /// Most WebSocket connections at once; more are answered 503.
     pub max_connections: usize,
+    /// Most sockets at once that are not WebSocket connections (yet): handshakes in progress and
+    /// plain HTTP requests such as /healthz. Counted apart from `max_connections`, so that a
+    /// refused or closing handshake never takes a WebSocket's place.
+    pub max_handshakes: usize,
     /// Frames queued for one connection before it counts as a slow consumer.
     pub outbound_queue: usize,
     /// Bytes queued for one connection before it counts as a slow consumer.
@@ -70,6 +74,7 @@ impl Default for GatewayConfig {
             workers: 2,
             node_id: None,
             max_connections: 100_000,
+            max_handshakes: 10_000,
             outbound_queue: 1024,
             outbound_queue_bytes: 1 << 20,
             max_client_frame: 64 * 1024,
@@ -165,7 +170,7 @@ impl Gateway {
         };
         let gw = self.clone();
         let intercept = move |stream| gw.clone().fast_upgrade(stream);
-        crate::http::serve_with("gateway", listener, self.cfg.max_connections, handler, intercept, shutdown).await;
+        crate::http::serve_with("gateway", listener, self.cfg.max_handshakes, handler, intercept, shutdown).await;
         for w in &self.workers {
             w.close_all(close::GOING_AWAY);
         }
