@@ -9,7 +9,7 @@ use pushwire::push::Push;
 fn fanout(c: &mut Criterion) {
     const N: usize = 10_000;
     let (worker, conns) = pushwire::gateway::bench_worker(N, 4);
-    let data = Push { to_connection_id: None, content: vec![b'x'; 64] }.encode();
+    let data = Push { content: vec![b'x'; 64], ..Push::default() }.encode();
     let msg = Message { channel: Bytes::from_static(b"broadcast"), data };
     let mut g = c.benchmark_group("fanout");
     g.throughput(Throughput::Elements(N as u64));

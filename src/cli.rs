@@ -181,6 +181,15 @@ pub struct GatewayOpts {
     /// Ping interval (e.g. 25s, 500ms); a client silent for three intervals is closed.
     #[arg(long, default_value = "25s", value_parser = parse_duration)]
     pub heartbeat: Duration,
+    /// Secret of HS256 connection tokens (?token=JWT: sub = user id, channels = topics).
+    #[arg(long, env = "PUSHWIRE_TOKEN_SECRET", hide_env_values = true, conflicts_with = "token_public_key")]
+    pub token_secret: Option<String>,
+    /// PEM public key (RSA or P-256) of RS256 / ES256 connection tokens.
+    #[arg(long)]
+    pub token_public_key: Option<std::path::PathBuf>,
+    /// Refuse connections without a valid token (401).
+    #[arg(long)]
+    pub require_token: bool,
 }
 
 #[derive(Debug, Args)]
@@ -266,8 +275,21 @@ impl ChannelOpts {
 }
 
 impl GatewayOpts {
-    fn config(&self) -> GatewayConfig {
-        GatewayConfig {
+    fn config(&self) -> anyhow::Result<GatewayConfig> {
+        let verifier = match (&self.token_secret, &self.token_public_key) {
+            (Some(secret), _) => Some(crate::token::Verifier::hs256(secret.as_bytes())),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).with_context(|| format!("--token-public-key {}", path.display()))?;
+                let v = crate::token::Verifier::public_key_pem(&pem)
+                    .map_err(|e| anyhow::anyhow!("--token-public-key {}: {e}", path.display()))?;
+                Some(v)
+            }
+            (None, None) if self.require_token => {
+                anyhow::bail!("--require-token needs --token-secret or --token-public-key")
+            }
+            (None, None) => None,
+        };
+        Ok(GatewayConfig {
             workers: self.workers,
             node_id: self.node_id.clone(),
             max_connections: self.max_connections,
@@ -277,8 +299,9 @@ impl GatewayOpts {
             outbound_queue: self.outbound_queue,
             outbound_queue_bytes: self.outbound_queue_bytes,
             heartbeat: self.heartbeat,
+            tokens: crate::token::TokenPolicy { verifier, required: self.require_token },
             ..GatewayConfig::default()
-        }
+        })
     }
 }
 
@@ -447,7 +470,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gateway(a) => {
             let listener = bind_tcp(&a.listen, "gateway").await?;
-            let gw = Gateway::start(a.broker.open().await?, a.opts.config())?;
+            let gw = Gateway::start(a.broker.open().await?, a.opts.config()?)?;
             gw.serve(listener, shutdown()).await;
         }
         Command::Publisher(a) => {
@@ -467,7 +490,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let http = bind_tcp(&a.http_listen, "publisher").await?;
             let hub = Arc::new(Hub::new(a.channel.limits()));
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
-            let gw = Gateway::start(broker.clone(), a.gateway.config())?;
+            let gw = Gateway::start(broker.clone(), a.gateway.config()?)?;
             let publisher = Publisher::new(broker, a.publisher.config());
             // The publisher gets a thread and runtime of its own, so that a publish is never
             // queued behind the thousands of connection tasks a broadcast wakes.

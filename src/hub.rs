@@ -48,7 +48,7 @@ pub struct HubLimits {
 impl Default for HubLimits {
     fn default() -> Self {
         HubLimits {
-            max_names_per_client: 10_000,
+            max_names_per_client: 1_000_000,
             max_name_len: 1024,
             max_queue_items: 100_000,
             max_queued_bytes: 64 << 20,

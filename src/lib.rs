@@ -35,4 +35,5 @@ pub mod metrics;
 pub mod page;
 pub mod publisher;
 pub mod push;
+pub mod token;
 pub mod ws;

@@ -1,7 +1,9 @@
 //! The HTTP publisher (the seed's `start_http.php`).
 //!
 //! `GET /?content=X` publishes X to `broadcast`; `GET /?to_worker_id=W&to_connection_id=C&content=X`
-//! publishes to worker W for connection C. The answer is `200 ok` once the broker has confirmed
+//! publishes to worker W for connection C; `to_uid=U` to every connection of user U, `to_channel=T`
+//! to every connection in topic T; `exclude_uid=U` (repeated or comma-separated) leaves users out
+//! of a broadcast or topic push. With `Accept: application/json` the answer is JSON. The answer is `200 ok` once the broker has confirmed
 //! the publish; otherwise a status and a one-line reason: 400 for a bad request, 401 without the
 //! publish key, 503 when the broker is unreachable or does not confirm in time. `POST /` with a
 //! form body takes the same fields. CORS is answered so that a page on a gateway can publish.
@@ -19,7 +21,7 @@ use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::metrics::GLOBAL;
-use crate::push::{Push, BROADCAST};
+use crate::push::{check_name, topic_channel, user_channel, Push, BROADCAST};
 
 /// Settings of a publisher node.
 #[derive(Debug, Clone)]
@@ -77,12 +79,18 @@ pub const MAX_WORKER_ID: usize = 256;
 /// Longest `to_connection_id`, in characters.
 pub const MAX_CONNECTION_ID: usize = 64;
 
+/// Most users one push may exclude.
+pub const MAX_EXCLUDE: usize = 100;
+
 /// The fields of one publish.
 #[derive(Debug, Default, PartialEq)]
 pub struct PublishRequest {
     pub content: String,
     pub to_worker_id: Option<String>,
     pub to_connection_id: Option<String>,
+    pub to_uid: Option<String>,
+    pub to_channel: Option<String>,
+    pub exclude_uid: Vec<String>,
     pub key: Option<String>,
 }
 
@@ -97,10 +105,17 @@ impl PublishRequest {
                 "content" => &mut content,
                 "to_worker_id" => &mut r.to_worker_id,
                 "to_connection_id" => &mut r.to_connection_id,
+                "to_uid" => &mut r.to_uid,
+                "to_channel" => &mut r.to_channel,
                 "key" => &mut r.key,
+                "exclude_uid" => {
+                    r.exclude_uid.extend(v.split(',').filter(|u| !u.is_empty()).map(str::to_owned));
+                    continue;
+                }
                 other => {
                     return bad(format!(
-                        "unknown parameter {other:?} (expected content, to_worker_id, to_connection_id, key)"
+                        "unknown parameter {other:?} (expected content, to_worker_id, to_connection_id, to_uid, \
+                         to_channel, exclude_uid, key)"
                     ))
                 }
             };
@@ -124,6 +139,25 @@ impl PublishRequest {
                 return bad(format!("{name} is longer than {max} characters"));
             }
         }
+        for (what, name) in [("to_uid", &r.to_uid), ("to_channel", &r.to_channel)] {
+            if let Some(n) = name {
+                check_name(what, n).map_err(PublishError::BadRequest)?;
+            }
+        }
+        if r.exclude_uid.len() > MAX_EXCLUDE {
+            return bad(format!("exclude_uid names more than {MAX_EXCLUDE} users"));
+        }
+        for u in &r.exclude_uid {
+            check_name("exclude_uid", u).map_err(PublishError::BadRequest)?;
+        }
+        let targets =
+            [r.to_worker_id.is_some() || r.to_connection_id.is_some(), r.to_uid.is_some(), r.to_channel.is_some()];
+        if targets.iter().filter(|&&t| t).count() > 1 {
+            return bad("give one of to_worker_id + to_connection_id, to_uid, to_channel".into());
+        }
+        if !r.exclude_uid.is_empty() && (targets[0] || targets[1]) {
+            return bad("exclude_uid applies to broadcasts and to_channel pushes".into());
+        }
         match (&r.to_worker_id, &r.to_connection_id) {
             (Some(w), Some(c)) if w.is_empty() || c.is_empty() => {
                 bad("to_worker_id and to_connection_id must not be empty".into())
@@ -137,12 +171,19 @@ impl PublishRequest {
     }
 
     /// The broker channel and payload of this publish.
-    pub fn to_message(&self) -> (&str, Bytes) {
+    pub fn to_message(&self) -> (String, Bytes) {
         let push = Push {
             to_connection_id: self.to_connection_id.clone().map(String::into_bytes),
             content: self.content.clone().into_bytes(),
+            exclude_uid: self.exclude_uid.iter().map(|u| u.clone().into_bytes()).collect(),
         };
-        (self.to_worker_id.as_deref().unwrap_or(BROADCAST), push.encode())
+        let channel = match (&self.to_worker_id, &self.to_uid, &self.to_channel) {
+            (Some(w), _, _) => w.clone(),
+            (_, Some(u), _) => user_channel(u),
+            (_, _, Some(t)) => topic_channel(t),
+            _ => BROADCAST.to_owned(),
+        };
+        (channel, push.encode())
     }
 }
 
@@ -188,21 +229,30 @@ impl Publisher {
                     ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
                 ]),
             ),
-            (&Method::GET | &Method::POST, "/") => match self.publish(req).await {
-                Ok(()) => {
-                    GLOBAL.publish_requests.fetch_add(1, Ordering::Relaxed);
-                    reply(StatusCode::OK, "ok")
+            (&Method::GET | &Method::POST, "/") => {
+                let json = wants_json(&req);
+                match self.publish(req).await {
+                    Ok(()) => {
+                        GLOBAL.publish_requests.fetch_add(1, Ordering::Relaxed);
+                        match json {
+                            true => json_reply(StatusCode::OK, serde_json::json!({"ok": true})),
+                            false => reply(StatusCode::OK, "ok"),
+                        }
+                    }
+                    Err(e) => {
+                        let counter = match e {
+                            PublishError::Broker(_) => &GLOBAL.publish_errors,
+                            _ => &GLOBAL.bad_requests,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("publish refused: {e}");
+                        match json {
+                            true => json_reply(e.status(), serde_json::json!({"ok": false, "error": e.to_string()})),
+                            false => reply(e.status(), format!("{e}\n")),
+                        }
+                    }
                 }
-                Err(e) => {
-                    let counter = match e {
-                        PublishError::Broker(_) => &GLOBAL.publish_errors,
-                        _ => &GLOBAL.bad_requests,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("publish refused: {e}");
-                    reply(e.status(), format!("{e}\n"))
-                }
-            },
+            }
             (_, path) if !matches!(path, "/" | "/healthz" | "/metrics") => {
                 reply(StatusCode::NOT_FOUND, "not found: publish on /\n")
             }
@@ -245,12 +295,24 @@ impl Publisher {
             }
         }
         let (channel, data) = r.to_message();
-        self.broker.publish(channel, data).await?;
+        self.broker.publish(&channel, data).await?;
         Ok(())
     }
 }
 
 use crate::http::text as reply;
+
+/// Whether the client asked for JSON answers (`Accept: application/json`).
+fn wants_json(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().starts_with("application/json"))))
+}
+
+fn json_reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    crate::http::reply(status, "application/json", format!("{body}\n"))
+}
 
 fn cors(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
     r.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
@@ -268,7 +330,7 @@ mod tests {
     #[test]
     fn seed_queries() {
         let r = parse("content=h%C3%A9+x").unwrap();
-        assert_eq!((r.content.as_str(), r.to_message().0), ("hé x", "broadcast"));
+        assert_eq!((r.content.as_str(), r.to_message().0.as_str()), ("hé x", "broadcast"));
         let r = parse("to_worker_id=ab-1&to_connection_id=2&content=hi").unwrap();
         assert_eq!(r.to_message().0, "ab-1");
     }
@@ -287,5 +349,17 @@ mod tests {
         assert!(parse("content=a&to_worker_id=0&to_connection_id=1").is_ok(), "a PHP worker");
         assert!(parse("content=0123456789x").unwrap_err().contains("exceeds"));
         assert!(parse("content=ééééééééé").is_ok(), "characters, not bytes");
+    }
+
+    #[test]
+    fn users_and_topics() {
+        assert_eq!(parse("to_uid=42&content=a").unwrap().to_message().0, "user:42");
+        let r = parse("to_channel=room-1&exclude_uid=a,b&exclude_uid=c&content=a").unwrap();
+        assert_eq!((r.to_message().0.as_str(), r.exclude_uid.len()), ("topic:room-1", 3));
+        assert!(parse("exclude_uid=a&content=a").is_ok(), "a broadcast may exclude");
+        assert!(parse("to_uid=a+b&content=a").unwrap_err().contains("to_uid"));
+        assert!(parse("to_uid=1&to_channel=t&content=a").unwrap_err().contains("one of"));
+        assert!(parse("to_uid=1&exclude_uid=2&content=a").unwrap_err().contains("exclude_uid applies"));
+        assert!(parse("to_uid=1&to_uid=2&content=a").unwrap_err().contains("twice"));
     }
 }

@@ -1,6 +1,8 @@
 //! The seed's event payloads: `['content' => X]` on `broadcast`, and
 //! `['to_connection_id' => C, 'content' => X]` on a worker's own channel, PHP-serialized so that
-//! PHP publishers and gateways on the same channel server understand them.
+//! PHP publishers and gateways on the same channel server understand them. Pushes to a user go to
+//! the broker channel `user:U`, to a topic to `topic:T` (names PHP nodes never subscribe to), with
+//! the same payload; `exclude_uid` (a list) leaves users out.
 
 use bytes::Bytes;
 use channel_proto::Value;
@@ -28,12 +30,39 @@ pub fn is_worker_id(id: &str) -> bool {
     }
 }
 
+/// Longest user or topic name, in bytes.
+pub const MAX_NAME: usize = 128;
+
+/// Whether `name` can be a user id or a topic: 1 to [`MAX_NAME`] ASCII letters, digits and
+/// `_ - . : @ = / +`. A clear message says why not.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(format!("{what} must be 1 to {MAX_NAME} characters"));
+    }
+    match name.bytes().find(|&b| !(b.is_ascii_alphanumeric() || b"_-.:@=/+".contains(&b))) {
+        Some(b) => Err(format!("{what} {name:?} has {:?}; use letters, digits and _-.:@=/+", b as char)),
+        None => Ok(()),
+    }
+}
+
+/// The broker channel of user `uid`'s connections.
+pub fn user_channel(uid: &str) -> String {
+    format!("user:{uid}")
+}
+
+/// The broker channel of topic `topic`.
+pub fn topic_channel(topic: &str) -> String {
+    format!("topic:{topic}")
+}
+
 /// One push as a gateway worker sees it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Push {
     /// `None` for a broadcast.
     pub to_connection_id: Option<Vec<u8>>,
     pub content: Vec<u8>,
+    /// Users whose connections do not get this push.
+    pub exclude_uid: Vec<Vec<u8>>,
 }
 
 /// Why an event payload is not a push.
@@ -49,9 +78,12 @@ impl Push {
     /// The serialized payload, as the seed's publisher builds it.
     pub fn encode(&self) -> Bytes {
         let content = ("content", Value::str(&self.content));
-        let v = match &self.to_connection_id {
-            Some(c) => Value::assoc([("to_connection_id", Value::str(c)), content]),
-            None => Value::assoc([content]),
+        let v = match (&self.to_connection_id, self.exclude_uid.is_empty()) {
+            (Some(c), _) => Value::assoc([("to_connection_id", Value::str(c)), content]),
+            (None, true) => Value::assoc([content]),
+            (None, false) => {
+                Value::assoc([content, ("exclude_uid", Value::list(self.exclude_uid.iter().map(Value::str)))])
+            }
         };
         v.encode().into()
     }
@@ -61,7 +93,11 @@ impl Push {
         let v = Value::parse(data)?;
         let content = v.get("content").and_then(Value::to_php_string).ok_or(PushError::NoContent)?;
         let to_connection_id = v.get("to_connection_id").and_then(Value::to_php_string);
-        Ok(Push { to_connection_id, content })
+        let exclude_uid = match v.get("exclude_uid") {
+            Some(Value::Array(items)) => items.iter().filter_map(|(_, u)| u.to_php_string()).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Push { to_connection_id, content, exclude_uid })
     }
 }
 
@@ -82,7 +118,7 @@ mod tests {
 
     #[test]
     fn seed_payloads() {
-        let p = Push { to_connection_id: Some(b"2".to_vec()), content: b"hi".to_vec() };
+        let p = Push { to_connection_id: Some(b"2".to_vec()), content: b"hi".to_vec(), ..Push::default() };
         assert_eq!(&p.encode()[..], b"a:2:{s:16:\"to_connection_id\";s:1:\"2\";s:7:\"content\";s:2:\"hi\";}");
         assert_eq!(Push::decode(&p.encode()).unwrap(), p);
         let from_php_int = Push::decode(b"a:2:{s:16:\"to_connection_id\";i:7;s:7:\"content\";i:5;}").unwrap();
@@ -90,5 +126,21 @@ mod tests {
         assert_eq!(from_php_int.content, b"5");
         assert!(matches!(Push::decode(b"a:0:{}"), Err(PushError::NoContent)));
         assert!(matches!(Push::decode(b"junk"), Err(PushError::NotPhp(_))));
+        let broadcast = Push { content: b"x".to_vec(), ..Push::default() };
+        assert_eq!(&broadcast.encode()[..], b"a:1:{s:7:\"content\";s:1:\"x\";}", "the seed's bytes");
+        let ex = Push { content: b"x".to_vec(), exclude_uid: vec![b"7".to_vec(), b"u".to_vec()], ..Push::default() };
+        assert_eq!(Push::decode(&ex.encode()).unwrap(), ex);
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["42", "user@example.com", "order:17", "a/b.c=d+e_f-g"] {
+            assert!(check_name("uid", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a,b", "é", &"x".repeat(MAX_NAME + 1)] {
+            assert!(check_name("uid", bad).is_err(), "{bad}");
+        }
+        assert_eq!(user_channel("42"), "user:42");
+        assert!(!is_worker_id(&user_channel("42")) && !is_worker_id(&topic_channel("t-1")));
     }
 }

@@ -6,7 +6,6 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -15,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
-use super::{Broker, BrokerError, LinkConfig, Message, Subscription};
+use super::{Broker, BrokerError, BrokerFuture, LinkConfig, Message, SubId, Subscription};
 
 /// What a reader took off the wire.
 pub enum Incoming {
@@ -63,7 +62,9 @@ type Done = oneshot::Sender<Result<(), BrokerError>>;
 
 enum Command {
     Publish { channel: String, data: Bytes, done: Done },
-    Subscribe { channels: Vec<String>, tx: mpsc::Sender<Message> },
+    Subscribe { id: SubId, channels: Vec<String>, tx: mpsc::Sender<Message> },
+    Join { id: SubId, channels: Vec<String>, done: Done },
+    Leave { id: SubId, channels: Vec<String>, done: Done },
 }
 
 /// Commands queued for the link task before callers wait.
@@ -98,33 +99,44 @@ impl Link {
     }
 }
 
-impl Broker for Link {
-    fn publish(
-        &self,
-        channel: &str,
-        data: Bytes,
-    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
-        let channel = channel.to_owned();
+impl Link {
+    /// Queue a command for the task and wait (within the publish timeout) for its answer.
+    fn ask(&self, make: impl FnOnce(Done) -> Command + Send + 'static) -> BrokerFuture<'_, ()> {
         Box::pin(async move {
-            if !self.is_connected() {
-                return Err(BrokerError::Unavailable(self.name.clone()));
-            }
             let (done, wait) = oneshot::channel();
             let limit = self.cfg.publish_timeout;
-            let confirmed = tokio::time::timeout(limit, async {
-                self.cmd.send(Command::Publish { channel, data, done }).await.ok()?;
+            let answered = tokio::time::timeout(limit, async {
+                self.cmd.send(make(done)).await.ok()?;
                 wait.await.ok()
             });
-            match confirmed.await {
+            match answered.await {
                 Ok(Some(result)) => result,
                 Ok(None) => Err(BrokerError::Unavailable(self.name.clone())),
                 Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
             }
         })
     }
+}
+
+impl Broker for Link {
+    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, ()> {
+        if !self.is_connected() {
+            return Box::pin(std::future::ready(Err(BrokerError::Unavailable(self.name.clone()))));
+        }
+        let channel = channel.to_owned();
+        self.ask(move |done| Command::Publish { channel, data, done })
+    }
 
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
-        Subscription::through(&self.cmd, &self.name, |tx| Command::Subscribe { channels, tx })
+        Subscription::through(&self.cmd, &self.name, |id, tx| Command::Subscribe { id, channels, tx })
+    }
+
+    fn join(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
+        self.ask(move |done| Command::Join { id, channels, done })
+    }
+
+    fn leave(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
+        self.ask(move |done| Command::Leave { id, channels, done })
     }
 
     fn is_connected(&self) -> bool {
@@ -200,8 +212,17 @@ impl<T: Transport> Task<T> {
                         Some(Command::Publish { done, .. }) => {
                             let _ = done.send(Err(BrokerError::Unavailable(self.name.clone())));
                         }
-                        Some(Command::Subscribe { channels, tx }) => {
-                            self.subs.add(channels, tx);
+                        Some(Command::Subscribe { id, channels, tx }) => {
+                            self.subs.add(id, channels, tx);
+                        }
+                        // Recorded; the next session subscribes to them with the rest.
+                        Some(Command::Join { id, channels, done }) => {
+                            self.subs.join(id, channels);
+                            let _ = done.send(Ok(()));
+                        }
+                        Some(Command::Leave { id, channels, done }) => {
+                            self.subs.leave(id, channels);
+                            let _ = done.send(Ok(()));
                         }
                     },
                 }
@@ -251,11 +272,29 @@ impl<T: Transport> Task<T> {
                         writer.publish(&channel, &data);
                         pending.push_back((Instant::now(), Some(done)));
                     }
-                    Some(Command::Subscribe { channels, tx }) => {
-                        let new = self.subs.add(channels, tx);
+                    Some(Command::Subscribe { id, channels, tx }) => {
+                        let new = self.subs.add(id, channels, tx);
                         if !new.is_empty() {
                             writer.subscribe(&new);
                         }
+                    }
+                    // The broker has the new channels once a probe sent after them is answered.
+                    Some(Command::Join { id, channels, done }) => {
+                        let new = self.subs.join(id, channels);
+                        if new.is_empty() {
+                            let _ = done.send(Ok(()));
+                        } else {
+                            writer.subscribe(&new);
+                            writer.probe();
+                            pending.push_back((Instant::now(), Some(done)));
+                        }
+                    }
+                    Some(Command::Leave { id, channels, done }) => {
+                        let gone = self.subs.leave(id, channels);
+                        if !gone.is_empty() {
+                            writer.unsubscribe(&gone);
+                        }
+                        let _ = done.send(Ok(()));
                     }
                 },
                 r = writer.flush(), if writer.has_pending() => {

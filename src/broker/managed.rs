@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
-use super::{Broker, BrokerError, LinkConfig, Message, Subscription, SUBSCRIPTION_CAPACITY};
+use super::{Broker, BrokerError, BrokerFuture, LinkConfig, Message, SubId, Subscription, SUBSCRIPTION_CAPACITY};
 use crate::metrics::{LogEvery, GLOBAL};
 
 /// A future returned by a [`Client`].
@@ -61,9 +61,16 @@ pub enum Event {
 /// Events an adapter may queue before its forwarding waits (and the library's own buffers fill).
 pub const EVENT_QUEUE: usize = SUBSCRIPTION_CAPACITY;
 
+type Done = tokio::sync::oneshot::Sender<Result<(), BrokerError>>;
+
 enum Command {
-    Subscribe { channels: Vec<String>, tx: mpsc::Sender<Message> },
+    Subscribe { id: SubId, channels: Vec<String>, tx: mpsc::Sender<Message> },
+    Join { id: SubId, channels: Vec<String>, done: Done },
+    Leave { id: SubId, channels: Vec<String> },
 }
+
+/// Joins confirmed together in one round trip.
+const JOIN_BATCH: usize = 256;
 
 /// A broker reached through a client library.
 pub struct Managed<C> {
@@ -113,11 +120,7 @@ impl<C: Client> Managed<C> {
 }
 
 impl<C: Client> Broker for Managed<C> {
-    fn publish(
-        &self,
-        channel: &str,
-        data: Bytes,
-    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
+    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, ()> {
         let channel = channel.to_owned();
         Box::pin(async move {
             if !self.is_connected() {
@@ -142,7 +145,27 @@ impl<C: Client> Broker for Managed<C> {
     }
 
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
-        Subscription::through(&self.cmd, &self.name, |tx| Command::Subscribe { channels, tx })
+        Subscription::through(&self.cmd, &self.name, |id, tx| Command::Subscribe { id, channels, tx })
+    }
+
+    fn join(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
+        Box::pin(async move {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            let gone = || BrokerError::Unavailable(self.name.clone());
+            self.cmd.send(Command::Join { id, channels, done }).await.map_err(|_| gone())?;
+            let limit = self.cfg.publish_timeout;
+            match tokio::time::timeout(limit, wait).await {
+                Ok(r) => r.map_err(|_| gone())?,
+                Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
+            }
+        })
+    }
+
+    fn leave(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
+        Box::pin(async move {
+            let gone = BrokerError::Unavailable(self.name.clone());
+            self.cmd.send(Command::Leave { id, channels }).await.map_err(|_| gone)
+        })
     }
 
     fn is_connected(&self) -> bool {
@@ -193,12 +216,29 @@ impl<C: Client> Task<C> {
                 },
                 cmd = cmds.recv() => match cmd {
                     None => return,
-                    Some(Command::Subscribe { channels, tx }) => {
-                        let new = self.subs.add(channels, tx);
-                        if !new.is_empty() && !self.renew && self.confirm(new).await.is_err() {
-                            self.renew = true;
+                    Some(Command::Join { id, channels, done }) => {
+                        // Joins that are already waiting are confirmed in the same round trip.
+                        let mut new = self.subs.join(id, channels);
+                        let mut answers = vec![done];
+                        while answers.len() < JOIN_BATCH {
+                            match cmds.try_recv() {
+                                Ok(Command::Join { id, channels, done }) => {
+                                    new.extend(self.subs.join(id, channels));
+                                    answers.push(done);
+                                }
+                                Ok(other) => {
+                                    self.command(other).await;
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let result = self.add_channels(new).await;
+                        for done in answers {
+                            let _ = done.send(result.clone().map_err(BrokerError::Unavailable));
                         }
                     }
+                    Some(other) => self.command(other).await,
                 },
                 _ = tick.tick() => {
                     if !self.client.connected() {
@@ -220,6 +260,39 @@ impl<C: Client> Task<C> {
                 }
             }
         }
+    }
+
+    /// Carry out a command that needs no answer.
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe { id, channels, tx } => {
+                let new = self.subs.add(id, channels, tx);
+                let _ = self.add_channels(new).await;
+            }
+            Command::Join { id, channels, done } => {
+                let new = self.subs.join(id, channels);
+                let _ = done.send(self.add_channels(new).await.map_err(BrokerError::Unavailable));
+            }
+            Command::Leave { id, channels } => {
+                let gone = self.subs.leave(id, channels);
+                if !gone.is_empty() {
+                    let _ = self.client.unsubscribe(gone).await;
+                }
+            }
+        }
+    }
+
+    /// Subscribe the broker to channels new in this process, when the link is up (otherwise the
+    /// renewal after the next connection takes them). A failure makes the link renew everything.
+    async fn add_channels(&mut self, new: Vec<String>) -> Result<(), String> {
+        if new.is_empty() || self.renew {
+            return Ok(());
+        }
+        let r = self.confirm(new).await;
+        if r.is_err() {
+            self.renew = true;
+        }
+        r
     }
 
     /// Subscribe to `channels` and wait for the broker's confirmation, within the publish timeout.

@@ -1,26 +1,26 @@
 //! The in-process broker: publishes go straight into a [`Hub`], which may also serve remote
 //! channel clients (that is how `standalone` keeps port 2206 open to other nodes).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use channel_proto::Name;
+use channel_proto::{Name, Request};
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, Subscription, SUBSCRIPTION_CAPACITY};
+use super::{Broker, BrokerError, BrokerFuture, SubId, Subscription, SUBSCRIPTION_CAPACITY};
 use crate::hub::{ClientId, Hub, Sink};
 
 /// A broker that is a hub in this process.
 pub struct MemoryBroker {
     hub: Arc<Hub>,
     prefix: String,
+    /// How many times each subscription joined each channel (the hub keeps sets, not counts).
+    joins: std::sync::Mutex<std::collections::HashMap<(SubId, String), u32>>,
 }
 
 impl MemoryBroker {
     pub fn new(hub: Arc<Hub>, prefix: &str) -> MemoryBroker {
-        MemoryBroker { hub, prefix: prefix.to_owned() }
+        MemoryBroker { hub, prefix: prefix.to_owned(), joins: Default::default() }
     }
 
     fn name(&self, channel: &str) -> Name {
@@ -37,11 +37,7 @@ impl Drop for Unsubscribe {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(
-        &self,
-        channel: &str,
-        data: Bytes,
-    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
+    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, ()> {
         self.hub.publish(&[self.name(channel)], &data);
         Box::pin(std::future::ready(Ok(())))
     }
@@ -66,7 +62,39 @@ impl Broker for MemoryBroker {
             });
             rx = strip_rx;
         }
-        Ok(Subscription { rx, _guard: Some(Box::new(guard)) })
+        Ok(Subscription { rx, id, _guard: Some(Box::new(guard)) })
+    }
+
+    fn join(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
+        let mut joins = self.joins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = Vec::new();
+        for c in channels {
+            let name = self.name(&c);
+            let n = joins.entry((id, c)).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                new.push(name);
+            }
+        }
+        let r = self.hub.subscribe(id, new).map_err(|e| BrokerError::Refused(e.to_string()));
+        Box::pin(std::future::ready(r))
+    }
+
+    fn leave(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
+        let mut joins = self.joins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gone = Vec::new();
+        for c in channels {
+            let key = (id, c);
+            if let Some(n) = joins.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    joins.remove(&key);
+                    gone.push(self.name(&key.1));
+                }
+            }
+        }
+        let r = self.hub.handle(id, Request::Unsubscribe(gone)).map_err(|e| BrokerError::Refused(e.to_string()));
+        Box::pin(std::future::ready(r))
     }
 
     fn is_connected(&self) -> bool {

@@ -49,23 +49,32 @@ pub enum BrokerError {
     Config(String, String),
 }
 
+/// Names one subscription to its broker, for [`Broker::join`] and [`Broker::leave`].
+pub type SubId = u64;
+
+/// A boxed future, as the [`Broker`] methods return.
+pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
+
 /// Messages for one subscriber. Dropping it ends the subscription.
 pub struct Subscription {
     pub rx: mpsc::Receiver<Message>,
+    pub id: SubId,
     _guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl Subscription {
-    /// A subscription fed by a link task: `make` wraps the new sender into the task's command,
-    /// which is queued without waiting on `cmd`.
+    /// A subscription fed by a link task: `make` wraps its id and new sender into the task's
+    /// command, which is queued without waiting on `cmd`.
     fn through<T>(
         cmd: &mpsc::Sender<T>,
         link: &str,
-        make: impl FnOnce(mpsc::Sender<Message>) -> T,
+        make: impl FnOnce(SubId, mpsc::Sender<Message>) -> T,
     ) -> Result<Subscription, BrokerError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
-        cmd.try_send(make(tx)).map_err(|_| BrokerError::Refused(format!("link to {link} is busy or gone")))?;
-        Ok(Subscription { rx, _guard: None })
+        cmd.try_send(make(id, tx)).map_err(|_| BrokerError::Refused(format!("link to {link} is busy or gone")))?;
+        Ok(Subscription { rx, id, _guard: None })
     }
 
     /// The next message, or `None` once the broker is gone.
@@ -93,10 +102,17 @@ pub const SUBSCRIPTION_CAPACITY: usize = 8192;
 ///   renewed before anything else is sent.
 pub trait Broker: Send + Sync + 'static {
     /// Publish `data` on `channel`.
-    fn publish(&self, channel: &str, data: Bytes)
-        -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>>;
+    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, ()>;
     /// Subscribe to each of `channels`; messages arrive on the returned subscription.
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError>;
+    /// Add `channels` to subscription `sub`. Resolves once the broker has them in place, so that
+    /// a publish confirmed after that reaches `sub`; while the link is down, at once (they are
+    /// renewed with the others when it comes back). The broker is subscribed to a channel only
+    /// while some subscription of this process holds it.
+    fn join(&self, sub: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()>;
+    /// Remove `channels` from subscription `sub`; the broker stops sending a channel once no
+    /// subscription of this process holds it.
+    fn leave(&self, sub: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()>;
     /// Whether the broker is reachable right now.
     fn is_connected(&self) -> bool;
     /// Times the link was re-established after a loss.

@@ -11,11 +11,18 @@ use tokio::net::TcpStream;
 
 use super::{GatewayConfig, Worker};
 use crate::metrics::GLOBAL;
+use crate::token::Identity;
 use crate::ws::{self, close, ClientFrame};
 
 /// Serve one WebSocket connection until it closes or is closed.
-pub(super) async fn serve(mut stream: TcpStream, mut buf: BytesMut, worker: &Worker, cfg: &GatewayConfig) {
-    let (id, conn) = worker.add();
+pub(super) async fn serve(
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    worker: &Worker,
+    cfg: &GatewayConfig,
+    who: Identity,
+) {
+    let (id, conn) = worker.add(who).await;
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
     let welcome = ws::encode(ws::TEXT, format!("workerID:{} connectionID:{id} connected\n", worker.id).as_bytes());
     let mut out = VecDeque::from([welcome]);
@@ -62,7 +69,7 @@ pub(super) async fn serve(mut stream: TcpStream, mut buf: BytesMut, worker: &Wor
             }
         }
     };
-    worker.remove(id);
+    worker.remove(id).await;
     if let Some((code, reason)) = closing {
         let mut last = VecDeque::from([ws::close_frame(code, reason)]);
         if flush(&stream, &mut last, CLOSE_LINGER).await {

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use super::{Gateway, OpenGuard};
 use crate::http::reply as text;
 use crate::metrics::GLOBAL;
+use crate::token::{Identity, TokenError};
 use crate::ws;
 
 impl Gateway {
@@ -40,6 +41,13 @@ impl Gateway {
             let origin = String::from_utf8_lossy(origin.unwrap_or_default());
             return text(StatusCode::FORBIDDEN, "text/plain", format!("origin {origin:?} is not allowed\n"));
         }
+        let who = match self.identify(req.uri().query()) {
+            Ok(who) => who,
+            Err(e) => {
+                GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+                return text(StatusCode::UNAUTHORIZED, "text/plain", format!("{e}\n"));
+            }
+        };
         let Some(open) = self.open_slot() else {
             GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
             let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
@@ -63,7 +71,7 @@ impl Gateway {
             let hyper::upgrade::Parts { io, read_buf, .. } = parts;
             let leftover = BytesMut::from(&read_buf[..]);
             drop(read_buf);
-            open.run(io.into_inner(), leftover).await;
+            open.run(io.into_inner(), leftover, who).await;
         });
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -74,6 +82,13 @@ impl Gateway {
             hs.insert("sec-websocket-accept", v);
         }
         r
+    }
+
+    /// Who the connection asking with `query` is, from its `token` parameter.
+    fn identify(&self, query: Option<&str>) -> Result<Identity, TokenError> {
+        let token = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find_map(|(k, v)| (k == "token").then(|| v.into_owned()));
+        self.cfg.tokens.identify(token.as_deref())
     }
 
     pub(super) fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
@@ -111,6 +126,9 @@ impl Gateway {
         if req.method != Some("GET") || !upgrade || !self.origin_allowed(get("origin")) {
             return Some(stream);
         }
+        // A refused token is answered (401, with the reason) by the HTTP path.
+        let query = req.path.and_then(|p| p.split_once('?')).map(|(_, q)| q);
+        let Ok(who) = self.identify(query) else { return Some(stream) };
         let accept = ws::accept_key(key);
         let Some(open) = self.open_slot() else { return Some(stream) };
         let mut consumed = vec![0u8; len];
@@ -123,7 +141,7 @@ impl Gateway {
         };
         if tokio::time::timeout(crate::http::HEADER_TIMEOUT, handshake).await.is_ok_and(|r| r.is_ok()) {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
-            tokio::spawn(open.run(stream, BytesMut::new()));
+            tokio::spawn(open.run(stream, BytesMut::new(), who));
         }
         None
     }

@@ -39,6 +39,7 @@ pub use worker::{bench_worker, Conn, Worker};
 use crate::broker::{Broker, BrokerError};
 use crate::metrics::GLOBAL;
 use crate::push::BROADCAST;
+use crate::token::Identity;
 use crate::ws::close;
 
 /// Settings of a gateway node.
@@ -66,6 +67,8 @@ pub struct GatewayConfig {
     pub heartbeat: Duration,
     /// Browser origins allowed to connect; empty allows all.
     pub allowed_origins: Vec<String>,
+    /// How connection tokens (`?token=JWT`) are checked, and whether one is required.
+    pub tokens: crate::token::TokenPolicy,
 }
 
 impl Default for GatewayConfig {
@@ -81,6 +84,7 @@ impl Default for GatewayConfig {
             write_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(25),
             allowed_origins: Vec::new(),
+            tokens: crate::token::TokenPolicy::default(),
         }
     }
 }
@@ -123,10 +127,12 @@ impl Gateway {
         };
         let mut workers = Vec::new();
         for i in 0..cfg.workers {
-            let worker = Arc::new(Worker::new(format!("{node_id}-{i}"), cfg.outbound_queue, cfg.outbound_queue_bytes));
+            let id = format!("{node_id}-{i}");
             let mut sub = broker
-                .subscribe(vec![worker.id.clone(), BROADCAST.to_owned()])
-                .map_err(|source| GatewayError::Subscribe { worker: worker.id.clone(), source })?;
+                .subscribe(vec![id.clone(), BROADCAST.to_owned()])
+                .map_err(|source| GatewayError::Subscribe { worker: id.clone(), source })?;
+            let (queue, bytes) = (cfg.outbound_queue, cfg.outbound_queue_bytes);
+            let worker = Arc::new(Worker::new(id, queue, bytes, broker.clone(), sub.id));
             let w = worker.clone();
             tokio::spawn(async move {
                 while let Some(m) = sub.recv().await {
@@ -204,12 +210,12 @@ impl Drop for OpenGuard {
 }
 
 impl OpenGuard {
-    /// Serve an upgraded connection on the next worker, round-robin.
-    async fn run(self, stream: TcpStream, leftover: BytesMut) {
+    /// Serve an upgraded connection of `who` on the next worker, round-robin.
+    async fn run(self, stream: TcpStream, leftover: BytesMut, who: Identity) {
         let gw = &self.0;
         let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
         let worker = gw.workers[n].clone();
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve(stream, leftover, &worker, &gw.cfg).await;
+        connection::serve(stream, leftover, &worker, &gw.cfg, who).await;
     }
 }

@@ -1,5 +1,10 @@
-//! A worker shard: its connection table, the fan-out of each push to its connections' bounded
-//! queues (one encoded frame shared by all), slow-consumer cuts and the heartbeat sweep.
+//! A worker shard: its connection table with who each connection is (user, topics) and the
+//! indexes from users and topics to connections, the fan-out of each push to its connections'
+//! bounded queues (one encoded frame shared by all), slow-consumer cuts and the heartbeat sweep.
+//!
+//! A worker holds one broker subscription: its own worker id, `broadcast`, and the channel of
+//! every user and topic it has a connection of (joined when a connection arrives, left when it
+//! goes; the broker counts joins, so the broker is subscribed exactly while a member is here).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
@@ -9,9 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::broker::Message;
+use crate::broker::{Broker, Message, SubId};
 use crate::metrics::GLOBAL;
-use crate::push::{Push, BROADCAST};
+use crate::push::{topic_channel, user_channel, Push, BROADCAST};
+use crate::token::Identity;
 use crate::ws::{self, close};
 
 /// What a worker and a connection's task share: the connection's outbound queue, and how to wake
@@ -74,24 +80,49 @@ impl Conn {
 /// Warnings about events that cannot be decoded: at most one line per interval.
 static BAD_EVENT_LOG: crate::metrics::LogEvery = crate::metrics::LogEvery::new(Duration::from_secs(10));
 
-/// One worker shard: its id, its connections, its connection counter.
+/// A connection in the worker's table, with who it is.
+struct Entry {
+    conn: Arc<Conn>,
+    uid: Option<Arc<str>>,
+    topics: Vec<Arc<str>>,
+}
+
+/// The connections of a worker and the indexes over them.
+#[derive(Default)]
+struct Table {
+    conns: HashMap<u64, Entry>,
+    users: HashMap<Arc<str>, Vec<u64>>,
+    topics: HashMap<Arc<str>, std::collections::HashSet<u64>>,
+}
+
+/// Whom a push is for.
+enum Target<'a> {
+    All,
+    Conn(u64),
+    User(&'a str),
+    Topic(&'a str),
+}
+
+/// One worker shard: its id, its connections, its connection counter, its broker subscription.
 pub struct Worker {
     pub id: String,
-    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    table: Mutex<Table>,
     next_conn: AtomicU64,
     epoch: Instant,
     max_frames: usize,
     max_bytes: usize,
+    broker: Arc<dyn Broker>,
+    sub: SubId,
 }
 
 impl Worker {
-    pub(super) fn new(id: String, max_frames: usize, max_bytes: usize) -> Worker {
-        let (conns, next_conn, epoch) = (Mutex::new(HashMap::new()), AtomicU64::new(0), Instant::now());
-        Worker { id, conns, next_conn, epoch, max_frames, max_bytes }
+    pub(super) fn new(id: String, max_frames: usize, max_bytes: usize, broker: Arc<dyn Broker>, sub: SubId) -> Worker {
+        let (table, next_conn, epoch) = (Mutex::default(), AtomicU64::new(0), Instant::now());
+        Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub }
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Milliseconds since the worker started: the clock of `last_seen`.
@@ -99,7 +130,9 @@ impl Worker {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    pub(super) fn add(&self) -> (u64, Arc<Conn>) {
+    /// Add a connection who is `who`; once this returns, pushes to its user and topics reach it
+    /// (the broker confirmed the subscriptions, or is down and renews them when it is back).
+    pub(super) async fn add(&self, who: Identity) -> (u64, Arc<Conn>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
         let conn = Arc::new(Conn {
             queue: Mutex::default(),
@@ -107,41 +140,87 @@ impl Worker {
             close_code: AtomicU16::new(0),
             last_seen: AtomicU64::new(self.now()),
         });
-        self.table().insert(id, conn.clone());
+        let channels = broker_channels(who.uid.as_deref(), &who.channels);
+        let uid: Option<Arc<str>> = who.uid.map(Into::into);
+        let topics: Vec<Arc<str>> = who.channels.into_iter().map(Into::into).collect();
+        {
+            let mut t = self.table();
+            if let Some(u) = &uid {
+                t.users.entry(u.clone()).or_default().push(id);
+            }
+            for topic in &topics {
+                t.topics.entry(topic.clone()).or_default().insert(id);
+            }
+            t.conns.insert(id, Entry { conn: conn.clone(), uid, topics });
+        }
+        if !channels.is_empty() {
+            if let Err(e) = self.broker.join(self.sub, channels).await {
+                tracing::warn!(worker = %self.id, connection = id, "subscriptions of a new connection not confirmed: {e}");
+            }
+        }
         (id, conn)
     }
 
-    pub(super) fn remove(&self, id: u64) {
-        self.table().remove(&id);
+    /// Forget connection `id` (if still known) and leave its user's and topics' channels.
+    pub(super) async fn remove(&self, id: u64) {
+        let Some(e) = self.table().unlink(id) else { return };
+        let channels = broker_channels(e.uid.as_deref(), &e.topics);
+        if !channels.is_empty() {
+            let _ = self.broker.leave(self.sub, channels).await;
+        }
     }
 
     /// Number of open connections.
     pub fn connections(&self) -> usize {
-        self.table().len()
+        self.table().conns.len()
     }
 
-    /// Queue `frame` to the given connections (all when `only` is `None`); returns deliveries.
-    fn send(&self, frame: &Bytes, only: Option<u64>) -> usize {
-        let mut table = self.table();
+    /// Queue `frame` to the connections `to` names, except those of the users in `exclude`;
+    /// returns deliveries.
+    fn send(&self, frame: &Bytes, to: Target<'_>, exclude: &[Vec<u8>]) -> usize {
+        let table = self.table();
         let mut slow = Vec::new();
         let mut delivered = 0;
-        let mut offer = |id: u64, c: &Conn| match c.offer(frame, self.max_frames, self.max_bytes) {
-            Offer::Queued => delivered += 1,
-            Offer::Full => slow.push(id),
+        let excluded = |e: &Entry| {
+            !exclude.is_empty() && e.uid.as_deref().is_some_and(|u| exclude.iter().any(|x| x == u.as_bytes()))
         };
-        match only {
-            Some(id) => {
-                if let Some(c) = table.get(&id) {
-                    offer(id, c);
+        let mut offer = |id: u64, e: &Entry| {
+            if excluded(e) || e.conn.close_code.load(Ordering::Relaxed) != 0 {
+                return;
+            }
+            match e.conn.offer(frame, self.max_frames, self.max_bytes) {
+                Offer::Queued => delivered += 1,
+                Offer::Full => slow.push(id),
+            }
+        };
+        let t = &*table;
+        match to {
+            Target::All => t.conns.iter().for_each(|(id, e)| offer(*id, e)),
+            Target::Conn(id) => {
+                if let Some(e) = t.conns.get(&id) {
+                    offer(id, e);
                 }
             }
-            None => table.iter().for_each(|(id, c)| offer(*id, c)),
+            Target::User(u) => {
+                for id in t.users.get(u).into_iter().flatten() {
+                    if let Some(e) = t.conns.get(id) {
+                        offer(*id, e);
+                    }
+                }
+            }
+            Target::Topic(topic) => {
+                for id in t.topics.get(topic).into_iter().flatten() {
+                    if let Some(e) = t.conns.get(id) {
+                        offer(*id, e);
+                    }
+                }
+            }
         }
+        // Closed connections stay in the table (skipped) until their task ends and removes them.
         for id in slow {
-            if let Some(c) = table.remove(&id) {
+            if table.conns.get(&id).is_some_and(|e| e.conn.close(close::POLICY)) {
                 GLOBAL.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(worker = %self.id, connection = id, "client not reading: closing (slow consumer)");
-                c.close(close::POLICY);
             }
         }
         GLOBAL.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
@@ -164,12 +243,19 @@ impl Worker {
         };
         let opcode = if std::str::from_utf8(&push.content).is_ok() { ws::TEXT } else { ws::BINARY };
         let frame = ws::encode(opcode, &push.content);
-        if &m.channel[..] == BROADCAST.as_bytes() {
-            self.send(&frame, None);
+        let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
+        let to = match channel.split_once(':') {
+            _ if channel == BROADCAST => Some(Target::All),
+            Some(("user", u)) => Some(Target::User(u)),
+            Some(("topic", t)) => Some(Target::Topic(t)),
+            _ => None,
+        };
+        if let Some(to) = to {
+            self.send(&frame, to, &push.exclude_uid);
             return;
         }
         let target = push.to_connection_id.as_deref().and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok());
-        let delivered = target.map_or(0, |id| self.send(&frame, Some(id)));
+        let delivered = target.map_or(0, |id| self.send(&frame, Target::Conn(id), &[]));
         if delivered == 0 {
             GLOBAL.undeliverable.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
@@ -184,31 +270,59 @@ impl Worker {
     pub(super) fn sweep(&self, dead_after: Duration) {
         let now = self.now();
         let ping = ws::ping();
-        let mut table = self.table();
-        table.retain(|_, c| {
+        for e in self.table().conns.values() {
+            let c = &e.conn;
             if now.saturating_sub(c.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
                 c.close(close::GOING_AWAY);
-                return false;
+            } else {
+                // A client whose queue is full gets no ping; the next push decides its fate.
+                let _ = c.offer(&ping, self.max_frames, self.max_bytes);
             }
-            // A client whose queue is full gets no ping; the next push decides its fate.
-            let _ = c.offer(&ping, self.max_frames, self.max_bytes);
-            true
-        });
+        }
     }
 
     /// Close every connection with `code`.
     pub(super) fn close_all(&self, code: u16) {
-        for (_, c) in self.table().drain() {
-            c.close(code);
+        for e in self.table().conns.values() {
+            e.conn.close(code);
         }
     }
 }
 
+impl Table {
+    fn unlink(&mut self, id: u64) -> Option<Entry> {
+        let e = self.conns.remove(&id)?;
+        if let Some(u) = &e.uid {
+            if let Some(ids) = self.users.get_mut(u) {
+                ids.retain(|&c| c != id);
+                if ids.is_empty() {
+                    self.users.remove(u);
+                }
+            }
+        }
+        for t in &e.topics {
+            if let Some(ids) = self.topics.get_mut(t) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.topics.remove(t);
+                }
+            }
+        }
+        Some(e)
+    }
+}
+
+/// The broker channels of a connection of user `uid` in `topics`.
+fn broker_channels<T: AsRef<str>>(uid: Option<&str>, topics: &[T]) -> Vec<String> {
+    uid.map(user_channel).into_iter().chain(topics.iter().map(|t| topic_channel(t.as_ref()))).collect()
+}
+
 impl Conn {
-    /// Ask the connection's task to close with `code`.
-    pub(super) fn close(&self, code: u16) {
-        self.close_code.store(code, Ordering::Release);
+    /// Ask the connection's task to close with `code`; whether this was the first request.
+    pub(super) fn close(&self, code: u16) -> bool {
+        let first = self.close_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
         self.wake.notify_one();
+        first
     }
 
     /// For benchmarks: drop whatever is queued.
@@ -222,7 +336,9 @@ impl Conn {
 /// [`Conn::drain`], as their tasks would.
 #[doc(hidden)]
 pub fn bench_worker(n: usize, queue: usize) -> (Worker, Vec<Arc<Conn>>) {
-    let w = Worker::new("bench-0".into(), queue, usize::MAX);
-    let conns = (0..n).map(|_| w.add().1).collect();
+    let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
+    let w = Worker::new("bench-0".into(), queue, usize::MAX, broker, 0);
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let conns = (0..n).map(|_| rt.block_on(w.add(Identity::default())).1).collect();
     (w, conns)
 }

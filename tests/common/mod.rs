@@ -435,6 +435,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(broker: Option<String>) -> Cluster {
+        Cluster::start_with(broker, &[]).await
+    }
+
+    /// [`Cluster::start`] with `gateway_args` added to each gateway's command line.
+    pub async fn start_with(broker: Option<String>, gateway_args: &[&str]) -> Cluster {
         let channel_port = free_port();
         let mut procs = Vec::new();
         let broker = match broker {
@@ -451,9 +456,9 @@ impl Cluster {
         for g in gateways {
             // Identical command lines but the port: ids must still not collide.
             let listen = format!("127.0.0.1:{g}");
-            procs.push(
-                Proc::start(&["gateway", "--listen", &listen, "--broker", &broker, "--workers", "2"], &[g]).await,
-            );
+            let mut args = vec!["gateway", "--listen", &listen, "--broker", &broker, "--workers", "2"];
+            args.extend_from_slice(gateway_args);
+            procs.push(Proc::start(&args, &[g]).await);
         }
         for p in publishers {
             let listen = format!("127.0.0.1:{p}");

@@ -1,0 +1,208 @@
+//! Users and topics: connections identified by a JWT, pushes to every connection of a user and to
+//! every member of a topic across two gateways, `exclude_uid`, routing by interest (a gateway with
+//! no member of a topic gets none of its messages from the broker), on every broker.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use jsonwebtoken::{encode, EncodingKey, Header};
+
+const SECRET: &str = "users-test-secret";
+
+fn token_with(claims: serde_json::Value, secret: &str) -> String {
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token")
+}
+
+fn token(sub: &str, channels: &[&str]) -> String {
+    token_with(serde_json::json!({"sub": sub, "channels": channels}), SECRET)
+}
+
+/// A WebSocket connection to `gw` with `token` (the welcome line already read).
+async fn connect_as(gw: &Addr, token: &str) -> Client {
+    let url = format!("ws://{}/?token={token}", gw.0);
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect timed out")
+        .expect("websocket handshake");
+    let (worker, conn) = parse_welcome(&next_text(&mut ws).await.expect("welcome line"));
+    Client { ws, worker, conn }
+}
+
+/// The status and body of a refused upgrade with `query`.
+async fn refused(gw: &Addr, query: &str) -> (u16, String) {
+    let url = format!("ws://{}/?{query}", gw.0);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body = String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned();
+            (r.status().as_u16(), body)
+        }
+        other => panic!("expected a refused upgrade for {query:?}, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// Who is connected where in [`users_and_topics`]: (name, gateway index, token).
+fn people() -> Vec<(&'static str, usize, Option<String>)> {
+    vec![
+        ("alice-a", 0, Some(token("alice", &[]))),
+        ("alice-b", 0, Some(token("alice", &["room"]))),
+        ("alice-c", 1, Some(token("alice", &[]))),
+        ("bob", 0, Some(token("bob", &["room"]))),
+        ("carol", 1, Some(token("carol", &["room", "news"]))),
+        ("erin", 1, Some(token("erin", &["other"]))),
+        ("anon-0", 0, None),
+        ("anon-1", 1, None),
+    ]
+}
+
+/// The whole check on a cluster of two gateways (started with `--token-secret`).
+async fn users_and_topics(cluster: Cluster) {
+    let mut clients = Vec::new();
+    for (name, gw, tok) in people() {
+        let gw = &cluster.gateways[gw];
+        let c = match tok {
+            Some(t) => connect_as(gw, &t).await,
+            None => connect(gw).await,
+        };
+        clients.push((name, c));
+    }
+    // Routing by interest: only gateway 1 has a member of "other"; gateway 0 gets none of it.
+    let before = [
+        metric(&cluster.gateways[0], "pushwire_broker_messages_total").await,
+        metric(&cluster.gateways[1], "pushwire_broker_messages_total").await,
+    ];
+    for i in 0..5 {
+        assert_eq!(cluster.publish(i, &format!("to_channel=other&content=other-{i}")).await.0, 200);
+    }
+    let erin = &mut clients.iter_mut().find(|(n, _)| *n == "erin").expect("erin").1;
+    for i in 0..5 {
+        assert_eq!(next_text(&mut erin.ws).await, Some(format!("other-{i}")));
+    }
+    let after = [
+        metric(&cluster.gateways[0], "pushwire_broker_messages_total").await,
+        metric(&cluster.gateways[1], "pushwire_broker_messages_total").await,
+    ];
+    assert_eq!(after[0], before[0], "gateway 0 has no member of topic other: the broker sends it nothing");
+    assert_eq!(after[1], before[1] + 5, "gateway 1 gets each message once (one worker holds erin)");
+
+    let pushes = [
+        "to_uid=alice&content=for-alice",
+        "to_channel=room&content=room-all",
+        "to_channel=room&exclude_uid=bob&content=room-not-bob",
+        "content=all-but-alice-and-carol&exclude_uid=alice,carol",
+        "to_uid=nobody&content=for-nobody",
+        "to_channel=news&content=news",
+    ];
+    for (i, p) in pushes.iter().enumerate() {
+        assert_eq!(cluster.publish(i, p).await, (200, "ok".to_owned()), "{p}");
+    }
+    assert_eq!(cluster.publish(0, "content=end").await.0, 200);
+    let expected: HashMap<&str, Vec<&str>> = HashMap::from([
+        ("alice-a", vec!["for-alice"]),
+        ("alice-b", vec!["for-alice", "room-all", "room-not-bob"]),
+        ("alice-c", vec!["for-alice"]),
+        ("bob", vec!["room-all", "all-but-alice-and-carol"]),
+        ("carol", vec!["room-all", "room-not-bob", "news"]),
+        ("erin", vec!["all-but-alice-and-carol"]),
+        ("anon-0", vec!["all-but-alice-and-carol"]),
+        ("anon-1", vec!["all-but-alice-and-carol"]),
+    ]);
+    let names: Vec<&str> = clients.iter().map(|(n, _)| *n).collect();
+    let got = collect_until(clients.into_iter().map(|(_, c)| c).collect(), "end", WAIT).await;
+    for (name, (_, msgs)) in names.iter().zip(got) {
+        let mut want: Vec<String> = expected[name].iter().map(|s| s.to_string()).collect();
+        want.push("end".into());
+        assert_eq!(msgs, want, "{name}");
+    }
+
+    // A connection that goes away takes its interest with it.
+    let mut bob = connect_as(&cluster.gateways[0], &token("bob", &["solo"])).await;
+    assert_eq!(cluster.publish(0, "to_channel=solo&content=s1").await.0, 200);
+    assert_eq!(next_text(&mut bob.ws).await.as_deref(), Some("s1"));
+    close(bob.ws).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = metric(&cluster.gateways[0], "pushwire_broker_messages_total").await;
+    assert_eq!(cluster.publish(0, "to_channel=solo&content=s2").await.0, 200);
+    assert_eq!(cluster.publish(0, "to_uid=erin&content=sync").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&cluster.gateways[0], "pushwire_broker_messages_total").await,
+        before,
+        "left topic solo on the broker"
+    );
+}
+
+/// Tokens are checked before the upgrade: refused with 401 and the reason.
+async fn bad_tokens(gw: &Addr) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let expired = token_with(serde_json::json!({"sub": "a", "exp": now - 600}), SECRET);
+    let (status, body) = refused(gw, &format!("token={expired}")).await;
+    assert_eq!((status, body.trim()), (401, "token expired"));
+    let forged = token_with(serde_json::json!({"sub": "a"}), "not-the-secret");
+    assert_eq!(refused(gw, &format!("token={forged}")).await.0, 401);
+    let (status, body) = refused(gw, "token=garbage").await;
+    assert!(status == 401 && body.contains("malformed"), "{status} {body}");
+    let bad_name = token_with(serde_json::json!({"sub": "a b"}), SECRET);
+    assert!(refused(gw, &format!("token={bad_name}")).await.1.contains("sub"));
+}
+
+fn gateway_args() -> Vec<&'static str> {
+    vec!["--token-secret", SECRET]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_channel_server() {
+    let cluster = Cluster::start_with(None, &gateway_args()).await;
+    bad_tokens(&cluster.gateways[0]).await;
+    users_and_topics(cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis() {
+    if !have(&["redis-server"], false) {
+        return;
+    }
+    let port = free_port();
+    let _redis = redis_server(port).await;
+    users_and_topics(Cluster::start_with(Some(format!("redis://127.0.0.1:{port}")), &gateway_args()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_nats() {
+    if !have(&["nats-server"], false) {
+        return;
+    }
+    let port = free_port();
+    let _nats = nats_server(port, None, None).await;
+    users_and_topics(Cluster::start_with(Some(format!("nats://127.0.0.1:{port}")), &gateway_args()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_with_required_tokens() {
+    let (_p, _c, w, h) = standalone(&["--token-secret", SECRET, "--require-token", "--workers", "3"]).await;
+    let gw = Addr::from(w);
+    let (status, body) = refused(&gw, "").await;
+    assert_eq!((status, body.trim()), (401, "a token is required (?token=JWT)"));
+    let mut a = Vec::new();
+    for _ in 0..3 {
+        a.push(connect_as(&gw, &token("u1", &["t"])).await); // one per worker
+    }
+    let mut other = connect_as(&gw, &token("u2", &[])).await;
+    assert_eq!(http_get(h, "/?to_uid=u1&content=x").await.0, 200);
+    assert_eq!(http_get(h, "/?to_channel=t&content=y").await.0, 200);
+    assert_eq!(http_get(h, "/?to_uid=u2&content=z").await.0, 200);
+    for c in &mut a {
+        assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("x"));
+        assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("y"));
+    }
+    assert_eq!(next_text(&mut other.ws).await.as_deref(), Some("z"));
+    let (status, body) = http(h, "GET", "/?to_uid=bad%20name&content=x", &[("Accept", "application/json")], "").await;
+    assert_eq!(status, 400);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON error");
+    assert_eq!(v["ok"], false);
+    assert!(v["error"].as_str().unwrap().contains("to_uid"));
+    let (status, body) = http(h, "GET", "/?to_uid=u2&content=j", &[("Accept", "application/json")], "").await;
+    assert_eq!((status, body.trim()), (200, r#"{"ok":true}"#));
+}
