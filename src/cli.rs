@@ -190,6 +190,10 @@ pub struct GatewayOpts {
     /// Refuse connections without a valid token (401).
     #[arg(long)]
     pub require_token: bool,
+    /// Presence lease: a heartbeat goes out every third of it; a gateway silent for a whole lease
+    /// (killed, cut off) drops out of every count.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub presence_lease: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +280,9 @@ impl ChannelOpts {
 
 impl GatewayOpts {
     fn config(&self) -> anyhow::Result<GatewayConfig> {
+        if self.presence_lease < Duration::from_millis(300) {
+            bail!("--presence-lease must be at least 300ms");
+        }
         let verifier = match (&self.token_secret, &self.token_public_key) {
             (Some(secret), _) => Some(crate::token::Verifier::hs256(secret.as_bytes())),
             (None, Some(path)) => {
@@ -300,6 +307,7 @@ impl GatewayOpts {
             outbound_queue_bytes: self.outbound_queue_bytes,
             heartbeat: self.heartbeat,
             tokens: crate::token::TokenPolicy { verifier, required: self.require_token },
+            lease: self.presence_lease,
             ..GatewayConfig::default()
         })
     }
@@ -477,7 +485,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let addr = tcp_addr(&a.listen)?;
             protect("publisher", &addr, a.opts.publish_key.is_some(), a.insecure.insecure, PUBLISH_KEY_HOW)?;
             let listener = bind_tcp(&a.listen, "publisher").await?;
-            Publisher::new(a.broker.open().await?, a.opts.config()).serve(listener, shutdown()).await;
+            Publisher::new(a.broker.open().await?, a.opts.config())?.serve(listener, shutdown()).await;
         }
         Command::Standalone(a) => {
             let http_addr = tcp_addr(&a.http_listen)?;
@@ -491,7 +499,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let hub = Arc::new(Hub::new(a.channel.limits()));
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
             let gw = Gateway::start(broker.clone(), a.gateway.config()?)?;
-            let publisher = Publisher::new(broker, a.publisher.config());
+            let publisher = Publisher::new(broker, a.publisher.config())?;
             // The publisher gets a thread and runtime of its own, so that a publish is never
             // queued behind the thousands of connection tasks a broadcast wakes.
             let (http, stop) = (http.into_std()?, shutdown());

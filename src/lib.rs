@@ -25,6 +25,7 @@
 pub mod broker;
 pub mod channel_server;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod http;

@@ -19,7 +19,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError};
+use crate::cluster::{self, Asker};
 use crate::metrics::GLOBAL;
 use crate::push::{check_name, topic_channel, user_channel, Push, BROADCAST};
 
@@ -59,6 +60,10 @@ pub enum PublishError {
     #[error("missing or wrong publish key (send Authorization: Bearer KEY or key=KEY)")]
     Unauthorized,
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     Broker(#[from] crate::broker::BrokerError),
 }
 
@@ -69,6 +74,8 @@ impl PublishError {
             PublishError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             PublishError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             PublishError::Unauthorized => StatusCode::UNAUTHORIZED,
+            PublishError::NotFound(_) => StatusCode::NOT_FOUND,
+            PublishError::Conflict(_) => StatusCode::CONFLICT,
             PublishError::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -191,11 +198,16 @@ impl PublishRequest {
 pub struct Publisher {
     broker: Arc<dyn Broker>,
     cfg: PublisherConfig,
+    asker: Arc<Asker>,
 }
 
+/// A form field of the connection and presence endpoints, and the form they are in.
+type Fields = std::collections::HashMap<String, String>;
+
 impl Publisher {
-    pub fn new(broker: Arc<dyn Broker>, cfg: PublisherConfig) -> Arc<Publisher> {
-        Arc::new(Publisher { broker, cfg })
+    pub fn new(broker: Arc<dyn Broker>, cfg: PublisherConfig) -> Result<Arc<Publisher>, BrokerError> {
+        let asker = Asker::start(broker.clone(), &crate::io::random_hex(6))?;
+        Ok(Arc::new(Publisher { broker, cfg, asker }))
     }
 
     /// Serve HTTP on `listener` until `shutdown`; requests in flight then get a few seconds to end.
@@ -253,11 +265,26 @@ impl Publisher {
                     }
                 }
             }
-            (_, path) if !matches!(path, "/" | "/healthz" | "/metrics") => {
+            (&Method::POST, "/bind" | "/unbind" | "/join" | "/leave")
+            | (&Method::GET, "/online" | "/presence" | "/cluster") => {
+                let path = req.uri().path().to_owned();
+                match self.cluster_request(req, &path).await {
+                    Ok(v) => json_reply(StatusCode::OK, v),
+                    Err(e) => {
+                        GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
+                        json_reply(e.status(), serde_json::json!({"ok": false, "error": e.to_string()}))
+                    }
+                }
+            }
+            (_, path) if !matches!(path, "/" | "/healthz" | "/metrics") && !CLUSTER_PATHS.contains(&path) => {
                 reply(StatusCode::NOT_FOUND, "not found: publish on /\n")
             }
             (_, path) => {
-                let allow = if path == "/" { "GET, POST, OPTIONS" } else { "GET, OPTIONS" };
+                let allow = match path {
+                    "/" => "GET, POST, OPTIONS",
+                    "/bind" | "/unbind" | "/join" | "/leave" => "POST, OPTIONS",
+                    _ => "GET, OPTIONS",
+                };
                 let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; use {allow}\n"));
                 r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
                 r
@@ -266,7 +293,8 @@ impl Publisher {
         cors(resp)
     }
 
-    async fn publish(&self, req: Request<Incoming>) -> Result<(), PublishError> {
+    /// The query string and, for a POST, the form body after it; and the bearer key, if any.
+    async fn read_form(&self, req: Request<Incoming>) -> Result<(Vec<u8>, Option<String>), PublishError> {
         let bearer = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -287,17 +315,117 @@ impl Publisher {
             }
             form.extend_from_slice(&body.to_bytes());
         }
-        let r = PublishRequest::parse(&form, self.cfg.max_content)?;
+        Ok((form, bearer))
+    }
+
+    /// Whether the key given (as a bearer token or `key=`) is the publish key, when there is one.
+    fn check_key(&self, bearer: Option<String>, key: Option<&String>) -> Result<(), PublishError> {
         if let Some(want) = &self.cfg.publish_key {
-            let given = bearer.or_else(|| r.key.clone()).unwrap_or_default();
+            let given = bearer.or_else(|| key.cloned()).unwrap_or_default();
             if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), want.as_bytes())) {
                 return Err(PublishError::Unauthorized);
             }
         }
+        Ok(())
+    }
+
+    async fn publish(&self, req: Request<Incoming>) -> Result<(), PublishError> {
+        let (form, bearer) = self.read_form(req).await?;
+        let r = PublishRequest::parse(&form, self.cfg.max_content)?;
+        self.check_key(bearer, r.key.as_ref())?;
         let (channel, data) = r.to_message();
         self.broker.publish(&channel, data).await?;
         Ok(())
     }
+
+    /// `/bind`, `/unbind`, `/join`, `/leave`, `/online`, `/presence`, `/cluster`: JSON answers.
+    async fn cluster_request(&self, req: Request<Incoming>, path: &str) -> Result<serde_json::Value, PublishError> {
+        let (form, bearer) = self.read_form(req).await?;
+        let (name, wanted): (&str, &[&str]) = match path {
+            "/bind" | "/unbind" => ("uid", &["to_worker_id", "to_connection_id", "uid"]),
+            "/join" | "/leave" => ("channel", &["to_worker_id", "to_connection_id", "channel"]),
+            "/online" => ("uid", &["uid"]),
+            "/presence" => ("channel", &["channel", "limit"]),
+            _ => ("", &[]),
+        };
+        let f = parse_fields(&form, wanted)?;
+        self.check_key(bearer, f.get("key"))?;
+        if path == "/cluster" {
+            return Ok(serde_json::json!({"ok": true, "gateways": self.asker.alive()}));
+        }
+        let field = |k: &str| f.get(k).ok_or_else(|| PublishError::BadRequest(format!("missing parameter {k:?}")));
+        let value = field(name)?.clone();
+        let what = if name == "uid" { "uid" } else { "channel" };
+        check_name(what, &value).map_err(PublishError::BadRequest)?;
+        match path {
+            "/online" => {
+                let (answers, _) = self.asker.ask_all(cluster::Request::Online { uid: value.clone() }).await?;
+                let n: u64 = answers.iter().map(|a| a.connections).sum();
+                Ok(serde_json::json!({"uid": value, "connections": n}))
+            }
+            "/presence" => {
+                let limit = match f.get("limit") {
+                    None => DEFAULT_PRESENCE_UIDS,
+                    Some(l) => {
+                        l.parse::<usize>().ok().filter(|l| *l <= cluster::MAX_PRESENCE_UIDS).ok_or_else(|| {
+                            PublishError::BadRequest(format!("limit must be 0 to {}", cluster::MAX_PRESENCE_UIDS))
+                        })?
+                    }
+                };
+                let (answers, _) = self.asker.ask_all(cluster::Request::Presence { channel: value.clone() }).await?;
+                let n: u64 = answers.iter().map(|a| a.connections).sum();
+                let all: std::collections::BTreeSet<&String> = answers.iter().flat_map(|a| &a.uids).collect();
+                let uids: Vec<&String> = all.iter().take(limit).copied().collect();
+                Ok(serde_json::json!({"channel": value, "connections": n, "uids": uids, "uids_total": all.len()}))
+            }
+            _ => {
+                let (w, c) = (field("to_worker_id")?, field("to_connection_id")?);
+                if !crate::push::is_worker_id(w) || !w.contains('-') {
+                    return Err(PublishError::BadRequest(format!(
+                        "to_worker_id {w:?} does not name a pushwire worker (NODE-N, as in the welcome line)"
+                    )));
+                }
+                let conn = c.trim().parse::<u64>().map_err(|_| {
+                    PublishError::BadRequest(format!("to_connection_id {c:?} is not a connection number"))
+                })?;
+                let req = match path {
+                    "/bind" => cluster::Request::Bind { conn, uid: value },
+                    "/unbind" => cluster::Request::Unbind { conn, uid: value },
+                    "/join" => cluster::Request::Join { conn, channel: value },
+                    _ => cluster::Request::Leave { conn, channel: value },
+                };
+                let answer = self.asker.ask(w, req, 1).await?.pop();
+                match answer {
+                    Some(a) if a.ok => match a.error {
+                        None => Ok(serde_json::json!({"ok": true})),
+                        Some(e) => Err(PublishError::Conflict(e)),
+                    },
+                    _ => Err(PublishError::NotFound(format!("no connection {c} on worker {w}"))),
+                }
+            }
+        }
+    }
+}
+
+/// The paths of [`Publisher::cluster_request`].
+const CLUSTER_PATHS: [&str; 7] = ["/bind", "/unbind", "/join", "/leave", "/online", "/presence", "/cluster"];
+
+/// Users listed in a presence answer unless `limit` says otherwise.
+pub const DEFAULT_PRESENCE_UIDS: usize = 100;
+
+/// Read a form of `wanted` fields (plus `key`), each at most once.
+fn parse_fields(form: &[u8], wanted: &[&str]) -> Result<Fields, PublishError> {
+    let mut f = Fields::new();
+    for (k, v) in form_urlencoded::parse(form) {
+        if k != "key" && !wanted.contains(&&*k) {
+            let expected = wanted.iter().chain(&["key"]).copied().collect::<Vec<_>>().join(", ");
+            return Err(PublishError::BadRequest(format!("unknown parameter {k:?} (expected {expected})")));
+        }
+        if f.insert(k.clone().into_owned(), v.into_owned()).is_some() {
+            return Err(PublishError::BadRequest(format!("parameter {k:?} given twice")));
+        }
+    }
+    Ok(f)
 }
 
 use crate::http::text as reply;

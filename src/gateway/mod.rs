@@ -17,12 +17,14 @@
 //! consumer and is closed (1008), so it never holds back the others. A per-worker sweeper pings
 //! every connection and closes those that stopped answering.
 //!
-//! Layout: [`worker`] (a shard: connection table, fan-out, heartbeat sweep), [`connection`] (one
-//! client's task: its queue, reads, writes, close), [`handshake`] (the WebSocket upgrade, with and
-//! without the HTTP stack), [`routes`] (the page, `/healthz`, `/metrics`).
+//! Layout: [`worker`] (a shard: connection table with users and topics, fan-out, heartbeat sweep),
+//! [`connection`] (one client's task: its queue, reads, writes, close), [`handshake`] (the
+//! WebSocket upgrade with its token, with and without the HTTP stack), [`presence`] (heartbeats
+//! and answers to publishers' questions), [`routes`] (the page, `/healthz`, `/metrics`).
 
 mod connection;
 mod handshake;
+mod presence;
 mod routes;
 mod worker;
 
@@ -69,6 +71,9 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// How connection tokens (`?token=JWT`) are checked, and whether one is required.
     pub tokens: crate::token::TokenPolicy,
+    /// The gateway's presence lease: it sends a heartbeat every third of it, and counts as gone
+    /// (its connections out of every count) once a whole lease passes without one.
+    pub lease: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -85,6 +90,7 @@ impl Default for GatewayConfig {
             heartbeat: Duration::from_secs(25),
             allowed_origins: Vec::new(),
             tokens: crate::token::TokenPolicy::default(),
+            lease: Duration::from_secs(15),
         }
     }
 }
@@ -136,7 +142,12 @@ impl Gateway {
             let w = worker.clone();
             tokio::spawn(async move {
                 while let Some(m) = sub.recv().await {
-                    w.handle(m);
+                    // The seed's pushes are PHP arrays; requests from publishers are PHP strings.
+                    if crate::cluster::is_request(&m.data) && m.channel == w.id.as_bytes() {
+                        w.answer(m.data);
+                    } else {
+                        w.handle(m);
+                    }
                 }
             });
             let (w, beat) = (Arc::downgrade(&worker), cfg.heartbeat);
@@ -152,14 +163,19 @@ impl Gateway {
             workers.push(worker);
         }
         tracing::info!(node_id = %node_id, workers = cfg.workers, "gateway workers started");
-        Ok(Arc::new(Gateway {
+        let nodes = broker
+            .subscribe(vec![crate::cluster::NODES.to_owned()])
+            .map_err(|source| GatewayError::Subscribe { worker: node_id.clone(), source })?;
+        let gw = Arc::new(Gateway {
             node_id,
             workers,
             broker,
             cfg,
             next_worker: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
-        }))
+        });
+        tokio::spawn(presence::run(Arc::downgrade(&gw), nodes));
+        Ok(gw)
     }
 
     /// Open WebSocket connections on this node.

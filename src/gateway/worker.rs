@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::broker::{Broker, Message, SubId};
+use crate::cluster::{Answer, Envelope, Request};
 use crate::metrics::GLOBAL;
 use crate::push::{topic_channel, user_channel, Push, BROADCAST};
 use crate::token::Identity;
@@ -161,6 +162,80 @@ impl Worker {
         (id, conn)
     }
 
+    /// Carry out a change to one of this worker's connections, asked for by a publisher.
+    pub async fn control(&self, req: &Request) -> Answer {
+        let change = {
+            let mut t = self.table();
+            match req {
+                Request::Bind { conn, uid } => t.bind(*conn, Some(uid)),
+                Request::Unbind { conn, uid } => match t.conns.get(conn) {
+                    None => Err(Refusal::NoConnection),
+                    Some(e) if e.uid.as_deref() == Some(uid.as_str()) => t.bind(*conn, None),
+                    Some(_) => Ok((None, None)),
+                },
+                Request::Join { conn, channel } => t.join(*conn, channel),
+                Request::Leave { conn, channel } => t.leave(*conn, channel),
+                _ => return Answer::default(),
+            }
+        };
+        let (join, leave) = match change {
+            Err(Refusal::NoConnection) => return Answer::default(),
+            Err(Refusal::Refused(e)) => return Answer { ok: true, error: Some(e), ..Answer::default() },
+            Ok(c) => c,
+        };
+        if let Some(c) = join {
+            if let Err(e) = self.broker.join(self.sub, vec![c]).await {
+                tracing::warn!(worker = %self.id, "join not confirmed: {e}");
+            }
+        }
+        if let Some(c) = leave {
+            let _ = self.broker.leave(self.sub, vec![c]).await;
+        }
+        Answer { ok: true, ..Answer::default() }
+    }
+
+    /// Answer a publisher's request about one of this worker's connections.
+    pub(super) fn answer(self: &Arc<Self>, data: Bytes) {
+        let Some(env) = crate::cluster::decode::<Envelope>(&data) else {
+            GLOBAL.bad_broker_messages.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let w = self.clone();
+        tokio::spawn(async move {
+            let mut a = w.control(&env.req).await;
+            (a.id, a.node) = (env.id, w.id.clone());
+            let _ = w.broker.publish(&env.reply, crate::cluster::encode(&a)).await;
+        });
+    }
+
+    /// Connections of user `uid` here.
+    pub fn user_connections(&self, uid: &str) -> usize {
+        self.table().users.get(uid).map_or(0, Vec::len)
+    }
+
+    /// Connections in topic `topic` here; their users are added to `uids` (up to `cap` in all).
+    pub fn topic_members(&self, topic: &str, uids: &mut std::collections::BTreeSet<String>, cap: usize) -> usize {
+        let t = self.table();
+        let Some(ids) = t.topics.get(topic) else { return 0 };
+        for id in ids {
+            if uids.len() >= cap {
+                break;
+            }
+            if let Some(u) = t.conns.get(id).and_then(|e| e.uid.as_deref()) {
+                if !uids.contains(u) {
+                    uids.insert(u.to_owned());
+                }
+            }
+        }
+        ids.len()
+    }
+
+    /// (users, topics) with a connection here.
+    pub fn counts(&self) -> (usize, usize) {
+        let t = self.table();
+        (t.users.len(), t.topics.len())
+    }
+
     /// Forget connection `id` (if still known) and leave its user's and topics' channels.
     pub(super) async fn remove(&self, id: u64) {
         let Some(e) = self.table().unlink(id) else { return };
@@ -289,7 +364,69 @@ impl Worker {
     }
 }
 
+/// Most topics one connection may be in.
+pub const MAX_TOPICS_PER_CONNECTION: usize = 256;
+
+/// Why a change to a connection was not made.
+enum Refusal {
+    NoConnection,
+    Refused(String),
+}
+
+/// A change to a connection: the broker channel to join and the one to leave, if any.
+type Change = Result<(Option<String>, Option<String>), Refusal>;
+
 impl Table {
+    /// Make connection `id` belong to `uid` (or to nobody).
+    fn bind(&mut self, id: u64, uid: Option<&str>) -> Change {
+        let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
+        if e.uid.as_deref() == uid {
+            return Ok((None, None));
+        }
+        let old = std::mem::replace(&mut e.uid, uid.map(Into::into));
+        if let Some(u) = &e.uid {
+            self.users.entry(u.clone()).or_default().push(id);
+        }
+        if let Some(o) = &old {
+            if let Some(ids) = self.users.get_mut(o) {
+                ids.retain(|&c| c != id);
+                if ids.is_empty() {
+                    self.users.remove(o);
+                }
+            }
+        }
+        Ok((uid.map(user_channel), old.as_deref().map(user_channel)))
+    }
+
+    /// Add connection `id` to topic `topic`.
+    fn join(&mut self, id: u64, topic: &str) -> Change {
+        let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
+        if e.topics.iter().any(|t| &**t == topic) {
+            return Ok((None, None));
+        }
+        if e.topics.len() >= MAX_TOPICS_PER_CONNECTION {
+            return Err(Refusal::Refused(format!("the connection is in {MAX_TOPICS_PER_CONNECTION} topics already")));
+        }
+        let topic: Arc<str> = topic.into();
+        e.topics.push(topic.clone());
+        self.topics.entry(topic.clone()).or_default().insert(id);
+        Ok((Some(topic_channel(&topic)), None))
+    }
+
+    /// Take connection `id` out of topic `topic`.
+    fn leave(&mut self, id: u64, topic: &str) -> Change {
+        let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
+        let Some(i) = e.topics.iter().position(|t| &**t == topic) else { return Ok((None, None)) };
+        e.topics.swap_remove(i);
+        if let Some(ids) = self.topics.get_mut(topic) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.topics.remove(topic);
+            }
+        }
+        Ok((None, Some(topic_channel(topic))))
+    }
+
     fn unlink(&mut self, id: u64) -> Option<Entry> {
         let e = self.conns.remove(&id)?;
         if let Some(u) = &e.uid {

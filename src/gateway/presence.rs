@@ -1,0 +1,102 @@
+//! The gateway's part in presence (see [`crate::cluster`]): a [`Heartbeat`] on `pushwire:cluster`
+//! every third of its lease, and answers to the questions publishers ask every gateway on
+//! `pushwire:nodes` (a user's connections, a topic's members, "heartbeat now").
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use tokio::time::Instant;
+
+use super::Gateway;
+use crate::broker::Subscription;
+use crate::cluster::{decode, encode, Answer, Envelope, Heartbeat, Request, CLUSTER, MAX_PRESENCE_UIDS};
+use crate::metrics::GLOBAL;
+
+/// Run until the gateway is gone.
+pub(super) async fn run(gw: Weak<Gateway>, mut nodes: Subscription) {
+    let Some(lease) = gw.upgrade().map(|g| g.cfg.lease) else { return };
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rates = Rates::default();
+    loop {
+        let (env, gw) = tokio::select! {
+            m = nodes.recv() => {
+                let Some(m) = m else { return };
+                let Some(env) = decode::<Envelope>(&m.data) else { continue };
+                let Some(gw) = gw.upgrade() else { return };
+                (Some(env), gw)
+            }
+            _ = tick.tick() => {
+                let Some(gw) = gw.upgrade() else { return };
+                (None, gw)
+            }
+        };
+        let (channel, data) = match env {
+            None | Some(Envelope { req: Request::Hello, .. }) => {
+                (CLUSTER.to_owned(), encode(&gw.heartbeat(&mut rates)))
+            }
+            Some(env) => {
+                let mut a = gw.presence(&env.req);
+                (a.id, a.node) = (env.id, gw.node_id.clone());
+                (env.reply, encode(&a))
+            }
+        };
+        // Answers go out on their own, so that a slow broker confirmation holds up no other.
+        tokio::spawn(async move {
+            let _ = gw.broker.publish(&channel, data).await;
+        });
+    }
+}
+
+/// Counters at the previous heartbeat, for rates.
+struct Rates {
+    at: Instant,
+    messages_in: u64,
+    messages_out: u64,
+}
+
+impl Default for Rates {
+    fn default() -> Self {
+        Rates { at: Instant::now(), messages_in: 0, messages_out: 0 }
+    }
+}
+
+impl Gateway {
+    fn heartbeat(&self, last: &mut Rates) -> Heartbeat {
+        let (users, topics) = self.workers.iter().map(|w| w.counts()).fold((0, 0), |(u, t), (wu, wt)| (u + wu, t + wt));
+        let (messages_in, messages_out) =
+            (GLOBAL.broker_messages.load(Ordering::Relaxed), GLOBAL.deliveries.load(Ordering::Relaxed));
+        let secs = last.at.elapsed().as_secs_f64().max(0.001);
+        let hb = Heartbeat {
+            node: self.node_id.clone(),
+            workers: self.workers.len(),
+            connections: self.connections() as u64,
+            users: users as u64,
+            topics: topics as u64,
+            messages_in_per_s: (messages_in.saturating_sub(last.messages_in)) as f64 / secs,
+            messages_out_per_s: (messages_out.saturating_sub(last.messages_out)) as f64 / secs,
+            slow_consumer_cuts: GLOBAL.slow_consumer_disconnects.load(Ordering::Relaxed),
+            lease_ms: self.cfg.lease.as_millis() as u64,
+        };
+        *last = Rates { at: Instant::now(), messages_in, messages_out };
+        hb
+    }
+
+    /// This gateway's part of a presence answer.
+    fn presence(self: &Arc<Self>, req: &Request) -> Answer {
+        match req {
+            Request::Online { uid } => {
+                let n = self.workers.iter().map(|w| w.user_connections(uid)).sum::<usize>();
+                Answer { ok: true, connections: n as u64, ..Answer::default() }
+            }
+            Request::Presence { channel } => {
+                let mut uids = BTreeSet::new();
+                let n: usize =
+                    self.workers.iter().map(|w| w.topic_members(channel, &mut uids, MAX_PRESENCE_UIDS)).sum();
+                Answer { ok: true, connections: n as u64, uids: uids.into_iter().collect(), ..Answer::default() }
+            }
+            _ => Answer::default(),
+        }
+    }
+}
