@@ -223,6 +223,16 @@ pub struct PublisherOpts {
     /// How long a client may take to send a request body; 408 after that.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,
+    /// POST presence events (user_online, user_offline, channel_occupied, channel_vacated) as
+    /// JSON to this URL. Give it to one publisher.
+    #[arg(long, value_parser = parse_webhook)]
+    pub webhook: Option<hyper::Uri>,
+    /// Sign webhook bodies: X-Pushwire-Signature: sha256=HMAC-SHA256(body) in hex.
+    #[arg(long, env = "PUSHWIRE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// A user (topic) with no connection anywhere for this long is offline (vacated).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub offline_delay: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -320,7 +330,18 @@ impl PublisherOpts {
             max_content: self.max_content,
             max_connections: self.max_http_connections,
             body_timeout: self.body_timeout,
+            webhook: self.webhook.clone().map(|u| (u, self.webhook_secret.clone())),
+            offline_delay: self.offline_delay,
         }
+    }
+}
+
+/// An http:// or https:// URL.
+fn parse_webhook(s: &str) -> Result<hyper::Uri, String> {
+    let u: hyper::Uri = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    match (u.scheme_str(), u.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(u),
+        _ => Err(format!("{s:?}: use an http:// or https:// URL")),
     }
 }
 

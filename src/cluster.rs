@@ -56,6 +56,9 @@ pub fn is_request(data: &[u8]) -> bool {
     data.first() == Some(&b's')
 }
 
+/// Names in one page of a [`Request::Dump`].
+pub const DUMP_PAGE: usize = 2000;
+
 /// Most uids a gateway lists in one presence answer.
 pub const MAX_PRESENCE_UIDS: usize = 1000;
 
@@ -77,6 +80,29 @@ pub enum Request {
     Presence { channel: String },
     /// Send a heartbeat now (a publisher that has just started wants to know the gateways).
     Hello,
+    /// A page of the worker's users (or topics) after `after`, for a presence tracker.
+    Dump { topics: bool, after: String },
+}
+
+/// A user or topic that arrived on (`up`) or left a worker: the `seq`-th change there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub seq: u64,
+    pub up: bool,
+    pub topic: bool,
+    pub name: String,
+}
+
+/// What gateways report on `pushwire:cluster`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Report {
+    Heartbeat(Heartbeat),
+    /// A worker's latest changes, in order.
+    Changes {
+        worker: String,
+        changes: Vec<Change>,
+    },
 }
 
 /// A [`Request`] with where to answer.
@@ -102,6 +128,9 @@ pub struct Answer {
     pub connections: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uids: Vec<String>,
+    /// For a dump: the number of the worker's latest change when the page was taken.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// What a gateway says about itself every `lease / 3`.
@@ -119,6 +148,9 @@ pub struct Heartbeat {
     pub slow_consumer_cuts: u64,
     /// The gateway counts as gone once this long has passed without a heartbeat.
     pub lease_ms: u64,
+    /// Each worker's id and the number of its latest change.
+    #[serde(default)]
+    pub workers_seq: Vec<(String, u64)>,
 }
 
 /// The publisher's side: the live gateways, and the answers awaited.
@@ -130,6 +162,10 @@ pub struct Asker {
     nodes: Mutex<HashMap<String, (Heartbeat, Instant)>>,
     /// Questions wait until then: gateways asked by `Hello` have answered.
     ready_at: Mutex<Option<Instant>>,
+    /// Where reports go besides the list of gateways (a presence tracker), and whether some
+    /// were lost because it lagged.
+    reports: Mutex<Option<mpsc::Sender<Report>>>,
+    pub(crate) reports_lost: std::sync::atomic::AtomicBool,
 }
 
 /// Longest wait for answers.
@@ -149,6 +185,8 @@ impl Asker {
             waiting: Mutex::default(),
             nodes: Mutex::default(),
             ready_at: Mutex::default(),
+            reports: Mutex::default(),
+            reports_lost: Default::default(),
         });
         let weak = Arc::downgrade(&asker);
         tokio::spawn(async move {
@@ -162,14 +200,28 @@ impl Asker {
 
     fn receive(&self, m: Message) {
         if &m.channel[..] == CLUSTER.as_bytes() {
-            if let Some(hb) = decode::<Heartbeat>(&m.data) {
-                lock(&self.nodes).insert(hb.node.clone(), (hb, Instant::now()));
+            let Some(report) = decode::<Report>(&m.data) else { return };
+            if let Report::Heartbeat(hb) = &report {
+                lock(&self.nodes).insert(hb.node.clone(), (hb.clone(), Instant::now()));
+            }
+            if let Some(tx) = &*lock(&self.reports) {
+                if tx.try_send(report).is_err() {
+                    self.reports_lost.store(true, Ordering::Relaxed);
+                }
             }
         } else if let Some(a) = decode::<Answer>(&m.data) {
             if let Some(tx) = lock(&self.waiting).get(&a.id) {
                 let _ = tx.try_send(a);
             }
         }
+    }
+
+    /// Every report from now on also goes to the returned receiver (bounded: when it lags,
+    /// reports are lost and `reports_lost` is set).
+    pub fn reports(&self, capacity: usize) -> mpsc::Receiver<Report> {
+        let (tx, rx) = mpsc::channel(capacity);
+        *lock(&self.reports) = Some(tx);
+        rx
     }
 
     /// The gateways heard from within their lease.
@@ -182,13 +234,16 @@ impl Asker {
     }
 
     /// Ask every gateway for a heartbeat now (once the broker link is up).
-    async fn hello(&self) {
+    /// Whether that was done (now or before).
+    pub async fn hello(&self) -> bool {
         if lock(&self.ready_at).is_some() {
-            return;
+            return true;
         }
-        if self.send(NODES, 0, Request::Hello).await.is_ok() {
+        let sent = self.send(NODES, 0, Request::Hello).await.is_ok();
+        if sent {
             lock(&self.ready_at).get_or_insert(Instant::now() + HELLO_WAIT);
         }
+        sent
     }
 
     async fn send(&self, channel: &str, id: u64, req: Request) -> Result<(), BrokerError> {

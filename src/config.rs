@@ -139,7 +139,7 @@ impl File {
 }
 
 /// Flag names whose values are secrets: shown masked.
-const SECRETS: [&str; 3] = ["secret", "publish-key", "token-secret"];
+const SECRETS: [&str; 4] = ["secret", "publish-key", "token-secret", "webhook-secret"];
 
 /// The effective settings of `pushwire ROLE` (`matches` of that subcommand, parsed from the
 /// file's flags alone), one `key = value` line each with where the value came from; secrets

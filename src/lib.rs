@@ -37,4 +37,6 @@ pub mod page;
 pub mod publisher;
 pub mod push;
 pub mod token;
+pub mod tracker;
+pub mod webhook;
 pub mod ws;

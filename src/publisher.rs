@@ -35,6 +35,11 @@ pub struct PublisherConfig {
     pub max_connections: usize,
     /// How long a client may take to send a request body (408 after that).
     pub body_timeout: std::time::Duration,
+    /// Where presence events go (`--webhook`), and the key that signs them.
+    pub webhook: Option<(hyper::Uri, Option<String>)>,
+    /// How long a user (or topic) must have no connection anywhere before `user_offline`
+    /// (`channel_vacated`) is sent.
+    pub offline_delay: std::time::Duration,
 }
 
 impl Default for PublisherConfig {
@@ -44,6 +49,8 @@ impl Default for PublisherConfig {
             max_content: 64 * 1024,
             max_connections: 10_000,
             body_timeout: std::time::Duration::from_secs(10),
+            webhook: None,
+            offline_delay: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -207,6 +214,10 @@ type Fields = std::collections::HashMap<String, String>;
 impl Publisher {
     pub fn new(broker: Arc<dyn Broker>, cfg: PublisherConfig) -> Result<Arc<Publisher>, BrokerError> {
         let asker = Asker::start(broker.clone(), &crate::io::random_hex(6))?;
+        if let Some((url, secret)) = &cfg.webhook {
+            let hooks = crate::webhook::Webhooks::spawn(url.clone(), secret.clone());
+            crate::tracker::spawn(asker.clone(), hooks, cfg.offline_delay);
+        }
         Ok(Arc::new(Publisher { broker, cfg, asker }))
     }
 

@@ -39,7 +39,7 @@ async fn online(p: &Addr, uid: &str) -> u64 {
 
 async fn presence_on(broker: Option<String>) {
     let lease = format!("{}s", LEASE.as_secs());
-    let mut cluster = Cluster::start_with(broker, &["--token-secret", SECRET, "--presence-lease", &lease]).await;
+    let mut cluster = Cluster::start_with(broker, &["--token-secret", SECRET, "--presence-lease", &lease], &[]).await;
     let (g0, g1, p) =
         (Addr::from(&cluster.gateways[0]), Addr::from(&cluster.gateways[1]), Addr::from(&cluster.publishers[0]));
     let (g0, g1, p) = (&g0, &g1, &p);

@@ -154,7 +154,7 @@ fn gateway_args() -> Vec<&'static str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_the_channel_server() {
-    let cluster = Cluster::start_with(None, &gateway_args()).await;
+    let cluster = Cluster::start_with(None, &gateway_args(), &[]).await;
     bad_tokens(&cluster.gateways[0]).await;
     users_and_topics(cluster).await;
 }
@@ -166,7 +166,7 @@ async fn on_redis() {
     }
     let port = free_port();
     let _redis = redis_server(port).await;
-    users_and_topics(Cluster::start_with(Some(format!("redis://127.0.0.1:{port}")), &gateway_args()).await).await;
+    users_and_topics(Cluster::start_with(Some(format!("redis://127.0.0.1:{port}")), &gateway_args(), &[]).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +176,7 @@ async fn on_nats() {
     }
     let port = free_port();
     let _nats = nats_server(port, None, None).await;
-    users_and_topics(Cluster::start_with(Some(format!("nats://127.0.0.1:{port}")), &gateway_args()).await).await;
+    users_and_topics(Cluster::start_with(Some(format!("nats://127.0.0.1:{port}")), &gateway_args(), &[]).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

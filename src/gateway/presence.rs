@@ -10,44 +10,49 @@ use tokio::time::Instant;
 
 use super::Gateway;
 use crate::broker::Subscription;
-use crate::cluster::{decode, encode, Answer, Envelope, Heartbeat, Request, CLUSTER, MAX_PRESENCE_UIDS};
+use crate::cluster::{decode, encode, Answer, Envelope, Heartbeat, Report, Request, CLUSTER, MAX_PRESENCE_UIDS};
 use crate::metrics::GLOBAL;
 
 /// Run until the gateway is gone.
 pub(super) async fn run(gw: Weak<Gateway>, mut nodes: Subscription) {
     let Some(lease) = gw.upgrade().map(|g| g.cfg.lease) else { return };
-    let mut tick = tokio::time::interval(lease / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = tokio::time::interval(lease / 3);
+    let mut changes = tokio::time::interval(CHANGES_EVERY);
+    for t in [&mut beat, &mut changes] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
     let mut rates = Rates::default();
     loop {
-        let (env, gw) = tokio::select! {
+        tokio::select! {
             m = nodes.recv() => {
                 let Some(m) = m else { return };
                 let Some(env) = decode::<Envelope>(&m.data) else { continue };
                 let Some(gw) = gw.upgrade() else { return };
-                (Some(env), gw)
-            }
-            _ = tick.tick() => {
-                let Some(gw) = gw.upgrade() else { return };
-                (None, gw)
-            }
-        };
-        let (channel, data) = match env {
-            None | Some(Envelope { req: Request::Hello, .. }) => {
-                (CLUSTER.to_owned(), encode(&gw.heartbeat(&mut rates)))
-            }
-            Some(env) => {
+                if env.req == Request::Hello {
+                    gw.report(&mut rates).await;
+                    continue;
+                }
                 let mut a = gw.presence(&env.req);
                 (a.id, a.node) = (env.id, gw.node_id.clone());
-                (env.reply, encode(&a))
+                // Answers go out on their own, so that a slow broker confirmation holds up no other.
+                tokio::spawn(async move {
+                    let _ = gw.broker.publish(&env.reply, encode(&a)).await;
+                });
             }
-        };
-        // Answers go out on their own, so that a slow broker confirmation holds up no other.
-        tokio::spawn(async move {
-            let _ = gw.broker.publish(&channel, data).await;
-        });
+            _ = beat.tick() => {
+                let Some(gw) = gw.upgrade() else { return };
+                gw.report(&mut rates).await;
+            }
+            _ = changes.tick() => {
+                let Some(gw) = gw.upgrade() else { return };
+                gw.send_changes().await;
+            }
+        }
     }
 }
+
+/// Changes in one report.
+const CHANGES_PER_REPORT: usize = 1000;
 
 /// Counters at the previous heartbeat, for rates.
 struct Rates {
@@ -62,7 +67,28 @@ impl Default for Rates {
     }
 }
 
+/// How often changes go out.
+const CHANGES_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Gateway {
+    /// Report each worker's changes since the last report. Reports go out in order, one task.
+    async fn send_changes(&self) {
+        for w in &self.workers {
+            let changes = w.take_changes();
+            for chunk in changes.chunks(CHANGES_PER_REPORT) {
+                let r = Report::Changes { worker: w.id.clone(), changes: chunk.to_vec() };
+                let _ = self.broker.publish(CLUSTER, encode(&r)).await;
+            }
+        }
+    }
+
+    /// The latest changes, then a heartbeat that counts them.
+    async fn report(&self, rates: &mut Rates) {
+        self.send_changes().await;
+        let hb = self.heartbeat(rates);
+        let _ = self.broker.publish(CLUSTER, encode(&Report::Heartbeat(hb))).await;
+    }
+
     fn heartbeat(&self, last: &mut Rates) -> Heartbeat {
         let (users, topics) = self.workers.iter().map(|w| w.counts()).fold((0, 0), |(u, t), (wu, wt)| (u + wu, t + wt));
         let (messages_in, messages_out) =
@@ -78,6 +104,7 @@ impl Gateway {
             messages_out_per_s: (messages_out.saturating_sub(last.messages_out)) as f64 / secs,
             slow_consumer_cuts: GLOBAL.slow_consumer_disconnects.load(Ordering::Relaxed),
             lease_ms: self.cfg.lease.as_millis() as u64,
+            workers_seq: self.workers.iter().map(|w| (w.id.clone(), w.reported())).collect(),
         };
         *last = Rates { at: Instant::now(), messages_in, messages_out };
         hb

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::broker::{Broker, Message, SubId};
-use crate::cluster::{Answer, Envelope, Request};
+use crate::cluster::{Answer, Change, Envelope, Request, DUMP_PAGE};
 use crate::metrics::GLOBAL;
 use crate::push::{topic_channel, user_channel, Push, BROADCAST};
 use crate::token::Identity;
@@ -94,7 +94,15 @@ struct Table {
     conns: HashMap<u64, Entry>,
     users: HashMap<Arc<str>, Vec<u64>>,
     topics: HashMap<Arc<str>, std::collections::HashSet<u64>>,
+    /// Users and topics that arrived on or left this worker, numbered, for the presence
+    /// trackers; bounded: when full, the oldest go (a tracker sees the gap and asks for all).
+    changes: VecDeque<Change>,
+    seq: u64,
+    reported: u64,
 }
+
+/// Changes kept for the trackers before the oldest are dropped.
+const MAX_CHANGES: usize = 65_536;
 
 /// Whom a push is for.
 enum Target<'a> {
@@ -147,10 +155,10 @@ impl Worker {
         {
             let mut t = self.table();
             if let Some(u) = &uid {
-                t.users.entry(u.clone()).or_default().push(id);
+                t.index_user(u, id);
             }
             for topic in &topics {
-                t.topics.entry(topic.clone()).or_default().insert(id);
+                t.index_topic(topic, id);
             }
             t.conns.insert(id, Entry { conn: conn.clone(), uid, topics });
         }
@@ -175,6 +183,11 @@ impl Worker {
                 },
                 Request::Join { conn, channel } => t.join(*conn, channel),
                 Request::Leave { conn, channel } => t.leave(*conn, channel),
+                Request::Dump { topics, after } => {
+                    drop(t);
+                    let (names, seq) = self.dump(*topics, after);
+                    return Answer { ok: true, uids: names, seq, ..Answer::default() };
+                }
                 _ => return Answer::default(),
             }
         };
@@ -228,6 +241,29 @@ impl Worker {
             }
         }
         ids.len()
+    }
+
+    /// The changes since the last call; they count as reported from then on.
+    pub(super) fn take_changes(&self) -> Vec<Change> {
+        let mut t = self.table();
+        t.reported = t.seq;
+        t.changes.drain(..).collect()
+    }
+
+    /// The number of the latest change handed to [`Worker::take_changes`].
+    pub(super) fn reported(&self) -> u64 {
+        self.table().reported
+    }
+
+    /// One page of this worker's users (or topics), in order, after `after`; and the number of
+    /// the latest change.
+    pub(super) fn dump(&self, topics: bool, after: &str) -> (Vec<String>, u64) {
+        let t = self.table();
+        let keys: Vec<&Arc<str>> = if topics { t.topics.keys().collect() } else { t.users.keys().collect() };
+        let mut page: Vec<String> = keys.into_iter().filter(|k| &***k > after).map(|k| k.to_string()).collect();
+        page.sort_unstable();
+        page.truncate(DUMP_PAGE);
+        (page, t.seq)
     }
 
     /// (users, topics) with a connection here.
@@ -374,32 +410,27 @@ enum Refusal {
 }
 
 /// A change to a connection: the broker channel to join and the one to leave, if any.
-type Change = Result<(Option<String>, Option<String>), Refusal>;
+type Edit = Result<(Option<String>, Option<String>), Refusal>;
 
 impl Table {
     /// Make connection `id` belong to `uid` (or to nobody).
-    fn bind(&mut self, id: u64, uid: Option<&str>) -> Change {
+    fn bind(&mut self, id: u64, uid: Option<&str>) -> Edit {
         let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
         if e.uid.as_deref() == uid {
             return Ok((None, None));
         }
         let old = std::mem::replace(&mut e.uid, uid.map(Into::into));
-        if let Some(u) = &e.uid {
-            self.users.entry(u.clone()).or_default().push(id);
+        if let Some(u) = e.uid.clone() {
+            self.index_user(&u, id);
         }
         if let Some(o) = &old {
-            if let Some(ids) = self.users.get_mut(o) {
-                ids.retain(|&c| c != id);
-                if ids.is_empty() {
-                    self.users.remove(o);
-                }
-            }
+            self.unindex_user(o, id);
         }
         Ok((uid.map(user_channel), old.as_deref().map(user_channel)))
     }
 
     /// Add connection `id` to topic `topic`.
-    fn join(&mut self, id: u64, topic: &str) -> Change {
+    fn join(&mut self, id: u64, topic: &str) -> Edit {
         let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
         if e.topics.iter().any(|t| &**t == topic) {
             return Ok((None, None));
@@ -409,43 +440,73 @@ impl Table {
         }
         let topic: Arc<str> = topic.into();
         e.topics.push(topic.clone());
-        self.topics.entry(topic.clone()).or_default().insert(id);
+        self.index_topic(&topic, id);
         Ok((Some(topic_channel(&topic)), None))
     }
 
     /// Take connection `id` out of topic `topic`.
-    fn leave(&mut self, id: u64, topic: &str) -> Change {
+    fn leave(&mut self, id: u64, topic: &str) -> Edit {
         let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
         let Some(i) = e.topics.iter().position(|t| &**t == topic) else { return Ok((None, None)) };
         e.topics.swap_remove(i);
-        if let Some(ids) = self.topics.get_mut(topic) {
-            ids.remove(&id);
-            if ids.is_empty() {
-                self.topics.remove(topic);
-            }
-        }
+        self.unindex_topic(topic, id);
         Ok((None, Some(topic_channel(topic))))
     }
 
     fn unlink(&mut self, id: u64) -> Option<Entry> {
         let e = self.conns.remove(&id)?;
         if let Some(u) = &e.uid {
-            if let Some(ids) = self.users.get_mut(u) {
-                ids.retain(|&c| c != id);
-                if ids.is_empty() {
-                    self.users.remove(u);
-                }
-            }
+            self.unindex_user(u, id);
         }
         for t in &e.topics {
-            if let Some(ids) = self.topics.get_mut(t) {
-                ids.remove(&id);
-                if ids.is_empty() {
-                    self.topics.remove(t);
-                }
-            }
+            self.unindex_topic(t, id);
         }
         Some(e)
+    }
+
+    fn index_user(&mut self, u: &Arc<str>, id: u64) {
+        let ids = self.users.entry(u.clone()).or_default();
+        ids.push(id);
+        if ids.len() == 1 {
+            self.note(true, false, u);
+        }
+    }
+
+    fn unindex_user(&mut self, u: &str, id: u64) {
+        let Some(ids) = self.users.get_mut(u) else { return };
+        ids.retain(|&c| c != id);
+        if ids.is_empty() {
+            if let Some((u, _)) = self.users.remove_entry(u) {
+                self.note(false, false, &u);
+            }
+        }
+    }
+
+    fn index_topic(&mut self, t: &Arc<str>, id: u64) {
+        let ids = self.topics.entry(t.clone()).or_default();
+        ids.insert(id);
+        if ids.len() == 1 {
+            self.note(true, true, t);
+        }
+    }
+
+    fn unindex_topic(&mut self, t: &str, id: u64) {
+        let Some(ids) = self.topics.get_mut(t) else { return };
+        ids.remove(&id);
+        if ids.is_empty() {
+            if let Some((t, _)) = self.topics.remove_entry(t) {
+                self.note(false, true, &t);
+            }
+        }
+    }
+
+    /// Record that user or topic `name` arrived on (`up`) or left this worker.
+    fn note(&mut self, up: bool, topic: bool, name: &Arc<str>) {
+        self.seq += 1;
+        if self.changes.len() >= MAX_CHANGES {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(Change { seq: self.seq, up, topic, name: name.to_string() });
     }
 }
 

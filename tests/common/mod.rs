@@ -435,11 +435,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(broker: Option<String>) -> Cluster {
-        Cluster::start_with(broker, &[]).await
+        Cluster::start_with(broker, &[], &[]).await
     }
 
-    /// [`Cluster::start`] with `gateway_args` added to each gateway's command line.
-    pub async fn start_with(broker: Option<String>, gateway_args: &[&str]) -> Cluster {
+    /// [`Cluster::start`] with `gateway_args` added to each gateway's command line, and
+    /// `publisher_args` to the first publisher's.
+    pub async fn start_with(broker: Option<String>, gateway_args: &[&str], publisher_args: &[&str]) -> Cluster {
         let channel_port = free_port();
         let mut procs = Vec::new();
         let broker = match broker {
@@ -460,9 +461,13 @@ impl Cluster {
             args.extend_from_slice(gateway_args);
             procs.push(Proc::start(&args, &[g]).await);
         }
-        for p in publishers {
+        for (i, p) in publishers.into_iter().enumerate() {
             let listen = format!("127.0.0.1:{p}");
-            procs.push(Proc::start(&["publisher", "--listen", &listen, "--broker", &broker], &[p]).await);
+            let mut args = vec!["publisher", "--listen", &listen, "--broker", &broker];
+            if i == 0 {
+                args.extend_from_slice(publisher_args);
+            }
+            procs.push(Proc::start(&args, &[p]).await);
         }
         let (gateways, publishers) = (gateways.map(Addr::from), publishers.map(Addr::from));
         let cluster = Cluster { procs, channel_port, gateways, publishers, key_query: String::new() };

@@ -1,0 +1,231 @@
+//! The presence tracker behind webhooks (a publisher started with `--webhook`): it follows every
+//! gateway worker's users and topics from the changes the workers report on `pushwire:cluster`
+//! (see [`crate::cluster`]), and turns cluster-wide transitions into events:
+//!
+//! - `user_online` / `channel_occupied` when the first connection of a user / topic appears
+//!   anywhere;
+//! - `user_offline` / `channel_vacated` when the last one is gone and `--offline-delay` has passed
+//!   with none anywhere: a page reload (gone, back within the delay) sends nothing.
+//!
+//! A worker whose changes show a gap (lost on the way, or more than it keeps) is asked for all its
+//! users and topics again, page by page; a gateway whose lease runs out (killed with -9) loses
+//! all its users and topics at once. What the gateways hold when the tracker starts is taken in
+//! without events.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::cluster::{Asker, Change, Report, Request};
+use crate::webhook::{Event, Webhooks};
+
+/// Reports buffered for the tracker before it counts as lagging (and resynchronises).
+const REPORT_QUEUE: usize = 16_384;
+/// Workers first seen this soon after the tracker starts are taken in without events.
+const INITIAL_SYNC: Duration = Duration::from_secs(3);
+
+/// A user (`false`) or topic (`true`) and its name.
+type Key = (bool, String);
+
+#[derive(Default)]
+struct WorkerView {
+    seq: u64,
+    names: HashSet<Key>,
+}
+
+struct Tracker {
+    asker: Arc<Asker>,
+    hooks: Arc<Webhooks>,
+    delay: Duration,
+    started: Instant,
+    workers: HashMap<String, WorkerView>,
+    /// How many workers hold each user and topic.
+    holders: HashMap<Key, u32>,
+    /// Users and topics nobody holds, and when they count as gone.
+    pending: HashMap<Key, Instant>,
+}
+
+/// Start tracking presence through `asker`, sending events to `hooks`.
+pub fn spawn(asker: Arc<Asker>, hooks: Arc<Webhooks>, offline_delay: Duration) {
+    let reports = asker.reports(REPORT_QUEUE);
+    let t = Tracker {
+        asker,
+        hooks,
+        delay: offline_delay,
+        started: Instant::now(),
+        workers: HashMap::new(),
+        holders: HashMap::new(),
+        pending: HashMap::new(),
+    };
+    tokio::spawn(t.run(reports));
+}
+
+/// The gateway node a worker id belongs to (`NODE-N`).
+fn node_of(worker: &str) -> &str {
+    worker.rsplit_once('-').map_or(worker, |(n, _)| n)
+}
+
+impl Tracker {
+    async fn run(mut self, mut reports: tokio::sync::mpsc::Receiver<Report>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Hear from every gateway at once rather than within a third of a lease.
+        let asker = self.asker.clone();
+        tokio::spawn(async move {
+            while !asker.hello().await {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        loop {
+            tokio::select! {
+                r = reports.recv() => match r {
+                    None => return,
+                    Some(Report::Changes { worker, changes }) => self.changes(&worker, changes).await,
+                    Some(Report::Heartbeat(hb)) => {
+                        for (w, seq) in hb.workers_seq {
+                            if self.workers.get(&w).is_none_or(|v| v.seq < seq) {
+                                self.resync(&w).await;
+                            }
+                        }
+                    }
+                },
+                _ = tick.tick() => self.tick().await,
+            }
+        }
+    }
+
+    async fn changes(&mut self, worker: &str, changes: Vec<Change>) {
+        let Some(view) = self.workers.get_mut(worker) else {
+            return self.resync(worker).await;
+        };
+        let (mut edits, mut gap) = (Vec::new(), false);
+        for c in changes {
+            if c.seq <= view.seq {
+                continue;
+            }
+            if c.seq != view.seq + 1 {
+                gap = true;
+                break;
+            }
+            view.seq = c.seq;
+            let key = (c.topic, c.name);
+            let changed = if c.up { view.names.insert(key.clone()) } else { view.names.remove(&key) };
+            if changed {
+                edits.push((c.up, key));
+            }
+        }
+        for (up, key) in edits {
+            self.edit(up, key, true);
+        }
+        if gap {
+            self.resync(worker).await;
+        }
+    }
+
+    /// Take in all of a worker's users and topics again.
+    async fn resync(&mut self, worker: &str) {
+        let mut names = HashSet::new();
+        let mut seq = None;
+        for topics in [false, true] {
+            let mut after = String::new();
+            loop {
+                let req = Request::Dump { topics, after: after.clone() };
+                let Ok(mut answers) = self.asker.ask(worker, req, 1).await else { return };
+                let Some(page) = answers.pop().filter(|a| a.ok) else {
+                    // Gone: nobody answers for it any more.
+                    return self.forget(worker);
+                };
+                seq = Some(seq.map_or(page.seq, |s: u64| s.min(page.seq)));
+                let full = page.uids.len() >= crate::cluster::DUMP_PAGE;
+                if let Some(last) = page.uids.last() {
+                    after = last.clone();
+                }
+                names.extend(page.uids.into_iter().map(|n| (topics, n)));
+                if !full {
+                    break;
+                }
+            }
+        }
+        let announce = self.workers.contains_key(worker) || self.started.elapsed() > INITIAL_SYNC;
+        let view = self.workers.entry(worker.to_owned()).or_default();
+        view.seq = seq.unwrap_or(0);
+        let old = std::mem::replace(&mut view.names, names.clone());
+        for key in old.difference(&names) {
+            self.edit(false, key.clone(), announce);
+        }
+        for key in names.difference(&old) {
+            self.edit(true, key.clone(), announce);
+        }
+    }
+
+    /// A worker is gone: everything it held is gone with it.
+    fn forget(&mut self, worker: &str) {
+        if let Some(view) = self.workers.remove(worker) {
+            for key in view.names {
+                self.edit(false, key, true);
+            }
+        }
+    }
+
+    /// One worker more (`up`) or fewer holds `key`.
+    fn edit(&mut self, up: bool, key: Key, announce: bool) {
+        if up {
+            let n = self.holders.entry(key.clone()).or_insert(0);
+            *n += 1;
+            // Back before its delay ran out: as if it had never gone.
+            if *n == 1 && self.pending.remove(&key).is_none() && announce {
+                self.announce(true, &key);
+            }
+        } else if let Some(n) = self.holders.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.holders.remove(&key);
+                self.pending.insert(key, Instant::now() + self.delay);
+            }
+        }
+    }
+
+    fn announce(&self, up: bool, (topic, name): &Key) {
+        let e = match (topic, up) {
+            (false, true) => Event::user("user_online", name),
+            (false, false) => Event::user("user_offline", name),
+            (true, true) => Event::channel("channel_occupied", name),
+            (true, false) => Event::channel("channel_vacated", name),
+        };
+        self.hooks.send(e);
+    }
+
+    async fn tick(&mut self) {
+        if self.asker.reports_lost.swap(false, Ordering::Relaxed) {
+            let known: Vec<String> = self.workers.keys().cloned().collect();
+            for w in known {
+                self.resync(&w).await;
+            }
+        }
+        let alive: HashSet<String> = self.asker.alive().into_iter().map(|hb| hb.node).collect();
+        let dead: Vec<String> = self.workers.keys().filter(|w| !alive.contains(node_of(w))).cloned().collect();
+        for w in dead {
+            self.forget(&w);
+        }
+        let now = Instant::now();
+        let due: Vec<Key> = self.pending.iter().filter(|(_, at)| **at <= now).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            self.pending.remove(&key);
+            self.announce(false, &key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_nodes() {
+        assert_eq!(node_of("web1.lx2k9a1b-12"), "web1.lx2k9a1b");
+        assert_eq!(node_of("3f9a0c1b2d4e-0"), "3f9a0c1b2d4e");
+    }
+}

@@ -1,0 +1,175 @@
+//! Webhooks: presence events POSTed as JSON to `--webhook URL`, one at a time and in order,
+//! signed (`X-Pushwire-Signature: sha256=HEX`, an HMAC-SHA256 of the body with
+//! `--webhook-secret`), retried with growing backoff. The queue is bounded: when it is full the
+//! oldest event is dropped and counted.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use serde::Serialize;
+use tokio::sync::Notify;
+
+/// Events waiting to be sent before the oldest is dropped.
+pub const QUEUE: usize = 10_000;
+/// Attempts per event before it is given up.
+pub const ATTEMPTS: u32 = 6;
+/// How long one attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One presence event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    /// `user_online`, `user_offline`, `channel_occupied` or `channel_vacated`.
+    pub event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub time: u64,
+}
+
+impl Event {
+    pub fn user(event: &'static str, uid: &str) -> Event {
+        Event { event, uid: Some(uid.to_owned()), channel: None, time: now_ms() }
+    }
+
+    pub fn channel(event: &'static str, channel: &str) -> Event {
+        Event { event, uid: None, channel: Some(channel.to_owned()), time: now_ms() }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Counters of a webhook sender.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// The sending side of one webhook URL.
+pub struct Webhooks {
+    queue: Mutex<VecDeque<Event>>,
+    wake: Notify,
+    pub stats: Stats,
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+impl Webhooks {
+    /// Start sending to `url`, signing with `secret` when given.
+    pub fn spawn(url: hyper::Uri, secret: Option<String>) -> Arc<Webhooks> {
+        let hooks = Arc::new(Webhooks { queue: Mutex::default(), wake: Notify::new(), stats: Stats::default() });
+        let https =
+            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let client: HttpClient =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+        tokio::spawn(run(hooks.clone(), client, url, secret));
+        hooks
+    }
+
+    /// Queue `e`; the oldest queued event makes room when the queue is full.
+    pub fn send(&self, e: Event) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= QUEUE {
+            q.pop_front();
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        q.push_back(e);
+        drop(q);
+        self.wake.notify_one();
+    }
+}
+
+/// Send what is queued, for as long as the process runs.
+async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, secret: Option<String>) {
+    loop {
+        let next = h.queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        let Some(event) = next else {
+            h.wake.notified().await;
+            continue;
+        };
+        let body = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
+        let mut backoff = Duration::from_millis(250);
+        let mut delivered = false;
+        for attempt in 1..=ATTEMPTS {
+            match post(&client, &url, secret.as_deref(), body.clone()).await {
+                Ok(()) => {
+                    delivered = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(attempt, event = event.event, "webhook not delivered: {e}");
+                    if attempt < ATTEMPTS {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(8));
+                    }
+                }
+            }
+        }
+        if delivered {
+            h.stats.sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            h.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event = event.event, attempts = ATTEMPTS, "webhook given up");
+        }
+    }
+}
+
+/// The signature header's value for `body`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+async fn post(client: &HttpClient, url: &hyper::Uri, secret: Option<&str>, body: Bytes) -> Result<(), String> {
+    let mut req = hyper::Request::post(url.clone())
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .header("user-agent", "pushwire");
+    if let Some(s) = secret {
+        req = req.header("x-pushwire-signature", signature(s, &body));
+    }
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req))
+        .await
+        .map_err(|_| format!("no answer within {ATTEMPT_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    match resp.status() {
+        s if s.is_success() => Ok(()),
+        s => Err(format!("answered {s}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256_hex() {
+        // RFC 4231 test case 2.
+        let s = signature("Jefe", b"what do ya want for nothing?");
+        assert_eq!(s, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn event_shape() {
+        let e = Event { event: "user_online", uid: Some("42".into()), channel: None, time: 7 };
+        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"event":"user_online","uid":"42","time":7}"#);
+    }
+}

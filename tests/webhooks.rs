@@ -1,0 +1,118 @@
+//! Presence webhooks: user_online / user_offline and channel_occupied / channel_vacated for the
+//! whole cluster, signed, with `user_offline` held back by `--offline-delay` (a page reload sends
+//! nothing), and sent for the users of a gateway killed with -9 once its lease runs out.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use jsonwebtoken::{encode, EncodingKey, Header};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const SECRET: &str = "webhook-test-secret";
+const HOOK_SECRET: &str = "hook-key";
+
+fn token(sub: &str, channels: &[&str]) -> String {
+    let claims = serde_json::json!({"sub": sub, "channels": channels});
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).expect("token")
+}
+
+async fn connect_as(gw: &Addr, sub: &str, channels: &[&str]) -> Client {
+    let url = format!("ws://{}/?token={}", gw.0, token(sub, channels));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket handshake");
+    let (worker, conn) = parse_welcome(&next_text(&mut ws).await.expect("welcome line"));
+    Client { ws, worker, conn }
+}
+
+/// A webhook receiver on loopback: every request's signature header and body, answered 200.
+async fn receiver() -> (u16, mpsc::Receiver<(String, String)>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = mpsc::channel(100);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    let Some(end) = text.find("\r\n\r\n") else { continue };
+                    let head = text[..end].to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let sig = head.lines().find_map(|l| l.strip_prefix("x-pushwire-signature:")).unwrap_or("").trim();
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                    let _ = tx.send((sig.to_owned(), body)).await;
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                    buf.drain(..end + 4 + len);
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// The next event as (event, uid or channel), checking its signature.
+async fn next_event(rx: &mut mpsc::Receiver<(String, String)>, within: Duration) -> Option<(String, String)> {
+    let (sig, body) = tokio::time::timeout(within, rx.recv()).await.ok()??;
+    assert_eq!(sig, pushwire::webhook::signature(HOOK_SECRET, body.as_bytes()), "signed");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON event");
+    let who = v.get("uid").or_else(|| v.get("channel")).and_then(|s| s.as_str()).unwrap_or_default();
+    assert!(v["time"].as_u64().is_some_and(|t| t > 1_600_000_000_000), "time in ms: {body}");
+    Some((v["event"].as_str().unwrap_or_default().to_owned(), who.to_owned()))
+}
+
+fn ev(e: &str, who: &str) -> Option<(String, String)> {
+    Some((e.to_owned(), who.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_events_are_debounced_and_survive_a_crash() {
+    let (port, mut rx) = receiver().await;
+    let hook = format!("http://127.0.0.1:{port}/hook");
+    let gateway = ["--token-secret", SECRET, "--presence-lease", "3s"];
+    let publisher = ["--webhook", &hook, "--webhook-secret", HOOK_SECRET, "--offline-delay", "1s"];
+    let mut cluster = Cluster::start_with(None, &gateway, &publisher).await;
+    let (g0, g1) = (Addr::from(&cluster.gateways[0]), Addr::from(&cluster.gateways[1]));
+    tokio::time::sleep(Duration::from_secs(1)).await; // the tracker has heard from both gateways
+
+    let a0 = connect_as(&g0, "alice", &["room"]).await;
+    assert_eq!(next_event(&mut rx, WAIT).await, ev("user_online", "alice"));
+    assert_eq!(next_event(&mut rx, WAIT).await, ev("channel_occupied", "room"));
+    // A second device, the first one closing, a reload of the last one: no event.
+    let a1 = connect_as(&g1, "alice", &[]).await;
+    close(a0.ws).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    close(a1.ws).await;
+    let a2 = connect_as(&g1, "alice", &[]).await;
+    // room has been empty since a0 closed: vacated after the delay; alice stays online.
+    assert_eq!(next_event(&mut rx, Duration::from_secs(4)).await, ev("channel_vacated", "room"));
+    assert_eq!(next_event(&mut rx, Duration::from_millis(1500)).await, None, "a reload is no offline + online");
+    close(a2.ws).await;
+    let t = std::time::Instant::now();
+    assert_eq!(next_event(&mut rx, Duration::from_secs(4)).await, ev("user_offline", "alice"));
+    assert!(t.elapsed() >= Duration::from_millis(900), "held back by --offline-delay");
+
+    // A gateway killed with -9: its users go offline once its lease has run out (plus the delay).
+    let _bob = connect_as(&g1, "bob", &[]).await;
+    assert_eq!(next_event(&mut rx, WAIT).await, ev("user_online", "bob"));
+    let gw1 = cluster.procs.len() - 3;
+    cluster.procs[gw1].kill();
+    let t = std::time::Instant::now();
+    assert_eq!(next_event(&mut rx, Duration::from_secs(8)).await, ev("user_offline", "bob"));
+    assert!(t.elapsed() < Duration::from_secs(6), "within lease + delay, took {:?}", t.elapsed());
+}
