@@ -269,13 +269,24 @@ impl Asker {
         Ok(answers)
     }
 
-    /// Ask every live gateway; answers of the ones that answered in time.
-    pub async fn ask_all(&self, req: Request) -> Result<(Vec<Answer>, usize), BrokerError> {
+    /// Once the gateways asked by `Hello` have had time to answer.
+    async fn ready(&self) {
         self.hello().await;
         let ready = *lock(&self.ready_at);
         if let Some(at) = ready {
             tokio::time::sleep_until(at).await;
         }
+    }
+
+    /// Whether `worker` belongs to a live gateway.
+    pub async fn knows_worker(&self, worker: &str) -> bool {
+        self.ready().await;
+        self.alive().iter().any(|hb| hb.workers_seq.iter().any(|(w, _)| w == worker))
+    }
+
+    /// Ask every live gateway; answers of the ones that answered in time.
+    pub async fn ask_all(&self, req: Request) -> Result<(Vec<Answer>, usize), BrokerError> {
+        self.ready().await;
         let expect = self.alive().len();
         if expect == 0 {
             return Ok((Vec::new(), 0));

@@ -123,7 +123,7 @@ impl PublishRequest {
                 "to_channel" => &mut r.to_channel,
                 "key" => &mut r.key,
                 "exclude_uid" => {
-                    r.exclude_uid.extend(v.split(',').filter(|u| !u.is_empty()).map(str::to_owned));
+                    r.exclude_uid.extend(v.split(',').map(str::to_owned));
                     continue;
                 }
                 other => {
@@ -405,6 +405,9 @@ impl Publisher {
                     "/join" => cluster::Request::Join { conn, channel: value },
                     _ => cluster::Request::Leave { conn, channel: value },
                 };
+                if !self.asker.knows_worker(w).await {
+                    return Err(PublishError::NotFound(format!("no live gateway has worker {w}")));
+                }
                 let answer = self.asker.ask(w, req, 1).await?.pop();
                 match answer {
                     Some(a) if a.ok => match a.error {

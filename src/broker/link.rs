@@ -278,16 +278,15 @@ impl<T: Transport> Task<T> {
                             writer.subscribe(&new);
                         }
                     }
-                    // The broker has the new channels once a probe sent after them is answered.
+                    // The broker has the channels once a probe sent after them is answered (also
+                    // when another join subscribed them just before: its probe comes first).
                     Some(Command::Join { id, channels, done }) => {
                         let new = self.subs.join(id, channels);
-                        if new.is_empty() {
-                            let _ = done.send(Ok(()));
-                        } else {
+                        if !new.is_empty() {
                             writer.subscribe(&new);
-                            writer.probe();
-                            pending.push_back((Instant::now(), Some(done)));
                         }
+                        writer.probe();
+                        pending.push_back((Instant::now(), Some(done)));
                     }
                     Some(Command::Leave { id, channels, done }) => {
                         let gone = self.subs.leave(id, channels);
