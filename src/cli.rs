@@ -52,6 +52,16 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// List the live gateways (node, workers, connections, users, topics, rates) as a publisher
+    /// sees them.
+    Status {
+        /// The publisher to ask.
+        #[arg(long, default_value = "http://127.0.0.1:4237")]
+        publisher: hyper::Uri,
+        /// The publisher's --publish-key, if it has one.
+        #[arg(long, env = "PUSHWIRE_PUBLISH_KEY", hide_env_values = true)]
+        publish_key: Option<String>,
+    },
     /// Check a settings file and print the effective settings of each command (secrets masked).
     CheckConfig {
         /// The TOML file.
@@ -480,6 +490,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     match cli.command {
         Command::CheckConfig { file } => print!("{}", check_config(&file)?),
+        Command::Status { publisher, publish_key } => {
+            print!("{}", crate::status::status(&publisher, publish_key.as_deref()).await?)
+        }
         Command::Bench { args } => {
             use std::os::unix::process::CommandExt as _;
             let exe = std::env::current_exe()?.with_file_name("pushwire-bench");

@@ -59,6 +59,15 @@ async fn presence_on(broker: Option<String>) {
     let gws = v["gateways"].as_array().expect("gateways");
     assert_eq!(gws.len(), 2, "{v}");
     assert_eq!(gws.iter().map(|g| g["connections"].as_u64().unwrap_or(0)).sum::<u64>(), 6);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pushwire"))
+        .args(["status", "--publisher", &format!("http://{}", p.0)])
+        .output()
+        .expect("pushwire status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && table.contains("2 gateway(s) alive"), "{table}");
+    for g in gws {
+        assert!(table.contains(g["node"].as_str().unwrap_or("?")), "{table}");
+    }
 
     // The backend binds a tokenless connection to a user and puts it in a topic.
     let pair = format!("to_worker_id={}&to_connection_id={}", anon.worker, anon.conn);

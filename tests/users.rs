@@ -206,3 +206,44 @@ async fn standalone_with_required_tokens() {
     let (status, body) = http(h, "GET", "/?to_uid=u2&content=j", &[("Accept", "application/json")], "").await;
     assert_eq!((status, body.trim()), (200, r#"{"ok":true}"#));
 }
+
+/// RS256 and ES256 tokens checked with a public key the test makes; a token that claims HS256
+/// with the public key as its secret (algorithm confusion) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_key_tokens() {
+    if !have(&["openssl"], false) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pushwire-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("key dir");
+    let openssl = |args: &[&str]| {
+        let ok = std::process::Command::new(find_program("openssl")).args(args).current_dir(&dir).status();
+        assert!(ok.expect("openssl runs").success(), "openssl {args:?}");
+    };
+    for (alg, genpkey) in [
+        (jsonwebtoken::Algorithm::ES256, ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        (jsonwebtoken::Algorithm::RS256, ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+    ] {
+        let (private, public) = (format!("{alg:?}.pem"), format!("{alg:?}.pub"));
+        openssl(&[&["genpkey"][..], &genpkey, &["-out", &private]].concat());
+        openssl(&["pkey", "-in", &private, "-pubout", "-out", &public]);
+        let (pem, pubpem) =
+            (std::fs::read(dir.join(&private)).expect("key"), std::fs::read(dir.join(&public)).expect("key"));
+        let key = match alg {
+            jsonwebtoken::Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+            _ => EncodingKey::from_rsa_pem(&pem),
+        }
+        .expect("private key");
+        let pubfile = dir.join(&public).to_string_lossy().into_owned();
+        let (_p, _c, w, h) = standalone(&["--token-public-key", &pubfile, "--require-token"]).await;
+        let gw = Addr::from(w);
+        let good = encode(&Header::new(alg), &serde_json::json!({"sub": "k1"}), &key).expect("token");
+        let mut c = connect_as(&gw, &good).await;
+        assert_eq!(http_get(h, "/?to_uid=k1&content=signed").await.0, 200);
+        assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("signed"), "{alg:?}");
+        let confused = token_with(serde_json::json!({"sub": "k1"}), &String::from_utf8_lossy(&pubpem));
+        let (status, body) = refused(&gw, &format!("token={confused}")).await;
+        assert_eq!(status, 401, "{alg:?}: HS256 with the public key as secret: {body}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
