@@ -114,6 +114,8 @@ async fn seed_console_snippet_and_page_in_chromium() {
             format!("127.0.0.1:{h}"),
             "--publish-key".into(),
             "page-key".into(),
+            "--token-secret".into(),
+            "page-secret".into(),
         ]
     };
     let argv = args(c, w, h);
@@ -198,6 +200,31 @@ async fn seed_console_snippet_and_page_in_chromium() {
     b.settle(Duration::from_millis(300)).await;
     assert!(!b.alerts.iter().any(|m| m == "just page A"), "B got A's push: {:?}", b.alerts);
     assert!(!b.alerts.iter().any(|m| m == "keyless"));
+
+    // Page C carries a token: it shows its user and topics and publishes to them.
+    let claims = json!({"sub": "ann", "channels": ["lobby", "news"]});
+    let token =
+        jsonwebtoken::encode(&Default::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(b"page-secret"))
+            .expect("token");
+    let mut pc = Page::open(d).await;
+    pc.call("Page.navigate", json!({"url": format!("http://127.0.0.1:{w}/?token={token}")})).await;
+    pc.wait_for("document.getElementById('status').textContent === 'connected' && document.getElementById('conn').textContent !== '?'").await;
+    assert_eq!(pc.eval("document.getElementById('uid').textContent").await, json!("ann"));
+    assert_eq!(pc.eval("document.getElementById('topics').textContent").await, json!("lobby, news"));
+    pc.eval(&format!(
+        "document.getElementById('publisher').value = 'http://127.0.0.1:{h}/';
+         document.getElementById('key').value = 'page-key';
+         document.getElementById('content').value = 'to ann';
+         document.getElementById('to_me').checked = true;
+         document.getElementById('send').click(); 1"
+    ))
+    .await;
+    pc.wait_for("document.getElementById('log').textContent.includes('to ann')").await;
+    pc.eval("document.getElementById('content').value = 'to the lobby'; document.getElementById('to_topic').checked = true; document.getElementById('send').click(); 1").await;
+    pc.wait_for("document.getElementById('log').textContent.includes('to the lobby')").await;
+    a.settle(Duration::from_millis(300)).await;
+    assert_eq!(a.eval("document.getElementById('log').textContent.includes('to ann')").await, json!(false));
+    assert_eq!(a.eval("document.getElementById('log').textContent.includes('to the lobby')").await, json!(false));
 
     a.call("Page.bringToFront", json!({})).await;
     let shot = a.call("Page.captureScreenshot", json!({"format": "png"})).await;
