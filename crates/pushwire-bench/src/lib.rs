@@ -2,7 +2,9 @@
 //! original): WebSocket clients on gateways, publishes through publishers over HTTP.
 //!
 //! Modes: `broadcast` (a fixed rate, or as fast as delivery keeps up), `targeted` (a random client
-//! each time, several requests in flight) and `idle` (hold connections, measure server RSS). It
+//! each time, several requests in flight), `uid` (clients are users with `--devices` connections
+//! each, identified by tokens signed with `--token-secret`; each push goes `to_uid` a random user)
+//! and `idle` (hold connections, measure server RSS). It
 //! measures deliveries/s, latency percentiles (HDR histogram), fan-out completion time, missing,
 //! duplicate and misdelivered messages, connect rate, and RSS per connection of given pids.
 //!
@@ -26,13 +28,14 @@ use tokio::net::{TcpSocket, TcpStream};
 pub enum Mode {
     Broadcast,
     Targeted,
+    Uid,
     Idle,
 }
 
 /// Settings of one run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// broadcast, targeted or idle.
+    /// broadcast, targeted, uid or idle.
     #[arg(long, value_enum, default_value = "broadcast")]
     pub mode: Mode,
     /// Gateway addresses (HOST:PORT or ws://HOST:PORT), clients spread over them.
@@ -71,6 +74,23 @@ pub struct BenchArgs {
     /// Connections opened at once while connecting.
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
+    /// uid mode: connections per user (client i is user i / devices).
+    #[arg(long, default_value_t = 3)]
+    pub devices: usize,
+    /// uid mode: the gateways' --token-secret (HS256), to sign each user's token.
+    #[arg(long, env = "PUSHWIRE_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+}
+
+/// The connection URL path of client `i`: with a token naming its user in uid mode.
+fn client_path(args: &BenchArgs, i: usize) -> anyhow::Result<String> {
+    if args.mode != Mode::Uid {
+        return Ok("/".into());
+    }
+    let secret = args.token_secret.as_deref().context("--mode uid needs --token-secret")?;
+    let claims = serde_json::json!({"sub": format!("u{}", i / args.devices.max(1))});
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    Ok(format!("/?token={}", jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)?))
 }
 
 const SHARDS: usize = 16;
@@ -116,7 +136,7 @@ struct Conn {
     conn: String,
 }
 
-async fn connect_one(gateway: &str, source: u8) -> anyhow::Result<Conn> {
+async fn connect_one(gateway: &str, path: &str, source: u8) -> anyhow::Result<Conn> {
     let addr: SocketAddr = tokio::net::lookup_host(gateway).await?.next().context("gateway address")?;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if addr.ip().is_loopback() && addr.is_ipv4() {
@@ -125,7 +145,7 @@ async fn connect_one(gateway: &str, source: u8) -> anyhow::Result<Conn> {
     let mut stream = sock.connect(addr).await?;
     stream.set_nodelay(true)?;
     let req = format!(
-        "GET / HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: cHVzaHdpcmUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(req.as_bytes()).await?;
@@ -187,7 +207,7 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// Read pushes until the connection ends (or the task is aborted at the end of the run); `me` is
 /// this client's index, `broadcasts` the most expected. Everything is counted once per read batch,
 /// so aborting between reads loses nothing and the shared counters are touched rarely.
-async fn receive(mut c: Conn, me: usize, stats: Arc<Stats>, broadcasts: usize) {
+async fn receive(mut c: Conn, me: usize, user: Option<String>, stats: Arc<Stats>, broadcasts: usize) {
     let shard = me % SHARDS;
     let mut seen = vec![0u64; broadcasts.div_ceil(64).max(1)];
     let mut lat: Vec<u64> = Vec::with_capacity(64);
@@ -223,7 +243,7 @@ async fn receive(mut c: Conn, me: usize, stats: Arc<Stats>, broadcasts: usize) {
                     }
                     None => {}
                 }
-            } else if num(target) == Some(me as u64) {
+            } else if user.as_deref().map_or(num(target) == Some(me as u64), |u| target == u.as_bytes()) {
                 mine += 1;
             } else {
                 wrong += 1;
@@ -342,9 +362,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let next = Arc::new(AtomicUsize::new(0));
     let conns: Arc<Mutex<Vec<Option<Conn>>>> = Arc::new(Mutex::new((0..args.clients).map(|_| None).collect()));
     let failures = Arc::new(AtomicU64::new(0));
+    let paths: Arc<Vec<String>> = Arc::new((0..args.clients).map(|i| client_path(&args, i)).collect::<anyhow::Result<_>>()?);
     let mut tasks = Vec::new();
     for _ in 0..args.connect_concurrency.max(1) {
         let (next, conns, failures, gateways) = (next.clone(), conns.clone(), failures.clone(), gateways.clone());
+        let paths = paths.clone();
         let (n, ips) = (args.clients, args.source_ips.max(1));
         tasks.push(tokio::spawn(async move {
             loop {
@@ -353,7 +375,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     return;
                 }
                 let g = &gateways[i % gateways.len()];
-                match connect_one(g, 1 + (i / gateways.len()) as u8 % ips).await {
+                match connect_one(g, &paths[i], 1 + (i / gateways.len()) as u8 % ips).await {
                     Ok(c) => {
                         if let Ok(mut v) = conns.lock() {
                             v[i] = Some(c);
@@ -388,7 +410,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut receivers = Vec::new();
     for (i, c) in conns.into_iter().enumerate() {
         if let Some(c) = c {
-            receivers.push(tokio::spawn(receive(c, i, stats.clone(), planned.max(1))));
+            let user = (args.mode == Mode::Uid).then(|| format!("u{}", i / args.devices.max(1)));
+            receivers.push(tokio::spawn(receive(c, i, user, stats.clone(), planned.max(1))));
         }
     }
 
@@ -416,7 +439,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             tokio::time::sleep(args.duration).await;
             rss_held = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
         }
-        Mode::Broadcast | Mode::Targeted => {
+        Mode::Broadcast | Mode::Targeted | Mode::Uid => {
             // Publishers run on their own thread and runtime, so that thousands of receivers
             // waking at once never delay a publish (or its timestamp).
             let (stats, published, errors, pub_hist, ids, key, publishers, args) = (
@@ -449,6 +472,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                             key.clone(),
                         );
                         let (mode, size, planned) = (args.mode, args.size, planned as u64);
+                        let users = args.clients.div_ceil(args.devices.max(1)) as u64;
                         pubs.push(tokio::spawn(async move {
                             let mut http = Http::open(&host).await?;
                             let mut tick = interval.map(|i| {
@@ -481,6 +505,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                             t.store(now, Relaxed);
                                         }
                                         format!("content={}", content(s, now, "b", size))
+                                    }
+                                    Mode::Uid => {
+                                        rng ^= rng << 13;
+                                        rng ^= rng >> 7;
+                                        rng ^= rng << 17;
+                                        let u = format!("u{}", rng % users);
+                                        let s = seq.fetch_add(1, Relaxed);
+                                        format!("to_uid={u}&content={}", content(s, stats.now_us(), &u, size))
                                     }
                                     _ => {
                                         rng ^= rng << 13;
@@ -556,6 +588,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let expected = match args.mode {
         Mode::Broadcast => published * connected as u64,
         Mode::Targeted => published,
+        // Every connection of the user; the last user may have fewer.
+        Mode::Uid => published * args.devices.max(1) as u64,
         Mode::Idle => 0,
     };
     let received_ok = match args.mode {
