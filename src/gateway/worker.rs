@@ -6,7 +6,7 @@
 //! every user and topic it has a connection of (joined when a connection arrives, left when it
 //! goes; the broker counts joins, so the broker is subscribed exactly while a member is here).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,9 +81,10 @@ impl Conn {
 /// Warnings about events that cannot be decoded: at most one line per interval.
 static BAD_EVENT_LOG: crate::metrics::LogEvery = crate::metrics::LogEvery::new(Duration::from_secs(10));
 
-/// A connection in the worker's table, with who it is.
-struct Entry {
-    conn: Arc<Conn>,
+/// Who a connection is, for the connections that are someone (a token, a bind, a join). Kept
+/// apart from the connection table, so that a broadcast walks a table of bare pointers.
+#[derive(Default)]
+struct Who {
     uid: Option<Arc<str>>,
     topics: Vec<Arc<str>>,
 }
@@ -91,7 +92,8 @@ struct Entry {
 /// The connections of a worker and the indexes over them.
 #[derive(Default)]
 struct Table {
-    conns: HashMap<u64, Entry>,
+    conns: HashMap<u64, Arc<Conn>>,
+    who: HashMap<u64, Who>,
     users: HashMap<Arc<str>, Vec<u64>>,
     topics: HashMap<Arc<str>, std::collections::HashSet<u64>>,
     /// Users and topics that arrived on or left this worker, numbered, for the presence
@@ -160,7 +162,10 @@ impl Worker {
             for topic in &topics {
                 t.index_topic(topic, id);
             }
-            t.conns.insert(id, Entry { conn: conn.clone(), uid, topics });
+            t.conns.insert(id, conn.clone());
+            if uid.is_some() || !topics.is_empty() {
+                t.who.insert(id, Who { uid, topics });
+            }
         }
         if !channels.is_empty() {
             if let Err(e) = self.broker.join(self.sub, channels).await {
@@ -176,10 +181,10 @@ impl Worker {
             let mut t = self.table();
             match req {
                 Request::Bind { conn, uid } => t.bind(*conn, Some(uid)),
-                Request::Unbind { conn, uid } => match t.conns.get(conn) {
-                    None => Err(Refusal::NoConnection),
-                    Some(e) if e.uid.as_deref() == Some(uid.as_str()) => t.bind(*conn, None),
-                    Some(_) => Ok((None, None)),
+                Request::Unbind { conn, .. } if !t.conns.contains_key(conn) => Err(Refusal::NoConnection),
+                Request::Unbind { conn, uid } => match t.who.get(conn).and_then(|w| w.uid.as_deref()) {
+                    Some(u) if u == uid => t.bind(*conn, None),
+                    _ => Ok((None, None)),
                 },
                 Request::Join { conn, channel } => t.join(*conn, channel),
                 Request::Leave { conn, channel } => t.leave(*conn, channel),
@@ -234,7 +239,7 @@ impl Worker {
             if uids.len() >= cap {
                 break;
             }
-            if let Some(u) = t.conns.get(id).and_then(|e| e.uid.as_deref()) {
+            if let Some(u) = t.who.get(id).and_then(|w| w.uid.as_deref()) {
                 if !uids.contains(u) {
                     uids.insert(u.to_owned());
                 }
@@ -274,8 +279,8 @@ impl Worker {
 
     /// Forget connection `id` (if still known) and leave its user's and topics' channels.
     pub(super) async fn remove(&self, id: u64) {
-        let Some(e) = self.table().unlink(id) else { return };
-        let channels = broker_channels(e.uid.as_deref(), &e.topics);
+        let Some(w) = self.table().unlink(id) else { return };
+        let channels = broker_channels(w.uid.as_deref(), &w.topics);
         if !channels.is_empty() {
             let _ = self.broker.leave(self.sub, channels).await;
         }
@@ -289,49 +294,54 @@ impl Worker {
     /// Queue `frame` to the connections `to` names, except those of the users in `exclude`;
     /// returns deliveries.
     fn send(&self, frame: &Bytes, to: Target<'_>, exclude: &[Vec<u8>]) -> usize {
-        let table = self.table();
+        let mut table = self.table();
+        let t = &*table;
+        // The connections of the excluded users (none in the common case: nothing to look up).
+        let skip: HashSet<u64> = exclude
+            .iter()
+            .filter_map(|u| t.users.get(std::str::from_utf8(u).ok()?))
+            .flatten()
+            .copied()
+            .collect();
         let mut slow = Vec::new();
         let mut delivered = 0;
-        let excluded = |e: &Entry| {
-            !exclude.is_empty() && e.uid.as_deref().is_some_and(|u| exclude.iter().any(|x| x == u.as_bytes()))
-        };
-        let mut offer = |id: u64, e: &Entry| {
-            if excluded(e) || e.conn.close_code.load(Ordering::Relaxed) != 0 {
+        let mut offer = |id: u64, c: &Conn| {
+            if !skip.is_empty() && skip.contains(&id) {
                 return;
             }
-            match e.conn.offer(frame, self.max_frames, self.max_bytes) {
+            match c.offer(frame, self.max_frames, self.max_bytes) {
                 Offer::Queued => delivered += 1,
                 Offer::Full => slow.push(id),
             }
         };
-        let t = &*table;
         match to {
-            Target::All => t.conns.iter().for_each(|(id, e)| offer(*id, e)),
+            Target::All => t.conns.iter().for_each(|(id, c)| offer(*id, c)),
             Target::Conn(id) => {
-                if let Some(e) = t.conns.get(&id) {
-                    offer(id, e);
+                if let Some(c) = t.conns.get(&id) {
+                    offer(id, c);
                 }
             }
             Target::User(u) => {
                 for id in t.users.get(u).into_iter().flatten() {
-                    if let Some(e) = t.conns.get(id) {
-                        offer(*id, e);
+                    if let Some(c) = t.conns.get(id) {
+                        offer(*id, c);
                     }
                 }
             }
             Target::Topic(topic) => {
                 for id in t.topics.get(topic).into_iter().flatten() {
-                    if let Some(e) = t.conns.get(id) {
-                        offer(*id, e);
+                    if let Some(c) = t.conns.get(id) {
+                        offer(*id, c);
                     }
                 }
             }
         }
-        // Closed connections stay in the table (skipped) until their task ends and removes them.
+        // Out of the table at once; the connection's task forgets who it was as it ends.
         for id in slow {
-            if table.conns.get(&id).is_some_and(|e| e.conn.close(close::POLICY)) {
+            if let Some(c) = table.conns.remove(&id) {
                 GLOBAL.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(worker = %self.id, connection = id, "client not reading: closing (slow consumer)");
+                c.close(close::POLICY);
             }
         }
         GLOBAL.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
@@ -381,21 +391,21 @@ impl Worker {
     pub(super) fn sweep(&self, dead_after: Duration) {
         let now = self.now();
         let ping = ws::ping();
-        for e in self.table().conns.values() {
-            let c = &e.conn;
+        self.table().conns.retain(|_, c| {
             if now.saturating_sub(c.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
                 c.close(close::GOING_AWAY);
-            } else {
-                // A client whose queue is full gets no ping; the next push decides its fate.
-                let _ = c.offer(&ping, self.max_frames, self.max_bytes);
+                return false;
             }
-        }
+            // A client whose queue is full gets no ping; the next push decides its fate.
+            let _ = c.offer(&ping, self.max_frames, self.max_bytes);
+            true
+        });
     }
 
     /// Close every connection with `code`.
     pub(super) fn close_all(&self, code: u16) {
-        for e in self.table().conns.values() {
-            e.conn.close(code);
+        for (_, c) in self.table().conns.drain() {
+            c.close(code);
         }
     }
 }
@@ -415,7 +425,10 @@ type Edit = Result<(Option<String>, Option<String>), Refusal>;
 impl Table {
     /// Make connection `id` belong to `uid` (or to nobody).
     fn bind(&mut self, id: u64, uid: Option<&str>) -> Edit {
-        let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
+        if !self.conns.contains_key(&id) {
+            return Err(Refusal::NoConnection);
+        }
+        let e = self.who.entry(id).or_default();
         if e.uid.as_deref() == uid {
             return Ok((None, None));
         }
@@ -431,7 +444,10 @@ impl Table {
 
     /// Add connection `id` to topic `topic`.
     fn join(&mut self, id: u64, topic: &str) -> Edit {
-        let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
+        if !self.conns.contains_key(&id) {
+            return Err(Refusal::NoConnection);
+        }
+        let e = self.who.entry(id).or_default();
         if e.topics.iter().any(|t| &**t == topic) {
             return Ok((None, None));
         }
@@ -446,15 +462,20 @@ impl Table {
 
     /// Take connection `id` out of topic `topic`.
     fn leave(&mut self, id: u64, topic: &str) -> Edit {
-        let Some(e) = self.conns.get_mut(&id) else { return Err(Refusal::NoConnection) };
+        if !self.conns.contains_key(&id) {
+            return Err(Refusal::NoConnection);
+        }
+        let Some(e) = self.who.get_mut(&id) else { return Ok((None, None)) };
         let Some(i) = e.topics.iter().position(|t| &**t == topic) else { return Ok((None, None)) };
         e.topics.swap_remove(i);
         self.unindex_topic(topic, id);
         Ok((None, Some(topic_channel(topic))))
     }
 
-    fn unlink(&mut self, id: u64) -> Option<Entry> {
-        let e = self.conns.remove(&id)?;
+    /// Forget connection `id` and who it was.
+    fn unlink(&mut self, id: u64) -> Option<Who> {
+        self.conns.remove(&id);
+        let e = self.who.remove(&id)?;
         if let Some(u) = &e.uid {
             self.unindex_user(u, id);
         }
