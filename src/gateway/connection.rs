@@ -15,14 +15,18 @@ use crate::token::Identity;
 use crate::ws::{self, close, ClientFrame};
 
 /// Serve one WebSocket connection until it closes or is closed.
+///
+/// `who` is boxed (and absent for an anonymous client), and so are the worker's add and remove:
+/// this future lives as long as the connection, and every byte of it counts with a hundred
+/// thousand idle clients.
 pub(super) async fn serve(
     mut stream: TcpStream,
     mut buf: BytesMut,
     worker: &Worker,
     cfg: &GatewayConfig,
-    who: Identity,
+    who: Option<Box<Identity>>,
 ) {
-    let (id, conn) = worker.add(who).await;
+    let (id, conn) = Box::pin(worker.add(who.map(|w| *w).unwrap_or_default())).await;
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
     let welcome = ws::encode(ws::TEXT, format!("workerID:{} connectionID:{id} connected\n", worker.id).as_bytes());
     let mut out = VecDeque::from([welcome]);
@@ -69,7 +73,7 @@ pub(super) async fn serve(
             }
         }
     };
-    worker.remove(id).await;
+    Box::pin(worker.remove(id)).await;
     if let Some((code, reason)) = closing {
         let mut last = VecDeque::from([ws::close_frame(code, reason)]);
         if flush(&stream, &mut last, CLOSE_LINGER).await {

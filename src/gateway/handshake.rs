@@ -84,11 +84,13 @@ impl Gateway {
         r
     }
 
-    /// Who the connection asking with `query` is, from its `token` parameter.
-    fn identify(&self, query: Option<&str>) -> Result<Identity, TokenError> {
+    /// Who the connection asking with `query` is, from its `token` parameter; `None` for an
+    /// anonymous client (boxed: it travels in the connection's long-lived task).
+    fn identify(&self, query: Option<&str>) -> Result<Option<Box<Identity>>, TokenError> {
         let token = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .find_map(|(k, v)| (k == "token").then(|| v.into_owned()));
-        self.cfg.tokens.identify(token.as_deref())
+        let who = self.cfg.tokens.identify(token.as_deref())?;
+        Ok((who != Identity::default()).then(|| Box::new(who)))
     }
 
     pub(super) fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {

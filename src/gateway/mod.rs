@@ -226,8 +226,8 @@ impl Drop for OpenGuard {
 }
 
 impl OpenGuard {
-    /// Serve an upgraded connection of `who` on the next worker, round-robin.
-    async fn run(self, stream: TcpStream, leftover: BytesMut, who: Identity) {
+    /// Serve an upgraded connection of `who` (`None`: anonymous) on the next worker, round-robin.
+    async fn run(self, stream: TcpStream, leftover: BytesMut, who: Option<Box<Identity>>) {
         let gw = &self.0;
         let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
         let worker = gw.workers[n].clone();

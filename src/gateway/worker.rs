@@ -297,12 +297,8 @@ impl Worker {
         let mut table = self.table();
         let t = &*table;
         // The connections of the excluded users (none in the common case: nothing to look up).
-        let skip: HashSet<u64> = exclude
-            .iter()
-            .filter_map(|u| t.users.get(std::str::from_utf8(u).ok()?))
-            .flatten()
-            .copied()
-            .collect();
+        let skip: HashSet<u64> =
+            exclude.iter().filter_map(|u| t.users.get(std::str::from_utf8(u).ok()?)).flatten().copied().collect();
         let mut slow = Vec::new();
         let mut delivered = 0;
         let mut offer = |id: u64, c: &Conn| {

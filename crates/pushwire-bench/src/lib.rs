@@ -362,7 +362,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let next = Arc::new(AtomicUsize::new(0));
     let conns: Arc<Mutex<Vec<Option<Conn>>>> = Arc::new(Mutex::new((0..args.clients).map(|_| None).collect()));
     let failures = Arc::new(AtomicU64::new(0));
-    let paths: Arc<Vec<String>> = Arc::new((0..args.clients).map(|i| client_path(&args, i)).collect::<anyhow::Result<_>>()?);
+    let paths: Arc<Vec<String>> =
+        Arc::new((0..args.clients).map(|i| client_path(&args, i)).collect::<anyhow::Result<_>>()?);
     let mut tasks = Vec::new();
     for _ in 0..args.connect_concurrency.max(1) {
         let (next, conns, failures, gateways) = (next.clone(), conns.clone(), failures.clone(), gateways.clone());
