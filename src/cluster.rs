@@ -27,6 +27,8 @@ use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, Message};
 
+/// The start of the names of the channels nodes use among themselves (never pushes to clients).
+pub const INTERNAL: &str = "pushwire:";
 /// Heartbeats of the gateways.
 pub const CLUSTER: &str = "pushwire:cluster";
 /// Questions to every gateway.

@@ -198,12 +198,13 @@ impl Nats {
     /// than when it closes us, at a moment spread over a second so that its clients do not all
     /// arrive elsewhere at once. A subscriber (a gateway) moves after [`LAME_DUCK_SUBSCRIBER_DELAY`]
     /// more: publishers on the same server have moved by then and hold their publishes for the
-    /// settle time, which covers the gateway's move.
+    /// settle time, which covers the gateway's move. A publisher's own subscriptions (answers and
+    /// heartbeats, on `pushwire:` channels) do not make it a subscriber here.
     async fn leave_lame_duck(&self) {
         let mut jitter = [0u8; 1];
         let _ = getrandom::fill(&mut jitter);
         let mut wait = Duration::from_millis(u64::from(jitter[0]) * 2);
-        if !locked(&self.subs).is_empty() {
+        if locked(&self.subs).keys().any(|c| !c.starts_with(crate::cluster::INTERNAL)) {
             wait += LAME_DUCK_SUBSCRIBER_DELAY;
         }
         tokio::time::sleep(wait).await;
