@@ -7,21 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use jsonwebtoken::{encode, EncodingKey, Header};
 
 const SECRET: &str = "presence-test-secret";
 const LEASE: Duration = Duration::from_secs(3);
 
-fn token(sub: &str, channels: &[&str]) -> String {
-    let claims = serde_json::json!({"sub": sub, "channels": channels});
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).expect("token")
-}
-
 async fn connect_as(gw: &Addr, sub: &str, channels: &[&str]) -> Client {
-    let url = format!("ws://{}/?token={}", gw.0, token(sub, channels));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket handshake");
-    let (worker, conn) = parse_welcome(&next_text(&mut ws).await.expect("welcome line"));
-    Client { ws, worker, conn }
+    connect_with(gw, &user_token(SECRET, sub, channels)).await
 }
 
 async fn json(addr: &Addr, method: &str, target: &str, body: &str) -> (u16, serde_json::Value) {

@@ -159,3 +159,39 @@ async fn seed_cluster_on_redis_cluster_with_failover() {
     assert!(cli(new_owner, &["pubsub", "shardchannels"]).contains("pushwire.broadcast"), "resubscribed there");
     check_seed_pushes(&cluster, clients, "after").await;
 }
+
+/// Users on Redis Cluster: a user's channel is a sharded channel on the primary that owns its
+/// slot while a gateway holds one of the user's connections, and is gone from it once the last
+/// one closes; pushes to the user reach each of its connections once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_redis_cluster() {
+    if !have(&["redis-server", "redis-cli"], false) {
+        return;
+    }
+    const SECRET: &str = "rc-users";
+    let rc = RedisCluster::start().await;
+    let seeds: Vec<String> = rc.nodes.iter().take(2).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+    let broker = format!("redis-cluster://{}", seeds.join(","));
+    let cluster = Cluster::start_with(Some(broker), &["--token-secret", SECRET], &[]).await;
+    let mut devices = Vec::new();
+    for gw in [0, 1, 1] {
+        devices.push(connect_with(&cluster.gateways[gw], &user_token(SECRET, "carla", &[])).await);
+    }
+    let owner = rc.owner("pushwire.user:carla");
+    assert!(cli(owner, &["pubsub", "shardchannels"]).contains("pushwire.user:carla"), "SSUBSCRIBE on the owner");
+    assert_eq!(cluster.publish(0, "to_uid=carla&content=c1").await.0, 200);
+    assert_eq!(cluster.publish(1, "content=c-end").await.0, 200);
+    for (_, msgs) in collect_until(devices, "c-end", WAIT).await {
+        assert_eq!(msgs, ["c1", "c-end"]);
+    }
+    // All three closed (dropped): the shard channel goes away.
+    let mut gone = false;
+    for _ in 0..50 {
+        if !cli(owner, &["pubsub", "shardchannels"]).contains("pushwire.user:carla") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "no gateway holds carla: SUNSUBSCRIBEd");
+}

@@ -13,22 +13,15 @@ use jsonwebtoken::{encode, EncodingKey, Header};
 const SECRET: &str = "users-test-secret";
 
 fn token_with(claims: serde_json::Value, secret: &str) -> String {
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token")
+    jwt(secret, claims)
 }
 
 fn token(sub: &str, channels: &[&str]) -> String {
-    token_with(serde_json::json!({"sub": sub, "channels": channels}), SECRET)
+    user_token(SECRET, sub, channels)
 }
 
-/// A WebSocket connection to `gw` with `token` (the welcome line already read).
 async fn connect_as(gw: &Addr, token: &str) -> Client {
-    let url = format!("ws://{}/?token={token}", gw.0);
-    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-        .await
-        .expect("connect timed out")
-        .expect("websocket handshake");
-    let (worker, conn) = parse_welcome(&next_text(&mut ws).await.expect("welcome line"));
-    Client { ws, worker, conn }
+    connect_with(gw, token).await
 }
 
 /// The status and body of a refused upgrade with `query`.

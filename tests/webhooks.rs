@@ -7,23 +7,14 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use jsonwebtoken::{encode, EncodingKey, Header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 const SECRET: &str = "webhook-test-secret";
 const HOOK_SECRET: &str = "hook-key";
 
-fn token(sub: &str, channels: &[&str]) -> String {
-    let claims = serde_json::json!({"sub": sub, "channels": channels});
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).expect("token")
-}
-
 async fn connect_as(gw: &Addr, sub: &str, channels: &[&str]) -> Client {
-    let url = format!("ws://{}/?token={}", gw.0, token(sub, channels));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket handshake");
-    let (worker, conn) = parse_welcome(&next_text(&mut ws).await.expect("welcome line"));
-    Client { ws, worker, conn }
+    connect_with(gw, &user_token(SECRET, sub, channels)).await
 }
 
 /// A webhook receiver on loopback: every request's signature header and body, answered 200.

@@ -685,3 +685,25 @@ pub fn metric_in(text: &str, name: &str) -> u64 {
 pub async fn metric(addr: impl Into<Addr>, name: &str) -> u64 {
     metric_in(&http_get(addr, "/metrics").await.1, name)
 }
+
+/// An HS256 token with `claims`, signed with `secret`.
+pub fn jwt(secret: &str, claims: serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("token")
+}
+
+/// A token for user `sub` in `channels`, signed with `secret`.
+pub fn user_token(secret: &str, sub: &str, channels: &[&str]) -> String {
+    jwt(secret, serde_json::json!({"sub": sub, "channels": channels}))
+}
+
+/// A WebSocket connection to `gw` with `token` (the welcome line already read).
+pub async fn connect_with(gw: impl Into<Addr>, token: &str) -> Client {
+    let url = format!("ws://{}/?token={token}", gw.into().0);
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect timed out")
+        .expect("websocket handshake");
+    let (worker, conn) = parse_welcome(&next_text(&mut ws).await.expect("welcome line"));
+    Client { ws, worker, conn }
+}
