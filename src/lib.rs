@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod page;
 pub mod publisher;
 pub mod push;
+pub mod sse;
 pub mod status;
 pub mod token;
 pub mod tracker;

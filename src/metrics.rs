@@ -39,6 +39,7 @@ impl LogEvery {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub ws_connections_total: AtomicU64,
+    pub sse_connections_total: AtomicU64,
     pub ws_connections_refused: AtomicU64,
     pub deliveries: AtomicU64,
     pub undeliverable: AtomicU64,
@@ -56,6 +57,7 @@ pub struct Metrics {
 /// The counters of this process.
 pub static GLOBAL: Metrics = Metrics {
     ws_connections_total: AtomicU64::new(0),
+    sse_connections_total: AtomicU64::new(0),
     ws_connections_refused: AtomicU64::new(0),
     deliveries: AtomicU64::new(0),
     undeliverable: AtomicU64::new(0),
@@ -80,6 +82,7 @@ pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, 
     let m = &GLOBAL;
     let counters: &[(&str, &str, &AtomicU64)] = &[
         ("ws_connections_total", "WebSocket connections accepted", &m.ws_connections_total),
+        ("sse_connections_total", "Server-Sent Events streams accepted", &m.sse_connections_total),
         ("ws_connections_refused_total", "WebSocket connections refused at the limit", &m.ws_connections_refused),
         ("deliveries_total", "frames queued to WebSocket clients", &m.deliveries),
         ("undeliverable_total", "targeted pushes whose connection does not exist", &m.undeliverable),

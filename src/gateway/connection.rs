@@ -26,7 +26,7 @@ pub(super) async fn serve(
     cfg: &GatewayConfig,
     who: Option<Box<Identity>>,
 ) {
-    let (id, conn) = Box::pin(worker.add(who.map(|w| *w).unwrap_or_default())).await;
+    let (id, conn) = Box::pin(worker.add(who.map(|w| *w).unwrap_or_default(), false)).await;
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
     let welcome = ws::encode(ws::TEXT, format!("workerID:{} connectionID:{id} connected\n", worker.id).as_bytes());
     let mut out = VecDeque::from([welcome]);
@@ -81,6 +81,42 @@ pub(super) async fn serve(
         }
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
+}
+
+/// Serve one Server-Sent Events stream (its response head already written) until the client goes
+/// or the stream is closed: the welcome line as the first event, then what the worker queues.
+/// Whatever the client sends is read and ignored.
+pub(super) async fn serve_sse(mut stream: TcpStream, worker: &Worker, cfg: &GatewayConfig, who: Option<Box<Identity>>) {
+    let (id, conn) = Box::pin(worker.add(who.map(|w| *w).unwrap_or_default(), true)).await;
+    tracing::debug!(worker = %worker.id, connection = id, "event stream opened");
+    let welcome = crate::sse::event(format!("workerID:{} connectionID:{id} connected\n", worker.id).as_bytes());
+    let mut out = VecDeque::from([welcome]);
+    loop {
+        if !out.is_empty() && !flush(&stream, &mut out, cfg.write_timeout).await {
+            break;
+        }
+        tokio::select! {
+            () = conn.wake.notified() => match conn.close_code.load(Ordering::Acquire) {
+                0 => conn.take(&mut out),
+                _ => break,
+            },
+            r = stream.readable() => {
+                if r.is_err() {
+                    break;
+                }
+                let mut scratch = [0u8; 512];
+                match stream.try_read(&mut scratch) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    Box::pin(worker.remove(id)).await;
+    let _ = stream.shutdown().await;
+    tracing::debug!(worker = %worker.id, connection = id, "event stream closed");
 }
 
 /// How long a closing connection waits for its close frame to go out and for the client to close.

@@ -86,7 +86,7 @@ impl Gateway {
 
     /// Who the connection asking with `query` is, from its `token` parameter; `None` for an
     /// anonymous client (boxed: it travels in the connection's long-lived task).
-    fn identify(&self, query: Option<&str>) -> Result<Option<Box<Identity>>, TokenError> {
+    pub(super) fn identify(&self, query: Option<&str>) -> Result<Option<Box<Identity>>, TokenError> {
         let token = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .find_map(|(k, v)| (k == "token").then(|| v.into_owned()));
         let who = self.cfg.tokens.identify(token.as_deref())?;
@@ -113,14 +113,55 @@ impl Gateway {
     /// answers errors and unusual requests properly.
     pub(super) async fn fast_upgrade(self: Arc<Self>, mut stream: TcpStream) -> Option<TcpStream> {
         let mut head = vec![0u8; 2048];
-        let n = match tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut head)).await {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut n = match tokio::time::timeout_at(deadline, stream.peek(&mut head)).await {
             Ok(Ok(n)) => n,
             _ => return Some(stream),
         };
+        // An event stream has no other way in: a request for one that arrives in pieces is
+        // waited for (a WebSocket upgrade in pieces goes to hyper, which upgrades it too).
+        let sse_request = format!("GET {}", crate::sse::PATH);
+        while head[..n].starts_with(sse_request.as_bytes()) && !head[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            if n == head.len() || tokio::time::Instant::now() >= deadline {
+                return Some(stream);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            n = stream.peek(&mut head).await.unwrap_or(0);
+        }
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         let Ok(httparse::Status::Complete(len)) = req.parse(&head[..n]) else { return Some(stream) };
         let get = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+        let (path, query) = match req.path.map(|p| p.split_once('?').unwrap_or((p, ""))) {
+            Some((p, q)) => (p, (!q.is_empty()).then_some(q)),
+            None => return Some(stream),
+        };
+        if path == crate::sse::PATH && req.method == Some("GET") {
+            let origin = get("origin");
+            // Refusals (origin, token, the connection limit) are answered by the HTTP path.
+            if !self.origin_allowed(origin) {
+                return Some(stream);
+            }
+            let Ok(who) = self.identify(query) else { return Some(stream) };
+            let Some(open) = self.open_slot() else { return Some(stream) };
+            let allow = origin.and_then(|o| std::str::from_utf8(o).ok()).map(|o| {
+                if self.cfg.allowed_origins.is_empty() {
+                    "*".to_owned()
+                } else {
+                    o.to_owned()
+                }
+            });
+            let mut consumed = vec![0u8; len];
+            let response = crate::sse::response_head(allow.as_deref());
+            let start = async {
+                stream.read_exact(&mut consumed).await?;
+                stream.write_all(&response).await
+            };
+            if tokio::time::timeout(crate::http::HEADER_TIMEOUT, start).await.is_ok_and(|r| r.is_ok()) {
+                tokio::spawn(open.run_sse(stream, who));
+            }
+            return None;
+        }
         let upgrade = get("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));
         let (Some(key), Some(b"13")) = (get("sec-websocket-key"), get("sec-websocket-version")) else {
             return Some(stream);
@@ -129,7 +170,6 @@ impl Gateway {
             return Some(stream);
         }
         // A refused token is answered (401, with the reason) by the HTTP path.
-        let query = req.path.and_then(|p| p.split_once('?')).map(|(_, q)| q);
         let Ok(who) = self.identify(query) else { return Some(stream) };
         let accept = ws::accept_key(key);
         let Some(open) = self.open_slot() else { return Some(stream) };

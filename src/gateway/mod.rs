@@ -234,4 +234,13 @@ impl OpenGuard {
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
         connection::serve(stream, leftover, &worker, &gw.cfg, who).await;
     }
+
+    /// Serve an event stream (its response head already sent) on the next worker.
+    async fn run_sse(self, stream: TcpStream, who: Option<Box<Identity>>) {
+        let gw = &self.0;
+        let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
+        let worker = gw.workers[n].clone();
+        GLOBAL.sse_connections_total.fetch_add(1, Ordering::Relaxed);
+        connection::serve_sse(stream, &worker, &gw.cfg, who).await;
+    }
 }

@@ -10,6 +10,8 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::Gateway;
 use crate::http::reply as text;
+use crate::metrics::GLOBAL;
+use std::sync::atomic::Ordering;
 
 impl Gateway {
     pub(super) fn route(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -18,6 +20,7 @@ impl Gateway {
         match (req.method(), req.uri().path(), upgrade) {
             (&Method::GET, _, true) => self.upgrade(req),
             (&Method::GET, "/", false) => text(StatusCode::OK, "text/html; charset=utf-8", crate::page::INDEX),
+            (&Method::GET, crate::sse::PATH, false) => self.events_refused(&req),
             (&Method::GET, "/healthz", _) => self.health(),
             (&Method::GET, "/metrics", _) => {
                 let workers: u64 = self.workers.iter().map(|w| w.connections() as u64).sum();
@@ -36,6 +39,25 @@ impl Gateway {
                 r
             }
         }
+    }
+
+    /// An event stream request the fast path did not take: say why.
+    fn events_refused(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+        let origin = req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes);
+        if !self.origin_allowed(origin) {
+            let origin = String::from_utf8_lossy(origin.unwrap_or_default());
+            return text(StatusCode::FORBIDDEN, "text/plain", format!("origin {origin:?} is not allowed\n"));
+        }
+        if let Err(e) = self.identify(req.uri().query()) {
+            return text(StatusCode::UNAUTHORIZED, "text/plain", format!("{e}\n"));
+        }
+        if self.connections() >= self.cfg.max_connections {
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return r;
+        }
+        text(StatusCode::BAD_REQUEST, "text/plain", "the request head did not arrive whole within 1 s\n")
     }
 
     fn health(&self) -> Response<Full<Bytes>> {

@@ -28,6 +28,30 @@ pub struct Conn {
     pub(super) wake: Notify,
     pub(super) close_code: AtomicU16,
     pub(super) last_seen: AtomicU64,
+    /// A Server-Sent Events stream rather than a WebSocket: it gets events, not frames.
+    pub(super) sse: bool,
+}
+
+/// One push as each transport sends it: the WebSocket frame, and the SSE event made on first use
+/// (once per message per worker, then shared like the frame).
+pub(super) struct Frames<'a> {
+    ws: Bytes,
+    content: &'a [u8],
+    sse: std::cell::OnceCell<Bytes>,
+}
+
+impl<'a> Frames<'a> {
+    fn new(content: &'a [u8]) -> Frames<'a> {
+        let opcode = if std::str::from_utf8(content).is_ok() { ws::TEXT } else { ws::BINARY };
+        Frames { ws: ws::encode(opcode, content), content, sse: std::cell::OnceCell::new() }
+    }
+
+    fn for_conn(&self, c: &Conn) -> &Bytes {
+        match c.sse {
+            false => &self.ws,
+            true => self.sse.get_or_init(|| crate::sse::event(self.content)),
+        }
+    }
 }
 
 /// Frames waiting for the connection's task. Empty, it allocates nothing: most connections
@@ -143,13 +167,14 @@ impl Worker {
 
     /// Add a connection who is `who`; once this returns, pushes to its user and topics reach it
     /// (the broker confirmed the subscriptions, or is down and renews them when it is back).
-    pub(super) async fn add(&self, who: Identity) -> (u64, Arc<Conn>) {
+    pub(super) async fn add(&self, who: Identity, sse: bool) -> (u64, Arc<Conn>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
         let conn = Arc::new(Conn {
             queue: Mutex::default(),
             wake: Notify::new(),
             close_code: AtomicU16::new(0),
             last_seen: AtomicU64::new(self.now()),
+            sse,
         });
         let channels = broker_channels(who.uid.as_deref(), &who.channels);
         let uid: Option<Arc<str>> = who.uid.map(Into::into);
@@ -293,7 +318,7 @@ impl Worker {
 
     /// Queue `frame` to the connections `to` names, except those of the users in `exclude`;
     /// returns deliveries.
-    fn send(&self, frame: &Bytes, to: Target<'_>, exclude: &[Vec<u8>]) -> usize {
+    fn send(&self, frames: &Frames<'_>, to: Target<'_>, exclude: &[Vec<u8>]) -> usize {
         let mut table = self.table();
         let t = &*table;
         // The connections of the excluded users (none in the common case: nothing to look up).
@@ -305,7 +330,7 @@ impl Worker {
             if !skip.is_empty() && skip.contains(&id) {
                 return;
             }
-            match c.offer(frame, self.max_frames, self.max_bytes) {
+            match c.offer(frames.for_conn(c), self.max_frames, self.max_bytes) {
                 Offer::Queued => delivered += 1,
                 Offer::Full => slow.push(id),
             }
@@ -358,8 +383,7 @@ impl Worker {
                 return;
             }
         };
-        let opcode = if std::str::from_utf8(&push.content).is_ok() { ws::TEXT } else { ws::BINARY };
-        let frame = ws::encode(opcode, &push.content);
+        let frames = Frames::new(&push.content);
         let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
         let to = match channel.split_once(':') {
             _ if channel == BROADCAST => Some(Target::All),
@@ -368,11 +392,11 @@ impl Worker {
             _ => None,
         };
         if let Some(to) = to {
-            self.send(&frame, to, &push.exclude_uid);
+            self.send(&frames, to, &push.exclude_uid);
             return;
         }
         let target = push.to_connection_id.as_deref().and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok());
-        let delivered = target.map_or(0, |id| self.send(&frame, Target::Conn(id), &[]));
+        let delivered = target.map_or(0, |id| self.send(&frames, Target::Conn(id), &[]));
         if delivered == 0 {
             GLOBAL.undeliverable.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
@@ -386,14 +410,15 @@ impl Worker {
     /// Ping every connection; close those silent for longer than `dead_after`.
     pub(super) fn sweep(&self, dead_after: Duration) {
         let now = self.now();
-        let ping = ws::ping();
+        let (ping, comment) = (ws::ping(), crate::sse::heartbeat());
         self.table().conns.retain(|_, c| {
-            if now.saturating_sub(c.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
+            // An SSE client never writes: a dead one shows as a full queue (a slow consumer).
+            if !c.sse && now.saturating_sub(c.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
                 c.close(close::GOING_AWAY);
                 return false;
             }
             // A client whose queue is full gets no ping; the next push decides its fate.
-            let _ = c.offer(&ping, self.max_frames, self.max_bytes);
+            let _ = c.offer(if c.sse { &comment } else { &ping }, self.max_frames, self.max_bytes);
             true
         });
     }
@@ -554,6 +579,6 @@ pub fn bench_worker(n: usize, queue: usize) -> (Worker, Vec<Arc<Conn>>) {
     let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
     let w = Worker::new("bench-0".into(), queue, usize::MAX, broker, 0);
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-    let conns = (0..n).map(|_| rt.block_on(w.add(Identity::default())).1).collect();
+    let conns = (0..n).map(|_| rt.block_on(w.add(Identity::default(), false)).1).collect();
     (w, conns)
 }

@@ -1,0 +1,67 @@
+//! Server-Sent Events (the WHATWG HTML "server-sent events" format), as much as a push gateway
+//! needs: the response head of `GET /events`, one event per push, and comments as heartbeats.
+//!
+//! An event is one `data:` line per line of the push, then an empty line, so that `EventSource`
+//! hands the page exactly the text a WebSocket client gets (line breaks `\r\n` and `\r` arrive as
+//! `\n`: the format knows only lines). Like a WebSocket frame, an encoded event is the same bytes
+//! for every client and is shared across a fan-out. The body is the raw stream until the
+//! connection closes (`Connection: close`, no chunking), which every `EventSource` and proxy reads.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The path SSE clients ask for.
+pub const PATH: &str = "/events";
+
+/// The event carrying `content`.
+pub fn event(content: &[u8]) -> Bytes {
+    let text = String::from_utf8_lossy(content);
+    let mut out = BytesMut::with_capacity(text.len() + 16);
+    // Most pushes are one line: found with the standard library's memchr, not a scan of our own.
+    if !text.as_bytes().contains(&b'\n') && !text.as_bytes().contains(&b'\r') {
+        out.put_slice(b"data: ");
+        out.put_slice(text.as_bytes());
+        out.put_slice(b"\n\n");
+        return out.freeze();
+    }
+    for line in text.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+        out.put_slice(b"data: ");
+        out.put_slice(line.as_bytes());
+        out.put_u8(b'\n');
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// A comment: ignored by clients, it keeps proxies from closing an idle stream.
+pub fn heartbeat() -> Bytes {
+    Bytes::from_static(b":\n\n")
+}
+
+/// The head of the `200` answer; `origin` is echoed for browsers on other origins.
+pub fn response_head(allow_origin: Option<&str>) -> Vec<u8> {
+    let mut head = String::from(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+         X-Accel-Buffering: no\r\nConnection: close\r\n",
+    );
+    if let Some(o) = allow_origin {
+        head.push_str(&format!("Access-Control-Allow-Origin: {o}\r\nVary: Origin\r\n"));
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events() {
+        assert_eq!(&event(b"hi")[..], b"data: hi\n\n");
+        assert_eq!(&event(b"")[..], b"data: \n\n");
+        // The welcome line ends with a line break: EventSource gives back "...connected\n".
+        assert_eq!(&event(b"a connected\n")[..], b"data: a connected\ndata: \n\n");
+        assert_eq!(&event(b"a\r\nb\rc\nd")[..], b"data: a\ndata: b\ndata: c\ndata: d\n\n");
+        assert_eq!(&event(b"\xff")[..], "data: \u{fffd}\n\n".as_bytes());
+        assert!(response_head(Some("https://a.example")).ends_with(b"Vary: Origin\r\n\r\n"));
+    }
+}

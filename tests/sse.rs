@@ -1,0 +1,164 @@
+//! Server-Sent Events on the gateway port (`GET /events`), read with a plain HTTP client: the
+//! welcome line first, every kind of push (broadcast, targeted, user, topic), heartbeat comments,
+//! refusals answered with a reason, a stream whose request arrives in pieces, and a stream that
+//! stops reading cut off without holding back anyone.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SECRET: &str = "sse-secret";
+
+/// An open event stream and what has been read of it.
+struct Stream {
+    s: TcpStream,
+    buf: String,
+    worker: String,
+    conn: String,
+}
+
+impl Stream {
+    /// Open `/events?query` on `gw` in `pieces` writes; check the head; read the welcome event.
+    async fn open(gw: u16, query: &str, pieces: usize) -> Stream {
+        let mut s = TcpStream::connect(("127.0.0.1", gw)).await.expect("connect");
+        let req = format!("GET /events{query} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+        let step = req.len().div_ceil(pieces);
+        for part in req.as_bytes().chunks(step) {
+            s.write_all(part).await.expect("write");
+            if pieces > 1 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        }
+        let mut st = Stream { s, buf: String::new(), worker: String::new(), conn: String::new() };
+        let head = st.until("\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{head}");
+        let welcome = st.event().await.expect("welcome event");
+        let (worker, conn) = parse_welcome(&welcome);
+        (st.worker, st.conn) = (worker, conn);
+        st
+    }
+
+    /// Read up to and including `end`.
+    async fn until(&mut self, end: &str) -> String {
+        loop {
+            if let Some(i) = self.buf.find(end) {
+                let out = self.buf[..i + end.len()].to_owned();
+                self.buf.drain(..i + end.len());
+                return out;
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = tokio::time::timeout(WAIT, self.s.read(&mut chunk)).await.expect("read timed out").expect("read");
+            assert!(n > 0, "stream ended; read so far: {:?}", self.buf);
+            self.buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    }
+
+    /// The next event's data (comments skipped), as EventSource would give it; `None` at the end.
+    async fn event(&mut self) -> Option<String> {
+        loop {
+            let block = tokio::time::timeout(WAIT, self.until("\n\n")).await.ok()?;
+            let data: Vec<&str> = block.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            if !data.is_empty() {
+                return Some(data.join("\n"));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_push_reaches_an_event_stream() {
+    let (_p, _c, w, h) = standalone(&["--token-secret", SECRET, "--workers", "2"]).await;
+    let mut anon = Stream::open(w, "", 1).await;
+    let token = user_token(SECRET, "sam", &["news"]);
+    let mut sam = Stream::open(w, &format!("?token={token}"), 3).await; // the request in pieces
+    let mut ws = connect(w).await;
+
+    assert_eq!(http_get(h, "/?content=line1%0Aline2").await.0, 200);
+    let target = format!("/?to_worker_id={}&to_connection_id={}&content=just-anon", q(&anon.worker), anon.conn);
+    assert_eq!(http_get(h, &target).await.0, 200);
+    assert_eq!(http_get(h, "/?to_uid=sam&content=for-sam").await.0, 200);
+    assert_eq!(http_get(h, "/?to_channel=news&content=news-1").await.0, 200);
+    assert_eq!(http_get(h, "/?content=end").await.0, 200);
+
+    for (s, want) in [
+        (&mut anon, vec!["line1\nline2", "just-anon", "end"]),
+        (&mut sam, vec!["line1\nline2", "for-sam", "news-1", "end"]),
+    ] {
+        let mut got = Vec::new();
+        while let Some(e) = s.event().await {
+            let done = e == "end";
+            got.push(e);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(got, want);
+    }
+    // WebSocket clients get the same text.
+    assert_eq!(next_text(&mut ws.ws).await.as_deref(), Some("line1\nline2"));
+    assert_eq!(next_text(&mut ws.ws).await.as_deref(), Some("end"));
+    assert_eq!(metric(h, "pushwire_sse_connections_total").await, 2);
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_silent_stream_open() {
+    let (_p, _c, w, _h) = standalone(&["--heartbeat", "200ms"]).await;
+    let mut s = Stream::open(w, "", 1).await;
+    // A comment every heartbeat, and the stream is not closed for never writing anything (a
+    // WebSocket that silent for three intervals would be).
+    for _ in 0..6 {
+        assert_eq!(s.until("\n\n").await, ":\n\n");
+    }
+}
+
+#[tokio::test]
+async fn refusals_have_a_reason() {
+    let (_p, _c, w, _h) =
+        standalone(&["--token-secret", SECRET, "--allowed-origins", "https://ok.example", "--max-connections", "1"])
+            .await;
+    let get =
+        |path: &'static str, origin: &'static str| async move { http(w, "GET", path, &[("Origin", origin)], "").await };
+    let (status, body) = get("/events?token=nonsense", "https://ok.example").await;
+    assert!(status == 401 && body.contains("malformed"), "{status} {body}");
+    assert_eq!(get("/events", "https://evil.example").await.0, 403);
+    assert_eq!(http(w, "GET", "/events", &[], "").await.0, 403, "no Origin, when origins are restricted");
+    // An allowed origin gets a stream, its origin echoed for the browser.
+    let mut raw = TcpStream::connect(("127.0.0.1", w)).await.expect("connect");
+    raw.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\nOrigin: https://ok.example\r\n\r\n").await.expect("write");
+    let mut head = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, raw.read(&mut head)).await.expect("head").expect("read");
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.contains("Access-Control-Allow-Origin: https://ok.example"), "{head}");
+    // It holds the one connection slot.
+    assert_eq!(get("/events", "https://ok.example").await.0, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stops_reading_is_cut_off_alone() {
+    let (_p, _c, w, h) = standalone(&["--outbound-queue-bytes", "524288"]).await;
+    let mut reader = Stream::open(w, "", 1).await;
+    let stalled = Stream::open(w, "", 1).await; // never read from again
+    let content = "y".repeat(8 * 1024);
+    let n = 600; // 4.8 MB: more than the socket buffers and the 512 KiB queue hold
+    let len = content.len();
+    let reading = tokio::spawn(async move {
+        for got in 0..n {
+            let e = reader.event().await.unwrap_or_else(|| panic!("event {got}"));
+            assert_eq!(e.len(), len);
+        }
+    });
+    let publishing = async {
+        for _ in 0..n {
+            assert_eq!(http(h, "POST", "/", &[], &format!("content={content}")).await.0, 200);
+        }
+    };
+    publishing.await;
+    reading.await.expect("the reading client got every event");
+    assert_eq!(metric(w, "pushwire_slow_consumer_disconnects_total").await, 1);
+    drop(stalled);
+}
