@@ -226,6 +226,14 @@ async fn seed_console_snippet_and_page_in_chromium() {
     assert_eq!(a.eval("document.getElementById('log').textContent.includes('to ann')").await, json!(false));
     assert_eq!(a.eval("document.getElementById('log').textContent.includes('to the lobby')").await, json!(false));
 
+    // Page D: an EventSource on the gateway's /events (the same text as WebSocket clients get).
+    let mut pd = Page::open(d).await;
+    pd.call("Page.navigate", json!({"url": format!("http://127.0.0.1:{w}/healthz")})).await;
+    pd.eval("window.got = []; window.es = new EventSource('/events'); es.onmessage = (e) => got.push(e.data); 1").await;
+    pd.wait_for("got.length >= 1 && got[0].startsWith('workerID:') && got[0].endsWith(' connected\\n')").await;
+    assert_eq!(http_get(h, "/?content=to-every-stream&key=page-key").await.0, 200);
+    pd.wait_for("got.includes('to-every-stream')").await;
+
     a.call("Page.bringToFront", json!({})).await;
     let shot = a.call("Page.captureScreenshot", json!({"format": "png"})).await;
     let png =
@@ -240,5 +248,9 @@ async fn seed_console_snippet_and_page_in_chromium() {
     a.wait_for("document.getElementById('status').textContent.startsWith('disconnected')").await;
     let _server = Proc::start(&argv, &[c, w, h]).await;
     a.wait_for("document.getElementById('status').textContent === 'connected'").await;
+    // The EventSource reconnected by itself (a second welcome) and gets pushes again.
+    pd.wait_for("got.filter((m) => m.startsWith('workerID:')).length >= 2").await;
+    assert_eq!(http_get(h, "/?content=after-restart&key=page-key").await.0, 200);
+    pd.wait_for("got.includes('after-restart')").await;
     let _ = std::fs::remove_dir_all(profile);
 }

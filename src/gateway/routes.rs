@@ -15,6 +15,17 @@ use std::sync::atomic::Ordering;
 
 impl Gateway {
     pub(super) fn route(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let mut r = self.answer(req);
+        // No keep-alive here: a browser would send its next request, an EventSource's say, on
+        // the pooled connection, where only this HTTP stack listens; a fresh connection reaches
+        // the handshake that serves event streams and WebSockets without it.
+        if r.status() != StatusCode::SWITCHING_PROTOCOLS {
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+
+    fn answer(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let upgrade =
             req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         match (req.method(), req.uri().path(), upgrade) {
