@@ -283,14 +283,15 @@ impl<C: Client> Task<C> {
     }
 
     /// Subscribe the broker to channels new in this process, when the link is up (otherwise the
-    /// renewal after the next connection takes them). A failure makes the link renew everything.
+    /// renewal after the next connection takes them). A failure takes the link down until every
+    /// subscription is confirmed again: up means subscribed.
     async fn add_channels(&mut self, new: Vec<String>) -> Result<(), String> {
         if new.is_empty() || self.renew {
             return Ok(());
         }
         let r = self.confirm(new).await;
-        if r.is_err() {
-            self.renew = true;
+        if let Err(e) = &r {
+            self.down(&format!("subscription not confirmed: {e}"));
         }
         r
     }
