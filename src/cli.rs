@@ -206,11 +206,35 @@ pub struct GatewayOpts {
     pub presence_lease: Duration,
 }
 
+/// TLS for the publisher's HTTP listener.
+#[derive(Debug, Args)]
+pub struct TlsOpts {
+    /// PEM certificate chain: serve HTTPS (reloaded on SIGHUP and when the file changes).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl TlsOpts {
+    /// The certificate, loaded and watched, when one is given.
+    fn load(&self) -> anyhow::Result<Option<std::sync::Arc<crate::tls::Tls>>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return Ok(None) };
+        let tls = crate::tls::Tls::load(crate::tls::TlsFiles { cert: cert.clone(), key: key.clone() })
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        tls.watch();
+        Ok(Some(tls))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct PublisherArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:4237")]
     pub listen: String,
+    #[command(flatten)]
+    pub tls: TlsOpts,
     #[command(flatten)]
     pub broker: BrokerOpts,
     #[command(flatten)]
@@ -266,6 +290,9 @@ pub struct StandaloneArgs {
     pub gateway: GatewayOpts,
     #[command(flatten)]
     pub publisher: PublisherOpts,
+    /// HTTPS for the publisher.
+    #[command(flatten)]
+    pub tls: TlsOpts,
 }
 
 /// `--insecure` for the roles that have nothing else to flatten it into.
@@ -342,6 +369,7 @@ impl PublisherOpts {
             body_timeout: self.body_timeout,
             webhook: self.webhook.clone().map(|u| (u, self.webhook_secret.clone())),
             offline_delay: self.offline_delay,
+            tls: None,
         }
     }
 }
@@ -519,7 +547,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let addr = tcp_addr(&a.listen)?;
             protect("publisher", &addr, a.opts.publish_key.is_some(), a.insecure.insecure, PUBLISH_KEY_HOW)?;
             let listener = bind_tcp(&a.listen, "publisher").await?;
-            Publisher::new(a.broker.open().await?, a.opts.config())?.serve(listener, shutdown()).await;
+            let cfg = PublisherConfig { tls: a.tls.load()?, ..a.opts.config() };
+            Publisher::new(a.broker.open().await?, cfg)?.serve(listener, shutdown()).await;
         }
         Command::Standalone(a) => {
             let http_addr = tcp_addr(&a.http_listen)?;
@@ -533,7 +562,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let hub = Arc::new(Hub::new(a.channel.limits()));
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
             let gw = Gateway::start(broker.clone(), a.gateway.config()?)?;
-            let publisher = Publisher::new(broker, a.publisher.config())?;
+            let cfg = PublisherConfig { tls: a.tls.load()?, ..a.publisher.config() };
+            let publisher = Publisher::new(broker, cfg)?;
             // The publisher gets a thread and runtime of its own, so that a publish is never
             // queued behind the thousands of connection tasks a broadcast wakes.
             let (http, stop) = (http.into_std()?, shutdown());

@@ -1,9 +1,10 @@
 //! HTTP serving shared by the gateway, the publisher and the channel server's metrics endpoint:
 //! an accept loop over hyper's HTTP/1 with a header timeout, a cap on connections (one over it is
-//! answered 503 and closed), upgrades allowed, and graceful shutdown (requests in flight finish,
-//! idle keep-alive connections close, all within a deadline).
+//! answered 503 and closed), upgrades allowed, optional TLS (see [`crate::tls`]), and graceful
+//! shutdown (requests in flight finish, idle keep-alive connections close, all within a deadline).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics::LogEvery;
+use crate::tls::Tls;
 
 /// Warnings about connections over the cap: at most one line per interval.
 static BUSY_LOG: LogEvery = LogEvery::new(Duration::from_secs(10));
@@ -56,7 +58,23 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
-    serve_with(what, listener, max_connections, handler, |s| std::future::ready(Some(s)), shutdown).await
+    serve_tls(what, listener, None, max_connections, handler, shutdown).await
+}
+
+/// [`serve`] over TLS when `tls` is given (each new connection gets the current certificate).
+pub async fn serve_tls<H, F>(
+    what: &'static str,
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    max_connections: usize,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Reply> + Send + 'static,
+{
+    let intercept = |s| std::future::ready(Some(s));
+    accept_loop(what, listener, tls, max_connections, handler, intercept, shutdown).await
 }
 
 /// [`serve`], with `intercept` offered each new connection first: it takes the connection
@@ -65,6 +83,23 @@ pub async fn serve<H, F>(
 pub async fn serve_with<H, F, I, IF>(
     what: &'static str,
     listener: TcpListener,
+    max_connections: usize,
+    handler: H,
+    intercept: I,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Reply> + Send + 'static,
+    I: Fn(TcpStream) -> IF + Clone + Send + Sync + 'static,
+    IF: Future<Output = Option<TcpStream>> + Send + 'static,
+{
+    accept_loop(what, listener, None, max_connections, handler, intercept, shutdown).await
+}
+
+async fn accept_loop<H, F, I, IF>(
+    what: &'static str,
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     max_connections: usize,
     handler: H,
     intercept: I,
@@ -101,30 +136,46 @@ pub async fn serve_with<H, F, I, IF>(
             let _ = stream.try_write(BUSY);
             continue;
         };
-        let (handler, intercept, stopped) = (handler.clone(), intercept.clone(), stop.clone());
+        let (handler, intercept, stopped, tls) = (handler.clone(), intercept.clone(), stop.clone(), tls.clone());
         tasks.spawn(async move {
             let _slot = slot;
             let Some(stream) = intercept(stream).await else { return };
-            let service = hyper::service::service_fn(move |req| {
-                let f = handler(req);
-                async move { Ok::<_, std::convert::Infallible>(f.await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!("{what}: connection: {e}") },
-                () = stopped.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
-                }
+            let Some(tls) = tls else { return connection(what, TokioIo::new(stream), handler, stopped).await };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => connection(what, TokioIo::new(s), handler, stopped).await,
+                Ok(Err(e)) => tracing::debug!("{what}: TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!("{what}: TLS handshake timed out"),
             }
         });
     }
     stop.cancel();
     tasks.close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await;
+}
+
+/// Serve HTTP/1 requests on one connection until it ends, or `stopped` (then gracefully).
+async fn connection<IO, H, F>(what: &str, io: IO, handler: H, stopped: tokio_util::sync::CancellationToken)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Reply> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let f = handler(req);
+        async move { Ok::<_, std::convert::Infallible>(f.await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { tracing::debug!("{what}: connection: {e}") },
+        () = stopped.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
 }

@@ -38,6 +38,7 @@ pub mod publisher;
 pub mod push;
 pub mod sse;
 pub mod status;
+pub mod tls;
 pub mod token;
 pub mod tracker;
 pub mod webhook;

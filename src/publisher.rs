@@ -40,6 +40,8 @@ pub struct PublisherConfig {
     /// How long a user (or topic) must have no connection anywhere before `user_offline`
     /// (`channel_vacated`) is sent.
     pub offline_delay: std::time::Duration,
+    /// Serve HTTPS with this certificate (reloaded as it changes).
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Default for PublisherConfig {
@@ -51,6 +53,7 @@ impl Default for PublisherConfig {
             body_timeout: std::time::Duration::from_secs(10),
             webhook: None,
             offline_delay: std::time::Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -223,12 +226,12 @@ impl Publisher {
 
     /// Serve HTTP on `listener` until `shutdown`; requests in flight then get a few seconds to end.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let max = self.cfg.max_connections;
+        let (max, tls) = (self.cfg.max_connections, self.cfg.tls.clone());
         let handler = move |req| {
             let me = self.clone();
             async move { me.handle(req).await }
         };
-        crate::http::serve("publisher", listener, max, handler, shutdown).await;
+        crate::http::serve_tls("publisher", listener, tls, max, handler, shutdown).await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -245,13 +248,21 @@ impl Publisher {
                 true => reply(StatusCode::OK, "ok\n"),
                 false => reply(StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n"),
             },
-            (&Method::GET, "/metrics") => reply(
-                StatusCode::OK,
-                crate::metrics::render(&[
-                    ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
-                    ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
-                ]),
-            ),
+            (&Method::GET, "/metrics") => {
+                let expiry = self.cfg.tls.as_ref().map_or(0, |t| t.not_after().max(0) as u64);
+                reply(
+                    StatusCode::OK,
+                    crate::metrics::render(&[
+                        ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
+                        ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
+                        (
+                            "tls_certificate_expiry_seconds",
+                            "notAfter of the TLS certificate (Unix time; 0 without TLS)",
+                            expiry,
+                        ),
+                    ]),
+                )
+            }
             (&Method::GET | &Method::POST, "/") => {
                 let json = wants_json(&req);
                 match self.publish(req).await {
