@@ -211,7 +211,7 @@ pub struct Publisher {
     asker: Arc<Asker>,
 }
 
-/// A form field of the connection and presence endpoints, and the form they are in.
+/// The fields of a form sent to the connection and presence endpoints.
 type Fields = std::collections::HashMap<String, String>;
 
 impl Publisher {
