@@ -223,22 +223,16 @@ async fn pump(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut out = VecDeque::new();
     let mut batch = Vec::with_capacity(64);
+    // Frames that came with the authentication are handled before anything else is read: the
+    // peer may be waiting for their answer and send nothing more until then.
+    handle_frames(&mut buf, hub, id, cfg, settled).await?;
     loop {
         tokio::select! {
             n = rd.read_buf(&mut buf) => {
                 if n? == 0 {
                     return if buf.is_empty() { Ok(()) } else { Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into())) };
                 }
-                while let Some(payload) = frame::take_payload(&mut buf, cfg.max_frame)? {
-                    if payload.is_empty() {
-                        continue; // ping
-                    }
-                    let req = Request::parse(&payload)?;
-                    if matches!(req, Request::Publish { .. } | Request::PublishLoop { .. } | Request::Enqueue { .. }) {
-                        tokio::time::sleep_until(settled).await;
-                    }
-                    hub.handle(id, req)?;
-                }
+                handle_frames(&mut buf, hub, id, cfg, settled).await?;
             }
             n = rx.recv_many(&mut batch, 64) => {
                 if n == 0 {
@@ -251,6 +245,27 @@ async fn pump(
             }
         }
     }
+}
+
+/// Carry out every whole frame in `buf`; publishes wait until the server has `settled`.
+async fn handle_frames(
+    buf: &mut BytesMut,
+    hub: &Hub,
+    id: crate::hub::ClientId,
+    cfg: &ChannelConfig,
+    settled: tokio::time::Instant,
+) -> Result<(), ConnError> {
+    while let Some(payload) = frame::take_payload(buf, cfg.max_frame)? {
+        if payload.is_empty() {
+            continue; // ping
+        }
+        let req = Request::parse(&payload)?;
+        if matches!(req, Request::Publish { .. } | Request::PublishLoop { .. } | Request::Enqueue { .. }) {
+            tokio::time::sleep_until(settled).await;
+        }
+        hub.handle(id, req)?;
+    }
+    Ok(())
 }
 
 /// Serve `/metrics` and `/healthz` for a channel server's hub on `listener`.

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use channel_proto::Request;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -70,6 +71,27 @@ async fn idle_strangers_do_not_keep_nodes_out_of_the_channel_server() {
     assert!(metric_in(&metrics, "pushwire_channel_refused_total") >= 1, "{metrics}");
     assert!(metric_in(&metrics, "pushwire_channel_unauthenticated_total") >= 10, "{metrics}");
     assert_eq!(metric_in(&metrics, "pushwire_channel_clients"), 2, "one link per node");
+}
+
+/// What a node sends together with its secret, in one write, is carried out without waiting for
+/// more from it: a link sends auth, subscribe and a probe at once and then waits for the answer.
+#[tokio::test]
+async fn frames_that_come_with_the_secret_are_carried_out() {
+    let c = free_port();
+    let cl = format!("127.0.0.1:{c}");
+    let _ch = Proc::start(&["channel", "--listen", &cl, "--secret", "hush", "--settle", "0s"], &[c]).await;
+    let mut client = ChannelClient::tcp(c).await;
+    let mut together = Vec::new();
+    for req in [
+        Request::Auth(bytes::Bytes::from_static(b"hush")),
+        Request::Subscribe(names(&["me"])),
+        Request::Publish { channels: names(&["me"]), data: bytes::Bytes::from_static(b"s:2:\"hi\";") },
+    ] {
+        together.extend_from_slice(&channel_proto::frame::encode(&req.encode()));
+    }
+    client.raw(&together).await;
+    let event = client.recv_within(Duration::from_secs(3)).await.expect("the publish was carried out");
+    assert!(event.ends_with(b"s:2:\"hi\";}"), "{event:?}");
 }
 
 #[tokio::test]
