@@ -223,16 +223,15 @@ async fn pump(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut out = VecDeque::new();
     let mut batch = Vec::with_capacity(64);
-    // Frames that came with the authentication are handled before anything else is read: the
-    // peer may be waiting for their answer and send nothing more until then.
-    handle_frames(&mut buf, hub, id, cfg, settled).await?;
     loop {
+        // Whole frames in the buffer first, those that came with the authentication included: the
+        // peer may be waiting for their answer and send nothing more until then.
+        handle_frames(&mut buf, hub, id, cfg, settled).await?;
         tokio::select! {
             n = rd.read_buf(&mut buf) => {
                 if n? == 0 {
                     return if buf.is_empty() { Ok(()) } else { Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into())) };
                 }
-                handle_frames(&mut buf, hub, id, cfg, settled).await?;
             }
             n = rx.recv_many(&mut batch, 64) => {
                 if n == 0 {
@@ -317,5 +316,5 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
             }
         }
     };
-    crate::http::serve("channel metrics", listener, 64, handler, shutdown).await;
+    crate::http::serve("channel metrics", listener, None, 64, handler, shutdown).await;
 }

@@ -287,13 +287,13 @@ impl Asker {
     }
 
     /// Ask every live gateway; answers of the ones that answered in time.
-    pub async fn ask_all(&self, req: Request) -> Result<(Vec<Answer>, usize), BrokerError> {
+    pub async fn ask_all(&self, req: Request) -> Result<Vec<Answer>, BrokerError> {
         self.ready().await;
         let expect = self.alive().len();
         if expect == 0 {
-            return Ok((Vec::new(), 0));
+            return Ok(Vec::new());
         }
-        Ok((self.ask(NODES, req, expect).await?, expect))
+        self.ask(NODES, req, expect).await
     }
 }
 

@@ -46,23 +46,10 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 26\r\n\
 Retry-After: 5\r\nConnection: close\r\n\r\ntoo many open connections\n";
 
-/// Serve `handler` on `listener`, at most `max_connections` at once, until `shutdown` resolves,
-/// then let connections finish.
+/// Serve `handler` on `listener` (over TLS when `tls` is given: each new connection gets the
+/// current certificate), at most `max_connections` at once, until `shutdown` resolves, then let
+/// connections finish.
 pub async fn serve<H, F>(
-    what: &'static str,
-    listener: TcpListener,
-    max_connections: usize,
-    handler: H,
-    shutdown: impl Future<Output = ()>,
-) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Reply> + Send + 'static,
-{
-    serve_tls(what, listener, None, max_connections, handler, shutdown).await
-}
-
-/// [`serve`] over TLS when `tls` is given (each new connection gets the current certificate).
-pub async fn serve_tls<H, F>(
     what: &'static str,
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
@@ -74,29 +61,13 @@ pub async fn serve_tls<H, F>(
     F: Future<Output = Reply> + Send + 'static,
 {
     let intercept = |s| std::future::ready(Some(s));
-    accept_loop(what, listener, tls, max_connections, handler, intercept, shutdown).await
+    serve_with(what, listener, tls, max_connections, handler, intercept, shutdown).await
 }
 
 /// [`serve`], with `intercept` offered each new connection first: it takes the connection
 /// (`None`) or hands it on to HTTP (`Some`). A connection counts towards the cap until it is
 /// intercepted, upgraded or closed.
 pub async fn serve_with<H, F, I, IF>(
-    what: &'static str,
-    listener: TcpListener,
-    max_connections: usize,
-    handler: H,
-    intercept: I,
-    shutdown: impl Future<Output = ()>,
-) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Reply> + Send + 'static,
-    I: Fn(TcpStream) -> IF + Clone + Send + Sync + 'static,
-    IF: Future<Output = Option<TcpStream>> + Send + 'static,
-{
-    accept_loop(what, listener, None, max_connections, handler, intercept, shutdown).await
-}
-
-async fn accept_loop<H, F, I, IF>(
     what: &'static str,
     listener: TcpListener,
     tls: Option<Arc<Tls>>,

@@ -231,7 +231,7 @@ impl Publisher {
             let me = self.clone();
             async move { me.handle(req).await }
         };
-        crate::http::serve_tls("publisher", listener, tls, max, handler, shutdown).await;
+        crate::http::serve("publisher", listener, tls, max, handler, shutdown).await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -381,7 +381,7 @@ impl Publisher {
         check_name(what, &value).map_err(PublishError::BadRequest)?;
         match path {
             "/online" => {
-                let (answers, _) = self.asker.ask_all(cluster::Request::Online { uid: value.clone() }).await?;
+                let answers = self.asker.ask_all(cluster::Request::Online { uid: value.clone() }).await?;
                 let n: u64 = answers.iter().map(|a| a.connections).sum();
                 Ok(serde_json::json!({"uid": value, "connections": n}))
             }
@@ -394,7 +394,7 @@ impl Publisher {
                         })?
                     }
                 };
-                let (answers, _) = self.asker.ask_all(cluster::Request::Presence { channel: value.clone() }).await?;
+                let answers = self.asker.ask_all(cluster::Request::Presence { channel: value.clone() }).await?;
                 let n: u64 = answers.iter().map(|a| a.connections).sum();
                 let all: std::collections::BTreeSet<&String> = answers.iter().flat_map(|a| &a.uids).collect();
                 let uids: Vec<&String> = all.iter().take(limit).copied().collect();

@@ -8,12 +8,8 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_on_nats() {
-    if !have(&["nats-server"], false) {
-        return;
-    }
-    let port = free_port();
-    let _nats = nats_server(port, None, None).await;
-    let cluster = Cluster::start(Some(format!("nats://127.0.0.1:{port}"))).await;
+    let Some((_nats, url)) = nats_broker().await else { return };
+    let cluster = Cluster::start(Some(url)).await;
     let clients = cluster.clients(200).await;
     check_seed_pushes(&cluster, clients, "n").await;
 }

@@ -114,20 +114,12 @@ async fn on_the_channel_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_redis() {
-    if !have(&["redis-server"], false) {
-        return;
-    }
-    let port = free_port();
-    let _redis = redis_server(port).await;
-    presence_on(Some(format!("redis://127.0.0.1:{port}"))).await;
+    let Some((_redis, url)) = redis_broker().await else { return };
+    presence_on(Some(url)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_nats() {
-    if !have(&["nats-server"], false) {
-        return;
-    }
-    let port = free_port();
-    let _nats = nats_server(port, None, None).await;
-    presence_on(Some(format!("nats://127.0.0.1:{port}"))).await;
+    let Some((_nats, url)) = nats_broker().await else { return };
+    presence_on(Some(url)).await;
 }

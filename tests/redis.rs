@@ -10,12 +10,8 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_on_redis() {
-    if !have(&["redis-server"], false) {
-        return;
-    }
-    let port = free_port();
-    let _redis = redis_server(port).await;
-    let cluster = Cluster::start(Some(format!("redis://127.0.0.1:{port}"))).await;
+    let Some((_redis, url)) = redis_broker().await else { return };
+    let cluster = Cluster::start(Some(url)).await;
     let clients = cluster.clients(200).await;
     check_seed_pushes(&cluster, clients, "r").await;
 }

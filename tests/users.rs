@@ -12,16 +12,8 @@ use jsonwebtoken::{encode, EncodingKey, Header};
 
 const SECRET: &str = "users-test-secret";
 
-fn token_with(claims: serde_json::Value, secret: &str) -> String {
-    jwt(secret, claims)
-}
-
 fn token(sub: &str, channels: &[&str]) -> String {
     user_token(SECRET, sub, channels)
-}
-
-async fn connect_as(gw: &Addr, token: &str) -> Client {
-    connect_with(gw, token).await
 }
 
 /// The status and body of a refused upgrade with `query`.
@@ -56,7 +48,7 @@ async fn users_and_topics(cluster: Cluster) {
     for (name, gw, tok) in people() {
         let gw = &cluster.gateways[gw];
         let c = match tok {
-            Some(t) => connect_as(gw, &t).await,
+            Some(t) => connect_with(gw, &t).await,
             None => connect(gw).await,
         };
         clients.push((name, c));
@@ -116,7 +108,7 @@ async fn users_and_topics(cluster: Cluster) {
     }
 
     // A connection that goes away takes its interest with it.
-    let mut bob = connect_as(&cluster.gateways[0], &token("bob", &["solo"])).await;
+    let mut bob = connect_with(&cluster.gateways[0], &token("bob", &["solo"])).await;
     assert_eq!(cluster.publish(0, "to_channel=solo&content=s1").await.0, 200);
     assert_eq!(next_text(&mut bob.ws).await.as_deref(), Some("s1"));
     close(bob.ws).await;
@@ -135,14 +127,14 @@ async fn users_and_topics(cluster: Cluster) {
 /// Tokens are checked before the upgrade: refused with 401 and the reason.
 async fn bad_tokens(gw: &Addr) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
-    let expired = token_with(serde_json::json!({"sub": "a", "exp": now - 600}), SECRET);
+    let expired = jwt(SECRET, serde_json::json!({"sub": "a", "exp": now - 600}));
     let (status, body) = refused(gw, &format!("token={expired}")).await;
     assert_eq!((status, body.trim()), (401, "token expired"));
-    let forged = token_with(serde_json::json!({"sub": "a"}), "not-the-secret");
+    let forged = jwt("not-the-secret", serde_json::json!({"sub": "a"}));
     assert_eq!(refused(gw, &format!("token={forged}")).await.0, 401);
     let (status, body) = refused(gw, "token=garbage").await;
     assert!(status == 401 && body.contains("malformed"), "{status} {body}");
-    let bad_name = token_with(serde_json::json!({"sub": "a b"}), SECRET);
+    let bad_name = jwt(SECRET, serde_json::json!({"sub": "a b"}));
     assert!(refused(gw, &format!("token={bad_name}")).await.1.contains("sub"));
 }
 
@@ -159,22 +151,14 @@ async fn on_the_channel_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_redis() {
-    if !have(&["redis-server"], false) {
-        return;
-    }
-    let port = free_port();
-    let _redis = redis_server(port).await;
-    users_and_topics(Cluster::start_with(Some(format!("redis://127.0.0.1:{port}")), &gateway_args(), &[]).await).await;
+    let Some((_redis, url)) = redis_broker().await else { return };
+    users_and_topics(Cluster::start_with(Some(url), &gateway_args(), &[]).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_nats() {
-    if !have(&["nats-server"], false) {
-        return;
-    }
-    let port = free_port();
-    let _nats = nats_server(port, None, None).await;
-    users_and_topics(Cluster::start_with(Some(format!("nats://127.0.0.1:{port}")), &gateway_args(), &[]).await).await;
+    let Some((_nats, url)) = nats_broker().await else { return };
+    users_and_topics(Cluster::start_with(Some(url), &gateway_args(), &[]).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,9 +169,9 @@ async fn standalone_with_required_tokens() {
     assert_eq!((status, body.trim()), (401, "a token is required (?token=JWT)"));
     let mut a = Vec::new();
     for _ in 0..3 {
-        a.push(connect_as(&gw, &token("u1", &["t"])).await); // one per worker
+        a.push(connect_with(&gw, &token("u1", &["t"])).await); // one per worker
     }
-    let mut other = connect_as(&gw, &token("u2", &[])).await;
+    let mut other = connect_with(&gw, &token("u2", &[])).await;
     assert_eq!(http_get(h, "/?to_uid=u1&content=x").await.0, 200);
     assert_eq!(http_get(h, "/?to_channel=t&content=y").await.0, 200);
     assert_eq!(http_get(h, "/?to_uid=u2&content=z").await.0, 200);
@@ -236,10 +220,10 @@ async fn public_key_tokens() {
         let (_p, _c, w, h) = standalone(&["--token-public-key", &pubfile, "--require-token"]).await;
         let gw = Addr::from(w);
         let good = encode(&Header::new(alg), &serde_json::json!({"sub": "k1"}), &key).expect("token");
-        let mut c = connect_as(&gw, &good).await;
+        let mut c = connect_with(&gw, &good).await;
         assert_eq!(http_get(h, "/?to_uid=k1&content=signed").await.0, 200);
         assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("signed"), "{alg:?}");
-        let confused = token_with(serde_json::json!({"sub": "k1"}), &String::from_utf8_lossy(&pubpem));
+        let confused = jwt(&String::from_utf8_lossy(&pubpem), serde_json::json!({"sub": "k1"}));
         let (status, body) = refused(&gw, &format!("token={confused}")).await;
         assert_eq!(status, 401, "{alg:?}: HS256 with the public key as secret: {body}");
     }

@@ -1,7 +1,8 @@
 //! The WebSocket handshake. A complete upgrade request found by peeking at a new socket is
 //! answered here without the HTTP stack (no per-connection HTTP state: what keeps an idle
 //! connection near 1.5 kB); anything else goes through hyper, which answers errors and unusual
-//! requests properly. Both paths check the key, the version, the origin and the connection limit.
+//! requests properly. Event streams (`GET /events`) take the same two paths. Both paths check the
+//! key, the version, the origin, the token and the connection limit ([`Gateway::admit`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -35,24 +36,9 @@ impl Gateway {
             r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
             return r;
         }
-        let origin = h.get(header::ORIGIN).map(HeaderValue::as_bytes);
-        if !self.origin_allowed(origin) {
-            GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
-            let origin = String::from_utf8_lossy(origin.unwrap_or_default());
-            return text(StatusCode::FORBIDDEN, "text/plain", format!("origin {origin:?} is not allowed\n"));
-        }
-        let who = match self.identify(req.uri().query()) {
-            Ok(who) => who,
-            Err(e) => {
-                GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
-                return text(StatusCode::UNAUTHORIZED, "text/plain", format!("{e}\n"));
-            }
-        };
-        let Some(open) = self.open_slot() else {
-            GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
-            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            return r;
+        let (who, open) = match self.admit(h.get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query()) {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refusal.answer(),
         };
         let accept = ws::accept_key(key.as_bytes());
         // Only the upgrade future goes into the connection's task, not the whole request: the
@@ -84,9 +70,24 @@ impl Gateway {
         r
     }
 
+    /// Whether a connection (WebSocket or event stream) from `origin` asking with `query` may
+    /// open: who it is, and its connection slot.
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        origin: Option<&[u8]>,
+        query: Option<&str>,
+    ) -> Result<(Option<Box<Identity>>, OpenGuard), Refusal> {
+        if !self.origin_allowed(origin) {
+            return Err(Refusal::Origin(String::from_utf8_lossy(origin.unwrap_or_default()).into_owned()));
+        }
+        let who = self.identify(query).map_err(Refusal::Token)?;
+        let open = self.open_slot().ok_or(Refusal::Full)?;
+        Ok((who, open))
+    }
+
     /// Who the connection asking with `query` is, from its `token` parameter; `None` for an
     /// anonymous client (boxed: it travels in the connection's long-lived task).
-    pub(super) fn identify(&self, query: Option<&str>) -> Result<Option<Box<Identity>>, TokenError> {
+    fn identify(&self, query: Option<&str>) -> Result<Option<Box<Identity>>, TokenError> {
         let token = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .find_map(|(k, v)| (k == "token").then(|| v.into_owned()));
         let who = self.cfg.tokens.identify(token.as_deref())?;
@@ -136,55 +137,65 @@ impl Gateway {
             Some((p, q)) => (p, (!q.is_empty()).then_some(q)),
             None => return Some(stream),
         };
-        if path == crate::sse::PATH && req.method == Some("GET") {
-            let origin = get("origin");
-            // Refusals (origin, token, the connection limit) are answered by the HTTP path.
-            if !self.origin_allowed(origin) {
-                return Some(stream);
-            }
-            let Ok(who) = self.identify(query) else { return Some(stream) };
-            let Some(open) = self.open_slot() else { return Some(stream) };
-            let allow = origin.and_then(|o| std::str::from_utf8(o).ok()).map(|o| {
-                if self.cfg.allowed_origins.is_empty() {
-                    "*".to_owned()
-                } else {
-                    o.to_owned()
-                }
-            });
-            let mut consumed = vec![0u8; len];
-            let response = crate::sse::response_head(allow.as_deref());
-            let start = async {
-                stream.read_exact(&mut consumed).await?;
-                stream.write_all(&response).await
-            };
-            if tokio::time::timeout(crate::http::HEADER_TIMEOUT, start).await.is_ok_and(|r| r.is_ok()) {
-                tokio::spawn(open.run_sse(stream, who));
-            }
-            return None;
-        }
+        let origin = get("origin");
+        let sse = path == crate::sse::PATH && req.method == Some("GET");
         let upgrade = get("upgrade").is_some_and(|v| v.eq_ignore_ascii_case(b"websocket"));
-        let (Some(key), Some(b"13")) = (get("sec-websocket-key"), get("sec-websocket-version")) else {
-            return Some(stream);
+        let key = match (get("sec-websocket-key"), get("sec-websocket-version")) {
+            (Some(key), Some(b"13")) if req.method == Some("GET") && upgrade => Some(key),
+            _ => None,
         };
-        if req.method != Some("GET") || !upgrade || !self.origin_allowed(get("origin")) {
+        if !sse && key.is_none() {
             return Some(stream);
         }
-        // A refused token is answered (401, with the reason) by the HTTP path.
-        let Ok(who) = self.identify(query) else { return Some(stream) };
-        let accept = ws::accept_key(key);
-        let Some(open) = self.open_slot() else { return Some(stream) };
-        let mut consumed = vec![0u8; len];
-        let response = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-        );
-        let handshake = async {
-            stream.read_exact(&mut consumed).await?;
-            stream.write_all(response.as_bytes()).await
+        // Refusals (origin, token, the connection limit) are answered, with the reason, by the
+        // HTTP path.
+        let Ok((who, open)) = self.admit(origin, query) else { return Some(stream) };
+        let response = match key {
+            Some(key) if !sse => format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                ws::accept_key(key)
+            )
+            .into_bytes(),
+            _ => {
+                let allow = origin.and_then(|o| std::str::from_utf8(o).ok());
+                crate::sse::response_head(allow.map(|o| if self.cfg.allowed_origins.is_empty() { "*" } else { o }))
+            }
         };
-        if tokio::time::timeout(crate::http::HEADER_TIMEOUT, handshake).await.is_ok_and(|r| r.is_ok()) {
+        let mut consumed = vec![0u8; len];
+        let answer = async {
+            stream.read_exact(&mut consumed).await?;
+            stream.write_all(&response).await
+        };
+        if tokio::time::timeout(crate::http::HEADER_TIMEOUT, answer).await.is_ok_and(|r| r.is_ok()) {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
-            tokio::spawn(open.run(stream, BytesMut::new(), who));
+            match sse {
+                true => tokio::spawn(open.run_sse(stream, who)),
+                false => tokio::spawn(open.run(stream, BytesMut::new(), who)),
+            };
         }
         None
+    }
+}
+
+/// Why a connection may not open.
+pub(super) enum Refusal {
+    Origin(String),
+    Token(TokenError),
+    Full,
+}
+
+impl Refusal {
+    /// The HTTP answer (counted as a refused connection).
+    pub(super) fn answer(self) -> Response<Full<Bytes>> {
+        GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+        match self {
+            Refusal::Origin(o) => text(StatusCode::FORBIDDEN, "text/plain", format!("origin {o:?} is not allowed\n")),
+            Refusal::Token(e) => text(StatusCode::UNAUTHORIZED, "text/plain", format!("{e}\n")),
+            Refusal::Full => {
+                let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                r
+            }
+        }
     }
 }

@@ -192,7 +192,7 @@ impl Gateway {
         };
         let gw = self.clone();
         let intercept = move |stream| gw.clone().fast_upgrade(stream);
-        crate::http::serve_with("gateway", listener, self.cfg.max_handshakes, handler, intercept, shutdown).await;
+        crate::http::serve_with("gateway", listener, None, self.cfg.max_handshakes, handler, intercept, shutdown).await;
         for w in &self.workers {
             w.close_all(close::GOING_AWAY);
         }
@@ -228,19 +228,19 @@ impl Drop for OpenGuard {
 impl OpenGuard {
     /// Serve an upgraded connection of `who` (`None`: anonymous) on the next worker, round-robin.
     async fn run(self, stream: TcpStream, leftover: BytesMut, who: Option<Box<Identity>>) {
-        let gw = &self.0;
-        let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
-        let worker = gw.workers[n].clone();
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve(stream, leftover, &worker, &gw.cfg, who).await;
+        connection::serve(stream, leftover, &self.next_worker(), &self.0.cfg, who).await;
     }
 
     /// Serve an event stream (its response head already sent) on the next worker.
     async fn run_sse(self, stream: TcpStream, who: Option<Box<Identity>>) {
-        let gw = &self.0;
-        let n = gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len();
-        let worker = gw.workers[n].clone();
         GLOBAL.sse_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve_sse(stream, &worker, &gw.cfg, who).await;
+        connection::serve_sse(stream, &self.next_worker(), &self.0.cfg, who).await;
+    }
+
+    /// The worker the next connection goes to, round-robin.
+    fn next_worker(&self) -> Arc<Worker> {
+        let gw = &self.0;
+        gw.workers[gw.next_worker.fetch_add(1, Ordering::Relaxed) % gw.workers.len()].clone()
     }
 }

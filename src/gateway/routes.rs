@@ -54,21 +54,13 @@ impl Gateway {
 
     /// An event stream request the fast path did not take: say why.
     fn events_refused(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
-        let origin = req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes);
-        if !self.origin_allowed(origin) {
-            let origin = String::from_utf8_lossy(origin.unwrap_or_default());
-            return text(StatusCode::FORBIDDEN, "text/plain", format!("origin {origin:?} is not allowed\n"));
+        match self.admit(req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query()) {
+            Err(refusal) => refusal.answer(),
+            Ok(_) => {
+                GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
+                text(StatusCode::BAD_REQUEST, "text/plain", "the request head did not arrive whole within 1 s\n")
+            }
         }
-        if let Err(e) = self.identify(req.uri().query()) {
-            return text(StatusCode::UNAUTHORIZED, "text/plain", format!("{e}\n"));
-        }
-        if self.connections() >= self.cfg.max_connections {
-            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            return r;
-        }
-        text(StatusCode::BAD_REQUEST, "text/plain", "the request head did not arrive whole within 1 s\n")
     }
 
     fn health(&self) -> Response<Full<Bytes>> {

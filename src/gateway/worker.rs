@@ -118,8 +118,8 @@ struct Who {
 struct Table {
     conns: HashMap<u64, Arc<Conn>>,
     who: HashMap<u64, Who>,
-    users: HashMap<Arc<str>, Vec<u64>>,
-    topics: HashMap<Arc<str>, std::collections::HashSet<u64>>,
+    users: HashMap<Arc<str>, HashSet<u64>>,
+    topics: HashMap<Arc<str>, HashSet<u64>>,
     /// Users and topics that arrived on or left this worker, numbered, for the presence
     /// trackers; bounded: when full, the oldest go (a tracker sees the gap and asks for all).
     changes: VecDeque<Change>,
@@ -182,10 +182,10 @@ impl Worker {
         {
             let mut t = self.table();
             if let Some(u) = &uid {
-                t.index_user(u, id);
+                t.index(false, u, id);
             }
             for topic in &topics {
-                t.index_topic(topic, id);
+                t.index(true, topic, id);
             }
             t.conns.insert(id, conn.clone());
             if uid.is_some() || !topics.is_empty() {
@@ -253,7 +253,7 @@ impl Worker {
 
     /// Connections of user `uid` here.
     pub fn user_connections(&self, uid: &str) -> usize {
-        self.table().users.get(uid).map_or(0, Vec::len)
+        self.table().users.get(uid).map_or(0, HashSet::len)
     }
 
     /// Connections in topic `topic` here; their users are added to `uids` (up to `cap` in all).
@@ -322,12 +322,13 @@ impl Worker {
         let mut table = self.table();
         let t = &*table;
         // The connections of the excluded users (none in the common case: nothing to look up).
-        let skip: HashSet<u64> =
-            exclude.iter().filter_map(|u| t.users.get(std::str::from_utf8(u).ok()?)).flatten().copied().collect();
+        let skip: Option<HashSet<u64>> = (!exclude.is_empty()).then(|| {
+            exclude.iter().filter_map(|u| t.users.get(std::str::from_utf8(u).ok()?)).flatten().copied().collect()
+        });
         let mut slow = Vec::new();
         let mut delivered = 0;
         let mut offer = |id: u64, c: &Conn| {
-            if !skip.is_empty() && skip.contains(&id) {
+            if skip.as_ref().is_some_and(|s| s.contains(&id)) {
                 return;
             }
             match c.offer(frames.for_conn(c), self.max_frames, self.max_bytes) {
@@ -455,10 +456,10 @@ impl Table {
         }
         let old = std::mem::replace(&mut e.uid, uid.map(Into::into));
         if let Some(u) = e.uid.clone() {
-            self.index_user(&u, id);
+            self.index(false, &u, id);
         }
         if let Some(o) = &old {
-            self.unindex_user(o, id);
+            self.unindex(false, o, id);
         }
         Ok((uid.map(user_channel), old.as_deref().map(user_channel)))
     }
@@ -477,7 +478,7 @@ impl Table {
         }
         let topic: Arc<str> = topic.into();
         e.topics.push(topic.clone());
-        self.index_topic(&topic, id);
+        self.index(true, &topic, id);
         Ok((Some(topic_channel(&topic)), None))
     }
 
@@ -489,7 +490,7 @@ impl Table {
         let Some(e) = self.who.get_mut(&id) else { return Ok((None, None)) };
         let Some(i) = e.topics.iter().position(|t| &**t == topic) else { return Ok((None, None)) };
         e.topics.swap_remove(i);
-        self.unindex_topic(topic, id);
+        self.unindex(true, topic, id);
         Ok((None, Some(topic_channel(topic))))
     }
 
@@ -498,47 +499,27 @@ impl Table {
         self.conns.remove(&id);
         let e = self.who.remove(&id)?;
         if let Some(u) = &e.uid {
-            self.unindex_user(u, id);
+            self.unindex(false, u, id);
         }
         for t in &e.topics {
-            self.unindex_topic(t, id);
+            self.unindex(true, t, id);
         }
         Some(e)
     }
 
-    fn index_user(&mut self, u: &Arc<str>, id: u64) {
-        let ids = self.users.entry(u.clone()).or_default();
-        ids.push(id);
-        if ids.len() == 1 {
-            self.note(true, false, u);
+    /// Put connection `id` under user (or topic) `name`; the first one is a change to report.
+    fn index(&mut self, topic: bool, name: &Arc<str>, id: u64) {
+        let index = if topic { &mut self.topics } else { &mut self.users };
+        if add_member(index, name, id) {
+            self.note(true, topic, name);
         }
     }
 
-    fn unindex_user(&mut self, u: &str, id: u64) {
-        let Some(ids) = self.users.get_mut(u) else { return };
-        ids.retain(|&c| c != id);
-        if ids.is_empty() {
-            if let Some((u, _)) = self.users.remove_entry(u) {
-                self.note(false, false, &u);
-            }
-        }
-    }
-
-    fn index_topic(&mut self, t: &Arc<str>, id: u64) {
-        let ids = self.topics.entry(t.clone()).or_default();
-        ids.insert(id);
-        if ids.len() == 1 {
-            self.note(true, true, t);
-        }
-    }
-
-    fn unindex_topic(&mut self, t: &str, id: u64) {
-        let Some(ids) = self.topics.get_mut(t) else { return };
-        ids.remove(&id);
-        if ids.is_empty() {
-            if let Some((t, _)) = self.topics.remove_entry(t) {
-                self.note(false, true, &t);
-            }
+    /// Take connection `id` from under user (or topic) `name`; the last one is a change to report.
+    fn unindex(&mut self, topic: bool, name: &str, id: u64) {
+        let index = if topic { &mut self.topics } else { &mut self.users };
+        if let Some(name) = remove_member(index, name, id) {
+            self.note(false, topic, &name);
         }
     }
 
@@ -552,17 +533,33 @@ impl Table {
     }
 }
 
+/// Add `id` under `name`; whether it is the first there.
+fn add_member(index: &mut HashMap<Arc<str>, HashSet<u64>>, name: &Arc<str>, id: u64) -> bool {
+    let ids = index.entry(name.clone()).or_default();
+    ids.insert(id);
+    ids.len() == 1
+}
+
+/// Remove `id` from under `name`; the name, if nobody is left under it.
+fn remove_member(index: &mut HashMap<Arc<str>, HashSet<u64>>, name: &str, id: u64) -> Option<Arc<str>> {
+    let ids = index.get_mut(name)?;
+    ids.remove(&id);
+    if !ids.is_empty() {
+        return None;
+    }
+    index.remove_entry(name).map(|(name, _)| name)
+}
+
 /// The broker channels of a connection of user `uid` in `topics`.
 fn broker_channels<T: AsRef<str>>(uid: Option<&str>, topics: &[T]) -> Vec<String> {
     uid.map(user_channel).into_iter().chain(topics.iter().map(|t| topic_channel(t.as_ref()))).collect()
 }
 
 impl Conn {
-    /// Ask the connection's task to close with `code`; whether this was the first request.
-    pub(super) fn close(&self, code: u16) -> bool {
-        let first = self.close_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
+    /// Ask the connection's task to close with `code`.
+    pub(super) fn close(&self, code: u16) {
+        self.close_code.store(code, Ordering::Release);
         self.wake.notify_one();
-        first
     }
 
     /// For benchmarks: drop whatever is queued.

@@ -606,6 +606,24 @@ pub async fn redis_server(port: u16) -> Proc {
     Proc::program(&find_program("redis-server"), &args, &[port]).await
 }
 
+/// A Redis server on a free port and its broker URL; `None` (the test skips) when Redis is missing.
+pub async fn redis_broker() -> Option<(Proc, String)> {
+    if !have(&["redis-server"], false) {
+        return None;
+    }
+    let port = free_port();
+    Some((redis_server(port).await, format!("redis://127.0.0.1:{port}")))
+}
+
+/// A NATS server on a free port and its broker URL; `None` (the test skips) when NATS is missing.
+pub async fn nats_broker() -> Option<(Proc, String)> {
+    if !have(&["nats-server"], false) {
+        return None;
+    }
+    let port = free_port();
+    Some((nats_server(port, None, None).await, format!("nats://127.0.0.1:{port}")))
+}
+
 /// A NATS server on 127.0.0.1:`port`; with `cluster`, a route listener on that port and routes to
 /// `routes`; with `monitor`, the HTTP monitoring port.
 pub async fn nats_server(port: u16, cluster: Option<(u16, &[u16])>, monitor: Option<u16>) -> Proc {
