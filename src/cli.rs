@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::broker::{self, BrokerUrl, LinkConfig};
 use crate::channel_server::{self, ChannelConfig};
 use crate::gateway::{Gateway, GatewayConfig};
+use crate::history::HistoryConfig;
 use crate::hub::{Hub, HubLimits};
 use crate::io::{ListenAddr, Listener};
 use crate::publisher::{Publisher, PublisherConfig};
@@ -69,6 +70,28 @@ pub enum Command {
     },
 }
 
+/// How much history the node's store keeps: the channel server (and standalone) in memory, a
+/// publisher on Redis and NATS JetStream.
+#[derive(Debug, Args)]
+pub struct HistoryOpts {
+    /// Messages kept per channel (broadcast, users, topics) for recovery; 0 keeps none.
+    #[arg(long, default_value_t = HistoryConfig::default().size)]
+    pub history_size: usize,
+    /// How long a message is kept for recovery.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// Bytes of history kept in memory by a channel server, all channels together; the oldest
+    /// messages go first.
+    #[arg(long, default_value_t = HistoryConfig::default().max_bytes)]
+    pub history_max_bytes: usize,
+}
+
+impl HistoryOpts {
+    fn config(&self) -> HistoryConfig {
+        HistoryConfig { size: self.history_size, ttl: self.history_ttl, max_bytes: self.history_max_bytes }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ChannelArgs {
     /// Address to listen on: HOST:PORT, or unix:/path for a Unix socket.
@@ -81,6 +104,8 @@ pub struct ChannelArgs {
     pub insecure: Insecure,
     #[command(flatten)]
     pub opts: ChannelOpts,
+    #[command(flatten)]
+    pub history: HistoryOpts,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +266,8 @@ pub struct PublisherArgs {
     pub insecure: Insecure,
     #[command(flatten)]
     pub opts: PublisherOpts,
+    #[command(flatten)]
+    pub history: HistoryOpts,
 }
 
 #[derive(Debug, Args)]
@@ -293,6 +320,8 @@ pub struct StandaloneArgs {
     /// HTTPS for the publisher.
     #[command(flatten)]
     pub tls: TlsOpts,
+    #[command(flatten)]
+    pub history: HistoryOpts,
 }
 
 /// `--insecure` for the roles that have nothing else to flatten it into.
@@ -531,7 +560,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             protect("channel server", &a.listen, a.opts.secret.is_some(), a.insecure.insecure, SECRET_HOW)?;
             let listener =
                 Listener::bind(&a.listen).await.with_context(|| format!("channel: cannot listen on {}", a.listen))?;
-            let hub = Arc::new(Hub::new(a.opts.limits()));
+            let hub = Arc::new(Hub::new(a.opts.limits(), a.history.config()));
             if let Some(m) = &a.metrics_listen {
                 let l = bind_tcp(m, "channel metrics").await?;
                 tokio::spawn(channel_server::serve_metrics(l, hub.clone(), shutdown()));
@@ -559,7 +588,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("channel: cannot listen on {}", a.channel_listen))?;
             let ws = bind_tcp(&a.ws_listen, "gateway").await?;
             let http = bind_tcp(&a.http_listen, "publisher").await?;
-            let hub = Arc::new(Hub::new(a.channel.limits()));
+            let hub = Arc::new(Hub::new(a.channel.limits(), a.history.config()));
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
             let gw = Gateway::start(broker.clone(), a.gateway.config()?)?;
             let cfg = PublisherConfig { tls: a.tls.load()?, ..a.publisher.config() };

@@ -7,6 +7,12 @@
 //! Every client has a bounded outbound queue. A remote client whose queue is full is cut off (it
 //! is a slow consumer: buffering for it forever is how memory runs out); an in-process subscriber
 //! that is full loses that message, which is counted. Delivery is at most once, in publish order.
+//!
+//! **History.** The hub keeps the latest messages of `broadcast`, users' and topics' channels
+//! ([`History`]) and gives each an offset under the same lock that delivers it. pushwire nodes
+//! that subscribe to [`POSITIONS`] get each event with its offset and epoch, an answer with the
+//! position of each of their publishes, and history pages for requests published to [`HISTORY`];
+//! PHP clients see the seed's frames and nothing else.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +23,15 @@ use channel_proto::message::ServerKind;
 use channel_proto::{frame, Name, Request, ServerMessage};
 use tokio::sync::mpsc;
 
+use crate::history::{History, HistoryConfig, Page, Position};
 use crate::message::Message;
+
+/// Subscribing to this name asks for positions (it subscribes to nothing); answers to the
+/// client's own publishes and history requests come as events on it.
+pub const POSITIONS: &str = "pushwire:positions";
+/// A publish here from a client that asked for positions is a history request, answered to it
+/// alone (data: `channel`, `since`, `limit`).
+pub const HISTORY: &str = "pushwire:history";
 
 /// Identifies a hub client.
 pub type ClientId = u64;
@@ -91,6 +105,8 @@ struct Client {
     names: HashSet<Name>,
     watching: Vec<Name>,
     reserved: bool,
+    /// A pushwire node: events carry positions, publishes are answered with theirs.
+    positions: bool,
 }
 
 #[derive(Default)]
@@ -113,6 +129,7 @@ struct State {
     queues: HashMap<Name, Queue>,
     /// Bytes of every queued item.
     queued_bytes: usize,
+    history: Option<History>,
 }
 
 /// The publish/subscribe and queue state of one channel server.
@@ -128,13 +145,39 @@ enum Sent {
     SlowConsumer,
 }
 
+/// A message as the hub's clients get it: encoded once per form (with and without its position),
+/// on first use.
+struct Outgoing<'a> {
+    kind: ServerKind,
+    channel: &'a Name,
+    data: &'a Bytes,
+    position: Option<&'a Position>,
+    plain: Option<Bytes>,
+    positioned: Option<Bytes>,
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(kind: ServerKind, channel: &'a Name, data: &'a Bytes, position: Option<&'a Position>) -> Outgoing<'a> {
+        Outgoing { kind, channel, data, position, plain: None, positioned: None }
+    }
+
+    fn frame(&mut self, with_position: bool) -> Bytes {
+        let (kind, channel, data) = (self.kind, self.channel, &self.data[..]);
+        match self.position.filter(|_| with_position) {
+            None => self.plain.get_or_insert_with(|| frame::encode(&ServerMessage::encode_parts(kind, channel, data))),
+            Some(p) => self.positioned.get_or_insert_with(|| {
+                frame::encode(&ServerMessage::encode_at(kind, channel, data, Some((p.offset, p.epoch.as_bytes()))))
+            }),
+        }
+        .clone()
+    }
+}
+
 impl Client {
-    fn send(&self, kind: ServerKind, channel: &Name, data: &Bytes, frame: &mut Option<Bytes>) -> Sent {
+    fn send(&self, out: &mut Outgoing<'_>) -> Sent {
         match &self.sink {
             Sink::Frames(tx) => {
-                let f = frame
-                    .get_or_insert_with(|| frame::encode(&ServerMessage::encode_parts(kind, channel, data)))
-                    .clone();
+                let f = out.frame(self.positions);
                 match tx.try_send(f) {
                     Ok(()) => Sent::Ok,
                     Err(mpsc::error::TrySendError::Full(_)) => Sent::SlowConsumer,
@@ -142,7 +185,11 @@ impl Client {
                 }
             }
             Sink::Local(tx) => {
-                let m = Message { channel: Bytes::copy_from_slice(channel.as_bytes()), data: data.clone() };
+                let m = Message {
+                    channel: Bytes::copy_from_slice(out.channel.as_bytes()),
+                    data: out.data.clone(),
+                    position: out.position.cloned(),
+                };
                 match tx.try_send(m) {
                     Ok(()) => Sent::Ok,
                     Err(_) => Sent::Dropped,
@@ -154,14 +201,15 @@ impl Client {
 
 impl Default for Hub {
     fn default() -> Hub {
-        Hub::new(HubLimits::default())
+        Hub::new(HubLimits::default(), HistoryConfig::default())
     }
 }
 
 impl Hub {
-    /// An empty hub.
-    pub fn new(limits: HubLimits) -> Hub {
-        Hub { state: Mutex::new(State::default()), limits, stats: HubStats::default() }
+    /// An empty hub that keeps `history`.
+    pub fn new(limits: HubLimits, history: HistoryConfig) -> Hub {
+        let state = State { history: history.enabled().then(|| History::new(history)), ..State::default() };
+        Hub { state: Mutex::new(state), limits, stats: HubStats::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -175,7 +223,8 @@ impl Hub {
         let mut st = self.lock();
         st.next_id += 1;
         let id = st.next_id;
-        st.clients.insert(id, Client { sink, names: HashSet::new(), watching: Vec::new(), reserved: false });
+        let c = Client { sink, names: HashSet::new(), watching: Vec::new(), reserved: false, positions: false };
+        st.clients.insert(id, c);
         id
     }
 
@@ -192,7 +241,15 @@ impl Hub {
     /// Carry out one request from client `id`.
     pub fn handle(&self, id: ClientId, req: Request) -> Result<(), HubError> {
         match req {
-            Request::Subscribe(names) => self.subscribe(id, names),
+            Request::Subscribe(mut names) => {
+                if let Some(i) = names.iter().position(|n| n.as_bytes() == POSITIONS.as_bytes()) {
+                    names.swap_remove(i);
+                    if let Some(c) = self.lock().clients.get_mut(&id) {
+                        c.positions = true;
+                    }
+                }
+                self.subscribe(id, names)
+            }
             Request::Unsubscribe(names) => {
                 let mut st = self.lock();
                 for n in names {
@@ -201,7 +258,14 @@ impl Hub {
                 Ok(())
             }
             Request::Publish { channels, data } => {
-                self.publish(&channels, &data);
+                let node = self.lock().clients.get(&id).is_some_and(|c| c.positions);
+                let answer = match &channels[..] {
+                    [one] if node && one.as_bytes() == HISTORY.as_bytes() => self.history_request(&data),
+                    _ => self.publish(&channels, &data).filter(|_| node).map(|p| encode_position(&p)),
+                };
+                if let Some(answer) = answer {
+                    self.answer(id, answer.into());
+                }
                 Ok(())
             }
             Request::PublishLoop { channels, data } => {
@@ -265,21 +329,28 @@ impl Hub {
         Ok(())
     }
 
-    /// Send `data` to every subscriber of each channel; returns the number of deliveries.
-    pub fn publish(&self, channels: &[Name], data: &Bytes) -> usize {
+    /// Send `data` to every subscriber of each channel, after adding it to the channel's history
+    /// when it keeps one; the position of the first channel's message, if it has one.
+    pub fn publish(&self, channels: &[Name], data: &Bytes) -> Option<Position> {
         let mut st = self.lock();
         let mut delivered = 0;
         let mut slow = Vec::new();
-        for name in channels {
+        let mut first = None;
+        let now = std::time::Instant::now();
+        for (i, name) in channels.iter().enumerate() {
+            let position = st.history.as_mut().and_then(|h| h.append(name.as_bytes(), data, now));
             let Some(ch) = st.channels.get(name) else {
+                if i == 0 {
+                    first = position;
+                }
                 continue;
             };
-            let mut frame = None;
+            let mut out = Outgoing::new(ServerKind::Event, name, data, position.as_ref());
             for id in &ch.subscribers {
                 let Some(c) = st.clients.get(id) else {
                     continue;
                 };
-                match c.send(ServerKind::Event, name, data, &mut frame) {
+                match c.send(&mut out) {
                     Sent::Ok => delivered += 1,
                     Sent::Dropped => {
                         self.stats.local_drops.fetch_add(1, Ordering::Relaxed);
@@ -287,11 +358,44 @@ impl Hub {
                     Sent::SlowConsumer => slow.push(*id),
                 }
             }
+            if i == 0 {
+                first = position;
+            }
         }
         self.cut_slow(&mut st, slow);
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         self.stats.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
-        delivered
+        first
+    }
+
+    /// Messages of `channel` after offset `since` (at most `limit`); `None` without history.
+    pub fn history(&self, channel: &[u8], since: u64, limit: usize) -> Option<Page> {
+        let mut st = self.lock();
+        Some(st.history.as_mut()?.page(channel, since, limit, std::time::Instant::now()))
+    }
+
+    /// Send `data` to client `id` alone, as an event on [`POSITIONS`].
+    fn answer(&self, id: ClientId, data: Bytes) {
+        let mut st = self.lock();
+        let name = Name::new(POSITIONS);
+        let slow = st.clients.get(&id).is_some_and(|c| {
+            matches!(c.send(&mut Outgoing::new(ServerKind::Event, &name, &data, None)), Sent::SlowConsumer)
+        });
+        if slow {
+            self.cut_slow(&mut st, vec![id]);
+        }
+    }
+
+    /// The answer to a history request from a node (see [`HISTORY`]), encoded; none to a request
+    /// that is not one or without history (the node's confirmation then carries no page).
+    fn history_request(&self, data: &Bytes) -> Option<Vec<u8>> {
+        let req = channel_proto::Value::parse(data).ok()?;
+        let channel = req.get("channel")?.as_bytes()?;
+        let int = |k: &str| match req.get(k) {
+            Some(channel_proto::Value::Int(i)) => Some((*i).max(0) as u64),
+            _ => None,
+        };
+        Some(encode_page(&self.history(channel, int("since")?, int("limit")? as usize)?))
     }
 
     fn publish_loop(&self, channels: &[Name], data: &Bytes) {
@@ -308,7 +412,7 @@ impl Hub {
             ch.cursor = (ch.cursor + 1) % ch.subscribers.len();
             let id = ch.subscribers[ch.cursor];
             if let Some(c) = clients.get(&id) {
-                if let Sent::SlowConsumer = c.send(ServerKind::Event, name, data, &mut None) {
+                if let Sent::SlowConsumer = c.send(&mut Outgoing::new(ServerKind::Event, name, data, None)) {
                     slow.push(id);
                 }
             }
@@ -397,11 +501,87 @@ fn dispatch(st: &mut State, queue: &Name, stats: &HubStats) {
             return;
         };
         c.reserved = false;
-        if let Sent::SlowConsumer = c.send(ServerKind::Queue, queue, &item, &mut None) {
+        if let Sent::SlowConsumer = c.send(&mut Outgoing::new(ServerKind::Queue, queue, &item, None)) {
             stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
             drop_client(st, id);
         }
     }
+}
+
+/// A history request as a PHP array, for [`HISTORY`].
+pub fn encode_history_request(channel: &[u8], since: u64, limit: usize) -> Vec<u8> {
+    use channel_proto::Value;
+    Value::assoc([
+        ("channel", Value::str(channel)),
+        ("since", Value::Int(since.min(i64::MAX as u64) as i64)),
+        ("limit", Value::Int(limit.min(i64::MAX as usize) as i64)),
+    ])
+    .encode()
+}
+
+/// A publish's position as a PHP array: `offset`, `epoch`.
+pub fn encode_position(p: &Position) -> Vec<u8> {
+    use channel_proto::Value;
+    Value::assoc([("offset", Value::Int(p.offset as i64)), ("epoch", Value::str(&*p.epoch))]).encode()
+}
+
+/// Read what [`encode_position`] wrote.
+pub fn decode_position(data: &[u8]) -> Option<Position> {
+    let v = channel_proto::Value::parse(data).ok()?;
+    let offset = match v.get("offset")? {
+        channel_proto::Value::Int(o) if *o > 0 => *o as u64,
+        _ => return None,
+    };
+    let epoch = std::str::from_utf8(v.get("epoch")?.as_bytes()?).ok()?;
+    Some(Position { offset, epoch: epoch.into() })
+}
+
+/// A history page as a PHP array: `epoch`, `offset`, `first`, and `items`, a list of
+/// `[offset, data]` with each message's data spliced in as the serialized value it is.
+pub fn encode_page(p: &Page) -> Vec<u8> {
+    use channel_proto::value::encode_str;
+    let mut out = Vec::with_capacity(64 + p.items.iter().map(|(_, d)| d.len() + 24).sum::<usize>());
+    out.extend_from_slice(b"a:4:{");
+    encode_str(b"epoch", &mut out);
+    encode_str(p.epoch.as_bytes(), &mut out);
+    out.extend_from_slice(format!("s:6:\"offset\";i:{};s:5:\"first\";i:{};", p.offset, p.first).as_bytes());
+    encode_str(b"items", &mut out);
+    out.extend_from_slice(format!("a:{}:{{", p.items.len()).as_bytes());
+    for (i, (offset, data)) in p.items.iter().enumerate() {
+        out.extend_from_slice(format!("i:{i};a:2:{{i:0;i:{offset};i:1;").as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"}");
+    }
+    out.extend_from_slice(b"}}");
+    out
+}
+
+/// Read what [`encode_page`] wrote, keeping each message's bytes as they were.
+pub fn decode_page(data: &Bytes) -> Option<Page> {
+    use channel_proto::value::{array_spans, Key};
+    use channel_proto::Value;
+    let mut page = Page::default();
+    for (k, range, v) in array_spans(data).ok()? {
+        match (k, v) {
+            (Key::Str(k), Value::Str(e)) if k == b"epoch" => page.epoch = String::from_utf8(e).ok()?,
+            (Key::Str(k), Value::Int(o)) if k == b"offset" => page.offset = o.max(0) as u64,
+            (Key::Str(k), Value::Int(f)) if k == b"first" => page.first = f.max(0) as u64,
+            (Key::Str(k), Value::Array(_)) if k == b"items" => {
+                let items = data.slice(range);
+                for (_, r, _) in array_spans(&items).ok()? {
+                    let item = items.slice(r);
+                    let mut parts = array_spans(&item).ok()?.into_iter();
+                    let offset = match parts.next()?.2 {
+                        Value::Int(o) => o.max(0) as u64,
+                        _ => return None,
+                    };
+                    page.items.push((offset, item.slice(parts.next()?.1)));
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(page)
 }
 
 fn unsubscribe(st: &mut State, id: ClientId, name: &Name) {
@@ -449,19 +629,54 @@ mod tests {
 
     #[test]
     fn int_and_string_names_meet() {
-        let hub = Hub::new(HubLimits::default());
+        let hub = Hub::default();
         let (id, mut rx) = local(&hub);
         let sub = Request::parse(&Bytes::from_static(
             b"a:2:{s:4:\"type\";s:9:\"subscribe\";s:8:\"channels\";a:1:{i:0;i:0;}}",
         ));
         hub.handle(id, sub.unwrap()).unwrap();
-        assert_eq!(hub.publish(&[Name::new("0")], &Bytes::from_static(b"N;")), 1);
+        assert_eq!(hub.publish(&[Name::new("0")], &Bytes::from_static(b"N;")), None, "no history on a worker channel");
         assert_eq!(rx.try_recv().unwrap().channel, "0");
     }
 
     #[test]
+    fn nodes_get_positions_and_history_php_clients_the_seed_frames() {
+        let hub = Hub::default();
+        let (php_tx, mut php) = mpsc::channel(8);
+        let (node_tx, mut node) = mpsc::channel(8);
+        let (php_id, node_id) = (hub.connect(Sink::Frames(php_tx)), hub.connect(Sink::Frames(node_tx)));
+        hub.handle(php_id, Request::Subscribe(vec![Name::new("broadcast")])).unwrap();
+        hub.handle(node_id, Request::Subscribe(vec![Name::new(POSITIONS), Name::new("broadcast")])).unwrap();
+        let data = Bytes::from_static(b"a:1:{s:7:\"content\";s:1:\"x\";}");
+        hub.handle(node_id, Request::Publish { channels: vec![Name::new("broadcast")], data: data.clone() }).unwrap();
+        let seed = frame::encode(&ServerMessage::encode_parts(ServerKind::Event, &Name::new("broadcast"), &data));
+        assert_eq!(php.try_recv().unwrap(), seed, "byte for byte the seed's event");
+        assert!(php.try_recv().is_err());
+        let parse = |f: Bytes| ServerMessage::parse(&f.slice(channel_proto::HEADER_LEN..)).unwrap();
+        let event = parse(node.try_recv().unwrap());
+        let (offset, epoch) = event.position.clone().unwrap();
+        assert_eq!((offset, event.data), (1, data.clone()));
+        let answer = parse(node.try_recv().unwrap());
+        assert_eq!(answer.channel, Name::new(POSITIONS));
+        let p = decode_position(&answer.data).unwrap();
+        assert_eq!((p.offset, p.epoch.as_bytes()), (1, &epoch[..]));
+        // A history request is answered to the node alone.
+        let req = channel_proto::Value::assoc([
+            ("channel", channel_proto::Value::str("broadcast")),
+            ("since", channel_proto::Value::Int(0)),
+            ("limit", channel_proto::Value::Int(10)),
+        ]);
+        hub.handle(node_id, Request::Publish { channels: vec![Name::new(HISTORY)], data: req.encode().into() })
+            .unwrap();
+        let page = decode_page(&parse(node.try_recv().unwrap()).data).unwrap();
+        assert_eq!((page.offset, page.first, page.items), (1, 1, vec![(1, data)]));
+        assert_eq!(page.epoch.as_bytes(), &epoch[..]);
+        assert!(php.try_recv().is_err(), "PHP clients see nothing new");
+    }
+
+    #[test]
     fn full_local_subscriber_loses_messages_not_others() {
-        let hub = Hub::new(HubLimits::default());
+        let hub = Hub::default();
         let (a, _rx_a) = local(&hub);
         let (b, mut rx_b) = local(&hub);
         for id in [a, b] {
@@ -477,13 +692,14 @@ mod tests {
 
     #[test]
     fn limits() {
-        let hub = Hub::new(HubLimits {
+        let limits = HubLimits {
             max_names_per_client: 2,
             max_name_len: 3,
             max_queue_items: 1,
             max_queued_bytes: 10,
             max_queues: 2,
-        });
+        };
+        let hub = Hub::new(limits, HistoryConfig::default());
         let (id, _rx) = local(&hub);
         assert!(matches!(hub.subscribe(id, vec![Name::new("long")]), Err(HubError::NameTooLong(4, 3))));
         assert!(matches!(

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod gateway;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod io;

@@ -11,7 +11,8 @@ use channel_proto::{frame, Name, Request, ServerMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::link::{Incoming, Reader, Transport, Writer};
-use super::Message;
+use super::{Message, Position};
+use crate::hub::{HISTORY, POSITIONS};
 use crate::io::{ListenAddr, Stream};
 
 /// Connects to a channel server.
@@ -34,6 +35,10 @@ pub struct ChannelReader {
     buf: BytesMut,
     prefix: String,
     ack: Name,
+    /// The server's answer to the publish or history request before the next marker.
+    answer: Option<bytes::Bytes>,
+    /// The latest epoch seen, shared by the messages that carry it.
+    epoch: Option<std::sync::Arc<str>>,
 }
 
 pub struct ChannelWriter {
@@ -63,8 +68,18 @@ impl Transport for ChannelTransport {
         if let Some(secret) = &self.secret {
             w.request(&Request::Auth(secret.clone().into_bytes().into()));
         }
-        w.request(&Request::Subscribe(vec![self.ack.clone()]));
-        Ok((ChannelReader { rd, buf: BytesMut::with_capacity(8192), prefix, ack: self.ack.clone() }, w))
+        // Our own channel server then sends positions with events and answers publishes and
+        // history requests; any other sees a subscription to a channel nobody publishes on.
+        w.request(&Request::Subscribe(vec![self.ack.clone(), Name::new(POSITIONS)]));
+        let reader = ChannelReader {
+            rd,
+            buf: BytesMut::with_capacity(8192),
+            prefix,
+            ack: self.ack.clone(),
+            answer: None,
+            epoch: None,
+        };
+        Ok((reader, w))
     }
 }
 
@@ -103,6 +118,12 @@ impl Writer for ChannelWriter {
         self.request(&marker);
     }
 
+    fn history(&mut self, data: &[u8]) {
+        let channels = vec![Name::new(HISTORY)];
+        self.request(&Request::Publish { channels, data: bytes::Bytes::copy_from_slice(data) });
+        self.probe();
+    }
+
     fn has_pending(&self) -> bool {
         !self.out.is_empty()
     }
@@ -112,6 +133,15 @@ impl Writer for ChannelWriter {
             self.wr.write_buf(&mut self.out).await?;
         }
         self.wr.flush().await
+    }
+}
+
+impl ChannelReader {
+    fn epoch(&mut self, e: &[u8]) -> std::sync::Arc<str> {
+        match &self.epoch {
+            Some(last) if last.as_bytes() == e => last.clone(),
+            _ => self.epoch.insert(String::from_utf8_lossy(e).into()).clone(),
+        }
     }
 }
 
@@ -127,11 +157,17 @@ impl Reader for ChannelReader {
                 let m = ServerMessage::parse(&payload)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 return Ok(match m.kind {
-                    ServerKind::Event if m.channel == self.ack => Incoming::Ack,
+                    ServerKind::Event if m.channel == self.ack => Incoming::Ack(self.answer.take()),
+                    ServerKind::Event if m.channel.as_bytes() == POSITIONS.as_bytes() => {
+                        self.answer = Some(m.data);
+                        Incoming::Nothing
+                    }
                     ServerKind::Event => match m.channel.as_bytes().strip_prefix(self.prefix.as_bytes()) {
-                        Some(local) => {
-                            Incoming::Message(Message { channel: bytes::Bytes::copy_from_slice(local), data: m.data })
-                        }
+                        Some(local) => Incoming::Message(Message {
+                            channel: bytes::Bytes::copy_from_slice(local),
+                            data: m.data,
+                            position: m.position.map(|(offset, epoch)| Position { offset, epoch: self.epoch(&epoch) }),
+                        }),
                         None => Incoming::Nothing,
                     },
                     ServerKind::Queue => Incoming::Nothing,

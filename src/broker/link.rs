@@ -14,14 +14,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
-use super::{Broker, BrokerError, BrokerFuture, LinkConfig, Message, SubId, Subscription};
+use super::{Broker, BrokerError, BrokerFuture, LinkConfig, Message, Page, Position, SubId, Subscription};
 
 /// What a reader took off the wire.
 pub enum Incoming {
     /// A message on a subscribed channel.
     Message(Message),
-    /// The broker confirmed the oldest unconfirmed publish or probe.
-    Ack,
+    /// The broker confirmed the oldest unconfirmed publish or probe, with what it answered to it
+    /// (a position, a history page), if anything.
+    Ack(Option<Bytes>),
     /// The broker checks that we are alive; the writer answers.
     Ping,
     /// Protocol chatter that needs no action.
@@ -50,6 +51,9 @@ pub trait Writer: Send + 'static {
     fn publish(&mut self, channel: &str, data: &[u8]);
     /// Queue a liveness check, also answered by exactly one [`Incoming::Ack`].
     fn probe(&mut self);
+    /// Queue a history request (`data` as the broker takes it), answered by exactly one
+    /// [`Incoming::Ack`] that carries the page.
+    fn history(&mut self, data: &[u8]);
     /// Queue the answer to a broker's [`Incoming::Ping`].
     fn answer_ping(&mut self) {}
     /// Whether anything is buffered.
@@ -58,10 +62,11 @@ pub trait Writer: Send + 'static {
     fn flush(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
-type Done = oneshot::Sender<Result<(), BrokerError>>;
+type Done = oneshot::Sender<Result<Option<Bytes>, BrokerError>>;
 
 enum Command {
     Publish { channel: String, data: Bytes, done: Done },
+    History { data: Bytes, done: Done },
     Subscribe { id: SubId, channels: Vec<String>, tx: mpsc::Sender<Message> },
     Join { id: SubId, channels: Vec<String>, done: Done },
     Leave { id: SubId, channels: Vec<String>, done: Done },
@@ -101,7 +106,7 @@ impl Link {
 
 impl Link {
     /// Queue a command for the task and wait (within the publish timeout) for its answer.
-    fn ask(&self, make: impl FnOnce(Done) -> Command + Send + 'static) -> BrokerFuture<'_, ()> {
+    fn ask(&self, make: impl FnOnce(Done) -> Command + Send + 'static) -> BrokerFuture<'_, Option<Bytes>> {
         Box::pin(async move {
             let (done, wait) = oneshot::channel();
             let limit = self.cfg.publish_timeout;
@@ -119,12 +124,26 @@ impl Link {
 }
 
 impl Broker for Link {
-    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, ()> {
+    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>> {
         if !self.is_connected() {
             return Box::pin(std::future::ready(Err(BrokerError::Unavailable(self.name.clone()))));
         }
         let channel = channel.to_owned();
-        self.ask(move |done| Command::Publish { channel, data, done })
+        let answer = self.ask(move |done| Command::Publish { channel, data, done });
+        Box::pin(async move { Ok(answer.await?.and_then(|a| crate::hub::decode_position(&a))) })
+    }
+
+    fn history(&self, channel: &str, since: u64, limit: usize) -> BrokerFuture<'_, Page> {
+        if !self.is_connected() {
+            return Box::pin(std::future::ready(Err(BrokerError::Unavailable(self.name.clone()))));
+        }
+        let data = crate::hub::encode_history_request(channel.as_bytes(), since, limit).into();
+        let answer = self.ask(move |done| Command::History { data, done });
+        Box::pin(async move {
+            // A channel server that keeps no history (PHP's, or one without) answers nothing.
+            let page = answer.await?.and_then(|a| crate::hub::decode_page(&a));
+            page.ok_or_else(|| BrokerError::NoHistory(self.name.clone()))
+        })
     }
 
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
@@ -132,11 +151,13 @@ impl Broker for Link {
     }
 
     fn join(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
-        self.ask(move |done| Command::Join { id, channels, done })
+        let answer = self.ask(move |done| Command::Join { id, channels, done });
+        Box::pin(async move { answer.await.map(drop) })
     }
 
     fn leave(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
-        self.ask(move |done| Command::Leave { id, channels, done })
+        let answer = self.ask(move |done| Command::Leave { id, channels, done });
+        Box::pin(async move { answer.await.map(drop) })
     }
 
     fn is_connected(&self) -> bool {
@@ -209,7 +230,7 @@ impl<T: Transport> Task<T> {
                     () = &mut retry => break,
                     cmd = self.rx.recv() => match cmd {
                         None => return,
-                        Some(Command::Publish { done, .. }) => {
+                        Some(Command::Publish { done, .. } | Command::History { done, .. }) => {
                             let _ = done.send(Err(BrokerError::Unavailable(self.name.clone())));
                         }
                         Some(Command::Subscribe { id, channels, tx }) => {
@@ -218,11 +239,11 @@ impl<T: Transport> Task<T> {
                         // Recorded; the next session subscribes to them with the rest.
                         Some(Command::Join { id, channels, done }) => {
                             self.subs.join(id, channels);
-                            let _ = done.send(Ok(()));
+                            let _ = done.send(Ok(None));
                         }
                         Some(Command::Leave { id, channels, done }) => {
                             self.subs.leave(id, channels);
-                            let _ = done.send(Ok(()));
+                            let _ = done.send(Ok(None));
                         }
                     },
                 }
@@ -252,14 +273,14 @@ impl<T: Transport> Task<T> {
                             writer.unsubscribe(&[gone]);
                         }
                     }
-                    Ok(Incoming::Ack) => {
+                    Ok(Incoming::Ack(answer)) => {
                         if !verified {
                             verified = true;
                             self.connected.store(true, Ordering::Release);
                             tracing::info!(broker = %self.name, "broker link up");
                         }
                         if let Some((_, Some(done))) = pending.pop_front() {
-                            let _ = done.send(Ok(()));
+                            let _ = done.send(Ok(answer));
                         }
                     }
                     Ok(Incoming::Ping) => writer.answer_ping(),
@@ -270,6 +291,10 @@ impl<T: Transport> Task<T> {
                     None => break End::Closed,
                     Some(Command::Publish { channel, data, done }) => {
                         writer.publish(&channel, &data);
+                        pending.push_back((Instant::now(), Some(done)));
+                    }
+                    Some(Command::History { data, done }) => {
+                        writer.history(&data);
                         pending.push_back((Instant::now(), Some(done)));
                     }
                     Some(Command::Subscribe { id, channels, tx }) => {
@@ -293,7 +318,7 @@ impl<T: Transport> Task<T> {
                         if !gone.is_empty() {
                             writer.unsubscribe(&gone);
                         }
-                        let _ = done.send(Ok(()));
+                        let _ = done.send(Ok(None));
                     }
                 },
                 r = writer.flush(), if writer.has_pending() => {

@@ -25,17 +25,24 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
-use super::{Broker, BrokerError, BrokerFuture, LinkConfig, Message, SubId, Subscription, SUBSCRIPTION_CAPACITY};
+use super::{
+    Broker, BrokerError, BrokerFuture, LinkConfig, Message, Page, Position, SubId, Subscription, SUBSCRIPTION_CAPACITY,
+};
 use crate::metrics::{LogEvery, GLOBAL};
 
 /// A future returned by a [`Client`].
-pub type ClientFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+pub type ClientFuture<'a, T = ()> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
 
 /// A backend's client library, seen through what the shared part needs.
 pub trait Client: Send + Sync + 'static {
     /// Publish; resolves once the broker has accepted the message (and routed it, where the
-    /// broker can say so).
-    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_>;
+    /// broker can say so), with its position when the broker keeps the channel's history.
+    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_, Option<Position>>;
+    /// Messages of `channel` after `since`; `None` when the broker keeps no history.
+    fn history(&self, channel: &str, since: u64, limit: usize) -> ClientFuture<'_, Option<Page>> {
+        let _ = (channel, since, limit);
+        Box::pin(std::future::ready(Ok(None)))
+    }
     /// Make sure `channels` are subscribed on the broker (again, after a reconnection); resolves
     /// once the broker has confirmed them.
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_>;
@@ -120,7 +127,7 @@ impl<C: Client> Managed<C> {
 }
 
 impl<C: Client> Broker for Managed<C> {
-    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, ()> {
+    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>> {
         let channel = channel.to_owned();
         Box::pin(async move {
             if !self.is_connected() {
@@ -133,13 +140,32 @@ impl<C: Client> Broker for Managed<C> {
             let limit = self.cfg.publish_timeout;
             let epoch = self.state.epoch.load(Ordering::Acquire);
             match tokio::time::timeout(limit, self.client.publish(&channel, data)).await {
-                Ok(Ok(())) if self.state.epoch.load(Ordering::Acquire) == epoch && self.is_connected() => Ok(()),
-                Ok(Ok(())) => Err(BrokerError::Unavailable(self.name.clone())),
+                Ok(Ok(p)) if self.state.epoch.load(Ordering::Acquire) == epoch && self.is_connected() => Ok(p),
+                Ok(Ok(_)) => Err(BrokerError::Unavailable(self.name.clone())),
                 Ok(Err(e)) => {
                     tracing::debug!(broker = %self.name, "publish failed: {e}");
                     Err(BrokerError::Unavailable(self.name.clone()))
                 }
                 Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
+            }
+        })
+    }
+
+    fn history(&self, channel: &str, since: u64, limit: usize) -> BrokerFuture<'_, Page> {
+        let channel = channel.to_owned();
+        Box::pin(async move {
+            if !self.is_connected() {
+                return Err(BrokerError::Unavailable(self.name.clone()));
+            }
+            let limit_t = self.cfg.publish_timeout;
+            match tokio::time::timeout(limit_t, self.client.history(&channel, since, limit)).await {
+                Ok(Ok(Some(page))) => Ok(page),
+                Ok(Ok(None)) => Err(BrokerError::NoHistory(self.name.clone())),
+                Ok(Err(e)) => {
+                    tracing::debug!(broker = %self.name, "history read failed: {e}");
+                    Err(BrokerError::Unavailable(self.name.clone()))
+                }
+                Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit_t)),
             }
         })
     }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use channel_proto::{Name, Request};
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, BrokerFuture, SubId, Subscription, SUBSCRIPTION_CAPACITY};
+use super::{Broker, BrokerError, BrokerFuture, Page, Position, SubId, Subscription, SUBSCRIPTION_CAPACITY};
 use crate::hub::{ClientId, Hub, Sink};
 
 /// A broker that is a hub in this process.
@@ -37,9 +37,14 @@ impl Drop for Unsubscribe {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, ()> {
-        self.hub.publish(&[self.name(channel)], &data);
-        Box::pin(std::future::ready(Ok(())))
+    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>> {
+        let position = self.hub.publish(&[self.name(channel)], &data);
+        Box::pin(std::future::ready(Ok(position)))
+    }
+
+    fn history(&self, channel: &str, since: u64, limit: usize) -> BrokerFuture<'_, Page> {
+        let page = self.hub.history(self.name(channel).as_bytes(), since, limit);
+        Box::pin(std::future::ready(page.ok_or_else(|| BrokerError::NoHistory("memory".into()))))
     }
 
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {

@@ -32,7 +32,8 @@ use tokio::sync::mpsc;
 
 use crate::io::ListenAddr;
 
-pub use crate::message::Message;
+pub use crate::history::Page;
+pub use crate::message::{Message, Position};
 
 /// Why a broker operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,8 @@ pub enum BrokerError {
     Refused(String),
     #[error("broker {0}: {1}")]
     Config(String, String),
+    #[error("broker {0} keeps no history")]
+    NoHistory(String),
 }
 
 /// Names one subscription to its broker, for [`Broker::join`] and [`Broker::leave`].
@@ -101,8 +104,14 @@ pub const SUBSCRIPTION_CAPACITY: usize = 8192;
 /// - **Subscriptions survive reconnects.** After a link comes back, every live subscription is
 ///   renewed before anything else is sent.
 pub trait Broker: Send + Sync + 'static {
-    /// Publish `data` on `channel`.
-    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, ()>;
+    /// Publish `data` on `channel`; its position in the channel's history when the broker keeps
+    /// one for that channel (the broker assigns it, once, so two publishers never share one).
+    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>>;
+    /// Messages of `channel` after offset `since`, at most `limit` (see [`Page::reaches`]).
+    fn history(&self, channel: &str, since: u64, limit: usize) -> BrokerFuture<'_, Page> {
+        let _ = (channel, since, limit);
+        Box::pin(std::future::ready(Err(BrokerError::NoHistory(String::new()))))
+    }
     /// Subscribe to each of `channels`; messages arrive on the returned subscription.
     fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError>;
     /// Add `channels` to subscription `sub`. Resolves once the broker has them in place, so that

@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
-use super::{LinkConfig, Message};
+use super::{LinkConfig, Message, Position};
 
 /// How much later than publishers a subscriber leaves a server in lame-duck mode.
 pub const LAME_DUCK_SUBSCRIBER_DELAY: Duration = Duration::from_millis(1500);
@@ -244,11 +244,11 @@ impl Drop for Forget<'_> {
 }
 
 impl Client for Nats {
-    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_> {
+    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_, Option<Position>> {
         let subject = self.subject(channel);
         Box::pin(async move {
             self.client.publish(subject, data).await.map_err(|e| e.to_string())?;
-            self.round_trip().await
+            self.round_trip().await.map(|()| None)
         })
     }
 
@@ -265,7 +265,11 @@ impl Client for Nats {
                         let Some(channel) = m.subject.strip_prefix(prefix.as_str()).and_then(decode_name) else {
                             continue;
                         };
-                        if events.send(Event::Message(Message { channel, data: m.payload })).await.is_err() {
+                        if events
+                            .send(Event::Message(Message { channel, data: m.payload, position: None }))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }

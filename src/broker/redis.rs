@@ -16,7 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
-use super::{LinkConfig, Message};
+use super::{LinkConfig, Message, Position};
 
 /// Where and how to reach Redis: a URL as fred reads it, plus what pushwire adds.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,7 +161,7 @@ pub fn open(
                         fred::types::Value::String(s) => s.into_inner(),
                         _ => continue,
                     };
-                    Event::Message(Message { channel: Bytes::copy_from_slice(local.as_bytes()), data })
+                    Event::Message(Message { channel: Bytes::copy_from_slice(local.as_bytes()), data, position: None })
                 }
                 Err(RecvError::Lagged(n)) => Event::Lost(n),
                 Err(_) => return,
@@ -184,7 +184,7 @@ impl Redis {
 }
 
 impl Client for Redis {
-    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_> {
+    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_, Option<Position>> {
         let name = format!("{}{channel}", self.prefix);
         Box::pin(async move {
             let receivers: Result<i64, _> = if self.clustered {
@@ -192,7 +192,7 @@ impl Client for Redis {
             } else {
                 self.publisher.publish(name, data).await
             };
-            receivers.map(|_| ()).map_err(|e| e.to_string())
+            receivers.map(|_| None).map_err(|e| e.to_string())
         })
     }
 

@@ -123,7 +123,11 @@ mod tests {
         assert_eq!(s.leave(2, vec!["c".into()]), Vec::<String>::new(), "still joined once");
         assert_eq!(s.leave(2, vec!["c".into()]), ["c"]);
         assert_eq!(s.leave(2, vec!["b".into()]), Vec::<String>::new(), "1 still listens to b");
-        let m = |d: &'static str| Message { channel: Bytes::from_static(b"a"), data: Bytes::from_static(d.as_bytes()) };
+        let m = |d: &'static str| Message {
+            channel: Bytes::from_static(b"a"),
+            data: Bytes::from_static(d.as_bytes()),
+            position: None,
+        };
         assert_eq!(s.deliver("t", m("1")), None);
         assert_eq!(s.deliver("t", m("2")), None, "full subscribers keep their place");
         assert_eq!(rx1.try_recv().map(|m| m.data), Ok(Bytes::from_static(b"1")));

@@ -119,6 +119,9 @@ pub struct ServerMessage {
     pub channel: Name,
     /// The serialized `data` value.
     pub data: Bytes,
+    /// pushwire extension: the message's place in its channel's history (offset, epoch), sent
+    /// only to clients that asked for it, as two more keys of the event.
+    pub position: Option<(u64, Bytes)>,
 }
 
 /// The two kinds of server message.
@@ -274,13 +277,24 @@ impl ServerMessage {
             .take("channel")
             .and_then(Name::from_value)
             .ok_or(MessageError::MissingField { kind: name, field: "channel" })?;
-        Ok(ServerMessage { kind, channel, data: f.data(name)? })
+        let data = f.data(name)?;
+        let position = match (f.take("offset"), f.take("epoch")) {
+            (Some(Value::Int(o)), Some(Value::Str(e))) if o > 0 => Some((o as u64, e.into())),
+            _ => None,
+        };
+        Ok(ServerMessage { kind, channel, data, position })
     }
 
     /// Encode one server message; `data` is spliced in as the serialized bytes it is.
     pub fn encode_parts(kind: ServerKind, channel: &Name, data: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + channel.bytes.len() + data.len());
-        out.extend_from_slice(b"a:3:{s:4:\"type\";");
+        Self::encode_at(kind, channel, data, None)
+    }
+
+    /// [`ServerMessage::encode_parts`] with the message's history position, if any.
+    pub fn encode_at(kind: ServerKind, channel: &Name, data: &[u8], position: Option<(u64, &[u8])>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96 + channel.bytes.len() + data.len());
+        out.extend_from_slice(if position.is_some() { b"a:5:{" } else { b"a:3:{" });
+        out.extend_from_slice(b"s:4:\"type\";");
         out.extend_from_slice(match kind {
             ServerKind::Event => b"s:5:\"event\";",
             ServerKind::Queue => b"s:5:\"queue\";",
@@ -289,13 +303,17 @@ impl ServerMessage {
         channel.encode_into(&mut out);
         out.extend_from_slice(b"s:4:\"data\";");
         out.extend_from_slice(data);
+        if let Some((offset, epoch)) = position {
+            out.extend_from_slice(format!("s:6:\"offset\";i:{offset};s:5:\"epoch\";").as_bytes());
+            encode_str(epoch, &mut out);
+        }
         out.push(b'}');
         out
     }
 
     /// Encode this message.
     pub fn encode(&self) -> Vec<u8> {
-        Self::encode_parts(self.kind, &self.channel, &self.data)
+        Self::encode_at(self.kind, &self.channel, &self.data, self.position.as_ref().map(|(o, e)| (*o, &e[..])))
     }
 }
 
@@ -327,6 +345,21 @@ mod tests {
             Err(MessageError::BadNames("channels"))
         );
         assert!(matches!(p("i:1;"), Err(MessageError::NotArray(_))));
+    }
+
+    #[test]
+    fn positions_round_trip() {
+        let m = ServerMessage {
+            kind: ServerKind::Event,
+            channel: Name::new("topic:a"),
+            data: Bytes::from_static(b"N;"),
+            position: Some((7, Bytes::from_static(b"ab12cd34"))),
+        };
+        let encoded = m.encode();
+        assert!(encoded.starts_with(b"a:5:{s:4:\"type\";s:5:\"event\";"));
+        assert_eq!(ServerMessage::parse(&Bytes::from(encoded)).unwrap(), m);
+        let plain = ServerMessage { position: None, ..m };
+        assert_eq!(ServerMessage::parse(&Bytes::from(plain.encode())).unwrap(), plain);
     }
 
     #[test]
