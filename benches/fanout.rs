@@ -10,7 +10,7 @@ fn fanout(c: &mut Criterion) {
     const N: usize = 10_000;
     let (worker, conns) = pushwire::gateway::bench_worker(N, 4);
     let data = Push { content: vec![b'x'; 64], ..Push::default() }.encode();
-    let msg = Message { channel: Bytes::from_static(b"broadcast"), data };
+    let msg = Message { channel: Bytes::from_static(b"broadcast"), data, position: None };
     let mut g = c.benchmark_group("fanout");
     g.throughput(Throughput::Elements(N as u64));
     g.bench_function("broadcast_64B_to_10k_connections", |b| {

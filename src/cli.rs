@@ -229,6 +229,10 @@ pub struct GatewayOpts {
     /// (killed, cut off) drops out of every count.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub presence_lease: Duration,
+    /// Messages buffered between the broker and each worker; past it they are dropped (counted,
+    /// and repaired from history where the channel keeps one).
+    #[arg(long, default_value_t = crate::broker::SUBSCRIPTION_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub subscription_buffer: usize,
 }
 
 /// TLS for the publisher's HTTP listener.
@@ -384,6 +388,7 @@ impl GatewayOpts {
             heartbeat: self.heartbeat,
             tokens: crate::token::TokenPolicy { verifier, required: self.require_token },
             lease: self.presence_lease,
+            subscription_buffer: self.subscription_buffer,
             ..GatewayConfig::default()
         })
     }

@@ -52,6 +52,11 @@ pub struct Metrics {
     pub publish_errors: AtomicU64,
     pub bad_requests: AtomicU64,
     pub broker_link_failures: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub gaps: AtomicU64,
+    pub gaps_unrepaired: AtomicU64,
+    pub recoveries: AtomicU64,
+    pub recoveries_failed: AtomicU64,
 }
 
 /// The counters of this process.
@@ -70,6 +75,11 @@ pub static GLOBAL: Metrics = Metrics {
     publish_errors: AtomicU64::new(0),
     bad_requests: AtomicU64::new(0),
     broker_link_failures: AtomicU64::new(0),
+    duplicates: AtomicU64::new(0),
+    gaps: AtomicU64::new(0),
+    gaps_unrepaired: AtomicU64::new(0),
+    recoveries: AtomicU64::new(0),
+    recoveries_failed: AtomicU64::new(0),
 };
 
 /// Render the counters plus `gauges` (name, help, value) as Prometheus text.
@@ -103,6 +113,11 @@ pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, 
             "broker connections that failed or were lost before or after working",
             &m.broker_link_failures,
         ),
+        ("duplicates_total", "broker messages dropped as already delivered (offset seen)", &m.duplicates),
+        ("gaps_total", "gaps in a channel's offsets found by a worker", &m.gaps),
+        ("gaps_unrepaired_total", "gaps history could not fill (clients told recovered:false)", &m.gaps_unrepaired),
+        ("recoveries_total", "channels recovered on reconnect (recover=)", &m.recoveries),
+        ("recoveries_failed_total", "channels whose recovery the history could not serve", &m.recoveries_failed),
     ];
     let mut out = String::new();
     for &(name, help, v) in counters {

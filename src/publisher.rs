@@ -19,7 +19,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, Position};
 use crate::cluster::{self, Asker};
 use crate::metrics::GLOBAL;
 use crate::push::{check_name, topic_channel, user_channel, Push, BROADCAST};
@@ -266,11 +266,15 @@ impl Publisher {
             (&Method::GET | &Method::POST, "/") => {
                 let json = wants_json(&req);
                 match self.publish(req).await {
-                    Ok(()) => {
+                    Ok(position) => {
                         GLOBAL.publish_requests.fetch_add(1, Ordering::Relaxed);
-                        match json {
-                            true => json_reply(StatusCode::OK, serde_json::json!({"ok": true})),
-                            false => reply(StatusCode::OK, "ok"),
+                        match (json, position) {
+                            (false, _) => reply(StatusCode::OK, "ok"),
+                            (true, None) => json_reply(StatusCode::OK, serde_json::json!({"ok": true})),
+                            (true, Some(p)) => json_reply(
+                                StatusCode::OK,
+                                serde_json::json!({"ok": true, "offset": p.offset, "epoch": &*p.epoch}),
+                            ),
                         }
                     }
                     Err(e) => {
@@ -287,6 +291,13 @@ impl Publisher {
                     }
                 }
             }
+            (&Method::GET, "/history") => match self.history(req).await {
+                Ok(v) => json_reply(StatusCode::OK, v),
+                Err(e) => {
+                    GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
+                    json_reply(e.status(), serde_json::json!({"ok": false, "error": e.to_string()}))
+                }
+            },
             (&Method::POST, "/bind" | "/unbind" | "/join" | "/leave")
             | (&Method::GET, "/online" | "/presence" | "/cluster") => {
                 let path = req.uri().path().to_owned();
@@ -298,7 +309,9 @@ impl Publisher {
                     }
                 }
             }
-            (_, path) if !matches!(path, "/" | "/healthz" | "/metrics") && !CLUSTER_PATHS.contains(&path) => {
+            (_, path)
+                if !matches!(path, "/" | "/healthz" | "/metrics" | "/history") && !CLUSTER_PATHS.contains(&path) =>
+            {
                 reply(StatusCode::NOT_FOUND, "not found: publish on /\n")
             }
             (_, path) => {
@@ -351,13 +364,64 @@ impl Publisher {
         Ok(())
     }
 
-    async fn publish(&self, req: Request<Incoming>) -> Result<(), PublishError> {
+    async fn publish(&self, req: Request<Incoming>) -> Result<Option<Position>, PublishError> {
         let (form, bearer) = self.read_form(req).await?;
         let r = PublishRequest::parse(&form, self.cfg.max_content)?;
         self.check_key(bearer, r.key.as_ref())?;
         let (channel, data) = r.to_message();
-        self.broker.publish(&channel, data).await?;
-        Ok(())
+        Ok(self.broker.publish(&channel, data).await?)
+    }
+
+    /// `GET /history?channel=C[&since=N][&limit=L]`: the messages of C after offset N (0: all
+    /// kept), at most L (100; at most 1000), with the channel's epoch and latest offset.
+    async fn history(&self, req: Request<Incoming>) -> Result<serde_json::Value, PublishError> {
+        let (form, bearer) = self.read_form(req).await?;
+        let f = parse_fields(&form, &["channel", "since", "limit"])?;
+        self.check_key(bearer, f.get("key"))?;
+        let bad = |m: String| PublishError::BadRequest(m);
+        let channel = f.get("channel").ok_or_else(|| bad("missing parameter \"channel\"".into()))?;
+        let name_ok = match channel.split_once(':') {
+            _ if channel == BROADCAST => true,
+            Some(("user", n)) => check_name("uid", n).is_ok(),
+            Some(("topic", n)) => check_name("channel", n).is_ok(),
+            _ => false,
+        };
+        if !name_ok {
+            return Err(bad(format!("channel {channel:?} keeps no history: use broadcast, user:UID or topic:NAME")));
+        }
+        let number = |k: &str, default: u64, max: u64| match f.get(k) {
+            None => Ok(default),
+            Some(v) => {
+                v.parse::<u64>().ok().filter(|n| *n <= max).ok_or_else(|| bad(format!("{k} must be 0 to {max}")))
+            }
+        };
+        let since = number("since", 0, u64::MAX)?;
+        let limit = number("limit", DEFAULT_HISTORY_PAGE as u64, crate::history::MAX_PAGE as u64)? as usize;
+        let page = match self.broker.history(channel, since, limit).await {
+            Ok(p) => p,
+            Err(BrokerError::NoHistory(b)) => {
+                return Err(PublishError::NotFound(format!("broker {b} keeps no history (see --history-size)")))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let more = page.more();
+        let publications: Vec<serde_json::Value> = page
+            .items
+            .iter()
+            .map(|(offset, data)| {
+                let content = Push::decode(data).map(|p| String::from_utf8_lossy(&p.content).into_owned());
+                serde_json::json!({"offset": offset, "data": content.unwrap_or_default()})
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "channel": channel,
+            "epoch": page.epoch,
+            "offset": page.offset,
+            "first": page.first,
+            "complete": page.reaches(&page.epoch, since),
+            "more": more,
+            "publications": publications,
+        }))
     }
 
     /// `/bind`, `/unbind`, `/join`, `/leave`, `/online`, `/presence`, `/cluster`: JSON answers.
@@ -434,6 +498,9 @@ impl Publisher {
 
 /// The paths of [`Publisher::cluster_request`].
 const CLUSTER_PATHS: [&str; 7] = ["/bind", "/unbind", "/join", "/leave", "/online", "/presence", "/cluster"];
+
+/// Messages in a `/history` answer unless `limit` says otherwise.
+pub const DEFAULT_HISTORY_PAGE: usize = 100;
 
 /// Users listed in a presence answer unless `limit` says otherwise.
 pub const DEFAULT_PRESENCE_UIDS: usize = 100;

@@ -170,8 +170,8 @@ impl<C: Client> Broker for Managed<C> {
         })
     }
 
-    fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
-        Subscription::through(&self.cmd, &self.name, |id, tx| Command::Subscribe { id, channels, tx })
+    fn subscribe_with(&self, channels: Vec<String>, capacity: usize) -> Result<Subscription, BrokerError> {
+        Subscription::through(&self.cmd, &self.name, capacity, |id, tx| Command::Subscribe { id, channels, tx })
     }
 
     fn join(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use channel_proto::{Name, Request};
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, BrokerFuture, Page, Position, SubId, Subscription, SUBSCRIPTION_CAPACITY};
+use super::{Broker, BrokerError, BrokerFuture, Page, Position, SubId, Subscription};
 use crate::hub::{ClientId, Hub, Sink};
 
 /// A broker that is a hub in this process.
@@ -47,15 +47,15 @@ impl Broker for MemoryBroker {
         Box::pin(std::future::ready(page.ok_or_else(|| BrokerError::NoHistory("memory".into()))))
     }
 
-    fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
-        let (tx, mut rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+    fn subscribe_with(&self, channels: Vec<String>, capacity: usize) -> Result<Subscription, BrokerError> {
+        let (tx, mut rx) = mpsc::channel(capacity.max(1));
         let id = self.hub.connect(Sink::Local(tx));
         let guard = Unsubscribe(self.hub.clone(), id);
         let names = channels.iter().map(|c| self.name(c)).collect();
         self.hub.subscribe(id, names).map_err(|e| BrokerError::Refused(e.to_string()))?;
         if !self.prefix.is_empty() {
             // Subscribers see names without the prefix, as on every other backend.
-            let (strip_tx, strip_rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+            let (strip_tx, strip_rx) = mpsc::channel(capacity.max(1));
             let n = self.prefix.len();
             tokio::spawn(async move {
                 while let Some(mut m) = rx.recv().await {

@@ -71,11 +71,12 @@ impl Subscription {
     fn through<T>(
         cmd: &mpsc::Sender<T>,
         link: &str,
+        capacity: usize,
         make: impl FnOnce(SubId, mpsc::Sender<Message>) -> T,
     ) -> Result<Subscription, BrokerError> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        let (tx, rx) = mpsc::channel(capacity.max(1));
         cmd.try_send(make(id, tx)).map_err(|_| BrokerError::Refused(format!("link to {link} is busy or gone")))?;
         Ok(Subscription { rx, id, _guard: None })
     }
@@ -86,7 +87,8 @@ impl Subscription {
     }
 }
 
-/// Messages buffered for one subscriber before newer ones are dropped (and counted).
+/// Messages buffered for one subscriber before newer ones are dropped (and counted), unless the
+/// subscriber asks for another size.
 pub const SUBSCRIPTION_CAPACITY: usize = 8192;
 
 /// A publish/subscribe broker.
@@ -112,8 +114,13 @@ pub trait Broker: Send + Sync + 'static {
         let _ = (channel, since, limit);
         Box::pin(std::future::ready(Err(BrokerError::NoHistory(String::new()))))
     }
-    /// Subscribe to each of `channels`; messages arrive on the returned subscription.
-    fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError>;
+    /// Subscribe to each of `channels`; messages arrive on the returned subscription, which
+    /// buffers [`SUBSCRIPTION_CAPACITY`] of them.
+    fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BrokerError> {
+        self.subscribe_with(channels, SUBSCRIPTION_CAPACITY)
+    }
+    /// [`Broker::subscribe`] with a buffer of `capacity` messages.
+    fn subscribe_with(&self, channels: Vec<String>, capacity: usize) -> Result<Subscription, BrokerError>;
     /// Add `channels` to subscription `sub`. Resolves once the broker has them in place, so that
     /// a publish confirmed after that reaches `sub`; while the link is down, at once (they are
     /// renewed with the others when it comes back). The broker is subscribed to a channel only

@@ -9,26 +9,26 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{GatewayConfig, Worker};
+use std::sync::Arc;
+
+use super::{format, Conn, GatewayConfig, Wants, Worker};
 use crate::metrics::GLOBAL;
-use crate::token::Identity;
 use crate::ws::{self, close, ClientFrame};
 
 /// Serve one WebSocket connection until it closes or is closed.
 ///
-/// `who` is boxed (and absent for an anonymous client), and so are the worker's add and remove:
-/// this future lives as long as the connection, and every byte of it counts with a hundred
-/// thousand idle clients.
+/// `wants` is boxed (and absent for a seed client), and so are the worker's add and remove: this
+/// future lives as long as the connection, and every byte of it counts with a hundred thousand
+/// idle clients.
 pub(super) async fn serve(
     mut stream: TcpStream,
     mut buf: BytesMut,
-    worker: &Worker,
+    worker: &Arc<Worker>,
     cfg: &GatewayConfig,
-    who: Option<Box<Identity>>,
+    wants: Option<Box<Wants>>,
 ) {
-    let (id, conn) = Box::pin(worker.add(who.map(|w| *w).unwrap_or_default(), false)).await;
+    let (id, conn, welcome) = Box::pin(open(worker, wants, false)).await;
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
-    let welcome = ws::encode(ws::TEXT, format!("workerID:{} connectionID:{id} connected\n", worker.id).as_bytes());
     let mut out = VecDeque::from([welcome]);
     let mut reader = ws::Reader::default();
     let closing: Option<(u16, &str)> = 'conn: loop {
@@ -86,10 +86,14 @@ pub(super) async fn serve(
 /// Serve one Server-Sent Events stream (its response head already written) until the client goes
 /// or the stream is closed: the welcome line as the first event, then what the worker queues.
 /// Whatever the client sends is read and ignored.
-pub(super) async fn serve_sse(mut stream: TcpStream, worker: &Worker, cfg: &GatewayConfig, who: Option<Box<Identity>>) {
-    let (id, conn) = Box::pin(worker.add(who.map(|w| *w).unwrap_or_default(), true)).await;
+pub(super) async fn serve_sse(
+    mut stream: TcpStream,
+    worker: &Arc<Worker>,
+    cfg: &GatewayConfig,
+    wants: Option<Box<Wants>>,
+) {
+    let (id, conn, welcome) = Box::pin(open(worker, wants, true)).await;
     tracing::debug!(worker = %worker.id, connection = id, "event stream opened");
-    let welcome = crate::sse::event(format!("workerID:{} connectionID:{id} connected\n", worker.id).as_bytes());
     let mut out = VecDeque::from([welcome]);
     loop {
         if !out.is_empty() && !flush(&stream, &mut out, cfg.write_timeout).await {
@@ -117,6 +121,20 @@ pub(super) async fn serve_sse(mut stream: TcpStream, worker: &Worker, cfg: &Gate
     Box::pin(worker.remove(id)).await;
     let _ = stream.shutdown().await;
     tracing::debug!(worker = %worker.id, connection = id, "event stream closed");
+}
+
+/// Add a connection to `worker`: its id, its shared state, and its welcome (the seed's line, or
+/// JSON with `format=json`) as its transport sends it.
+async fn open(worker: &Arc<Worker>, wants: Option<Box<Wants>>, sse: bool) -> (u64, Arc<Conn>, Bytes) {
+    let wants = wants.map(|w| *w).unwrap_or_default();
+    let json = wants.json.then(|| (wants.who.uid.clone(), wants.who.channels.clone()));
+    let (id, conn) = worker.add(wants, sse).await;
+    let text = match json {
+        Some((uid, channels)) => format::welcome(&worker.id, id, uid.as_deref(), &channels),
+        None => format!("workerID:{} connectionID:{id} connected\n", worker.id).into_bytes(),
+    };
+    let welcome = conn.encode(&text);
+    (id, conn, welcome)
 }
 
 /// How long a closing connection waits for its close frame to go out and for the client to close.

@@ -17,10 +17,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{Gateway, OpenGuard};
+use super::{Gateway, OpenGuard, Wants};
 use crate::http::reply as text;
 use crate::metrics::GLOBAL;
-use crate::token::{Identity, TokenError};
+use crate::token::TokenError;
 use crate::ws;
 
 impl Gateway {
@@ -36,7 +36,7 @@ impl Gateway {
             r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
             return r;
         }
-        let (who, open) = match self.admit(h.get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query()) {
+        let (wants, open) = match self.admit(h.get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query()) {
             Ok(admitted) => admitted,
             Err(refusal) => return refusal.answer(),
         };
@@ -57,7 +57,7 @@ impl Gateway {
             let hyper::upgrade::Parts { io, read_buf, .. } = parts;
             let leftover = BytesMut::from(&read_buf[..]);
             drop(read_buf);
-            open.run(io.into_inner(), leftover, who).await;
+            open.run(io.into_inner(), leftover, wants).await;
         });
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -71,27 +71,28 @@ impl Gateway {
     }
 
     /// Whether a connection (WebSocket or event stream) from `origin` asking with `query` may
-    /// open: who it is, and its connection slot.
+    /// open: who it is and what it wants, and its connection slot.
     pub(super) fn admit(
         self: &Arc<Self>,
         origin: Option<&[u8]>,
         query: Option<&str>,
-    ) -> Result<(Option<Box<Identity>>, OpenGuard), Refusal> {
+    ) -> Result<(Option<Box<Wants>>, OpenGuard), Refusal> {
         if !self.origin_allowed(origin) {
             return Err(Refusal::Origin(String::from_utf8_lossy(origin.unwrap_or_default()).into_owned()));
         }
-        let who = self.identify(query).map_err(Refusal::Token)?;
+        let wants = self.wants(query)?;
         let open = self.open_slot().ok_or(Refusal::Full)?;
-        Ok((who, open))
+        Ok((wants, open))
     }
 
-    /// Who the connection asking with `query` is, from its `token` parameter; `None` for an
-    /// anonymous client (boxed: it travels in the connection's long-lived task).
-    fn identify(&self, query: Option<&str>) -> Result<Option<Box<Identity>>, TokenError> {
+    /// Who the connection asking with `query` is (its `token`) and what it wants; `None` for a
+    /// seed client (boxed: it travels in the connection's long-lived task).
+    fn wants(&self, query: Option<&str>) -> Result<Option<Box<Wants>>, Refusal> {
         let token = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .find_map(|(k, v)| (k == "token").then(|| v.into_owned()));
-        let who = self.cfg.tokens.identify(token.as_deref())?;
-        Ok((who != Identity::default()).then(|| Box::new(who)))
+        let who = self.cfg.tokens.identify(token.as_deref()).map_err(Refusal::Token)?;
+        let wants = Wants::parse(query, who).map_err(Refusal::BadRequest)?;
+        Ok((wants != Wants::default()).then(|| Box::new(wants)))
     }
 
     pub(super) fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
@@ -149,7 +150,7 @@ impl Gateway {
         }
         // Refusals (origin, token, the connection limit) are answered, with the reason, by the
         // HTTP path.
-        let Ok((who, open)) = self.admit(origin, query) else { return Some(stream) };
+        let Ok((wants, open)) = self.admit(origin, query) else { return Some(stream) };
         let response = match key {
             Some(key) if !sse => format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
@@ -169,8 +170,8 @@ impl Gateway {
         if tokio::time::timeout(crate::http::HEADER_TIMEOUT, answer).await.is_ok_and(|r| r.is_ok()) {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
             match sse {
-                true => tokio::spawn(open.run_sse(stream, who)),
-                false => tokio::spawn(open.run(stream, BytesMut::new(), who)),
+                true => tokio::spawn(open.run_sse(stream, wants)),
+                false => tokio::spawn(open.run(stream, BytesMut::new(), wants)),
             };
         }
         None
@@ -181,6 +182,7 @@ impl Gateway {
 pub(super) enum Refusal {
     Origin(String),
     Token(TokenError),
+    BadRequest(String),
     Full,
 }
 
@@ -191,6 +193,7 @@ impl Refusal {
         match self {
             Refusal::Origin(o) => text(StatusCode::FORBIDDEN, "text/plain", format!("origin {o:?} is not allowed\n")),
             Refusal::Token(e) => text(StatusCode::UNAUTHORIZED, "text/plain", format!("{e}\n")),
+            Refusal::BadRequest(e) => text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
             Refusal::Full => {
                 let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "gateway is at its connection limit\n");
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

@@ -23,6 +23,7 @@
 //! and answers to publishers' questions), [`routes`] (the page, `/healthz`, `/metrics`).
 
 mod connection;
+mod format;
 mod handshake;
 mod presence;
 mod routes;
@@ -74,6 +75,9 @@ pub struct GatewayConfig {
     /// The gateway's presence lease: it sends a heartbeat every third of it, and counts as gone
     /// (its connections out of every count) once a whole lease passes without one.
     pub lease: Duration,
+    /// Messages buffered between the broker and each worker; past it they are dropped (counted,
+    /// and repaired from history where the channel keeps one).
+    pub subscription_buffer: usize,
 }
 
 impl Default for GatewayConfig {
@@ -91,6 +95,7 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             tokens: crate::token::TokenPolicy::default(),
             lease: Duration::from_secs(15),
+            subscription_buffer: crate::broker::SUBSCRIPTION_CAPACITY,
         }
     }
 }
@@ -134,22 +139,13 @@ impl Gateway {
         let mut workers = Vec::new();
         for i in 0..cfg.workers {
             let id = format!("{node_id}-{i}");
-            let mut sub = broker
-                .subscribe(vec![id.clone(), BROADCAST.to_owned()])
+            let sub = broker
+                .subscribe_with(vec![id.clone(), BROADCAST.to_owned()], cfg.subscription_buffer)
                 .map_err(|source| GatewayError::Subscribe { worker: id.clone(), source })?;
             let (queue, bytes) = (cfg.outbound_queue, cfg.outbound_queue_bytes);
-            let worker = Arc::new(Worker::new(id, queue, bytes, broker.clone(), sub.id));
-            let w = worker.clone();
-            tokio::spawn(async move {
-                while let Some(m) = sub.recv().await {
-                    // The seed's pushes are PHP arrays; requests from publishers are PHP strings.
-                    if crate::cluster::is_request(&m.data) && m.channel == w.id.as_bytes() {
-                        w.answer(m.data);
-                    } else {
-                        w.handle(m);
-                    }
-                }
-            });
+            let (worker, repairs) = Worker::new(id, queue, bytes, broker.clone(), sub.id);
+            let worker = Arc::new(worker);
+            tokio::spawn(worker.clone().run(sub, repairs));
             let (w, beat) = (Arc::downgrade(&worker), cfg.heartbeat);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(beat);
@@ -216,6 +212,82 @@ fn start_epoch() -> String {
     digits.iter().rev().map(|&d| d as char).collect()
 }
 
+/// What a connection asks for beyond the seed's plain URL: who it is (`token`), JSON messages
+/// (`format=json`), and what to recover (`recover=C:E:N,...`). Boxed, and absent for a seed client.
+#[derive(Debug, Default, PartialEq)]
+pub struct Wants {
+    pub who: Identity,
+    pub json: bool,
+    pub recover: Vec<Recover>,
+}
+
+/// One channel to recover: the client saw offset `offset` of epoch `epoch` last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recover {
+    pub channel: String,
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// Most channels one `recover=` may name (a connection is in `broadcast`, its user's channel and
+/// at most 256 topics).
+pub const MAX_RECOVER: usize = 258;
+
+impl Wants {
+    /// Read `format` and `recover` from a connection's `query` for a connection of `who`; other
+    /// parameters are the application's (the seed's clients may add their own).
+    pub fn parse(query: Option<&str>, who: Identity) -> Result<Wants, String> {
+        let mut w = Wants { who, ..Wants::default() };
+        let mut recover = None;
+        for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            match &*k {
+                "format" => match &*v {
+                    "json" => w.json = true,
+                    "text" => {}
+                    other => return Err(format!("format={other:?}: use json (or text, the default)")),
+                },
+                "recover" if recover.is_some() => return Err("parameter \"recover\" given twice".into()),
+                "recover" => recover = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let Some(recover) = recover else { return Ok(w) };
+        if !w.json {
+            return Err("recover= needs format=json (the client is told what was recovered)".into());
+        }
+        for item in recover.split(',').filter(|i| !i.is_empty()) {
+            let mut parts = item.rsplitn(3, ':');
+            let (Some(n), Some(epoch), Some(channel)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(format!("recover item {item:?} is not CHANNEL:EPOCH:OFFSET"));
+            };
+            let offset = n.parse().map_err(|_| format!("recover item {item:?}: offset {n:?} is not a number"))?;
+            if epoch.is_empty() || epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(format!("recover item {item:?}: epoch {epoch:?} is not one this server hands out"));
+            }
+            let member = match channel.split_once(':') {
+                _ if channel == BROADCAST => true,
+                Some(("user", u)) => w.who.uid.as_deref() == Some(u),
+                Some(("topic", t)) => w.who.channels.iter().any(|c| c == t),
+                _ => false,
+            };
+            if !member {
+                return Err(format!(
+                    "recover names {channel:?}, not a channel of this connection (broadcast, user:UID of its token, \
+                     topic:T of its token's channels)"
+                ));
+            }
+            if w.recover.iter().any(|r| r.channel == channel) {
+                return Err(format!("recover names {channel:?} twice"));
+            }
+            w.recover.push(Recover { channel: channel.to_owned(), epoch: epoch.to_owned(), offset });
+            if w.recover.len() > MAX_RECOVER {
+                return Err(format!("recover names more than {MAX_RECOVER} channels"));
+            }
+        }
+        Ok(w)
+    }
+}
+
 /// One of the gateway's `--max-connections` slots, held for a connection's life.
 struct OpenGuard(Arc<Gateway>);
 
@@ -226,16 +298,17 @@ impl Drop for OpenGuard {
 }
 
 impl OpenGuard {
-    /// Serve an upgraded connection of `who` (`None`: anonymous) on the next worker, round-robin.
-    async fn run(self, stream: TcpStream, leftover: BytesMut, who: Option<Box<Identity>>) {
+    /// Serve an upgraded connection that `wants` something (`None`: a seed client) on the next
+    /// worker, round-robin.
+    async fn run(self, stream: TcpStream, leftover: BytesMut, wants: Option<Box<Wants>>) {
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve(stream, leftover, &self.next_worker(), &self.0.cfg, who).await;
+        connection::serve(stream, leftover, &self.next_worker(), &self.0.cfg, wants).await;
     }
 
     /// Serve an event stream (its response head already sent) on the next worker.
-    async fn run_sse(self, stream: TcpStream, who: Option<Box<Identity>>) {
+    async fn run_sse(self, stream: TcpStream, wants: Option<Box<Wants>>) {
         GLOBAL.sse_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve_sse(stream, &self.next_worker(), &self.0.cfg, who).await;
+        connection::serve_sse(stream, &self.next_worker(), &self.0.cfg, wants).await;
     }
 
     /// The worker the next connection goes to, round-robin.

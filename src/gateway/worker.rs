@@ -5,6 +5,13 @@
 //! A worker holds one broker subscription: its own worker id, `broadcast`, and the channel of
 //! every user and topic it has a connection of (joined when a connection arrives, left when it
 //! goes; the broker counts joins, so the broker is subscribed exactly while a member is here).
+//!
+//! **Offsets.** A message of a channel that keeps history carries its offset: the worker drops
+//! one it has delivered already, and when offsets jump (a message lost between broker and
+//! worker) holds the channel's newer messages, fills the gap from the broker's history, and
+//! delivers in order; a gap the history cannot fill is reported to JSON clients
+//! (`recovered:false`) and counted, never silent. A connection that reconnects with `recover=`
+//! gets what it missed from history, merged at the seam with the live messages held meanwhile.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
@@ -14,11 +21,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::broker::{Broker, Message, SubId};
+use tokio::sync::mpsc;
+
+use super::format;
+use super::Wants;
+use crate::broker::{Broker, Message, Position, SubId, Subscription};
 use crate::cluster::{Answer, Change, Envelope, Request, DUMP_PAGE};
+use crate::history::{self, Page};
 use crate::metrics::GLOBAL;
 use crate::push::{topic_channel, user_channel, Push, BROADCAST};
-use crate::token::Identity;
 use crate::ws::{self, close};
 
 /// What a worker and a connection's task share: the connection's outbound queue, and how to wake
@@ -30,27 +41,29 @@ pub struct Conn {
     pub(super) last_seen: AtomicU64,
     /// A Server-Sent Events stream rather than a WebSocket: it gets events, not frames.
     pub(super) sse: bool,
+    /// `format=json`: messages as JSON objects with their channel and position.
+    pub(super) json: bool,
 }
 
-/// One push as each transport sends it: the WebSocket frame, and the SSE event made on first use
-/// (once per message per worker, then shared like the frame).
+/// One push as each kind of connection gets it (WebSocket or SSE, raw or JSON), each encoded on
+/// first use (once per message per worker), then shared by every connection of that kind.
 pub(super) struct Frames<'a> {
-    ws: Bytes,
+    channel: &'a str,
+    position: Option<&'a Position>,
     content: &'a [u8],
-    sse: std::cell::OnceCell<Bytes>,
+    encoded: [std::cell::OnceCell<Bytes>; 4],
 }
 
 impl<'a> Frames<'a> {
-    fn new(content: &'a [u8]) -> Frames<'a> {
-        let opcode = if std::str::from_utf8(content).is_ok() { ws::TEXT } else { ws::BINARY };
-        Frames { ws: ws::encode(opcode, content), content, sse: std::cell::OnceCell::new() }
+    fn new(channel: &'a str, position: Option<&'a Position>, content: &'a [u8]) -> Frames<'a> {
+        Frames { channel, position, content, encoded: Default::default() }
     }
 
     fn for_conn(&self, c: &Conn) -> &Bytes {
-        match c.sse {
-            false => &self.ws,
-            true => self.sse.get_or_init(|| crate::sse::event(self.content)),
-        }
+        self.encoded[c.sse as usize * 2 + c.json as usize].get_or_init(|| match c.json {
+            false => c.encode(self.content),
+            true => c.encode(&format::push(self.channel, self.position, self.content)),
+        })
     }
 }
 
@@ -70,6 +83,15 @@ enum Offer {
 }
 
 impl Conn {
+    /// `text` as one frame (or event) of this connection's transport.
+    pub(super) fn encode(&self, text: &[u8]) -> Bytes {
+        match self.sse {
+            true => crate::sse::event(text),
+            false if std::str::from_utf8(text).is_ok() => ws::encode(ws::TEXT, text),
+            false => ws::encode(ws::BINARY, text),
+        }
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -113,6 +135,44 @@ struct Who {
     topics: Vec<Arc<str>>,
 }
 
+/// The latest offset a worker delivered on one channel; while a gap is being filled from
+/// history, the messages that arrived after it.
+struct Seen {
+    epoch: Arc<str>,
+    offset: u64,
+    held: Option<Vec<Message>>,
+}
+
+/// A channel a connection is recovering: the live frames queued for it meanwhile, by offset.
+struct Recovering {
+    channel: String,
+    frames: Vec<(u64, Bytes)>,
+}
+
+/// What to do with a message that has an offset.
+enum Check {
+    Deliver,
+    Duplicate,
+    /// Held behind a gap being filled.
+    Held,
+    /// A gap after `since` (in the message's epoch): fill it, then deliver what is held.
+    Repair {
+        since: u64,
+    },
+}
+
+/// A gap's filling, from the task that read the history back to the worker's own task.
+pub(super) struct Repaired {
+    channel: Bytes,
+    epoch: Arc<str>,
+    items: Option<Vec<(u64, Bytes)>>,
+}
+
+/// Messages held behind one gap before newer ones are dropped (and make a gap of their own).
+const MAX_HELD: usize = 8192;
+/// Most messages read from history to fill one gap or recover one channel.
+const MAX_RECOVERED: usize = 10_000;
+
 /// The connections of a worker and the indexes over them.
 #[derive(Default)]
 struct Table {
@@ -120,6 +180,10 @@ struct Table {
     who: HashMap<u64, Who>,
     users: HashMap<Arc<str>, HashSet<u64>>,
     topics: HashMap<Arc<str>, HashSet<u64>>,
+    /// Channels with offsets that somebody here holds.
+    seen: HashMap<Bytes, Seen>,
+    /// Connections recovering channels (`recover=`), until their history is queued.
+    recovering: HashMap<u64, Vec<Recovering>>,
     /// Users and topics that arrived on or left this worker, numbered, for the presence
     /// trackers; bounded: when full, the oldest go (a tracker sees the gap and asks for all).
     changes: VecDeque<Change>,
@@ -148,12 +212,39 @@ pub struct Worker {
     max_bytes: usize,
     broker: Arc<dyn Broker>,
     sub: SubId,
+    repairs: mpsc::Sender<Repaired>,
 }
 
 impl Worker {
-    pub(super) fn new(id: String, max_frames: usize, max_bytes: usize, broker: Arc<dyn Broker>, sub: SubId) -> Worker {
+    /// A worker, and the receiving end of its gap fillings for [`Worker::run`].
+    pub(super) fn new(
+        id: String,
+        max_frames: usize,
+        max_bytes: usize,
+        broker: Arc<dyn Broker>,
+        sub: SubId,
+    ) -> (Worker, mpsc::Receiver<Repaired>) {
         let (table, next_conn, epoch) = (Mutex::default(), AtomicU64::new(0), Instant::now());
-        Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub }
+        let (repairs, done) = mpsc::channel(64);
+        (Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub, repairs }, done)
+    }
+
+    /// Carry out what the broker sends (and the gap fillings) until the subscription ends. One
+    /// task per worker: messages of a channel are delivered in order.
+    pub(super) async fn run(self: Arc<Self>, mut sub: Subscription, mut repairs: mpsc::Receiver<Repaired>) {
+        loop {
+            tokio::select! {
+                m = sub.recv() => match m {
+                    // The seed's pushes are PHP arrays; requests from publishers are PHP strings.
+                    Some(m) if crate::cluster::is_request(&m.data) && m.channel == self.id.as_bytes() => {
+                        self.answer(m.data)
+                    }
+                    Some(m) => self.receive(m),
+                    None => return,
+                },
+                Some(r) = repairs.recv() => self.repaired(r),
+            }
+        }
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -167,7 +258,7 @@ impl Worker {
 
     /// Add a connection who is `who`; once this returns, pushes to its user and topics reach it
     /// (the broker confirmed the subscriptions, or is down and renews them when it is back).
-    pub(super) async fn add(&self, who: Identity, sse: bool) -> (u64, Arc<Conn>) {
+    pub(super) async fn add(self: &Arc<Self>, wants: Wants, sse: bool) -> (u64, Arc<Conn>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
         let conn = Arc::new(Conn {
             queue: Mutex::default(),
@@ -175,7 +266,9 @@ impl Worker {
             close_code: AtomicU16::new(0),
             last_seen: AtomicU64::new(self.now()),
             sse,
+            json: wants.json,
         });
+        let Wants { who, recover, .. } = wants;
         let channels = broker_channels(who.uid.as_deref(), &who.channels);
         let uid: Option<Arc<str>> = who.uid.map(Into::into);
         let topics: Vec<Arc<str>> = who.channels.into_iter().map(Into::into).collect();
@@ -188,8 +281,12 @@ impl Worker {
                 t.index(true, topic, id);
             }
             t.conns.insert(id, conn.clone());
+            if !recover.is_empty() {
+                let held = recover.iter().map(|r| Recovering { channel: r.channel.clone(), frames: Vec::new() });
+                t.recovering.insert(id, held.collect());
+            }
             if uid.is_some() || !topics.is_empty() {
-                t.who.insert(id, Who { uid, topics });
+                t.who.insert(id, Who { uid: uid.clone(), topics });
             }
         }
         if !channels.is_empty() {
@@ -197,7 +294,76 @@ impl Worker {
                 tracing::warn!(worker = %self.id, connection = id, "subscriptions of a new connection not confirmed: {e}");
             }
         }
+        // Live messages are held for the connection from before the join: the history read after
+        // it overlaps them, and the seam is found by offset.
+        if !recover.is_empty() {
+            let w = self.clone();
+            tokio::spawn(async move {
+                for r in recover {
+                    let items = read_history(&*w.broker, &r.channel, &r.epoch, r.offset, None).await;
+                    w.recovered(id, &r.channel, &r.epoch, r.offset, uid.as_deref(), items);
+                }
+            });
+        }
         (id, conn)
+    }
+
+    /// Queue to connection `id` what it missed on `channel` after `since` (`items`, or `None` when
+    /// the history does not reach back), then the live messages held meanwhile, and the notice.
+    fn recovered(
+        &self,
+        id: u64,
+        channel: &str,
+        epoch: &str,
+        since: u64,
+        uid: Option<&str>,
+        items: Option<Vec<(u64, Bytes)>>,
+    ) {
+        let mut t = self.table();
+        let Some(conn) = t.conns.get(&id).cloned() else { return };
+        let held = match t.recovering.get_mut(&id) {
+            Some(list) => {
+                let i = list.iter().position(|r| r.channel == channel);
+                let held = i.map(|i| list.swap_remove(i).frames).unwrap_or_default();
+                if list.is_empty() {
+                    t.recovering.remove(&id);
+                }
+                held
+            }
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut last = since;
+        match items {
+            Some(items) => {
+                GLOBAL.recoveries.fetch_add(1, Ordering::Relaxed);
+                let epoch: Arc<str> = epoch.into();
+                for (offset, data) in items {
+                    last = offset;
+                    let Ok(push) = Push::decode(&data) else { continue };
+                    if uid.is_some_and(|u| push.exclude_uid.iter().any(|x| x == u.as_bytes())) {
+                        continue;
+                    }
+                    let p = Position { offset, epoch: epoch.clone() };
+                    out.push(conn.encode(&format::push(channel, Some(&p), &push.content)));
+                }
+                out.extend(held.into_iter().filter(|(o, _)| *o > last).map(|(_, f)| f));
+                out.push(conn.encode(&format::recovered(channel, true)));
+            }
+            None => {
+                GLOBAL.recoveries_failed.fetch_add(1, Ordering::Relaxed);
+                out.push(conn.encode(&format::recovered(channel, false)));
+                out.extend(held.into_iter().map(|(_, f)| f));
+            }
+        }
+        for f in out {
+            if let Offer::Full = conn.offer(&f, self.max_frames, self.max_bytes) {
+                t.conns.remove(&id);
+                GLOBAL.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
+                conn.close(close::POLICY);
+                return;
+            }
+        }
     }
 
     /// Carry out a change to one of this worker's connections, asked for by a publisher.
@@ -320,39 +486,51 @@ impl Worker {
     /// returns deliveries.
     fn send(&self, frames: &Frames<'_>, to: Target<'_>, exclude: &[Vec<u8>]) -> usize {
         let mut table = self.table();
-        let t = &*table;
+        let Table { conns, users, topics, recovering, .. } = &mut *table;
         // The connections of the excluded users (none in the common case: nothing to look up).
         let skip: Option<HashSet<u64>> = (!exclude.is_empty()).then(|| {
-            exclude.iter().filter_map(|u| t.users.get(std::str::from_utf8(u).ok()?)).flatten().copied().collect()
+            exclude.iter().filter_map(|u| users.get(std::str::from_utf8(u).ok()?)).flatten().copied().collect()
         });
         let mut slow = Vec::new();
         let mut delivered = 0;
+        let (max_frames, max_bytes) = (self.max_frames, self.max_bytes);
         let mut offer = |id: u64, c: &Conn| {
             if skip.as_ref().is_some_and(|s| s.contains(&id)) {
                 return;
             }
-            match c.offer(frames.for_conn(c), self.max_frames, self.max_bytes) {
+            // A connection recovering this channel gets it after its history (none usually).
+            if let (false, Some(p)) = (recovering.is_empty(), frames.position) {
+                let held = recovering.get_mut(&id).and_then(|l| l.iter_mut().find(|r| r.channel == frames.channel));
+                if let Some(r) = held {
+                    match r.frames.len() < max_frames {
+                        true => r.frames.push((p.offset, frames.for_conn(c).clone())),
+                        false => slow.push(id),
+                    }
+                    return;
+                }
+            }
+            match c.offer(frames.for_conn(c), max_frames, max_bytes) {
                 Offer::Queued => delivered += 1,
                 Offer::Full => slow.push(id),
             }
         };
         match to {
-            Target::All => t.conns.iter().for_each(|(id, c)| offer(*id, c)),
+            Target::All => conns.iter().for_each(|(id, c)| offer(*id, c)),
             Target::Conn(id) => {
-                if let Some(c) = t.conns.get(&id) {
+                if let Some(c) = conns.get(&id) {
                     offer(id, c);
                 }
             }
             Target::User(u) => {
-                for id in t.users.get(u).into_iter().flatten() {
-                    if let Some(c) = t.conns.get(id) {
+                for id in users.get(u).into_iter().flatten() {
+                    if let Some(c) = conns.get(id) {
                         offer(*id, c);
                     }
                 }
             }
             Target::Topic(topic) => {
-                for id in t.topics.get(topic).into_iter().flatten() {
-                    if let Some(c) = t.conns.get(id) {
+                for id in topics.get(topic).into_iter().flatten() {
+                    if let Some(c) = conns.get(id) {
                         offer(*id, c);
                     }
                 }
@@ -370,6 +548,74 @@ impl Worker {
         delivered
     }
 
+    /// Take one message from the broker: deliver it, unless it is a duplicate or comes after a
+    /// gap (then held, and the gap filled from history first).
+    pub(super) fn receive(self: &Arc<Self>, m: Message) {
+        let Some(p) = m.position.clone() else { return self.handle(m) };
+        let check = self.table().check(&m, &p);
+        match check {
+            Check::Deliver => self.handle(m),
+            Check::Duplicate => {
+                GLOBAL.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Check::Held => {}
+            Check::Repair { since } => {
+                GLOBAL.gaps.fetch_add(1, Ordering::Relaxed);
+                let channel = String::from_utf8_lossy(&m.channel).into_owned();
+                tracing::info!(worker = %self.id, %channel, since, next = p.offset, "gap in offsets: filling it from history");
+                let w = self.clone();
+                tokio::spawn(async move {
+                    let items = read_history(&*w.broker, &channel, &p.epoch, since, Some(p.offset)).await;
+                    let _ = w.repairs.send(Repaired { channel: m.channel, epoch: p.epoch, items }).await;
+                });
+            }
+        }
+    }
+
+    /// Deliver a gap's filling (or report that there is none), then what was held behind it.
+    fn repaired(self: &Arc<Self>, r: Repaired) {
+        let Some(held) = self.table().seen.get_mut(&r.channel).and_then(|s| s.held.take()) else { return };
+        let channel = String::from_utf8_lossy(&r.channel).into_owned();
+        match r.items {
+            Some(items) => {
+                for (offset, data) in items {
+                    let position = Some(Position { offset, epoch: r.epoch.clone() });
+                    if let Some(s) = self.table().seen.get_mut(&r.channel) {
+                        s.offset = offset;
+                    }
+                    self.handle(Message { channel: r.channel.clone(), data, position });
+                }
+            }
+            None => {
+                GLOBAL.gaps_unrepaired.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(worker = %self.id, %channel, "gap in offsets that history cannot fill: clients told");
+                if let (Some(s), Some(first)) = (self.table().seen.get_mut(&r.channel), held.first()) {
+                    s.offset = first.position.as_ref().map_or(0, |p| p.offset.saturating_sub(1));
+                }
+                self.notify(&channel, false);
+            }
+        }
+        for m in held {
+            self.receive(m);
+        }
+    }
+
+    /// Tell the JSON connections of `channel` whether what they missed could be delivered.
+    fn notify(&self, channel: &str, ok: bool) {
+        let Some(to) = target(channel) else { return };
+        let text = format::recovered(channel, ok);
+        let t = self.table();
+        let ids: Vec<u64> = match to {
+            Target::All => t.conns.keys().copied().collect(),
+            Target::User(u) => t.users.get(u).into_iter().flatten().copied().collect(),
+            Target::Topic(x) => t.topics.get(x).into_iter().flatten().copied().collect(),
+            Target::Conn(_) => Vec::new(),
+        };
+        for c in ids.iter().filter_map(|id| t.conns.get(id)).filter(|c| c.json) {
+            let _ = c.offer(&c.encode(&text), self.max_frames, self.max_bytes);
+        }
+    }
+
     /// Carry out one message from the broker.
     pub fn handle(&self, m: Message) {
         GLOBAL.broker_messages.fetch_add(1, Ordering::Relaxed);
@@ -384,15 +630,9 @@ impl Worker {
                 return;
             }
         };
-        let frames = Frames::new(&push.content);
         let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
-        let to = match channel.split_once(':') {
-            _ if channel == BROADCAST => Some(Target::All),
-            Some(("user", u)) => Some(Target::User(u)),
-            Some(("topic", t)) => Some(Target::Topic(t)),
-            _ => None,
-        };
-        if let Some(to) = to {
+        let frames = Frames::new(channel, m.position.as_ref(), &push.content);
+        if let Some(to) = target(channel) {
             self.send(&frames, to, &push.exclude_uid);
             return;
         }
@@ -445,6 +685,48 @@ enum Refusal {
 type Edit = Result<(Option<String>, Option<String>), Refusal>;
 
 impl Table {
+    /// Where `m` (at `p`) stands against what this worker delivered on its channel.
+    fn check(&mut self, m: &Message, p: &Position) -> Check {
+        let held_here = match std::str::from_utf8(&m.channel).ok().and_then(target) {
+            Some(Target::All) => true,
+            Some(Target::User(u)) => self.users.contains_key(u),
+            Some(Target::Topic(t)) => self.topics.contains_key(t),
+            _ => false,
+        };
+        if !held_here || !history::keeps(&m.channel) {
+            return Check::Deliver;
+        }
+        let Some(s) = self.seen.get_mut(&m.channel) else {
+            let s = Seen { epoch: p.epoch.clone(), offset: p.offset, held: None };
+            self.seen.insert(m.channel.clone(), s);
+            return Check::Deliver;
+        };
+        if let Some(held) = &mut s.held {
+            if held.len() < MAX_HELD {
+                held.push(m.clone());
+            } else {
+                GLOBAL.subscriber_drops.fetch_add(1, Ordering::Relaxed);
+            }
+            return Check::Held;
+        }
+        if s.epoch != p.epoch {
+            // The channel's history started again: from its first message on, nothing was missed.
+            s.epoch = p.epoch.clone();
+            s.offset = 0;
+        }
+        match p.offset {
+            o if o <= s.offset => Check::Duplicate,
+            o if o == s.offset + 1 => {
+                s.offset = o;
+                Check::Deliver
+            }
+            _ => {
+                s.held = Some(vec![m.clone()]);
+                Check::Repair { since: s.offset }
+            }
+        }
+    }
+
     /// Make connection `id` belong to `uid` (or to nobody).
     fn bind(&mut self, id: u64, uid: Option<&str>) -> Edit {
         if !self.conns.contains_key(&id) {
@@ -497,6 +779,7 @@ impl Table {
     /// Forget connection `id` and who it was.
     fn unlink(&mut self, id: u64) -> Option<Who> {
         self.conns.remove(&id);
+        self.recovering.remove(&id);
         let e = self.who.remove(&id)?;
         if let Some(u) = &e.uid {
             self.unindex(false, u, id);
@@ -519,6 +802,8 @@ impl Table {
     fn unindex(&mut self, topic: bool, name: &str, id: u64) {
         let index = if topic { &mut self.topics } else { &mut self.users };
         if let Some(name) = remove_member(index, name, id) {
+            let channel = if topic { topic_channel(&name) } else { user_channel(&name) };
+            self.seen.remove(channel.as_bytes());
             self.note(false, topic, &name);
         }
     }
@@ -550,6 +835,62 @@ fn remove_member(index: &mut HashMap<Arc<str>, HashSet<u64>>, name: &str, id: u6
     index.remove_entry(name).map(|(name, _)| name)
 }
 
+/// Whom a push on `channel` is for, unless it is a worker's own channel.
+fn target(channel: &str) -> Option<Target<'_>> {
+    match channel.split_once(':') {
+        _ if channel == BROADCAST => Some(Target::All),
+        Some(("user", u)) => Some(Target::User(u)),
+        Some(("topic", t)) => Some(Target::Topic(t)),
+        _ => None,
+    }
+}
+
+/// Messages of `channel` after `since` in `epoch`, read from the broker's history up to (not
+/// including) offset `until`, or up to its latest message; `None` when the history does not reach
+/// back to `since` (or changed epoch, or is not kept, or cannot be read).
+async fn read_history(
+    broker: &dyn Broker,
+    channel: &str,
+    epoch: &str,
+    since: u64,
+    until: Option<u64>,
+) -> Option<Vec<(u64, Bytes)>> {
+    let mut items = Vec::new();
+    let mut at = since;
+    let mut until = until;
+    while items.len() < MAX_RECOVERED {
+        let page: Page = match broker.history(channel, at, history::MAX_PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(%channel, "history not read: {e}");
+                return None;
+            }
+        };
+        if !page.reaches(epoch, at) {
+            return None;
+        }
+        let end = *until.get_or_insert(page.offset + 1);
+        if page.items.is_empty() {
+            return (at + 1 >= end).then_some(items);
+        }
+        for (offset, data) in page.items {
+            if offset >= end {
+                return Some(items);
+            }
+            at = offset;
+            items.push((offset, data));
+        }
+        if at + 1 >= end {
+            return Some(items);
+        }
+        if at == page.offset {
+            // The history ends before `until`: what is missing is gone.
+            return None;
+        }
+    }
+    None
+}
+
 /// The broker channels of a connection of user `uid` in `topics`.
 fn broker_channels<T: AsRef<str>>(uid: Option<&str>, topics: &[T]) -> Vec<String> {
     uid.map(user_channel).into_iter().chain(topics.iter().map(|t| topic_channel(t.as_ref()))).collect()
@@ -572,10 +913,10 @@ impl Conn {
 /// For benchmarks: a worker with `n` in-memory connections (no sockets); empty their queues with
 /// [`Conn::drain`], as their tasks would.
 #[doc(hidden)]
-pub fn bench_worker(n: usize, queue: usize) -> (Worker, Vec<Arc<Conn>>) {
+pub fn bench_worker(n: usize, queue: usize) -> (Arc<Worker>, Vec<Arc<Conn>>) {
     let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
-    let w = Worker::new("bench-0".into(), queue, usize::MAX, broker, 0);
+    let w = Arc::new(Worker::new("bench-0".into(), queue, usize::MAX, broker, 0).0);
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-    let conns = (0..n).map(|_| rt.block_on(w.add(Identity::default(), false)).1).collect();
+    let conns = (0..n).map(|_| rt.block_on(w.add(Wants::default(), false)).1).collect();
     (w, conns)
 }
