@@ -165,12 +165,14 @@ pub struct BrokerOpts {
 }
 
 impl BrokerOpts {
-    async fn open(&self) -> anyhow::Result<Arc<dyn broker::Broker>> {
+    /// Open the broker; `history` is what this node's publishes keep where the broker stores it.
+    async fn open(&self, history: HistoryConfig) -> anyhow::Result<Arc<dyn broker::Broker>> {
         let opts = broker::BrokerOptions {
             prefix: self.broker_prefix.clone(),
             ca: self.broker_ca.clone(),
             nats_creds: self.nats_creds.clone(),
             nats_nkey: self.nats_nkey.clone(),
+            history,
         };
         Ok(broker::open(&self.broker, &opts, LinkConfig::default()).await?)
     }
@@ -574,7 +576,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gateway(a) => {
             let listener = bind_tcp(&a.listen, "gateway").await?;
-            let gw = Gateway::start(a.broker.open().await?, a.opts.config()?)?;
+            // A gateway reads history but stores none: its publishes are answers and heartbeats.
+            let gw = Gateway::start(a.broker.open(HistoryConfig::OFF).await?, a.opts.config()?)?;
             gw.serve(listener, shutdown()).await;
         }
         Command::Publisher(a) => {
@@ -582,7 +585,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             protect("publisher", &addr, a.opts.publish_key.is_some(), a.insecure.insecure, PUBLISH_KEY_HOW)?;
             let listener = bind_tcp(&a.listen, "publisher").await?;
             let cfg = PublisherConfig { tls: a.tls.load()?, ..a.opts.config() };
-            Publisher::new(a.broker.open().await?, cfg)?.serve(listener, shutdown()).await;
+            Publisher::new(a.broker.open(a.history.config()).await?, cfg)?.serve(listener, shutdown()).await;
         }
         Command::Standalone(a) => {
             let http_addr = tcp_addr(&a.http_listen)?;

@@ -268,6 +268,8 @@ pub struct BrokerOptions {
     pub nats_creds: Option<std::path::PathBuf>,
     /// File holding a NATS user nkey seed (`SU...`), for servers that authenticate by nkey.
     pub nats_nkey: Option<std::path::PathBuf>,
+    /// History this node's publishes keep, where the broker stores it (Redis, NATS JetStream).
+    pub history: crate::history::HistoryConfig,
 }
 
 /// Open a broker for `url`; links start in the background and connect (and reconnect) by
@@ -289,7 +291,7 @@ pub async fn open(url: &BrokerUrl, opts: &BrokerOptions, cfg: LinkConfig) -> Res
                 opts.ca.as_deref().map(rustls_with_ca).transpose().map_err(|e| BrokerError::Config(name.clone(), e))?;
             let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
             let (client, events) =
-                redis::open(u, prefix, tls, &cfg).map_err(|e| BrokerError::Config(name.clone(), e))?;
+                redis::open(u, prefix, tls, &cfg, opts.history).map_err(|e| BrokerError::Config(name.clone(), e))?;
             managed::Managed::spawn(client, events, cfg, name)
         }
         #[cfg(feature = "nats")]

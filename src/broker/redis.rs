@@ -7,6 +7,15 @@
 //! of flooding every node; fred routes by slot and follows `MOVED`, failover and topology changes,
 //! and every reconnection or topology change renews the subscriptions. Pub/sub is global to a
 //! server (the `/DB` of a URL does not scope it), so names carry the configured prefix.
+//!
+//! **History.** A publish to a channel that keeps history (`broadcast`, users, topics) is one Lua
+//! script: it counts the channel's offset up (`HINCRBY` on `{NAME}.m`, which also holds the
+//! epoch, drawn when the channel's history starts), appends to the stream `{NAME}.s` with the
+//! offset as the entry id (`XADD ... MAXLEN size`), renews both keys' expiry, and publishes the
+//! message with its position in front. Offset assignment, storage and delivery are one atomic
+//! step, so two publishers never share an offset and a reader merging history with live
+//! messages finds the seam. The keys carry `{NAME}` as their hash tag: on a cluster they live in
+//! the slot of the sharded channel `NAME` that the script also publishes on.
 
 use std::sync::Arc;
 
@@ -16,7 +25,88 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
-use super::{LinkConfig, Message, Position};
+use super::{LinkConfig, Message, Page, Position};
+use crate::history::HistoryConfig;
+
+/// Publish with history: KEYS stream, meta; ARGV channel, data, size, ttl ms, meta ttl ms, a new
+/// epoch (used only when the channel has none), sharded (1) or not. Returns {offset, epoch}.
+const PUBLISH: &str = r#"
+local epoch = redis.call('hget', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('del', KEYS[1])
+  redis.call('hset', KEYS[2], 'e', epoch)
+end
+local offset = redis.call('hincrby', KEYS[2], 'o', 1)
+redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
+redis.call('pexpire', KEYS[1], ARGV[4])
+redis.call('pexpire', KEYS[2], ARGV[5])
+local message = '\0' .. offset .. ':' .. epoch .. '\n' .. ARGV[2]
+if ARGV[7] == '1' then
+  redis.call('spublish', ARGV[1], message)
+else
+  redis.call('publish', ARGV[1], message)
+end
+return {offset, epoch}
+"#;
+
+/// Read history: KEYS stream, meta; ARGV since, limit. Returns {epoch, offset, first, entries}.
+const HISTORY: &str = r#"
+local meta = redis.call('hmget', KEYS[2], 'e', 'o')
+if not meta[1] then
+  return {'', 0, 1, {}}
+end
+local offset = tonumber(meta[2])
+local first = offset + 1
+local oldest = redis.call('xrange', KEYS[1], '-', '+', 'COUNT', 1)
+if #oldest > 0 then
+  first = tonumber(string.match(oldest[1][1], '^(%d+)'))
+end
+local entries = redis.call('xrange', KEYS[1], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
+return {meta[1], offset, first, entries}
+"#;
+
+/// How long a channel's offset and epoch outlive its last message: a client that saw everything
+/// of a quiet channel still recovers (with nothing to deliver) within this time.
+const META_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Run `script` by its SHA-1, sending it (`EVAL`) when the server does not have it yet. A raw
+/// command, so that it keeps the client's options (fail at once while disconnected) and is routed
+/// by its first key's slot.
+async fn run_script<C: ClientLike>(
+    client: &C,
+    script: &str,
+    keys: Vec<String>,
+    args: Vec<fred::types::Value>,
+) -> Result<fred::types::Value, String> {
+    use fred::types::{ClusterHash, CustomCommand, Value};
+    use sha1::Digest as _;
+    let sha: String = sha1::Sha1::digest(script.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let call = |cmd: &'static str, body: String| {
+        let mut all: Vec<Value> = vec![body.into(), (keys.len() as i64).into()];
+        all.extend(keys.iter().map(|k| Value::from(k.as_str())));
+        all.extend(args.iter().cloned());
+        client.custom::<Value, Value>(CustomCommand::new_static(cmd, ClusterHash::Offset(2), false), all)
+    };
+    match call("EVALSHA", sha).await {
+        Err(e) if e.details().starts_with("NOSCRIPT") => call("EVAL", script.to_owned()).await,
+        r => r,
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// The position a history publish put in front of its message, and the message.
+fn split_position(data: Bytes) -> (Option<Position>, Bytes) {
+    if data.first() != Some(&0) {
+        return (None, data);
+    }
+    let Some(nl) = data.iter().position(|&b| b == b'\n') else { return (None, data) };
+    let head = std::str::from_utf8(&data[1..nl]).ok().and_then(|h| h.split_once(':'));
+    match head.and_then(|(o, e)| Some((o.parse().ok()?, e))) {
+        Some((offset, epoch)) => (Some(Position { offset, epoch: epoch.into() }), data.slice(nl + 1..)),
+        None => (None, data),
+    }
+}
 
 /// Where and how to reach Redis: a URL as fred reads it, plus what pushwire adds.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +173,7 @@ pub struct Redis {
     subscriber: fred::clients::Client,
     prefix: String,
     clustered: bool,
+    history: HistoryConfig,
 }
 
 /// Build the two clients, start connecting (fred retries with backoff by itself), and forward
@@ -92,6 +183,7 @@ pub fn open(
     prefix: String,
     tls: Option<rustls::ClientConfig>,
     cfg: &LinkConfig,
+    history: HistoryConfig,
 ) -> Result<(Arc<Redis>, mpsc::Receiver<Event>), String> {
     let mut config = url.config.clone();
     if let Some(tls) = tls {
@@ -161,7 +253,8 @@ pub fn open(
                         fred::types::Value::String(s) => s.into_inner(),
                         _ => continue,
                     };
-                    Event::Message(Message { channel: Bytes::copy_from_slice(local.as_bytes()), data, position: None })
+                    let (position, data) = split_position(data);
+                    Event::Message(Message { channel: Bytes::copy_from_slice(local.as_bytes()), data, position })
                 }
                 Err(RecvError::Lagged(n)) => Event::Lost(n),
                 Err(_) => return,
@@ -173,7 +266,7 @@ pub fn open(
     });
     let once = fred::types::config::Options { fail_fast: true, max_attempts: Some(1), ..Default::default() };
     let publisher = publisher.with_options(&once);
-    Ok((Arc::new(Redis { publisher, subscriber, prefix, clustered: url.clustered() }), events))
+    Ok((Arc::new(Redis { publisher, subscriber, prefix, clustered: url.clustered(), history }), events))
 }
 
 impl Redis {
@@ -181,11 +274,43 @@ impl Redis {
     fn names(&self, channels: &[String]) -> Vec<String> {
         channels.iter().map(|c| format!("{}{c}", self.prefix)).collect()
     }
+
+    /// The stream and meta keys of channel `name` (as on the server).
+    fn history_keys(name: &str) -> Vec<String> {
+        vec![format!("{{{name}}}.s"), format!("{{{name}}}.m")]
+    }
+}
+
+/// A Redis integer or the digits of a string, as a number.
+fn number(v: &fred::types::Value) -> Option<u64> {
+    match v {
+        fred::types::Value::Integer(i) => u64::try_from(*i).ok(),
+        other => other.as_str()?.parse().ok(),
+    }
 }
 
 impl Client for Redis {
     fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_, Option<Position>> {
         let name = format!("{}{channel}", self.prefix);
+        if self.history.enabled() && crate::history::keeps(channel.as_bytes()) {
+            return Box::pin(async move {
+                let h = &self.history;
+                let args: Vec<fred::types::Value> = vec![
+                    name.clone().into(),
+                    data.into(),
+                    (h.size as i64).into(),
+                    (h.ttl.as_millis() as i64).into(),
+                    (META_TTL.max(h.ttl).as_millis() as i64).into(),
+                    crate::io::random_hex(4).into(),
+                    (if self.clustered { "1" } else { "0" }).into(),
+                ];
+                let r = run_script(&self.publisher, PUBLISH, Redis::history_keys(&name), args).await?;
+                let fred::types::Value::Array(parts) = r else { return Err(format!("unexpected answer {r:?}")) };
+                let offset = parts.first().and_then(number).ok_or("no offset in the answer")?;
+                let epoch = parts.get(1).and_then(|e| e.as_str().map(|e| e.to_string())).ok_or("no epoch")?;
+                Ok(Some(Position { offset, epoch: epoch.into() }))
+            });
+        }
         Box::pin(async move {
             let receivers: Result<i64, _> = if self.clustered {
                 self.publisher.spublish(name, data).await
@@ -193,6 +318,38 @@ impl Client for Redis {
                 self.publisher.publish(name, data).await
             };
             receivers.map(|_| None).map_err(|e| e.to_string())
+        })
+    }
+
+    fn history(&self, channel: &str, since: u64, limit: usize) -> ClientFuture<'_, Option<Page>> {
+        let name = format!("{}{channel}", self.prefix);
+        Box::pin(async move {
+            let args: Vec<fred::types::Value> = vec![(since as i64).into(), (limit as i64).into()];
+            let r = run_script(&self.publisher, HISTORY, Redis::history_keys(&name), args).await?;
+            let bad = || format!("unexpected history answer {r:?}");
+            let fred::types::Value::Array(parts) = &r else { return Err(bad()) };
+            let [epoch, offset, first, entries] = &parts[..] else { return Err(bad()) };
+            let mut page = Page {
+                epoch: epoch.as_str().map(|e| e.to_string()).unwrap_or_default(),
+                offset: number(offset).ok_or_else(bad)?,
+                first: number(first).ok_or_else(bad)?,
+                items: Vec::new(),
+            };
+            use fred::types::Value;
+            let Value::Array(entries) = entries else { return Err(bad()) };
+            for entry in entries {
+                // [id "N-0", [field "d", value]]
+                let Value::Array(entry) = entry else { return Err(bad()) };
+                let [id, Value::Array(fields)] = &entry[..] else { return Err(bad()) };
+                let offset = id.as_str().and_then(|i| i.split('-').next()?.parse().ok()).ok_or_else(bad)?;
+                let data = match fields.get(1) {
+                    Some(Value::Bytes(b)) => b.clone(),
+                    Some(Value::String(s)) => s.inner().clone(),
+                    _ => return Err(bad()),
+                };
+                page.items.push((offset, data));
+            }
+            Ok(Some(page))
         })
     }
 

@@ -2,6 +2,8 @@
 //! talk to them with real clients: WebSocket, HTTP over TCP, raw Channel frames.
 #![allow(dead_code)]
 
+pub mod recovery;
+
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
