@@ -195,3 +195,20 @@ async fn users_on_redis_cluster() {
     }
     assert!(gone, "no gateway holds carla: SUNSUBSCRIBEd");
 }
+
+/// History on Redis Cluster: each channel's stream and offset live in its sharded channel's slot
+/// (the publish script runs there and publishes with `SPUBLISH`); recovery on reconnect, across
+/// gateways, as on a single Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_on_redis_cluster() {
+    if !have(&["redis-server", "redis-cli"], false) {
+        return;
+    }
+    let rc = RedisCluster::start().await;
+    let seeds: Vec<String> = rc.nodes.iter().take(2).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+    let broker = format!("redis-cluster://{}", seeds.join(","));
+    let cluster = Cluster::start_with(Some(broker), &["--token-secret", recovery::SECRET], &[]).await;
+    recovery::recovery(&recovery::Nodes::of(&cluster)).await;
+    let owner = rc.owner("pushwire.topic:news");
+    assert_eq!(cli(owner, &["exists", "{pushwire.topic:news}.s"]).trim(), "1", "the stream is on the channel's shard");
+}

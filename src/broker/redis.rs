@@ -86,7 +86,8 @@ async fn run_script<C: ClientLike>(
         let mut all: Vec<Value> = vec![body.into(), (keys.len() as i64).into()];
         all.extend(keys.iter().map(|k| Value::from(k.as_str())));
         all.extend(args.iter().cloned());
-        client.custom::<Value, Value>(CustomCommand::new_static(cmd, ClusterHash::Offset(2), false), all)
+        let slot = ClusterHash::Custom(fred::util::redis_keyslot(keys.first().map_or(&b""[..], |k| k.as_bytes())));
+        client.custom::<Value, Value>(CustomCommand::new_static(cmd, slot, false), all)
     };
     match call("EVALSHA", sha).await {
         Err(e) if e.details().starts_with("NOSCRIPT") => call("EVAL", script.to_owned()).await,
