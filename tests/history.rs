@@ -50,3 +50,14 @@ async fn redis_keeps_history() {
     let cluster = Cluster::start_with(Some(url), &["--subscription-buffer", "1"], &[]).await;
     gaps_are_filled(&Nodes::of(&cluster)).await;
 }
+
+#[tokio::test]
+async fn nats_jetstream_keeps_history() {
+    let Some((_nats, url)) = nats_broker().await else { return };
+    let cluster = Cluster::start_with(Some(url), &["--token-secret", SECRET], &[]).await;
+    recovery(&Nodes::of(&cluster)).await;
+    drop(cluster);
+    let Some((_nats, url)) = nats_broker().await else { return };
+    let cluster = Cluster::start_with(Some(url), &["--subscription-buffer", "1"], &[]).await;
+    gaps_are_filled(&Nodes::of(&cluster)).await;
+}

@@ -12,6 +12,8 @@
 //! [`redis`] and [`nats`] are thin adapters. Both share [`subscribers`], the in-process fan-out.
 
 pub mod channel;
+#[cfg(feature = "nats")]
+pub mod jetstream;
 pub mod link;
 #[cfg(any(feature = "redis", feature = "nats"))]
 pub mod managed;
@@ -299,8 +301,9 @@ pub async fn open(url: &BrokerUrl, opts: &BrokerOptions, cfg: LinkConfig) -> Res
             let nats_opts =
                 nats::NatsOptions { ca: opts.ca.clone(), creds: opts.nats_creds.clone(), nkey: opts.nats_nkey.clone() };
             let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
-            let (client, events) =
-                nats::open(u, prefix, &nats_opts, &cfg).await.map_err(|e| BrokerError::Config(name.clone(), e))?;
+            let (client, events) = nats::open(u, prefix, &nats_opts, &cfg, opts.history)
+                .await
+                .map_err(|e| BrokerError::Config(name.clone(), e))?;
             managed::Managed::spawn(client, events, cfg, name)
         }
     })

@@ -12,7 +12,10 @@
 //! link stays up.
 //!
 //! Channel names become subjects `PREFIX` + name, with bytes that are not allowed or not safe in a
-//! subject token (space, `.`, `*`, `>`, `%`, non-ASCII) percent-encoded.
+//! subject token (space, `.`, `*`, `>`, `%`, non-ASCII) percent-encoded; channels that keep
+//! history (`broadcast`, users, topics) are delivered on `PREFIX d.` + name, where the JetStream
+//! history stream republishes what it stored ([`jetstream`](super::jetstream)); without the stream
+//! (history off, or a server without JetStream) publishers send there directly.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +26,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
+use super::jetstream::{self, JetStream};
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
-use super::{LinkConfig, Message, Position};
+use super::{LinkConfig, Message, Page, Position};
+use crate::history::HistoryConfig;
 
 /// How much later than publishers a subscriber leaves a server in lame-duck mode.
 pub const LAME_DUCK_SUBSCRIBER_DELAY: Duration = Duration::from_millis(1500);
@@ -111,6 +116,9 @@ pub struct Nats {
     inbox: String,
     next_marker: AtomicU64,
     waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
+    history: JetStream,
+    /// This node's publishes keep history.
+    keeps: bool,
 }
 
 /// Connect (in the background: async-nats retries until a server answers) and start forwarding.
@@ -119,6 +127,7 @@ pub async fn open(
     prefix: String,
     opts: &NatsOptions,
     cfg: &LinkConfig,
+    history: HistoryConfig,
 ) -> Result<(Arc<Nats>, mpsc::Receiver<Event>), String> {
     let (tx, events) = mpsc::channel(EVENT_QUEUE);
     let mut o = async_nats::ConnectOptions::new();
@@ -181,8 +190,17 @@ pub async fn open(
             }
         }
     });
-    let nats =
-        Nats { client, prefix, subs: Mutex::default(), events: tx, inbox, next_marker: AtomicU64::new(0), waiting };
+    let nats = Nats {
+        history: JetStream::new(client.clone(), &prefix, history),
+        keeps: history.enabled(),
+        client,
+        prefix,
+        subs: Mutex::default(),
+        events: tx,
+        inbox,
+        next_marker: AtomicU64::new(0),
+        waiting,
+    };
     let nats = Arc::new(nats);
     let mover = nats.clone();
     tokio::spawn(async move {
@@ -214,7 +232,10 @@ impl Nats {
     }
 
     fn subject(&self, channel: &str) -> String {
-        format!("{}{}", self.prefix, encode_name(channel))
+        match crate::history::keeps(channel.as_bytes()) {
+            true => format!("{}{}", self.history.deliver_prefix(), encode_name(channel)),
+            false => format!("{}{}", self.prefix, encode_name(channel)),
+        }
     }
 
     /// Publish a marker after what this client sent so far and wait for it to come back.
@@ -246,10 +267,23 @@ impl Drop for Forget<'_> {
 impl Client for Nats {
     fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_, Option<Position>> {
         let subject = self.subject(channel);
+        let stored = self.keeps && crate::history::keeps(channel.as_bytes());
+        let name = encode_name(channel);
         Box::pin(async move {
+            if stored {
+                // Confirmed by the stream's acknowledgement: stored, and so republished.
+                if let Some(p) = self.history.publish(&name, data.clone()).await? {
+                    return Ok(Some(p));
+                }
+            }
             self.client.publish(subject, data).await.map_err(|e| e.to_string())?;
             self.round_trip().await.map(|()| None)
         })
+    }
+
+    fn history(&self, channel: &str, since: u64, limit: usize) -> ClientFuture<'_, Option<Page>> {
+        let name = encode_name(channel);
+        Box::pin(async move { self.history.history(&name, since, limit).await })
     }
 
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
@@ -262,14 +296,10 @@ impl Client for Nats {
                 let (events, prefix) = (self.events.clone(), self.prefix.clone());
                 let forward = tokio::spawn(async move {
                     while let Some(m) = sub.next().await {
-                        let Some(channel) = m.subject.strip_prefix(prefix.as_str()).and_then(decode_name) else {
-                            continue;
-                        };
-                        if events
-                            .send(Event::Message(Message { channel, data: m.payload, position: None }))
-                            .await
-                            .is_err()
-                        {
+                        let Some(local) = m.subject.strip_prefix(prefix.as_str()) else { continue };
+                        let Some(channel) = decode_name(local.strip_prefix("d.").unwrap_or(local)) else { continue };
+                        let position = jetstream::position(m.headers.as_ref());
+                        if events.send(Event::Message(Message { channel, data: m.payload, position })).await.is_err() {
                             return;
                         }
                     }

@@ -617,13 +617,19 @@ pub async fn redis_broker() -> Option<(Proc, String)> {
     Some((redis_server(port).await, format!("redis://127.0.0.1:{port}")))
 }
 
-/// A NATS server on a free port and its broker URL; `None` (the test skips) when NATS is missing.
+/// A NATS server with JetStream (its store in a fresh temporary directory) on a free port, and its
+/// broker URL; `None` (the test skips) when NATS is missing.
 pub async fn nats_broker() -> Option<(Proc, String)> {
     if !have(&["nats-server"], false) {
         return None;
     }
     let port = free_port();
-    Some((nats_server(port, None, None).await, format!("nats://127.0.0.1:{port}")))
+    let store = std::env::temp_dir().join(format!("pushwire-js-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let store = store.to_string_lossy().into_owned();
+    let args = ["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", &store];
+    let server = Proc::program(&find_program("nats-server"), &args, &[port]).await;
+    Some((server, format!("nats://127.0.0.1:{port}")))
 }
 
 /// A NATS server on 127.0.0.1:`port`; with `cluster`, a route listener on that port and routes to

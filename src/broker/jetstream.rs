@@ -1,0 +1,273 @@
+//! History on NATS JetStream, for the [`nats`](super::nats) backend.
+//!
+//! One stream (`PREFIX` made a name, plus `history`) stores the channels that keep history
+//! (`broadcast`, users, topics): a publisher publishes them to `PREFIX h.CHANNEL`, and the stream
+//! **republishes** each message it stored to `PREFIX d.CHANNEL`, where gateways subscribe. So a
+//! gateway gets exactly the messages the stream kept, in the stream's order, and only once they
+//! are kept: storing and delivering are one step, as recovery needs.
+//!
+//! Offsets count per channel without gaps, while the stream sequence is global: each message
+//! carries its channel's offset and epoch as headers, and is published with
+//! `Nats-Expected-Last-Subject-Sequence` set to the stream sequence of the channel's previous
+//! message. The stream refuses it if another publisher got there first; the publisher then reads
+//! the channel's last message and tries again with the next offset. A publisher sends one message
+//! per channel at a time (the next needs the sequence the previous one got). The epoch is drawn by the
+//! publisher of a channel's first kept message and copied from then on; once the channel's
+//! messages are all gone (`max_age`), the next one starts a new epoch.
+//!
+//! History is read with a short-lived consumer filtered on the channel's subject.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{Page, Position};
+use crate::history::HistoryConfig;
+
+/// Header carrying a message's offset in its channel.
+pub const OFFSET: &str = "Pushwire-Offset";
+/// Header carrying the channel's epoch.
+pub const EPOCH: &str = "Pushwire-Epoch";
+
+/// Publishes that lose the race for an offset before the publish fails.
+const MAX_ATTEMPTS: usize = 8;
+/// Channels whose latest offset a publisher remembers before it forgets them all.
+const MAX_REMEMBERED: usize = 100_000;
+
+/// Where a channel's history stands, as this publisher last saw it.
+#[derive(Clone)]
+struct Last {
+    epoch: std::sync::Arc<str>,
+    offset: u64,
+    /// Stream sequence of the channel's latest message (0: none).
+    sequence: u64,
+}
+
+/// The history stream of one NATS cluster.
+pub struct JetStream {
+    js: jetstream::Context,
+    cfg: HistoryConfig,
+    name: String,
+    store: String,
+    deliver: String,
+    last: Mutex<HashMap<String, Last>>,
+    /// One publish at a time per channel from this publisher: each needs the sequence the
+    /// previous one got (publishes to different channels go in parallel).
+    turns: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// Whether the stream was made (or found) since the last failure; when it could not be, when.
+    ready: tokio::sync::Mutex<Result<(), Option<tokio::time::Instant>>>,
+}
+
+/// After the stream could not be made (no JetStream on the server), how long publishes go without
+/// history before the next try.
+const RETRY_STREAM: Duration = Duration::from_secs(30);
+
+/// The position a message carries in its headers.
+pub fn position(headers: Option<&async_nats::HeaderMap>) -> Option<Position> {
+    let h = headers?;
+    let offset = h.get(OFFSET)?.as_str().parse().ok()?;
+    Some(Position { offset, epoch: h.get(EPOCH)?.as_str().into() })
+}
+
+impl JetStream {
+    /// The history of the channels under `prefix`; `cfg` is what a publisher keeps (a gateway
+    /// only reads).
+    pub fn new(client: async_nats::Client, prefix: &str, cfg: HistoryConfig) -> JetStream {
+        let base: String =
+            prefix.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        JetStream {
+            js: jetstream::new(client),
+            cfg,
+            name: format!("{}history", if base.is_empty() { "pushwire_".into() } else { base }),
+            store: format!("{prefix}h."),
+            deliver: format!("{prefix}d."),
+            last: Mutex::default(),
+            turns: Mutex::default(),
+            ready: tokio::sync::Mutex::new(Err(None)),
+        }
+    }
+
+    /// Subject prefix gateways subscribe under for history channels.
+    pub fn deliver_prefix(&self) -> &str {
+        &self.deliver
+    }
+
+    /// Make sure the stream exists with this publisher's settings; false while it cannot be made
+    /// (the server has no JetStream: publishes go without history, and it is tried again now and
+    /// then).
+    async fn ensure(&self) -> bool {
+        let mut ready = self.ready.lock().await;
+        match *ready {
+            Ok(()) => return true,
+            Err(Some(failed)) if failed.elapsed() < RETRY_STREAM => return false,
+            Err(_) => {}
+        }
+        let config = stream::Config {
+            name: self.name.clone(),
+            subjects: vec![format!("{}>", self.store)],
+            max_messages_per_subject: self.cfg.size as i64,
+            max_age: self.cfg.ttl,
+            max_bytes: self.cfg.max_bytes as i64,
+            discard: stream::DiscardPolicy::Old,
+            storage: stream::StorageType::File,
+            republish: Some(stream::Republish {
+                source: format!("{}>", self.store),
+                destination: format!("{}>", self.deliver),
+                headers_only: false,
+            }),
+            ..Default::default()
+        };
+        match self.js.create_or_update_stream(config).await {
+            Ok(_) => *ready = Ok(()),
+            Err(e) => {
+                tracing::warn!(stream = %self.name, "no history on NATS (publishes go without it): {e}");
+                *ready = Err(Some(tokio::time::Instant::now()));
+            }
+        }
+        ready.is_ok()
+    }
+
+    /// Where `subject`'s history stands on the server.
+    async fn read_last(&self, subject: &str) -> Result<Last, String> {
+        let stream = self.js.get_stream(&self.name).await.map_err(|e| e.to_string())?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => {
+                let p = position(Some(&m.headers)).ok_or("a stored message without its position")?;
+                Ok(Last { epoch: p.epoch, offset: p.offset, sequence: m.sequence })
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(Last { epoch: crate::io::random_hex(4).into(), offset: 0, sequence: 0 })
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Store (and so deliver) `data` on channel subject token `name`; its position. `None` (and
+    /// nothing sent) while the stream cannot be made: the caller publishes without history.
+    pub async fn publish(&self, name: &str, data: Bytes) -> Result<Option<Position>, String> {
+        if !self.ensure().await {
+            return Ok(None);
+        }
+        let subject = format!("{}{name}", self.store);
+        let turn = {
+            let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+            if turns.len() >= MAX_REMEMBERED {
+                turns.retain(|_, t| std::sync::Arc::strong_count(t) > 1);
+            }
+            turns.entry(subject.clone()).or_default().clone()
+        };
+        let _turn = turn.lock().await;
+        for _ in 0..MAX_ATTEMPTS {
+            let cached = self.last.lock().unwrap_or_else(|e| e.into_inner()).get(&subject).cloned();
+            let last = match cached {
+                Some(l) => l,
+                None => self.read_last(&subject).await?,
+            };
+            let offset = last.offset + 1;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(OFFSET, offset.to_string().as_str());
+            headers.insert(EPOCH, &*last.epoch);
+            headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, last.sequence.to_string().as_str());
+            let sent = self.js.publish_with_headers(subject.clone(), headers, data.clone()).await;
+            let acked = match sent {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            let lost_stream = {
+                let mut remembered = self.last.lock().unwrap_or_else(|e| e.into_inner());
+                match acked {
+                    Ok(ack) => {
+                        if remembered.len() >= MAX_REMEMBERED {
+                            remembered.clear();
+                        }
+                        let epoch = last.epoch.clone();
+                        remembered.insert(subject, Last { epoch: epoch.clone(), offset, sequence: ack.sequence });
+                        return Ok(Some(Position { offset, epoch }));
+                    }
+                    // Another publisher took this offset (or what we remembered expired): look again.
+                    Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                        remembered.remove(&subject);
+                        continue;
+                    }
+                    Err(e) => {
+                        remembered.remove(&subject);
+                        (e.kind() == jetstream::context::PublishErrorKind::StreamNotFound, e.to_string())
+                    }
+                }
+            };
+            if lost_stream.0 {
+                *self.ready.lock().await = Err(None);
+            }
+            return Err(lost_stream.1);
+        }
+        Err(format!("no offset won on {subject} in {MAX_ATTEMPTS} attempts"))
+    }
+
+    /// Messages of channel subject token `name` after `since`, at most `limit`; `None` when the
+    /// stream does not exist (no publisher keeps history).
+    pub async fn history(&self, name: &str, since: u64, limit: usize) -> Result<Option<Page>, String> {
+        use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
+        let stream = match self.js.get_stream(&self.name).await {
+            Ok(s) => s,
+            Err(e) => {
+                return match e.kind() {
+                    GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => Ok(None),
+                    _ => Err(e.to_string()),
+                }
+            }
+        };
+        let kept = read_subject(&stream, &format!("{}{name}", self.store)).await?;
+        let (Some(first), Some(last)) = (kept.first(), kept.last()) else {
+            return Ok(Some(Page { first: 1, ..Page::default() }));
+        };
+        Ok(Some(Page {
+            epoch: last.1.epoch.to_string(),
+            offset: last.1.offset,
+            first: first.1.offset,
+            items: kept
+                .iter()
+                .filter(|(_, p)| p.offset > since)
+                .take(limit)
+                .map(|(d, p)| (p.offset, d.clone()))
+                .collect(),
+        }))
+    }
+}
+
+/// `subject`'s messages (all the stream keeps of it, in order) with their positions, read through a
+/// short-lived consumer.
+async fn read_subject(stream: &stream::Stream, subject: &str) -> Result<Vec<(Bytes, Position)>, String> {
+    let config = consumer::pull::Config {
+        filter_subject: subject.to_owned(),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::None,
+        inactive_threshold: Duration::from_secs(5),
+        memory_storage: true,
+        ..Default::default()
+    };
+    let mut c = stream.create_consumer(config).await.map_err(|e| e.to_string())?;
+    let info = c.info().await.map_err(|e| e.to_string())?.clone();
+    let pending = info.num_pending as usize;
+    let mut out = Vec::new();
+    if pending > 0 {
+        let mut batch = c
+            .batch()
+            .max_messages(pending.min(crate::history::MAX_PAGE * 10))
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| e.to_string())?;
+            if let Some(p) = position(m.message.headers.as_ref()) {
+                out.push((m.message.payload.clone(), p));
+            }
+        }
+    }
+    let _ = stream.delete_consumer(&info.name).await;
+    Ok(out)
+}
