@@ -243,6 +243,23 @@ async fn seed_console_snippet_and_page_in_chromium() {
     std::fs::write(dir.join("browser-page.png"), &png).expect("write screenshot");
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
 
+    // Offsets on the page, and recovery after a reconnect: what was published while it was away
+    // arrives, then the notice.
+    a.wait_for("document.getElementById('log').textContent.includes('broadcast #')").await;
+    a.eval("ws.onclose = null; ws.close(); 1").await;
+    for i in 0..3 {
+        assert_eq!(http_get(h, &format!("/?content=missed-{i}&key=page-key")).await.0, 200);
+    }
+    a.eval("connect(); 1").await;
+    a.wait_for("document.getElementById('log').textContent.includes('everything missed while away is above')").await;
+    let log = a.eval("document.getElementById('log').textContent").await;
+    let log = log.as_str().expect("log text");
+    let at = |s: &str| log.find(s).unwrap_or_else(|| panic!("{s:?} not on the page: {log}"));
+    // Newest first: the notice above missed-2 above missed-1 above missed-0.
+    assert!(
+        at("everything missed") < at("missed-2") && at("missed-2") < at("missed-1") && at("missed-1") < at("missed-0")
+    );
+
     // The page reconnects when the gateway comes back.
     server.kill();
     a.wait_for("document.getElementById('status').textContent.startsWith('disconnected')").await;

@@ -186,7 +186,9 @@ async fn standalone_with_required_tokens() {
     assert_eq!(v["ok"], false);
     assert!(v["error"].as_str().unwrap().contains("to_uid"));
     let (status, body) = http(h, "GET", "/?to_uid=u2&content=j", &[("Accept", "application/json")], "").await;
-    assert_eq!((status, body.trim()), (200, r#"{"ok":true}"#));
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON answer");
+    assert_eq!((status, &v["ok"]), (200, &serde_json::json!(true)));
+    assert!(v["offset"].is_u64() && v["epoch"].is_string(), "the push's place in user:u2's history: {v}");
 }
 
 /// RS256 and ES256 tokens checked with a public key the test makes; a token that claims HS256

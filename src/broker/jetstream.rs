@@ -58,8 +58,10 @@ pub struct JetStream {
     /// One publish at a time per channel from this publisher: each needs the sequence the
     /// previous one got (publishes to different channels go in parallel).
     turns: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
-    /// Whether the stream was made (or found) since the last failure; when it could not be, when.
-    ready: tokio::sync::Mutex<Result<(), Option<tokio::time::Instant>>>,
+    /// Whether the stream is in place; until it is, publishes go without history.
+    ready: std::sync::atomic::AtomicBool,
+    /// Wakes the task that makes the stream (it was found missing).
+    lost: tokio::sync::Notify,
 }
 
 /// After the stream could not be made (no JetStream on the server), how long publishes go without
@@ -87,7 +89,8 @@ impl JetStream {
             deliver: format!("{prefix}d."),
             last: Mutex::default(),
             turns: Mutex::default(),
-            ready: tokio::sync::Mutex::new(Err(None)),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            lost: tokio::sync::Notify::new(),
         }
     }
 
@@ -96,16 +99,29 @@ impl JetStream {
         &self.deliver
     }
 
-    /// Make sure the stream exists with this publisher's settings; false while it cannot be made
-    /// (the server has no JetStream: publishes go without history, and it is tried again now and
-    /// then).
-    async fn ensure(&self) -> bool {
-        let mut ready = self.ready.lock().await;
-        match *ready {
-            Ok(()) => return true,
-            Err(Some(failed)) if failed.elapsed() < RETRY_STREAM => return false,
-            Err(_) => {}
-        }
+    /// For a publisher that keeps history: make the stream (with this publisher's settings) now,
+    /// in the background, and again whenever it is found missing; while it cannot be made (the
+    /// server has no JetStream) publishes go without history and it is tried every
+    /// [`RETRY_STREAM`].
+    pub fn start(self: &std::sync::Arc<Self>) {
+        let js = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match js.make_stream().await {
+                    Ok(()) => {
+                        js.ready.store(true, std::sync::atomic::Ordering::Release);
+                        js.lost.notified().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %js.name, "no history on NATS (publishes go without it): {e}");
+                        tokio::time::sleep(RETRY_STREAM).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn make_stream(&self) -> Result<(), String> {
         let config = stream::Config {
             name: self.name.clone(),
             subjects: vec![format!("{}>", self.store)],
@@ -121,14 +137,12 @@ impl JetStream {
             }),
             ..Default::default()
         };
-        match self.js.create_or_update_stream(config).await {
-            Ok(_) => *ready = Ok(()),
-            Err(e) => {
-                tracing::warn!(stream = %self.name, "no history on NATS (publishes go without it): {e}");
-                *ready = Err(Some(tokio::time::Instant::now()));
-            }
+        let create = self.js.create_or_update_stream(config);
+        match tokio::time::timeout(RETRY_STREAM / 3, create).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("history stream {}: {e}", self.name)),
+            Err(_) => Err(format!("history stream {}: no answer from JetStream", self.name)),
         }
-        ready.is_ok()
     }
 
     /// Where `subject`'s history stands on the server.
@@ -147,9 +161,9 @@ impl JetStream {
     }
 
     /// Store (and so deliver) `data` on channel subject token `name`; its position. `None` (and
-    /// nothing sent) while the stream cannot be made: the caller publishes without history.
+    /// nothing sent) while the stream is not in place: the caller publishes without history.
     pub async fn publish(&self, name: &str, data: Bytes) -> Result<Option<Position>, String> {
-        if !self.ensure().await {
+        if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(None);
         }
         let subject = format!("{}{name}", self.store);
@@ -200,7 +214,8 @@ impl JetStream {
                 }
             };
             if lost_stream.0 {
-                *self.ready.lock().await = Err(None);
+                self.ready.store(false, std::sync::atomic::Ordering::Release);
+                self.lost.notify_one();
             }
             return Err(lost_stream.1);
         }

@@ -116,7 +116,7 @@ pub struct Nats {
     inbox: String,
     next_marker: AtomicU64,
     waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
-    history: JetStream,
+    history: Arc<JetStream>,
     /// This node's publishes keep history.
     keeps: bool,
 }
@@ -191,7 +191,7 @@ pub async fn open(
         }
     });
     let nats = Nats {
-        history: JetStream::new(client.clone(), &prefix, history),
+        history: Arc::new(JetStream::new(client.clone(), &prefix, history)),
         keeps: history.enabled(),
         client,
         prefix,
@@ -202,6 +202,9 @@ pub async fn open(
         waiting,
     };
     let nats = Arc::new(nats);
+    if nats.keeps {
+        nats.history.start();
+    }
     let mover = nats.clone();
     tokio::spawn(async move {
         while lame_ducks.recv().await.is_some() {
