@@ -84,11 +84,20 @@ pub struct HistoryOpts {
     /// messages go first.
     #[arg(long, default_value_t = HistoryConfig::default().max_bytes)]
     pub history_max_bytes: usize,
+    /// Copies of the history stream on a NATS cluster (JetStream replicas, 1 to 5): 3 keeps
+    /// history and publishes going through the loss of one node.
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=5))]
+    pub history_replicas: usize,
 }
 
 impl HistoryOpts {
     fn config(&self) -> HistoryConfig {
-        HistoryConfig { size: self.history_size, ttl: self.history_ttl, max_bytes: self.history_max_bytes }
+        HistoryConfig {
+            size: self.history_size,
+            ttl: self.history_ttl,
+            max_bytes: self.history_max_bytes,
+            replicas: self.history_replicas,
+        }
     }
 }
 

@@ -30,17 +30,19 @@ pub struct HistoryConfig {
     pub ttl: Duration,
     /// Bytes of messages kept in all channels together.
     pub max_bytes: usize,
+    /// Copies of the history a replicated store keeps (NATS JetStream stream replicas).
+    pub replicas: usize,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        HistoryConfig { size: 100, ttl: Duration::from_secs(300), max_bytes: 64 << 20 }
+        HistoryConfig { size: 100, ttl: Duration::from_secs(300), max_bytes: 64 << 20, replicas: 1 }
     }
 }
 
 impl HistoryConfig {
     /// No history at all.
-    pub const OFF: HistoryConfig = HistoryConfig { size: 0, ttl: Duration::ZERO, max_bytes: 0 };
+    pub const OFF: HistoryConfig = HistoryConfig { size: 0, ttl: Duration::ZERO, max_bytes: 0, replicas: 1 };
 
     pub fn enabled(&self) -> bool {
         self.size > 0 && !self.ttl.is_zero() && self.max_bytes > 0
@@ -237,7 +239,7 @@ mod tests {
     use super::*;
 
     fn cfg(size: usize, ttl: u64, max_bytes: usize) -> HistoryConfig {
-        HistoryConfig { size, ttl: Duration::from_secs(ttl), max_bytes }
+        HistoryConfig { size, ttl: Duration::from_secs(ttl), max_bytes, replicas: 1 }
     }
 
     fn b(s: &str) -> Bytes {

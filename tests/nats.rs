@@ -237,3 +237,90 @@ async fn nkey_authentication() {
     assert_eq!(http_get(b, "/healthz").await.0, 503, "another user's seed is refused");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The node of one gateway dies while both publishers, on another node, go on publishing: the
+/// pushes republished while that gateway reconnects never reach it over pub/sub, so the next
+/// message of the channel shows it a gap in the offsets, and it fills the gap from the JetStream
+/// history (three replicas, so the history outlives the node). Every confirmed push arrives, once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_node_loss_is_repaired_from_jetstream() {
+    if !have(&["nats-server"], false) {
+        return;
+    }
+    let ports = [free_port(), free_port(), free_port()];
+    let routes = [free_port(), free_port(), free_port()];
+    let monitors = [free_port(), free_port(), free_port()];
+    let store = std::env::temp_dir().join(format!("pushwire-jsc-{}-{}", std::process::id(), ports[0]));
+    let _ = std::fs::remove_dir_all(&store);
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let dir = store.join(i.to_string());
+        // A JetStream cluster needs every node to have routes configured: each to the two others.
+        let others: Vec<String> =
+            (0..3).filter(|&j| j != i).map(|j| format!("nats://127.0.0.1:{}", routes[j])).collect();
+        let (port, name) = (ports[i].to_string(), format!("n{i}"));
+        let (cluster, monitor) = (format!("nats://127.0.0.1:{}", routes[i]), monitors[i].to_string());
+        let mut args = vec!["-a", "127.0.0.1", "-p", &port, "-n", &name, "--cluster_name", "pw", "--cluster", &cluster];
+        let routes_arg = others.join(",");
+        args.extend(["--routes", &routes_arg]);
+        let dir = dir.to_string_lossy().into_owned();
+        args.extend(["-m", &monitor, "-js", "-sd", &dir]);
+        nodes.push(Some(Proc::program(&find_program("nats-server"), &args, &[ports[i]]).await));
+    }
+    wait_routes(&monitors, 2).await;
+    let url = |i: usize| format!("nats://127.0.0.1:{}", ports[i]);
+    let (g1, g2, p1, p2) = (free_port(), free_port(), free_port(), free_port());
+    let mut procs = Vec::new();
+    for (port, role, node) in [(g1, "gateway", 0), (g2, "gateway", 1), (p1, "publisher", 2), (p2, "publisher", 2)] {
+        let (listen, broker) = (format!("127.0.0.1:{port}"), url(node));
+        let mut args = vec![role, "--listen", &listen, "--broker", &broker];
+        if role == "publisher" {
+            args.extend(["--history-replicas", "3"]);
+        }
+        procs.push(Proc::start(&args, &[port]).await);
+    }
+    let cluster = Cluster {
+        procs,
+        channel_port: 0,
+        gateways: [g1.into(), g2.into()],
+        publishers: [p1.into(), p2.into()],
+        key_query: String::new(),
+    };
+    cluster.wait_healthy().await;
+    // The stream is made once the cluster has elected its JetStream leader; from then on each
+    // publisher's broadcasts carry offsets.
+    for p in [p1, p2] {
+        let mut stored = false;
+        for _ in 0..300 {
+            let (_, body) = http(p, "GET", "/?content=warm-up", &[("Accept", "application/json")], "").await;
+            if body.contains("offset") {
+                stored = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(stored, "publisher {p} never stored a broadcast");
+    }
+    let clients = cluster.clients(40).await;
+    wait_interest(&cluster, &clients).await;
+    let clients = check_seed_pushes(&cluster, clients, "before").await;
+    let leave = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nodes[0] = None;
+        while metric(g1, "pushwire_broker_reconnects").await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster.wait_healthy().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (clients, confirmed, _) = every_ok_arrives(&cluster, clients, "js", leave).await;
+    assert!(confirmed > 10, "confirmed {confirmed}");
+    assert_eq!(metric(p1, "pushwire_broker_reconnects").await, 0, "the publishers' node stayed");
+    assert_eq!(metric(g1, "pushwire_gaps_unrepaired_total").await, 0);
+    eprintln!("gaps filled on the gateway that lost its node: {}", metric(g1, "pushwire_gaps_total").await);
+    check_seed_pushes(&cluster, clients, "after").await;
+    drop(cluster);
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&store);
+}

@@ -15,15 +15,14 @@
 //! publisher of a channel's first kept message and copied from then on; once the channel's
 //! messages are all gone (`max_age`), the next one starts a new epoch.
 //!
-//! History is read with a short-lived consumer filtered on the channel's subject.
+//! History is read message by message from the stream's leader.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use futures_util::StreamExt;
 
 use super::{Page, Position};
 use crate::history::HistoryConfig;
@@ -58,14 +57,16 @@ pub struct JetStream {
     /// One publish at a time per channel from this publisher: each needs the sequence the
     /// previous one got (publishes to different channels go in parallel).
     turns: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
-    /// Whether the stream is in place; until it is, publishes go without history.
+    /// Whether the stream has been in place; until then, publishes go without history.
     ready: std::sync::atomic::AtomicBool,
     /// Wakes the task that makes the stream (it was found missing).
     lost: tokio::sync::Notify,
 }
 
-/// After the stream could not be made (no JetStream on the server), how long publishes go without
-/// history before the next try.
+/// After the stream could not be made (no JetStream on the server, or a cluster still electing its
+/// leader), the first wait before the next try; it doubles up to [`RETRY_STREAM`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// The longest wait between two tries to make the stream.
 const RETRY_STREAM: Duration = Duration::from_secs(30);
 
 /// The position a message carries in its headers.
@@ -101,20 +102,26 @@ impl JetStream {
 
     /// For a publisher that keeps history: make the stream (with this publisher's settings) now,
     /// in the background, and again whenever it is found missing; while it cannot be made (the
-    /// server has no JetStream) publishes go without history and it is tried every
-    /// [`RETRY_STREAM`].
+    /// server has no JetStream) publishes go without history and it is tried again, at growing
+    /// intervals up to [`RETRY_STREAM`].
     pub fn start(self: &std::sync::Arc<Self>) {
         let js = self.clone();
         tokio::spawn(async move {
+            let mut wait = FIRST_RETRY;
             loop {
                 match js.make_stream().await {
                     Ok(()) => {
                         js.ready.store(true, std::sync::atomic::Ordering::Release);
+                        wait = FIRST_RETRY;
                         js.lost.notified().await;
                     }
                     Err(e) => {
-                        tracing::warn!(stream = %js.name, "no history on NATS (publishes go without it): {e}");
-                        tokio::time::sleep(RETRY_STREAM).await;
+                        // Said once per outage, then at the longest wait.
+                        if wait == FIRST_RETRY || wait == RETRY_STREAM {
+                            tracing::warn!(stream = %js.name, "no history on NATS yet (publishes go without it): {e}");
+                        }
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(RETRY_STREAM);
                     }
                 }
             }
@@ -130,6 +137,7 @@ impl JetStream {
             max_bytes: self.cfg.max_bytes as i64,
             discard: stream::DiscardPolicy::Old,
             storage: stream::StorageType::File,
+            num_replicas: self.cfg.replicas,
             republish: Some(stream::Republish {
                 source: format!("{}>", self.store),
                 destination: format!("{}>", self.deliver),
@@ -138,7 +146,7 @@ impl JetStream {
             ..Default::default()
         };
         let create = self.js.create_or_update_stream(config);
-        match tokio::time::timeout(RETRY_STREAM / 3, create).await {
+        match tokio::time::timeout(Duration::from_secs(10), create).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("history stream {}: {e}", self.name)),
             Err(_) => Err(format!("history stream {}: no answer from JetStream", self.name)),
@@ -161,7 +169,7 @@ impl JetStream {
     }
 
     /// Store (and so deliver) `data` on channel subject token `name`; its position. `None` (and
-    /// nothing sent) while the stream is not in place: the caller publishes without history.
+    /// nothing sent) until the stream has first been made: the caller publishes without history.
     pub async fn publish(&self, name: &str, data: Bytes) -> Result<Option<Position>, String> {
         if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(None);
@@ -213,8 +221,10 @@ impl JetStream {
                     }
                 }
             };
+            // Once the stream has been in place, a publish it does not take fails (503): going on
+            // without history would hand out messages no client could recover. A stream that is
+            // gone (deleted) is made again.
             if lost_stream.0 {
-                self.ready.store(false, std::sync::atomic::Ordering::Release);
                 self.lost.notify_one();
             }
             return Err(lost_stream.1);
@@ -223,66 +233,59 @@ impl JetStream {
     }
 
     /// Messages of channel subject token `name` after `since`, at most `limit`; `None` when the
-    /// stream does not exist (no publisher keeps history).
+    /// stream does not exist (no publisher keeps history). Read message by message from the
+    /// stream's leader (a consumer may be placed on a node that is gone, and a direct get may be
+    /// answered by a replica that fell behind); while the leader is being elected this fails and
+    /// the caller asks again.
     pub async fn history(&self, name: &str, since: u64, limit: usize) -> Result<Option<Page>, String> {
-        use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
-        let stream = match self.js.get_stream(&self.name).await {
-            Ok(s) => s,
-            Err(e) => {
-                return match e.kind() {
-                    GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => Ok(None),
-                    _ => Err(e.to_string()),
+        use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
+        let subject = format!("{}{name}", self.store);
+        let stream = self.js.get_stream_no_info(&self.name).await.map_err(|e| e.to_string())?;
+        let last = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == Kind::NoMessageFound => return Ok(Some(Page { first: 1, ..Page::default() })),
+            Err(e) => return if self.stream_exists().await? { Err(e.to_string()) } else { Ok(None) },
+        };
+        let latest = position(Some(&last.headers)).ok_or("a stored message without its position")?;
+        let mut page = Page { epoch: latest.epoch.to_string(), offset: latest.offset, first: 0, items: Vec::new() };
+        let mut sequence = 1;
+        // At most the messages the stream keeps of one subject, and never past the last one seen.
+        for _ in 0..=(crate::history::MAX_PAGE * 10) {
+            let m = match stream.get_first_raw_message_by_subject(&subject, sequence).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == Kind::NoMessageFound => break,
+                Err(e) => return Err(e.to_string()),
+            };
+            let Some(p) = position(Some(&m.headers)) else { break };
+            if page.first == 0 {
+                page.first = p.offset;
+            }
+            if p.offset > since && p.epoch == latest.epoch {
+                page.items.push((p.offset, m.payload));
+                if page.items.len() >= limit.min(crate::history::MAX_PAGE) {
+                    break;
                 }
             }
-        };
-        let kept = read_subject(&stream, &format!("{}{name}", self.store)).await?;
-        let (Some(first), Some(last)) = (kept.first(), kept.last()) else {
-            return Ok(Some(Page { first: 1, ..Page::default() }));
-        };
-        Ok(Some(Page {
-            epoch: last.1.epoch.to_string(),
-            offset: last.1.offset,
-            first: first.1.offset,
-            items: kept
-                .iter()
-                .filter(|(_, p)| p.offset > since)
-                .take(limit)
-                .map(|(d, p)| (p.offset, d.clone()))
-                .collect(),
-        }))
-    }
-}
-
-/// `subject`'s messages (all the stream keeps of it, in order) with their positions, read through a
-/// short-lived consumer.
-async fn read_subject(stream: &stream::Stream, subject: &str) -> Result<Vec<(Bytes, Position)>, String> {
-    let config = consumer::pull::Config {
-        filter_subject: subject.to_owned(),
-        deliver_policy: consumer::DeliverPolicy::All,
-        ack_policy: consumer::AckPolicy::None,
-        inactive_threshold: Duration::from_secs(5),
-        memory_storage: true,
-        ..Default::default()
-    };
-    let mut c = stream.create_consumer(config).await.map_err(|e| e.to_string())?;
-    let info = c.info().await.map_err(|e| e.to_string())?.clone();
-    let pending = info.num_pending as usize;
-    let mut out = Vec::new();
-    if pending > 0 {
-        let mut batch = c
-            .batch()
-            .max_messages(pending.min(crate::history::MAX_PAGE * 10))
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .map_err(|e| e.to_string())?;
-        while let Some(m) = batch.next().await {
-            let m = m.map_err(|e| e.to_string())?;
-            if let Some(p) = position(m.message.headers.as_ref()) {
-                out.push((m.message.payload.clone(), p));
+            if m.sequence >= last.sequence {
+                break;
             }
+            sequence = m.sequence + 1;
+        }
+        if page.first == 0 {
+            page.first = page.offset + 1;
+        }
+        Ok(Some(page))
+    }
+
+    /// Whether the history stream exists.
+    async fn stream_exists(&self) -> Result<bool, String> {
+        use async_nats::jetstream::{context::GetStreamErrorKind, ErrorCode};
+        match self.js.get_stream(&self.name).await {
+            Ok(_) => Ok(true),
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => Ok(false),
+                _ => Err(e.to_string()),
+            },
         }
     }
-    let _ = stream.delete_consumer(&info.name).await;
-    Ok(out)
 }

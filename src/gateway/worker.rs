@@ -847,7 +847,8 @@ fn target(channel: &str) -> Option<Target<'_>> {
 
 /// Messages of `channel` after `since` in `epoch`, read from the broker's history up to (not
 /// including) offset `until`, or up to its latest message; `None` when the history does not reach
-/// back to `since` (or changed epoch, or is not kept, or cannot be read).
+/// back to `since` (or changed epoch, or is not kept). A history that cannot be read right now (a
+/// link just back, a store electing a leader) is asked again for up to [`HISTORY_PATIENCE`].
 async fn read_history(
     broker: &dyn Broker,
     channel: &str,
@@ -855,40 +856,72 @@ async fn read_history(
     since: u64,
     until: Option<u64>,
 ) -> Option<Vec<(u64, Bytes)>> {
+    let deadline = tokio::time::Instant::now() + HISTORY_PATIENCE;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match read_history_once(broker, channel, epoch, since, until).await {
+            Ok(items) => return items,
+            Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                tracing::debug!(%channel, "history not read yet: {e}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::info!(%channel, "history could not be read: {e}");
+                return None;
+            }
+        }
+    }
+}
+
+/// How long a gap's filling or a recovery waits for a history that cannot be read right now.
+const HISTORY_PATIENCE: Duration = Duration::from_secs(8);
+
+/// One try of [`read_history`].
+async fn read_history_once(
+    broker: &dyn Broker,
+    channel: &str,
+    epoch: &str,
+    since: u64,
+    until: Option<u64>,
+) -> Result<Option<Vec<(u64, Bytes)>>, crate::broker::BrokerError> {
     let mut items = Vec::new();
     let mut at = since;
     let mut until = until;
     while items.len() < MAX_RECOVERED {
         let page: Page = match broker.history(channel, at, history::MAX_PAGE).await {
             Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(%channel, "history not read: {e}");
-                return None;
-            }
+            Err(crate::broker::BrokerError::NoHistory(_)) => return Ok(None),
+            Err(e) => return Err(e),
         };
+        // The store has the message at `until` (it was delivered): a page that ends before it
+        // comes from a replica that has not caught up yet.
+        if until.is_some_and(|u| page.epoch == epoch && page.offset + 1 < u) {
+            return Err(crate::broker::BrokerError::Unavailable(format!("history of {channel} behind")));
+        }
         if !page.reaches(epoch, at) {
-            return None;
+            return Ok(None);
         }
         let end = *until.get_or_insert(page.offset + 1);
         if page.items.is_empty() {
-            return (at + 1 >= end).then_some(items);
+            return Ok((at + 1 >= end).then_some(items));
         }
         for (offset, data) in page.items {
             if offset >= end {
-                return Some(items);
+                return Ok(Some(items));
             }
             at = offset;
             items.push((offset, data));
         }
         if at + 1 >= end {
-            return Some(items);
+            return Ok(Some(items));
         }
         if at == page.offset {
             // The history ends before `until`: what is missing is gone.
-            return None;
+            return Ok(None);
         }
     }
-    None
+    Ok(None)
 }
 
 /// The broker channels of a connection of user `uid` in `topics`.
