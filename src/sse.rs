@@ -14,8 +14,19 @@ pub const PATH: &str = "/events";
 
 /// The event carrying `content`.
 pub fn event(content: &[u8]) -> Bytes {
+    event_with_id(content, None)
+}
+
+/// The event carrying `content`, with an `id` (the position `EventSource` sends back as
+/// `Last-Event-ID` when it reconnects).
+pub fn event_with_id(content: &[u8], id: Option<&str>) -> Bytes {
     let text = String::from_utf8_lossy(content);
-    let mut out = BytesMut::with_capacity(text.len() + 16);
+    let mut out = BytesMut::with_capacity(text.len() + 16 + id.map_or(0, |i| i.len() + 5));
+    if let Some(id) = id {
+        out.put_slice(b"id: ");
+        out.put_slice(id.as_bytes());
+        out.put_u8(b'\n');
+    }
     // Most pushes are one line: found with the standard library's memchr, not a scan of our own.
     if !text.as_bytes().contains(&b'\n') && !text.as_bytes().contains(&b'\r') {
         out.put_slice(b"data: ");
@@ -63,5 +74,6 @@ mod tests {
         assert_eq!(&event(b"a\r\nb\rc\nd")[..], b"data: a\ndata: b\ndata: c\ndata: d\n\n");
         assert_eq!(&event(b"\xff")[..], "data: \u{fffd}\n\n".as_bytes());
         assert!(response_head(Some("https://a.example")).ends_with(b"Vary: Origin\r\n\r\n"));
+        assert_eq!(&event_with_id(b"x", Some("topic:a:ab12:7"))[..], b"id: topic:a:ab12:7\ndata: x\n\n");
     }
 }

@@ -162,3 +162,66 @@ async fn a_stream_that_stops_reading_is_cut_off_alone() {
     assert_eq!(metric(w, "pushwire_slow_consumer_disconnects_total").await, 1);
     drop(stalled);
 }
+
+/// A JSON event stream resumes as `EventSource` does: each event with a position carries it as
+/// its id; a new request with `Last-Event-ID` gets what was published since, then
+/// `recovered:true`, then live events. A `Last-Event-ID` that is not a position is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_resumes_a_json_stream() {
+    let (_p, _c, w, h) = standalone(&[]).await;
+    async fn open(gw: u16, last: Option<&str>) -> (TcpStream, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", gw)).await.expect("connect");
+        let header = last.map(|l| format!("Last-Event-ID: {l}\r\n")).unwrap_or_default();
+        let req = format!("GET /events?format=json HTTP/1.1\r\nHost: x\r\n{header}\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        (s, String::new())
+    }
+    /// The next event as (id, data).
+    async fn next(s: &mut TcpStream, buf: &mut String) -> (Option<String>, String) {
+        loop {
+            if let Some(i) = buf.find("\n\n") {
+                let block: String = buf.drain(..i + 2).collect();
+                let block = block.rsplit("\r\n\r\n").next().unwrap_or_default().to_owned();
+                let id = block.lines().find_map(|l| l.strip_prefix("id: ")).map(str::to_owned);
+                let data: Vec<&str> = block.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                if !data.is_empty() {
+                    return (id, data.join("\n"));
+                }
+                continue;
+            }
+            let mut chunk = vec![0u8; 16 * 1024];
+            let n = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.expect("read timed out").expect("read");
+            assert!(n > 0, "stream ended: {buf:?}");
+            buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    }
+    let (mut s, mut buf) = open(w, None).await;
+    let (_, welcome) = next(&mut s, &mut buf).await;
+    assert!(welcome.contains("\"worker_id\""), "{welcome}");
+    assert_eq!(http_get(h, "/?content=one").await.0, 200);
+    let (id, data) = next(&mut s, &mut buf).await;
+    let v: serde_json::Value = serde_json::from_str(&data).expect("JSON event");
+    let id = id.expect("an id");
+    assert_eq!(id, format!("broadcast:{}:{}", v["epoch"].as_str().expect("epoch"), v["offset"]));
+    drop(s);
+    for c in ["two", "three"] {
+        assert_eq!(http_get(h, &format!("/?content={c}")).await.0, 200);
+    }
+    let (mut s, mut buf) = open(w, Some(&id)).await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(next(&mut s, &mut buf).await.1);
+    }
+    assert!(got[0].contains("\"worker_id\""));
+    let data: Vec<String> = got[1..3]
+        .iter()
+        .map(|d| serde_json::from_str::<serde_json::Value>(d).expect("JSON")["data"].to_string())
+        .collect();
+    assert_eq!(data, ["\"two\"", "\"three\""]);
+    assert_eq!(got[3], r#"{"channel":"broadcast","recovered":true}"#);
+    assert_eq!(http_get(h, "/?content=four").await.0, 200);
+    assert!(next(&mut s, &mut buf).await.1.contains("\"four\""));
+    // Whatever else a Last-Event-ID says, the stream opens.
+    let (mut s, mut buf) = open(w, Some("not-a-position")).await;
+    assert!(next(&mut s, &mut buf).await.1.contains("\"worker_id\""));
+}

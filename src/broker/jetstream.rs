@@ -32,8 +32,9 @@ pub const OFFSET: &str = "Pushwire-Offset";
 /// Header carrying the channel's epoch.
 pub const EPOCH: &str = "Pushwire-Epoch";
 
-/// Publishes that lose the race for an offset before the publish fails.
-const MAX_ATTEMPTS: usize = 8;
+/// Tries to win an offset before the publish fails (each lost race waits a random moment, longer
+/// each time, so that racing publishers fall out of step; the caller's publish timeout bounds it).
+const MAX_ATTEMPTS: u32 = 32;
 /// Channels whose latest offset a publisher remembers before it forgets them all.
 const MAX_REMEMBERED: usize = 100_000;
 
@@ -183,7 +184,13 @@ impl JetStream {
             turns.entry(subject.clone()).or_default().clone()
         };
         let _turn = turn.lock().await;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                let mut r = [0u8; 1];
+                let _ = getrandom::fill(&mut r);
+                let most = Duration::from_micros(500) * attempt.min(20);
+                tokio::time::sleep(most.mul_f64(f64::from(r[0]) / 255.0)).await;
+            }
             let cached = self.last.lock().unwrap_or_else(|e| e.into_inner()).get(&subject).cloned();
             let last = match cached {
                 Some(l) => l,

@@ -312,7 +312,10 @@ impl<C: Client> Task<C> {
     /// renewal after the next connection takes them). A failure takes the link down until every
     /// subscription is confirmed again: up means subscribed.
     async fn add_channels(&mut self, new: Vec<String>) -> Result<(), String> {
-        if new.is_empty() || self.renew {
+        // While the library is connected they are subscribed now, also when a renewal of all is
+        // due (it would come only at the next tick, and a join resolves once its channels are
+        // in place); while it is not, the renewal after the connection takes them.
+        if new.is_empty() || (self.renew && !self.client.connected()) {
             return Ok(());
         }
         let r = self.confirm(new).await;

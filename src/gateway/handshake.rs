@@ -36,7 +36,8 @@ impl Gateway {
             r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
             return r;
         }
-        let (wants, open) = match self.admit(h.get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query()) {
+        let (wants, open) = match self.admit(h.get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query(), None)
+        {
             Ok(admitted) => admitted,
             Err(refusal) => return refusal.answer(),
         };
@@ -70,28 +71,30 @@ impl Gateway {
         r
     }
 
-    /// Whether a connection (WebSocket or event stream) from `origin` asking with `query` may
-    /// open: who it is and what it wants, and its connection slot.
+    /// Whether a connection (WebSocket or event stream) from `origin` asking with `query` (and,
+    /// for an event stream, its `Last-Event-ID`) may open: who it is and what it wants, and its
+    /// connection slot.
     pub(super) fn admit(
         self: &Arc<Self>,
         origin: Option<&[u8]>,
         query: Option<&str>,
+        last_event_id: Option<&str>,
     ) -> Result<(Option<Box<Wants>>, OpenGuard), Refusal> {
         if !self.origin_allowed(origin) {
             return Err(Refusal::Origin(String::from_utf8_lossy(origin.unwrap_or_default()).into_owned()));
         }
-        let wants = self.wants(query)?;
+        let wants = self.wants(query, last_event_id)?;
         let open = self.open_slot().ok_or(Refusal::Full)?;
         Ok((wants, open))
     }
 
     /// Who the connection asking with `query` is (its `token`) and what it wants; `None` for a
     /// seed client (boxed: it travels in the connection's long-lived task).
-    fn wants(&self, query: Option<&str>) -> Result<Option<Box<Wants>>, Refusal> {
+    fn wants(&self, query: Option<&str>, last_event_id: Option<&str>) -> Result<Option<Box<Wants>>, Refusal> {
         let token = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .find_map(|(k, v)| (k == "token").then(|| v.into_owned()));
         let who = self.cfg.tokens.identify(token.as_deref()).map_err(Refusal::Token)?;
-        let wants = Wants::parse(query, who).map_err(Refusal::BadRequest)?;
+        let wants = Wants::parse(query, who, last_event_id).map_err(Refusal::BadRequest)?;
         Ok((wants != Wants::default()).then(|| Box::new(wants)))
     }
 
@@ -150,7 +153,8 @@ impl Gateway {
         }
         // Refusals (origin, token, the connection limit) are answered, with the reason, by the
         // HTTP path.
-        let Ok((wants, open)) = self.admit(origin, query) else { return Some(stream) };
+        let last_event_id = get("last-event-id").filter(|_| sse).and_then(|v| std::str::from_utf8(v).ok());
+        let Ok((wants, open)) = self.admit(origin, query, last_event_id) else { return Some(stream) };
         let response = match key {
             Some(key) if !sse => format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",

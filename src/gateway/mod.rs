@@ -235,8 +235,10 @@ pub const MAX_RECOVER: usize = 258;
 
 impl Wants {
     /// Read `format` and `recover` from a connection's `query` for a connection of `who`; other
-    /// parameters are the application's (the seed's clients may add their own).
-    pub fn parse(query: Option<&str>, who: Identity) -> Result<Wants, String> {
+    /// parameters are the application's (the seed's clients may add their own). An event stream's
+    /// `last_event_id` (a position `C:E:N` of a JSON stream) recovers C from there; one that is
+    /// not such a position is ignored, so that `EventSource` never stops reconnecting over it.
+    pub fn parse(query: Option<&str>, who: Identity, last_event_id: Option<&str>) -> Result<Wants, String> {
         let mut w = Wants { who, ..Wants::default() };
         let mut recover = None;
         for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
@@ -251,40 +253,51 @@ impl Wants {
                 _ => {}
             }
         }
-        let Some(recover) = recover else { return Ok(w) };
-        if !w.json {
-            return Err("recover= needs format=json (the client is told what was recovered)".into());
+        if let Some(recover) = recover {
+            if !w.json {
+                return Err("recover= needs format=json (the client is told what was recovered)".into());
+            }
+            for item in recover.split(',').filter(|i| !i.is_empty()) {
+                let r = w.position(item)?;
+                if w.recover.iter().any(|x| x.channel == r.channel) {
+                    return Err(format!("recover names {:?} twice", r.channel));
+                }
+                w.recover.push(r);
+                if w.recover.len() > MAX_RECOVER {
+                    return Err(format!("recover names more than {MAX_RECOVER} channels"));
+                }
+            }
         }
-        for item in recover.split(',').filter(|i| !i.is_empty()) {
-            let mut parts = item.rsplitn(3, ':');
-            let (Some(n), Some(epoch), Some(channel)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(format!("recover item {item:?} is not CHANNEL:EPOCH:OFFSET"));
-            };
-            let offset = n.parse().map_err(|_| format!("recover item {item:?}: offset {n:?} is not a number"))?;
-            if epoch.is_empty() || epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Err(format!("recover item {item:?}: epoch {epoch:?} is not one this server hands out"));
-            }
-            let member = match channel.split_once(':') {
-                _ if channel == BROADCAST => true,
-                Some(("user", u)) => w.who.uid.as_deref() == Some(u),
-                Some(("topic", t)) => w.who.channels.iter().any(|c| c == t),
-                _ => false,
-            };
-            if !member {
-                return Err(format!(
-                    "recover names {channel:?}, not a channel of this connection (broadcast, user:UID of its token, \
-                     topic:T of its token's channels)"
-                ));
-            }
-            if w.recover.iter().any(|r| r.channel == channel) {
-                return Err(format!("recover names {channel:?} twice"));
-            }
-            w.recover.push(Recover { channel: channel.to_owned(), epoch: epoch.to_owned(), offset });
-            if w.recover.len() > MAX_RECOVER {
-                return Err(format!("recover names more than {MAX_RECOVER} channels"));
-            }
+        if let Some(r) = last_event_id.filter(|_| w.json).and_then(|id| w.position(id).ok()) {
+            w.recover.retain(|x| x.channel != r.channel);
+            w.recover.push(r);
         }
         Ok(w)
+    }
+
+    /// A position `CHANNEL:EPOCH:OFFSET` on a channel of this connection.
+    fn position(&self, item: &str) -> Result<Recover, String> {
+        let mut parts = item.rsplitn(3, ':');
+        let (Some(n), Some(epoch), Some(channel)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("recover item {item:?} is not CHANNEL:EPOCH:OFFSET"));
+        };
+        let offset = n.parse().map_err(|_| format!("recover item {item:?}: offset {n:?} is not a number"))?;
+        if epoch.is_empty() || epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!("recover item {item:?}: epoch {epoch:?} is not one this server hands out"));
+        }
+        let member = match channel.split_once(':') {
+            _ if channel == BROADCAST => true,
+            Some(("user", u)) => self.who.uid.as_deref() == Some(u),
+            Some(("topic", t)) => self.who.channels.iter().any(|c| c == t),
+            _ => false,
+        };
+        if !member {
+            return Err(format!(
+                "recover names {channel:?}, not a channel of this connection (broadcast, user:UID of its token, \
+                 topic:T of its token's channels)"
+            ));
+        }
+        Ok(Recover { channel: channel.to_owned(), epoch: epoch.to_owned(), offset })
     }
 }
 

@@ -54,7 +54,7 @@ impl Gateway {
 
     /// An event stream request the fast path did not take: say why.
     fn events_refused(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        match self.admit(req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query()) {
+        match self.admit(req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query(), None) {
             Err(refusal) => refusal.answer(),
             Ok(_) => {
                 GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);

@@ -60,10 +60,8 @@ impl<'a> Frames<'a> {
     }
 
     fn for_conn(&self, c: &Conn) -> &Bytes {
-        self.encoded[c.sse as usize * 2 + c.json as usize].get_or_init(|| match c.json {
-            false => c.encode(self.content),
-            true => c.encode(&format::push(self.channel, self.position, self.content)),
-        })
+        self.encoded[c.sse as usize * 2 + c.json as usize]
+            .get_or_init(|| c.encode_push(self.channel, self.position, self.content))
     }
 }
 
@@ -89,6 +87,19 @@ impl Conn {
             true => crate::sse::event(text),
             false if std::str::from_utf8(text).is_ok() => ws::encode(ws::TEXT, text),
             false => ws::encode(ws::BINARY, text),
+        }
+    }
+
+    /// A push on `channel` (at `position`) as this connection gets it: raw, or JSON; a JSON
+    /// event stream's event has the position as its id, so that `EventSource` resumes from it.
+    fn encode_push(&self, channel: &str, position: Option<&Position>, content: &[u8]) -> Bytes {
+        if !self.json {
+            return self.encode(content);
+        }
+        let text = format::push(channel, position, content);
+        match (self.sse, position) {
+            (true, Some(p)) => crate::sse::event_with_id(&text, Some(&format!("{channel}:{}:{}", p.epoch, p.offset))),
+            _ => self.encode(&text),
         }
     }
 
@@ -143,10 +154,13 @@ struct Seen {
     held: Option<Vec<Message>>,
 }
 
-/// A channel a connection is recovering: the live frames queued for it meanwhile, by offset.
+/// A channel a connection is recovering: the live frames held for it meanwhile, by offset; then,
+/// once its history is queued (`done`: the last offset it has), the live messages that were
+/// already on their way to the worker are dropped for it until the next one arrives.
 struct Recovering {
     channel: String,
     frames: Vec<(u64, Bytes)>,
+    done: Option<u64>,
 }
 
 /// What to do with a message that has an offset.
@@ -282,7 +296,8 @@ impl Worker {
             }
             t.conns.insert(id, conn.clone());
             if !recover.is_empty() {
-                let held = recover.iter().map(|r| Recovering { channel: r.channel.clone(), frames: Vec::new() });
+                let held =
+                    recover.iter().map(|r| Recovering { channel: r.channel.clone(), frames: Vec::new(), done: None });
                 t.recovering.insert(id, held.collect());
             }
             if uid.is_some() || !topics.is_empty() {
@@ -321,19 +336,13 @@ impl Worker {
     ) {
         let mut t = self.table();
         let Some(conn) = t.conns.get(&id).cloned() else { return };
-        let held = match t.recovering.get_mut(&id) {
-            Some(list) => {
-                let i = list.iter().position(|r| r.channel == channel);
-                let held = i.map(|i| list.swap_remove(i).frames).unwrap_or_default();
-                if list.is_empty() {
-                    t.recovering.remove(&id);
-                }
-                held
-            }
-            None => Vec::new(),
+        let Some(r) = t.recovering.get_mut(&id).and_then(|l| l.iter_mut().find(|r| r.channel == channel)) else {
+            return;
         };
+        let held = std::mem::take(&mut r.frames);
         let mut out = Vec::new();
         let mut last = since;
+        let ok = items.is_some();
         match items {
             Some(items) => {
                 GLOBAL.recoveries.fetch_add(1, Ordering::Relaxed);
@@ -345,15 +354,36 @@ impl Worker {
                         continue;
                     }
                     let p = Position { offset, epoch: epoch.clone() };
-                    out.push(conn.encode(&format::push(channel, Some(&p), &push.content)));
+                    out.push(conn.encode_push(channel, Some(&p), &push.content));
                 }
-                out.extend(held.into_iter().filter(|(o, _)| *o > last).map(|(_, f)| f));
-                out.push(conn.encode(&format::recovered(channel, true)));
             }
             None => {
                 GLOBAL.recoveries_failed.fetch_add(1, Ordering::Relaxed);
                 out.push(conn.encode(&format::recovered(channel, false)));
-                out.extend(held.into_iter().map(|(_, f)| f));
+            }
+        }
+        // What the client has up to, for dropping what was already on its way: after a failed
+        // recovery, only the held live messages count.
+        let mut has = ok.then_some(last);
+        for (offset, frame) in held {
+            if offset > last || !ok {
+                out.push(frame);
+                has = Some(has.map_or(offset, |h| h.max(offset)));
+            }
+        }
+        if ok {
+            out.push(conn.encode(&format::recovered(channel, true)));
+        }
+        match has {
+            Some(h) => r.done = Some(h),
+            None => {
+                let list = t.recovering.get_mut(&id).map(|l| {
+                    l.retain(|r| r.channel != channel);
+                    l.is_empty()
+                });
+                if list == Some(true) {
+                    t.recovering.remove(&id);
+                }
             }
         }
         for f in out {
@@ -500,13 +530,29 @@ impl Worker {
             }
             // A connection recovering this channel gets it after its history (none usually).
             if let (false, Some(p)) = (recovering.is_empty(), frames.position) {
-                let held = recovering.get_mut(&id).and_then(|l| l.iter_mut().find(|r| r.channel == frames.channel));
-                if let Some(r) = held {
-                    match r.frames.len() < max_frames {
-                        true => r.frames.push((p.offset, frames.for_conn(c).clone())),
-                        false => slow.push(id),
+                if let Some(list) = recovering.get_mut(&id) {
+                    if let Some(i) = list.iter().position(|r| r.channel == frames.channel) {
+                        match list[i].done {
+                            None if list[i].frames.len() < max_frames => {
+                                return list[i].frames.push((p.offset, frames.for_conn(c).clone()));
+                            }
+                            None => return slow.push(id),
+                            // Sent with the history already.
+                            Some(last) if p.offset <= last => return,
+                            Some(last) => {
+                                list.swap_remove(i);
+                                if list.is_empty() {
+                                    recovering.remove(&id);
+                                }
+                                // Not expected (the live messages flow before the history is
+                                // read), but never silent.
+                                if p.offset > last + 1 {
+                                    let notice = c.encode(&format::recovered(frames.channel, false));
+                                    let _ = c.offer(&notice, max_frames, max_bytes);
+                                }
+                            }
+                        }
                     }
-                    return;
                 }
             }
             match c.offer(frames.for_conn(c), max_frames, max_bytes) {
