@@ -27,6 +27,7 @@ pub mod channel_server;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod deflate;
 pub mod gateway;
 pub mod history;
 pub mod http;

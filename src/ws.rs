@@ -5,6 +5,8 @@
 //! requires of a server (masking, reserved bits, opcodes, fragmentation, UTF-8 of text across
 //! fragments, close codes, the message size limit) by a [`Reader`] that keeps a few bytes of state
 //! per connection; their data is then ignored: a push gateway does not act on what clients send.
+//! With permessage-deflate negotiated ([`crate::deflate`]), a compressed client message is
+//! inflated (within the size limit) so that its text can be checked.
 
 use base64::Engine as _;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -39,8 +41,17 @@ pub fn accept_key(key: &[u8]) -> String {
 
 /// One whole unmasked server frame.
 pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    encode_first(0x80 | opcode, payload)
+}
+
+/// One whole unmasked server frame with RSV1 set: a compressed message (permessage-deflate).
+pub fn encode_with_rsv1(opcode: u8, payload: &[u8]) -> Bytes {
+    encode_first(0x80 | 0x40 | opcode, payload)
+}
+
+fn encode_first(b0: u8, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(payload.len() + 10);
-    out.put_u8(0x80 | opcode);
+    out.put_u8(b0);
     match payload.len() {
         n if n < 126 => out.put_u8(n as u8),
         n if n <= 0xFFFF => {
@@ -77,7 +88,7 @@ pub enum ClientFrame {
 }
 
 /// A client frame that breaks the protocol or the limits; the connection closes with `code()`.
-#[derive(Debug, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WsError {
     #[error("client frames must be masked")]
     Unmasked,
@@ -99,6 +110,8 @@ pub enum WsError {
     BadCloseCode(u16),
     #[error("text is not valid UTF-8")]
     InvalidUtf8,
+    #[error("compressed message is not valid DEFLATE data")]
+    BadCompression,
 }
 
 impl WsError {
@@ -106,7 +119,7 @@ impl WsError {
     pub fn code(&self) -> u16 {
         match self {
             WsError::TooBig(..) => close::TOO_BIG,
-            WsError::InvalidUtf8 => close::INVALID_DATA,
+            WsError::InvalidUtf8 | WsError::BadCompression => close::INVALID_DATA,
             _ => close::PROTOCOL_ERROR,
         }
     }
@@ -119,17 +132,26 @@ pub fn close_code_allowed(code: u16) -> bool {
 }
 
 /// A client's message stream between frames: which message is being fragmented, its size so far,
-/// and the bytes of a UTF-8 sequence split between two fragments. A few bytes per connection.
-#[derive(Debug, Default)]
+/// and the bytes of a UTF-8 sequence split between two fragments. A few bytes per connection;
+/// while a compressed message arrives, its decompressor.
+#[derive(Default)]
 pub struct Reader {
     /// Opcode of the fragmented message in progress ([`TEXT`] or [`BINARY`]); 0 when none.
     message: u8,
     /// Payload bytes of the message so far.
     len: u64,
     utf8: Utf8Tail,
+    /// permessage-deflate was negotiated: a message may come compressed (RSV1 on its first frame).
+    deflate: bool,
+    inflating: Option<Box<crate::deflate::Inflate>>,
 }
 
 impl Reader {
+    /// A reader for a connection that negotiated permessage-deflate (or not).
+    pub fn new(deflate: bool) -> Reader {
+        Reader { deflate, ..Reader::default() }
+    }
+
     /// Take one client frame off `buf` if it is complete. Messages over `max` bytes (all their
     /// fragments together) are refused from a frame header, before its payload is buffered.
     pub fn parse(&mut self, buf: &mut BytesMut, max: usize) -> Result<Option<ClientFrame>, WsError> {
@@ -137,7 +159,9 @@ impl Reader {
             return Ok(None);
         };
         let (fin, rsv, opcode) = (b0 & 0x80 != 0, b0 & 0x70, b0 & 0x0F);
-        if rsv != 0 || !matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG) {
+        // RSV1 marks a compressed message, on its first frame only, once negotiated.
+        let compressed = rsv == 0x40 && self.deflate && matches!(opcode, TEXT | BINARY);
+        if (rsv != 0 && !compressed) || !matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG) {
             return Err(WsError::BadOpcode(b0));
         }
         if b1 & 0x80 == 0 {
@@ -182,7 +206,10 @@ impl Reader {
         let mask = [frame[0], frame[1], frame[2], frame[3]];
         frame.advance(4);
         let text = opcode == TEXT || (opcode == CONTINUATION && self.message == TEXT);
-        if control || text {
+        if compressed {
+            self.inflating = Some(Box::default());
+        }
+        if control || text || self.inflating.is_some() {
             for (i, b) in frame.iter_mut().enumerate() {
                 *b ^= mask[i % 4];
             }
@@ -192,11 +219,24 @@ impl Reader {
                 (self.message, self.len) = (opcode, 0);
             }
             self.len += len;
-            if text && !self.utf8.feed(&frame, fin) {
-                return Err(WsError::InvalidUtf8);
+            match &mut self.inflating {
+                Some(inflate) => {
+                    // The text to check is what the compressed bytes inflate to.
+                    let (utf8, mut valid) = (&mut self.utf8, true);
+                    let mut check = |piece: &[u8]| valid &= !text || utf8.feed(piece, false);
+                    inflate.feed(&frame, fin, max as u64, &mut check).map_err(|e| match e {
+                        crate::deflate::InflateError::Corrupt => WsError::BadCompression,
+                        crate::deflate::InflateError::TooBig(n) => WsError::TooBig(n, max),
+                    })?;
+                    if !valid || (text && fin && !self.utf8.feed(&[], true)) {
+                        return Err(WsError::InvalidUtf8);
+                    }
+                }
+                None if text && !self.utf8.feed(&frame, fin) => return Err(WsError::InvalidUtf8),
+                None => {}
             }
             if fin {
-                (self.message, self.len) = (0, 0);
+                (self.message, self.len, self.inflating) = (0, 0, None);
             }
             return Ok(Some(ClientFrame::Data));
         }
@@ -222,7 +262,7 @@ impl Reader {
 }
 
 /// The start of a UTF-8 sequence that the previous fragment ended in the middle of.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Utf8Tail {
     bytes: [u8; 4],
     len: u8,
@@ -357,6 +397,43 @@ mod tests {
         let mut r = Reader::default();
         assert_eq!(r.parse(&mut masked(0x82, &[0; 100]), 100), Ok(Some(ClientFrame::Data)));
         assert_eq!(r.parse(&mut masked(0x82, &[0; 100]), 100), Ok(Some(ClientFrame::Data)));
+    }
+
+    #[test]
+    fn compressed_messages() {
+        use crate::deflate::compress;
+        let mut r = Reader::new(true);
+        let mut one = masked(0xC1, &compress("héllo".as_bytes()));
+        assert_eq!(r.parse(&mut one, 100), Ok(Some(ClientFrame::Data)));
+        // Fragmented: RSV1 on the first frame only; a code point split between fragments.
+        let c = compress("añb".as_bytes());
+        let (a, b) = c.split_at(2);
+        let mut two = masked(0x41, a);
+        two.extend_from_slice(&masked(0x80, b));
+        assert_eq!(r.parse(&mut two, 100), Ok(Some(ClientFrame::Data)));
+        assert_eq!(r.parse(&mut two, 100), Ok(Some(ClientFrame::Data)));
+        let mut bad = masked(0x41, a);
+        bad.extend_from_slice(&masked(0xC0, b));
+        let mut r = Reader::new(true);
+        assert_eq!(r.parse(&mut bad, 100), Ok(Some(ClientFrame::Data)));
+        assert_eq!(r.parse(&mut bad, 100), Err(WsError::BadOpcode(0xC0)), "RSV1 on a continuation");
+        let cases: [(&[u8], u8, WsError); 4] = [
+            (&compress(b"\xff\xfe"), 0xC1, WsError::InvalidUtf8),
+            (b"\xff\xff\xff garbage", 0xC2, WsError::BadCompression),
+            (&compress(&[b'a'; 1000]), 0xC1, WsError::TooBig(1000, 100)),
+            (b"", 0xC9, WsError::BadOpcode(0xC9)),
+        ];
+        for (payload, first, err) in cases {
+            let mut f = masked(first, payload);
+            let got = Reader::new(true).parse(&mut f, 100);
+            assert!(
+                matches!((&got, &err), (Err(WsError::TooBig(..)), WsError::TooBig(..))) || got == Err(err.clone()),
+                "{got:?}"
+            );
+        }
+        assert_eq!(WsError::BadCompression.code(), close::INVALID_DATA);
+        let mut f = masked(0xC1, &compress(b"x"));
+        assert_eq!(Reader::new(false).parse(&mut f, 100), Err(WsError::BadOpcode(0xC1)), "not negotiated");
     }
 
     #[test]
