@@ -244,6 +244,23 @@ pub struct GatewayOpts {
     /// and repaired from history where the channel keeps one).
     #[arg(long, default_value_t = crate::broker::SUBSCRIPTION_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub subscription_buffer: usize,
+    /// permessage-deflate for clients that offer it (browsers do): off, on, or the smallest push
+    /// in bytes that is compressed (smaller ones go uncompressed). Each push is compressed once per
+    /// worker and shared by every connection that negotiated it.
+    #[arg(long, default_value = "off", value_parser = parse_compression)]
+    pub compression: Compression,
+}
+
+/// `--compression`: off, or on from a minimum size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Compression(pub Option<usize>);
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    match s.trim() {
+        "off" => Ok(Compression(None)),
+        "on" => Ok(Compression(Some(0))),
+        n => n.parse().map(|n| Compression(Some(n))).map_err(|_| format!("{s:?}: use off, on, or a size in bytes")),
+    }
 }
 
 /// TLS for the publisher's HTTP listener.
@@ -400,6 +417,7 @@ impl GatewayOpts {
             tokens: crate::token::TokenPolicy { verifier, required: self.require_token },
             lease: self.presence_lease,
             subscription_buffer: self.subscription_buffer,
+            compression: self.compression.0,
             ..GatewayConfig::default()
         })
     }

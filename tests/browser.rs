@@ -116,6 +116,8 @@ async fn seed_console_snippet_and_page_in_chromium() {
             "page-key".into(),
             "--token-secret".into(),
             "page-secret".into(),
+            "--compression".into(),
+            "on".into(),
         ]
     };
     let argv = args(c, w, h);
@@ -151,6 +153,10 @@ async fn seed_console_snippet_and_page_in_chromium() {
     a.wait_for("document.getElementById('status').textContent === 'connected' && document.getElementById('conn').textContent !== '?'").await;
     let a_worker = a.eval("document.getElementById('worker').textContent").await;
     let a_conn = a.eval("document.getElementById('conn').textContent").await;
+    // Chromium offers permessage-deflate; the gateway takes it without context takeover, and every
+    // push below reaches the page through compressed frames.
+    let ext = a.eval("ws.extensions").await;
+    assert_eq!(ext, json!("permessage-deflate; server_no_context_takeover; client_no_context_takeover"));
     let welcome = a.eval("document.getElementById('welcome').textContent").await;
     assert_eq!(
         welcome,

@@ -26,11 +26,12 @@ pub(super) async fn serve(
     worker: &Arc<Worker>,
     cfg: &GatewayConfig,
     wants: Option<Box<Wants>>,
+    deflate: bool,
 ) {
-    let (id, conn, welcome) = Box::pin(open(worker, wants, false)).await;
+    let (id, conn, welcome) = Box::pin(open(worker, wants, false, deflate)).await;
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
     let mut out = VecDeque::from([welcome]);
-    let mut reader = ws::Reader::default();
+    let mut reader = ws::Reader::new(deflate);
     let closing: Option<(u16, &str)> = 'conn: loop {
         if !out.is_empty() && !flush(&stream, &mut out, cfg.write_timeout).await {
             break None;
@@ -92,7 +93,7 @@ pub(super) async fn serve_sse(
     cfg: &GatewayConfig,
     wants: Option<Box<Wants>>,
 ) {
-    let (id, conn, welcome) = Box::pin(open(worker, wants, true)).await;
+    let (id, conn, welcome) = Box::pin(open(worker, wants, true, false)).await;
     tracing::debug!(worker = %worker.id, connection = id, "event stream opened");
     let mut out = VecDeque::from([welcome]);
     loop {
@@ -125,10 +126,10 @@ pub(super) async fn serve_sse(
 
 /// Add a connection to `worker`: its id, its shared state, and its welcome (the seed's line, or
 /// JSON with `format=json`) as its transport sends it.
-async fn open(worker: &Arc<Worker>, wants: Option<Box<Wants>>, sse: bool) -> (u64, Arc<Conn>, Bytes) {
+async fn open(worker: &Arc<Worker>, wants: Option<Box<Wants>>, sse: bool, deflate: bool) -> (u64, Arc<Conn>, Bytes) {
     let wants = wants.map(|w| *w).unwrap_or_default();
     let json = wants.json.then(|| (wants.who.uid.clone(), wants.who.channels.clone()));
-    let (id, conn) = worker.add(wants, sse).await;
+    let (id, conn) = worker.add(wants, sse, deflate).await;
     let text = match json {
         Some((uid, channels)) => format::welcome(&worker.id, id, uid.as_deref(), &channels),
         None => format!("workerID:{} connectionID:{id} connected\n", worker.id).into_bytes(),

@@ -42,6 +42,8 @@ impl Gateway {
             Err(refusal) => return refusal.answer(),
         };
         let accept = ws::accept_key(key.as_bytes());
+        let offers: Vec<&str> = h.get_all("sec-websocket-extensions").iter().filter_map(|v| v.to_str().ok()).collect();
+        let deflate = self.deflate(&offers.join(","));
         // Only the upgrade future goes into the connection's task, not the whole request: the
         // task lives as long as the connection.
         let on_upgrade = hyper::upgrade::on(req);
@@ -58,7 +60,7 @@ impl Gateway {
             let hyper::upgrade::Parts { io, read_buf, .. } = parts;
             let leftover = BytesMut::from(&read_buf[..]);
             drop(read_buf);
-            open.run(io.into_inner(), leftover, wants).await;
+            open.run(io.into_inner(), leftover, wants, deflate).await;
         });
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -68,7 +70,15 @@ impl Gateway {
         if let Ok(v) = HeaderValue::from_str(&accept) {
             hs.insert("sec-websocket-accept", v);
         }
+        if deflate {
+            hs.insert("sec-websocket-extensions", HeaderValue::from_static(crate::deflate::RESPONSE));
+        }
         r
+    }
+
+    /// Whether a client offering `extensions` gets permessage-deflate.
+    fn deflate(&self, extensions: &str) -> bool {
+        self.cfg.compression.is_some() && crate::deflate::accepts(extensions)
     }
 
     /// Whether a connection (WebSocket or event stream) from `origin` asking with `query` (and,
@@ -155,10 +165,18 @@ impl Gateway {
         // HTTP path.
         let last_event_id = get("last-event-id").filter(|_| sse).and_then(|v| std::str::from_utf8(v).ok());
         let Ok((wants, open)) = self.admit(origin, query, last_event_id) else { return Some(stream) };
+        let offers: Vec<&str> = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .collect();
+        let deflate = !sse && self.deflate(&offers.join(","));
         let response = match key {
             Some(key) if !sse => format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                ws::accept_key(key)
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{}\r\n",
+                ws::accept_key(key),
+                if deflate { format!("Sec-WebSocket-Extensions: {}\r\n", crate::deflate::RESPONSE) } else { String::new() }
             )
             .into_bytes(),
             _ => {
@@ -175,7 +193,7 @@ impl Gateway {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
             match sse {
                 true => tokio::spawn(open.run_sse(stream, wants)),
-                false => tokio::spawn(open.run(stream, BytesMut::new(), wants)),
+                false => tokio::spawn(open.run(stream, BytesMut::new(), wants, deflate)),
             };
         }
         None

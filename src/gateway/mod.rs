@@ -78,6 +78,9 @@ pub struct GatewayConfig {
     /// Messages buffered between the broker and each worker; past it they are dropped (counted,
     /// and repaired from history where the channel keeps one).
     pub subscription_buffer: usize,
+    /// permessage-deflate for clients that offer it: `None` off, `Some(n)` for pushes of at least
+    /// `n` bytes (smaller ones go uncompressed).
+    pub compression: Option<usize>,
 }
 
 impl Default for GatewayConfig {
@@ -96,6 +99,7 @@ impl Default for GatewayConfig {
             tokens: crate::token::TokenPolicy::default(),
             lease: Duration::from_secs(15),
             subscription_buffer: crate::broker::SUBSCRIPTION_CAPACITY,
+            compression: None,
         }
     }
 }
@@ -143,7 +147,7 @@ impl Gateway {
                 .subscribe_with(vec![id.clone(), BROADCAST.to_owned()], cfg.subscription_buffer)
                 .map_err(|source| GatewayError::Subscribe { worker: id.clone(), source })?;
             let (queue, bytes) = (cfg.outbound_queue, cfg.outbound_queue_bytes);
-            let (worker, repairs) = Worker::new(id, queue, bytes, broker.clone(), sub.id);
+            let (worker, repairs) = Worker::new(id, (queue, bytes), cfg.compression, broker.clone(), sub.id);
             let worker = Arc::new(worker);
             tokio::spawn(worker.clone().run(sub, repairs));
             let (w, beat) = (Arc::downgrade(&worker), cfg.heartbeat);
@@ -313,9 +317,9 @@ impl Drop for OpenGuard {
 impl OpenGuard {
     /// Serve an upgraded connection that `wants` something (`None`: a seed client) on the next
     /// worker, round-robin.
-    async fn run(self, stream: TcpStream, leftover: BytesMut, wants: Option<Box<Wants>>) {
+    async fn run(self, stream: TcpStream, leftover: BytesMut, wants: Option<Box<Wants>>, deflate: bool) {
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve(stream, leftover, &self.next_worker(), &self.0.cfg, wants).await;
+        connection::serve(stream, leftover, &self.next_worker(), &self.0.cfg, wants, deflate).await;
     }
 
     /// Serve an event stream (its response head already sent) on the next worker.

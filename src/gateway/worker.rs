@@ -43,6 +43,9 @@ pub struct Conn {
     pub(super) sse: bool,
     /// `format=json`: messages as JSON objects with their channel and position.
     pub(super) json: bool,
+    /// permessage-deflate was negotiated: pushes of at least the gateway's minimum size go
+    /// compressed.
+    pub(super) deflate: bool,
 }
 
 /// One push as each kind of connection gets it (WebSocket or SSE, raw or JSON), each encoded on
@@ -51,17 +54,20 @@ pub(super) struct Frames<'a> {
     channel: &'a str,
     position: Option<&'a Position>,
     content: &'a [u8],
-    encoded: [std::cell::OnceCell<Bytes>; 4],
+    /// Compress for connections that negotiated it (the push is at least the minimum size).
+    compress: bool,
+    encoded: [std::cell::OnceCell<Bytes>; 8],
 }
 
 impl<'a> Frames<'a> {
-    fn new(channel: &'a str, position: Option<&'a Position>, content: &'a [u8]) -> Frames<'a> {
-        Frames { channel, position, content, encoded: Default::default() }
+    fn new(channel: &'a str, position: Option<&'a Position>, content: &'a [u8], compress: bool) -> Frames<'a> {
+        Frames { channel, position, content, compress, encoded: Default::default() }
     }
 
     fn for_conn(&self, c: &Conn) -> &Bytes {
-        self.encoded[c.sse as usize * 2 + c.json as usize]
-            .get_or_init(|| c.encode_push(self.channel, self.position, self.content))
+        let compress = self.compress && c.deflate;
+        self.encoded[c.sse as usize * 4 + c.json as usize * 2 + compress as usize]
+            .get_or_init(|| c.encode_push(self.channel, self.position, self.content, compress))
     }
 }
 
@@ -83,23 +89,30 @@ enum Offer {
 impl Conn {
     /// `text` as one frame (or event) of this connection's transport.
     pub(super) fn encode(&self, text: &[u8]) -> Bytes {
-        match self.sse {
-            true => crate::sse::event(text),
-            false if std::str::from_utf8(text).is_ok() => ws::encode(ws::TEXT, text),
-            false => ws::encode(ws::BINARY, text),
+        self.encode_compressed(text, false)
+    }
+
+    /// `text` as one frame (compressed when `compress`) or event.
+    fn encode_compressed(&self, text: &[u8], compress: bool) -> Bytes {
+        let opcode = if std::str::from_utf8(text).is_ok() { ws::TEXT } else { ws::BINARY };
+        match (self.sse, compress) {
+            (true, _) => crate::sse::event(text),
+            (false, true) => crate::deflate::frame(opcode, text),
+            (false, false) => ws::encode(opcode, text),
         }
     }
 
-    /// A push on `channel` (at `position`) as this connection gets it: raw, or JSON; a JSON
-    /// event stream's event has the position as its id, so that `EventSource` resumes from it.
-    fn encode_push(&self, channel: &str, position: Option<&Position>, content: &[u8]) -> Bytes {
+    /// A push on `channel` (at `position`) as this connection gets it: raw, or JSON, compressed
+    /// when `compress`; a JSON event stream's event has the position as its id, so that
+    /// `EventSource` resumes from it.
+    fn encode_push(&self, channel: &str, position: Option<&Position>, content: &[u8], compress: bool) -> Bytes {
         if !self.json {
-            return self.encode(content);
+            return self.encode_compressed(content, compress);
         }
         let text = format::push(channel, position, content);
         match (self.sse, position) {
             (true, Some(p)) => crate::sse::event_with_id(&text, Some(&format!("{channel}:{}:{}", p.epoch, p.offset))),
-            _ => self.encode(&text),
+            _ => self.encode_compressed(&text, compress),
         }
     }
 
@@ -227,20 +240,24 @@ pub struct Worker {
     broker: Arc<dyn Broker>,
     sub: SubId,
     repairs: mpsc::Sender<Repaired>,
+    /// Pushes of at least this many bytes are compressed for connections that negotiated it
+    /// (`None`: compression is off).
+    compress_from: Option<usize>,
 }
 
 impl Worker {
     /// A worker, and the receiving end of its gap fillings for [`Worker::run`].
     pub(super) fn new(
         id: String,
-        max_frames: usize,
-        max_bytes: usize,
+        (max_frames, max_bytes): (usize, usize),
+        compress_from: Option<usize>,
         broker: Arc<dyn Broker>,
         sub: SubId,
     ) -> (Worker, mpsc::Receiver<Repaired>) {
         let (table, next_conn, epoch) = (Mutex::default(), AtomicU64::new(0), Instant::now());
         let (repairs, done) = mpsc::channel(64);
-        (Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub, repairs }, done)
+        let w = Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub, repairs, compress_from };
+        (w, done)
     }
 
     /// Carry out what the broker sends (and the gap fillings) until the subscription ends. One
@@ -272,7 +289,7 @@ impl Worker {
 
     /// Add a connection who is `who`; once this returns, pushes to its user and topics reach it
     /// (the broker confirmed the subscriptions, or is down and renews them when it is back).
-    pub(super) async fn add(self: &Arc<Self>, wants: Wants, sse: bool) -> (u64, Arc<Conn>) {
+    pub(super) async fn add(self: &Arc<Self>, wants: Wants, sse: bool, deflate: bool) -> (u64, Arc<Conn>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
         let conn = Arc::new(Conn {
             queue: Mutex::default(),
@@ -281,6 +298,7 @@ impl Worker {
             last_seen: AtomicU64::new(self.now()),
             sse,
             json: wants.json,
+            deflate,
         });
         let Wants { who, recover, .. } = wants;
         let channels = broker_channels(who.uid.as_deref(), &who.channels);
@@ -354,7 +372,8 @@ impl Worker {
                         continue;
                     }
                     let p = Position { offset, epoch: epoch.clone() };
-                    out.push(conn.encode_push(channel, Some(&p), &push.content));
+                    let compress = self.compress_from.is_some_and(|m| push.content.len() >= m);
+                    out.push(conn.encode_push(channel, Some(&p), &push.content, compress));
                 }
             }
             None => {
@@ -677,7 +696,8 @@ impl Worker {
             }
         };
         let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
-        let frames = Frames::new(channel, m.position.as_ref(), &push.content);
+        let compress = self.compress_from.is_some_and(|m| push.content.len() >= m);
+        let frames = Frames::new(channel, m.position.as_ref(), &push.content, compress);
         if let Some(to) = target(channel) {
             self.send(&frames, to, &push.exclude_uid);
             return;
@@ -994,8 +1014,8 @@ impl Conn {
 #[doc(hidden)]
 pub fn bench_worker(n: usize, queue: usize) -> (Arc<Worker>, Vec<Arc<Conn>>) {
     let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
-    let w = Arc::new(Worker::new("bench-0".into(), queue, usize::MAX, broker, 0).0);
+    let w = Arc::new(Worker::new("bench-0".into(), (queue, usize::MAX), None, broker, 0).0);
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-    let conns = (0..n).map(|_| rt.block_on(w.add(Wants::default(), false)).1).collect();
+    let conns = (0..n).map(|_| rt.block_on(w.add(Wants::default(), false, false)).1).collect();
     (w, conns)
 }
