@@ -80,6 +80,20 @@ pub struct BenchArgs {
     /// uid mode: the gateways' --token-secret (HS256), to sign each user's token.
     #[arg(long, env = "PUSHWIRE_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
+    /// Offer permessage-deflate and inflate compressed frames (the gateway needs --compression).
+    #[arg(long)]
+    pub compression: bool,
+    /// What pads each push to --size: x (one repeated byte) or json (JSON records, which compress
+    /// like real application data).
+    #[arg(long, value_enum, default_value = "x")]
+    pub payload: Payload,
+}
+
+/// Padding of a push.
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Payload {
+    X,
+    Json,
 }
 
 /// The connection URL path of client `i`: with a token naming its user in uid mode.
@@ -100,6 +114,8 @@ const WINDOW: u64 = 64;
 struct Stats {
     epoch: Instant,
     deliveries: AtomicU64,
+    /// Bytes read from the gateways' sockets after the welcome: what the pushes cost on the wire.
+    wire_bytes: AtomicU64,
     broadcasts_seen: AtomicU64,
     duplicates: AtomicU64,
     misdelivered: AtomicU64,
@@ -136,7 +152,7 @@ struct Conn {
     conn: String,
 }
 
-async fn connect_one(gateway: &str, path: &str, source: u8) -> anyhow::Result<Conn> {
+async fn connect_one(gateway: &str, path: &str, source: u8, compression: bool) -> anyhow::Result<Conn> {
     let addr: SocketAddr = tokio::net::lookup_host(gateway).await?.next().context("gateway address")?;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if addr.ip().is_loopback() && addr.is_ipv4() {
@@ -144,9 +160,10 @@ async fn connect_one(gateway: &str, path: &str, source: u8) -> anyhow::Result<Co
     }
     let mut stream = sock.connect(addr).await?;
     stream.set_nodelay(true)?;
+    let offer = if compression { "Sec-WebSocket-Extensions: permessage-deflate\r\n" } else { "" };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: cHVzaHdpcmUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: cHVzaHdpcmUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     stream.write_all(req.as_bytes()).await?;
     let mut buf = BytesMut::with_capacity(1024);
@@ -176,8 +193,29 @@ async fn connect_one(gateway: &str, path: &str, source: u8) -> anyhow::Result<Co
     }
 }
 
-/// Take one unmasked server frame: (opcode, payload).
+/// Take one unmasked server frame: (opcode, payload), its payload inflated when RSV1 says it is
+/// compressed (permessage-deflate without context takeover: each message on its own).
 fn frame(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, BytesMut)>> {
+    let Some((b0, payload)) = raw_frame(buf)? else { return Ok(None) };
+    if b0 & 0x40 == 0 {
+        return Ok(Some((b0 & 0x0F, payload)));
+    }
+    let mut d = flate2::Decompress::new(false);
+    let input = [&payload[..], &[0, 0, 0xff, 0xff]].concat();
+    let mut out = Vec::with_capacity(payload.len() * 4 + 64);
+    loop {
+        let consumed = d.total_in() as usize;
+        d.decompress_vec(&input[consumed..], &mut out, flate2::FlushDecompress::Sync)?;
+        if d.total_in() as usize == input.len() && out.len() < out.capacity() {
+            break;
+        }
+        out.reserve(out.capacity().max(256));
+    }
+    Ok(Some((b0 & 0x0F, BytesMut::from(&out[..]))))
+}
+
+/// Take one unmasked server frame: (first byte, payload as sent).
+fn raw_frame(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, BytesMut)>> {
     let [b0, b1, ..] = buf[..] else { return Ok(None) };
     let (len, head) = match b1 & 0x7F {
         126 => match buf.get(2..4) {
@@ -194,7 +232,7 @@ fn frame(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, BytesMut)>> {
         return Ok(None);
     }
     buf.advance(head);
-    Ok(Some((b0 & 0x0F, buf.split_to(len))))
+    Ok(Some((b0, buf.split_to(len))))
 }
 
 /// A masked client frame (pong or close).
@@ -264,7 +302,9 @@ async fn receive(mut c: Conn, me: usize, user: Option<String>, stats: Arc<Stats>
         }
         match c.stream.read_buf(&mut c.buf).await {
             Ok(0) | Err(_) => return,
-            Ok(_) => {}
+            Ok(n) => {
+                stats.wire_bytes.fetch_add(n as u64, Relaxed);
+            }
         }
     }
 }
@@ -311,11 +351,37 @@ impl Http {
     }
 }
 
-fn content(seq: u64, sent_us: u64, target: &str, size: usize) -> String {
-    let mut c = format!("{seq}:{sent_us}:{target}:");
-    while c.len() < size {
-        c.push('x');
+/// `s` percent-encoded for a query string (all but unreserved characters).
+fn form(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
     }
+    out
+}
+
+fn content(seq: u64, sent_us: u64, target: &str, size: usize, payload: Payload) -> String {
+    let mut c = format!("{seq}:{sent_us}:{target}:");
+    let prefix = c.len();
+    let mut i = 0u64;
+    while c.len() < size {
+        match payload {
+            Payload::X => c.push('x'),
+            Payload::Json => {
+                i += 1;
+                let n = seq.wrapping_mul(31).wrapping_add(i * 7919);
+                c.push_str(&format!(
+                    "{{\"id\":{n},\"user\":\"user-{}\",\"score\":{},\"ok\":true}},",
+                    n % 9973,
+                    n % 1000
+                ));
+            }
+        }
+    }
+    c.truncate(size.max(prefix));
     c
 }
 
@@ -344,6 +410,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let stats = Arc::new(Stats {
         epoch: Instant::now(),
         deliveries: AtomicU64::new(0),
+        wire_bytes: AtomicU64::new(0),
         broadcasts_seen: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
         misdelivered: AtomicU64::new(0),
@@ -368,7 +435,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.connect_concurrency.max(1) {
         let (next, conns, failures, gateways) = (next.clone(), conns.clone(), failures.clone(), gateways.clone());
         let paths = paths.clone();
-        let (n, ips) = (args.clients, args.source_ips.max(1));
+        let (n, ips, compression) = (args.clients, args.source_ips.max(1), args.compression);
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Relaxed);
@@ -376,7 +443,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     return;
                 }
                 let g = &gateways[i % gateways.len()];
-                match connect_one(g, &paths[i], 1 + (i / gateways.len()) as u8 % ips).await {
+                match connect_one(g, &paths[i], 1 + (i / gateways.len()) as u8 % ips, compression).await {
                     Ok(c) => {
                         if let Ok(mut v) = conns.lock() {
                             v[i] = Some(c);
@@ -472,7 +539,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                             ids.clone(),
                             key.clone(),
                         );
-                        let (mode, size, planned) = (args.mode, args.size, planned as u64);
+                        let (mode, size, payload, planned) = (args.mode, args.size, args.payload, planned as u64);
                         let users = args.clients.div_ceil(args.devices.max(1)) as u64;
                         pubs.push(tokio::spawn(async move {
                             let mut http = Http::open(&host).await?;
@@ -505,7 +572,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         if let Some(t) = stats.sent_at.get(s as usize) {
                                             t.store(now, Relaxed);
                                         }
-                                        format!("content={}", content(s, now, "b", size))
+                                        format!("content={}", form(&content(s, now, "b", size, payload)))
                                     }
                                     Mode::Uid => {
                                         rng ^= rng << 13;
@@ -513,7 +580,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         rng ^= rng << 17;
                                         let u = format!("u{}", rng % users);
                                         let s = seq.fetch_add(1, Relaxed);
-                                        format!("to_uid={u}&content={}", content(s, stats.now_us(), &u, size))
+                                        format!(
+                                            "to_uid={u}&content={}",
+                                            form(&content(s, stats.now_us(), &u, size, payload))
+                                        )
                                     }
                                     _ => {
                                         rng ^= rng << 13;
@@ -522,7 +592,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         let i = (rng % ids.len() as u64) as usize;
                                         let Some((worker, conn)) = &ids[i] else { continue };
                                         let s = seq.fetch_add(1, Relaxed);
-                                        let c = content(s, stats.now_us(), &i.to_string(), size);
+                                        let c = form(&content(s, stats.now_us(), &i.to_string(), size, payload));
                                         format!("to_worker_id={worker}&to_connection_id={conn}&content={c}")
                                     }
                                 };
@@ -631,6 +701,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         publish_per_s: published as f64 / publish_secs,
         deliveries,
         deliveries_per_s: deliveries as f64 / (span_us as f64 / 1e6),
+        wire_bytes_per_delivery: stats.wire_bytes.load(Relaxed) as f64 / deliveries.max(1) as f64,
         missing: expected.saturating_sub(received_ok),
         duplicates: stats.duplicates.load(Relaxed),
         misdelivered: stats.misdelivered.load(Relaxed),
@@ -667,6 +738,8 @@ mod report {
         pub publish_per_s: f64,
         pub deliveries: u64,
         pub deliveries_per_s: f64,
+        /// Bytes read from the gateways per delivery (frames, pings and all).
+        pub wire_bytes_per_delivery: f64,
         pub missing: u64,
         pub duplicates: u64,
         pub misdelivered: u64,
@@ -685,7 +758,7 @@ mod report {
             };
             let mut s = format!(
                 "mode {}: {} clients (connected at {:.0}/s)\n\
-                 published {} ({:.0}/s, {} errors), deliveries {} ({:.0}/s)\n\
+                 published {} ({:.0}/s, {} errors), deliveries {} ({:.0}/s, {:.1} bytes on the wire each)\n\
                  missing {}, duplicates {}, misdelivered {}\n\
                  delivery latency ms: {}\n\
                  publish latency ms:  {}\n\
@@ -698,6 +771,7 @@ mod report {
                 self.publish_errors,
                 self.deliveries,
                 self.deliveries_per_s,
+                self.wire_bytes_per_delivery,
                 self.missing,
                 self.duplicates,
                 self.misdelivered,
@@ -731,7 +805,7 @@ mod report {
                 .collect();
             format!(
                 "{{\"mode\":\"{}\",\"clients\":{},\"connect_per_s\":{:.1},\"published\":{},\"publish_errors\":{},\
-                 \"publish_per_s\":{:.1},\"deliveries\":{},\"deliveries_per_s\":{:.1},\"missing\":{},\"duplicates\":{},\
+                 \"publish_per_s\":{:.1},\"deliveries\":{},\"deliveries_per_s\":{:.1},\"wire_bytes_per_delivery\":{:.1},\"missing\":{},\"duplicates\":{},\
                  \"misdelivered\":{},\"latency_ms\":{},\"publish_latency_ms\":{},\"fanout_ms\":{},\"rss\":[{}]}}\n",
                 self.mode,
                 self.clients,
@@ -741,6 +815,7 @@ mod report {
                 self.publish_per_s,
                 self.deliveries,
                 self.deliveries_per_s,
+                self.wire_bytes_per_delivery,
                 self.missing,
                 self.duplicates,
                 self.misdelivered,
