@@ -20,7 +20,8 @@
 //! Layout: [`worker`] (a shard: connection table with users and topics, fan-out, heartbeat sweep),
 //! [`connection`] (one client's task: its queue, reads, writes, close), [`handshake`] (the
 //! WebSocket upgrade with its token, with and without the HTTP stack), [`presence`] (heartbeats
-//! and answers to publishers' questions), [`routes`] (the page, `/healthz`, `/metrics`).
+//! and answers to publishers' questions), [`routes`] (the page, `/healthz`, `/metrics`),
+//! [`format`] (what `format=json` connections receive).
 
 mod connection;
 mod format;
