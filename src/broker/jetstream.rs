@@ -156,7 +156,7 @@ impl JetStream {
 
     /// Where `subject`'s history stands on the server.
     async fn read_last(&self, subject: &str) -> Result<Last, String> {
-        let stream = self.js.get_stream(&self.name).await.map_err(|e| e.to_string())?;
+        let stream = self.js.get_stream_no_info(&self.name).await.map_err(|e| e.to_string())?;
         match stream.get_last_raw_message_by_subject(subject).await {
             Ok(m) => {
                 let p = position(Some(&m.headers)).ok_or("a stored message without its position")?;
