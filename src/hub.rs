@@ -339,10 +339,10 @@ impl Hub {
         let now = std::time::Instant::now();
         for (i, name) in channels.iter().enumerate() {
             let position = st.history.as_mut().and_then(|h| h.append(name.as_bytes(), data, now));
+            if i == 0 {
+                first.clone_from(&position);
+            }
             let Some(ch) = st.channels.get(name) else {
-                if i == 0 {
-                    first = position;
-                }
                 continue;
             };
             let mut out = Outgoing::new(ServerKind::Event, name, data, position.as_ref());
@@ -357,9 +357,6 @@ impl Hub {
                     }
                     Sent::SlowConsumer => slow.push(*id),
                 }
-            }
-            if i == 0 {
-                first = position;
             }
         }
         self.cut_slow(&mut st, slow);
