@@ -52,7 +52,7 @@ impl HistoryConfig {
 /// Whether `channel` keeps history: `broadcast`, users' and topics' channels. Worker channels
 /// (pushes to one connection, whose id does not outlive it) and internal ones do not.
 pub fn keeps(channel: &[u8]) -> bool {
-    channel == crate::push::BROADCAST.as_bytes() || channel.starts_with(b"user:") || channel.starts_with(b"topic:")
+    std::str::from_utf8(channel).ok().and_then(crate::push::Audience::of).is_some()
 }
 
 /// Most messages one page of history holds.

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use crate::broker::{Broker, BrokerError, Position};
 use crate::cluster::{self, Asker};
 use crate::metrics::GLOBAL;
-use crate::push::{check_name, topic_channel, user_channel, Push, BROADCAST};
+use crate::push::{check_name, topic_channel, user_channel, Audience, Push, BROADCAST};
 
 /// Settings of a publisher node.
 #[derive(Debug, Clone)]
@@ -380,11 +380,11 @@ impl Publisher {
         self.check_key(bearer, f.get("key"))?;
         let bad = |m: String| PublishError::BadRequest(m);
         let channel = f.get("channel").ok_or_else(|| bad("missing parameter \"channel\"".into()))?;
-        let name_ok = match channel.split_once(':') {
-            _ if channel == BROADCAST => true,
-            Some(("user", n)) => check_name("uid", n).is_ok(),
-            Some(("topic", n)) => check_name("channel", n).is_ok(),
-            _ => false,
+        let name_ok = match Audience::of(channel) {
+            Some(Audience::All) => true,
+            Some(Audience::User(n)) => check_name("uid", n).is_ok(),
+            Some(Audience::Topic(n)) => check_name("channel", n).is_ok(),
+            None => false,
         };
         if !name_ok {
             return Err(bad(format!("channel {channel:?} keeps no history: use broadcast, user:UID or topic:NAME")));

@@ -55,6 +55,28 @@ pub fn topic_channel(topic: &str) -> String {
     format!("topic:{topic}")
 }
 
+/// Whom a channel reaches by interest: every connection (`broadcast`), a user's (`user:U`), a
+/// topic's (`topic:T`). These are the channels that keep history; a worker's own channel and
+/// internal ones are none of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience<'a> {
+    All,
+    User(&'a str),
+    Topic(&'a str),
+}
+
+impl<'a> Audience<'a> {
+    /// The audience of broker channel `channel`, if it is one of the three kinds.
+    pub fn of(channel: &'a str) -> Option<Audience<'a>> {
+        match channel.split_once(':') {
+            _ if channel == BROADCAST => Some(Audience::All),
+            Some(("user", u)) => Some(Audience::User(u)),
+            Some(("topic", t)) => Some(Audience::Topic(t)),
+            _ => None,
+        }
+    }
+}
+
 /// One push as a gateway worker sees it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Push {
@@ -142,5 +164,11 @@ mod tests {
         }
         assert_eq!(user_channel("42"), "user:42");
         assert!(!is_worker_id(&user_channel("42")) && !is_worker_id(&topic_channel("t-1")));
+        assert_eq!(Audience::of(&user_channel("a:b")), Some(Audience::User("a:b")));
+        assert_eq!(Audience::of(&topic_channel("t")), Some(Audience::Topic("t")));
+        assert_eq!(Audience::of(BROADCAST), Some(Audience::All));
+        for none in ["3f9a-0", "pushwire:ack:1", "users:x", "broadcasts"] {
+            assert_eq!(Audience::of(none), None, "{none}");
+        }
     }
 }

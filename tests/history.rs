@@ -40,24 +40,28 @@ async fn history_off_changes_nothing_for_clients() {
     assert_eq!(http_get(&publisher, "/history?channel=broadcast").await.0, 404);
 }
 
-#[tokio::test]
-async fn redis_keeps_history() {
-    let Some((_redis, url)) = redis_broker().await else { return };
+/// The recovery check, then the gap check (a one-message subscription buffer), each on a cluster
+/// of its own on a fresh broker from `start` (skipped when the broker is not installed).
+async fn broker_keeps_history<F, Fut>(start: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<(Proc, String)>>,
+{
+    let Some((_broker, url)) = start().await else { return };
     let cluster = Cluster::start_with(Some(url), &["--token-secret", SECRET], &[]).await;
     recovery(&Nodes::of(&cluster)).await;
     drop(cluster);
-    let Some((_redis, url)) = redis_broker().await else { return };
+    let Some((_broker, url)) = start().await else { return };
     let cluster = Cluster::start_with(Some(url), &["--subscription-buffer", "1"], &[]).await;
     gaps_are_filled(&Nodes::of(&cluster)).await;
 }
 
 #[tokio::test]
+async fn redis_keeps_history() {
+    broker_keeps_history(redis_broker).await;
+}
+
+#[tokio::test]
 async fn nats_jetstream_keeps_history() {
-    let Some((_nats, url)) = nats_broker().await else { return };
-    let cluster = Cluster::start_with(Some(url), &["--token-secret", SECRET], &[]).await;
-    recovery(&Nodes::of(&cluster)).await;
-    drop(cluster);
-    let Some((_nats, url)) = nats_broker().await else { return };
-    let cluster = Cluster::start_with(Some(url), &["--subscription-buffer", "1"], &[]).await;
-    gaps_are_filled(&Nodes::of(&cluster)).await;
+    broker_keeps_history(nats_broker).await;
 }

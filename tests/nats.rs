@@ -34,6 +34,28 @@ async fn wait_routes(monitors: &[u16], n: usize) {
     panic!("NATS routes never settled on monitor ports {monitors:?}");
 }
 
+/// Two gateways and two publishers, each given the address of one NATS node only (`on`: the
+/// node indexes of gateway 1, gateway 2, publisher 1, publisher 2 into `ports`), the publishers
+/// with `publisher_args` too; once healthy.
+async fn nodes_on(ports: &[u16], on: [usize; 4], publisher_args: &[&str]) -> Cluster {
+    let mine = [free_port(), free_port(), free_port(), free_port()];
+    let mut procs = Vec::new();
+    for (i, (port, node)) in mine.into_iter().zip(on).enumerate() {
+        let (listen, broker) = (format!("127.0.0.1:{port}"), format!("nats://127.0.0.1:{}", ports[node]));
+        let role = if i < 2 { "gateway" } else { "publisher" };
+        let mut args = vec![role, "--listen", &listen, "--broker", &broker];
+        if role == "publisher" {
+            args.extend_from_slice(publisher_args);
+        }
+        procs.push(Proc::start(&args, &[port]).await);
+    }
+    let [g1, g2, p1, p2] = mine.map(Addr::from);
+    let cluster =
+        Cluster { procs, channel_port: 0, gateways: [g1, g2], publishers: [p1, p2], key_query: String::new() };
+    cluster.wait_healthy().await;
+    cluster
+}
+
 /// How a NATS node leaves.
 #[derive(Clone, Copy, PartialEq)]
 enum Leave {
@@ -61,22 +83,8 @@ async fn node_leaves(how: Leave) {
         nodes.push(Some(nats_server(ports[i], Some((routes[i], &earlier)), Some(monitors[i])).await));
     }
     wait_routes(&monitors, 2).await;
-    let url = |i: usize| format!("nats://127.0.0.1:{}", ports[i]);
-    let (g1, g2, p1, p2) = (free_port(), free_port(), free_port(), free_port());
-    let mut procs = Vec::new();
-    for (port, role, node) in [(g1, "gateway", 0), (g2, "gateway", 1), (p1, "publisher", 0), (p2, "publisher", 0)] {
-        procs.push(
-            Proc::start(&[role, "--listen", &format!("127.0.0.1:{port}"), "--broker", &url(node)], &[port]).await,
-        );
-    }
-    let cluster = Cluster {
-        procs,
-        channel_port: 0,
-        gateways: [g1.into(), g2.into()],
-        publishers: [p1.into(), p2.into()],
-        key_query: String::new(),
-    };
-    cluster.wait_healthy().await;
+    let cluster = nodes_on(&ports, [0, 1, 0, 0], &[]).await;
+    let ([g1, g2], [p1, p2]) = (&cluster.gateways, &cluster.publishers);
     let clients = cluster.clients(60).await;
     wait_interest(&cluster, &clients).await;
     let clients = check_seed_pushes(&cluster, clients, "before").await;
@@ -269,25 +277,8 @@ async fn gateway_node_loss_is_repaired_from_jetstream() {
         nodes.push(Some(Proc::program(&find_program("nats-server"), &args, &[ports[i]]).await));
     }
     wait_routes(&monitors, 2).await;
-    let url = |i: usize| format!("nats://127.0.0.1:{}", ports[i]);
-    let (g1, g2, p1, p2) = (free_port(), free_port(), free_port(), free_port());
-    let mut procs = Vec::new();
-    for (port, role, node) in [(g1, "gateway", 0), (g2, "gateway", 1), (p1, "publisher", 2), (p2, "publisher", 2)] {
-        let (listen, broker) = (format!("127.0.0.1:{port}"), url(node));
-        let mut args = vec![role, "--listen", &listen, "--broker", &broker];
-        if role == "publisher" {
-            args.extend(["--history-replicas", "3"]);
-        }
-        procs.push(Proc::start(&args, &[port]).await);
-    }
-    let cluster = Cluster {
-        procs,
-        channel_port: 0,
-        gateways: [g1.into(), g2.into()],
-        publishers: [p1.into(), p2.into()],
-        key_query: String::new(),
-    };
-    cluster.wait_healthy().await;
+    let cluster = nodes_on(&ports, [0, 1, 2, 2], &["--history-replicas", "3"]).await;
+    let ([g1, _], [p1, p2]) = (&cluster.gateways, &cluster.publishers);
     // The stream is made once the cluster has elected its JetStream leader; from then on each
     // publisher's broadcasts carry offsets.
     for p in [p1, p2] {

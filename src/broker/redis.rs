@@ -249,11 +249,7 @@ pub fn open(
             let event = match messages.recv().await {
                 Ok(m) => {
                     let Some(local) = m.channel.strip_prefix(strip.as_str()) else { continue };
-                    let data = match m.value {
-                        fred::types::Value::Bytes(b) => b,
-                        fred::types::Value::String(s) => s.into_inner(),
-                        _ => continue,
-                    };
+                    let Some(data) = payload(&m.value) else { continue };
                     let (position, data) = split_position(data);
                     Event::Message(Message { channel: Bytes::copy_from_slice(local.as_bytes()), data, position })
                 }
@@ -279,6 +275,15 @@ impl Redis {
     /// The stream and meta keys of channel `name` (as on the server).
     fn history_keys(name: &str) -> Vec<String> {
         vec![format!("{{{name}}}.s"), format!("{{{name}}}.m")]
+    }
+}
+
+/// The bytes of a Redis string reply (shared, not copied).
+fn payload(v: &fred::types::Value) -> Option<Bytes> {
+    match v {
+        fred::types::Value::Bytes(b) => Some(b.clone()),
+        fred::types::Value::String(s) => Some(s.inner().clone()),
+        _ => None,
     }
 }
 
@@ -343,11 +348,7 @@ impl Client for Redis {
                 let Value::Array(entry) = entry else { return Err(bad()) };
                 let [id, Value::Array(fields)] = &entry[..] else { return Err(bad()) };
                 let offset = id.as_str().and_then(|i| i.split('-').next()?.parse().ok()).ok_or_else(bad)?;
-                let data = match fields.get(1) {
-                    Some(Value::Bytes(b)) => b.clone(),
-                    Some(Value::String(s)) => s.inner().clone(),
-                    _ => return Err(bad()),
-                };
+                let data = fields.get(1).and_then(payload).ok_or_else(bad)?;
                 page.items.push((offset, data));
             }
             Ok(Some(page))

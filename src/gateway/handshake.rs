@@ -42,8 +42,7 @@ impl Gateway {
             Err(refusal) => return refusal.answer(),
         };
         let accept = ws::accept_key(key.as_bytes());
-        let offers: Vec<&str> = h.get_all("sec-websocket-extensions").iter().filter_map(|v| v.to_str().ok()).collect();
-        let deflate = self.deflate(&offers.join(","));
+        let deflate = self.deflate(h.get_all("sec-websocket-extensions").iter().filter_map(|v| v.to_str().ok()));
         // Only the upgrade future goes into the connection's task, not the whole request: the
         // task lives as long as the connection.
         let on_upgrade = hyper::upgrade::on(req);
@@ -76,9 +75,10 @@ impl Gateway {
         r
     }
 
-    /// Whether a client offering `extensions` gets permessage-deflate.
-    fn deflate(&self, extensions: &str) -> bool {
-        self.cfg.compression.is_some() && crate::deflate::accepts(extensions)
+    /// Whether a client whose `Sec-WebSocket-Extensions` headers are `headers` gets
+    /// permessage-deflate.
+    fn deflate<'h>(&self, mut headers: impl Iterator<Item = &'h str>) -> bool {
+        self.cfg.compression.is_some() && headers.any(crate::deflate::accepts)
     }
 
     /// Whether a connection (WebSocket or event stream) from `origin` asking with `query` (and,
@@ -165,13 +165,8 @@ impl Gateway {
         // HTTP path.
         let last_event_id = get("last-event-id").filter(|_| sse).and_then(|v| std::str::from_utf8(v).ok());
         let Ok((wants, open)) = self.admit(origin, query, last_event_id) else { return Some(stream) };
-        let offers: Vec<&str> = req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
-            .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .collect();
-        let deflate = !sse && self.deflate(&offers.join(","));
+        let offers = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"));
+        let deflate = !sse && self.deflate(offers.filter_map(|h| std::str::from_utf8(h.value).ok()));
         let response = match key {
             Some(key) if !sse => format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{}\r\n",

@@ -42,7 +42,7 @@ pub use worker::{bench_worker, Conn, Worker};
 
 use crate::broker::{Broker, BrokerError};
 use crate::metrics::GLOBAL;
-use crate::push::BROADCAST;
+use crate::push::{Audience, BROADCAST};
 use crate::token::Identity;
 use crate::ws::close;
 
@@ -290,11 +290,11 @@ impl Wants {
         if epoch.is_empty() || epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(format!("recover item {item:?}: epoch {epoch:?} is not one this server hands out"));
         }
-        let member = match channel.split_once(':') {
-            _ if channel == BROADCAST => true,
-            Some(("user", u)) => self.who.uid.as_deref() == Some(u),
-            Some(("topic", t)) => self.who.channels.iter().any(|c| c == t),
-            _ => false,
+        let member = match Audience::of(channel) {
+            Some(Audience::All) => true,
+            Some(Audience::User(u)) => self.who.uid.as_deref() == Some(u),
+            Some(Audience::Topic(t)) => self.who.channels.iter().any(|c| c == t),
+            None => false,
         };
         if !member {
             return Err(format!(

@@ -19,9 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
-
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::format;
 use super::Wants;
@@ -29,7 +27,7 @@ use crate::broker::{Broker, Message, Position, SubId, Subscription};
 use crate::cluster::{Answer, Change, Envelope, Request, DUMP_PAGE};
 use crate::history::{self, Page};
 use crate::metrics::GLOBAL;
-use crate::push::{topic_channel, user_channel, Push, BROADCAST};
+use crate::push::{topic_channel, user_channel, Audience, Push};
 use crate::ws::{self, close};
 
 /// What a worker and a connection's task share: the connection's outbound queue, and how to wake
@@ -282,6 +280,21 @@ impl Worker {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a push of `content` goes compressed to connections that negotiated compression.
+    fn compresses(&self, content: &[u8]) -> bool {
+        self.compress_from.is_some_and(|m| content.len() >= m)
+    }
+
+    /// Take connection `id`, whose queue is full, out of the table and close it (1008); its task
+    /// forgets who it was as it ends.
+    fn cut_slow(&self, t: &mut Table, id: u64) {
+        if let Some(c) = t.conns.remove(&id) {
+            GLOBAL.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(worker = %self.id, connection = id, "client not reading: closing (slow consumer)");
+            c.close(close::POLICY);
+        }
+    }
+
     /// Milliseconds since the worker started: the clock of `last_seen`.
     pub(super) fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
@@ -354,9 +367,7 @@ impl Worker {
     ) {
         let mut t = self.table();
         let Some(conn) = t.conns.get(&id).cloned() else { return };
-        let Some(r) = t.recovering.get_mut(&id).and_then(|l| l.iter_mut().find(|r| r.channel == channel)) else {
-            return;
-        };
+        let Some(r) = recovery_of(&mut t.recovering, id, channel) else { return };
         let held = std::mem::take(&mut r.frames);
         let mut out = Vec::new();
         let mut last = since;
@@ -372,8 +383,7 @@ impl Worker {
                         continue;
                     }
                     let p = Position { offset, epoch: epoch.clone() };
-                    let compress = self.compress_from.is_some_and(|m| push.content.len() >= m);
-                    out.push(conn.encode_push(channel, Some(&p), &push.content, compress));
+                    out.push(conn.encode_push(channel, Some(&p), &push.content, self.compresses(&push.content)));
                 }
             }
             None => {
@@ -395,23 +405,10 @@ impl Worker {
         }
         match has {
             Some(h) => r.done = Some(h),
-            None => {
-                let list = t.recovering.get_mut(&id).map(|l| {
-                    l.retain(|r| r.channel != channel);
-                    l.is_empty()
-                });
-                if list == Some(true) {
-                    t.recovering.remove(&id);
-                }
-            }
+            None => stop_recovering(&mut t.recovering, id, channel),
         }
-        for f in out {
-            if let Offer::Full = conn.offer(&f, self.max_frames, self.max_bytes) {
-                t.conns.remove(&id);
-                GLOBAL.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
-                conn.close(close::POLICY);
-                return;
-            }
+        if out.iter().any(|f| matches!(conn.offer(f, self.max_frames, self.max_bytes), Offer::Full)) {
+            self.cut_slow(&mut t, id);
         }
     }
 
@@ -543,32 +540,30 @@ impl Worker {
         let mut slow = Vec::new();
         let mut delivered = 0;
         let (max_frames, max_bytes) = (self.max_frames, self.max_bytes);
-        let mut offer = |id: u64, c: &Conn| {
+        let offer = |id: u64, c: &Conn| {
             if skip.as_ref().is_some_and(|s| s.contains(&id)) {
                 return;
             }
             // A connection recovering this channel gets it after its history (none usually).
             if let (false, Some(p)) = (recovering.is_empty(), frames.position) {
-                if let Some(list) = recovering.get_mut(&id) {
-                    if let Some(i) = list.iter().position(|r| r.channel == frames.channel) {
-                        match list[i].done {
-                            None if list[i].frames.len() < max_frames => {
-                                return list[i].frames.push((p.offset, frames.for_conn(c).clone()));
-                            }
-                            None => return slow.push(id),
-                            // Sent with the history already.
-                            Some(last) if p.offset <= last => return,
-                            Some(last) => {
-                                list.swap_remove(i);
-                                if list.is_empty() {
-                                    recovering.remove(&id);
-                                }
-                                // Not expected (the live messages flow before the history is
-                                // read), but never silent.
-                                if p.offset > last + 1 {
-                                    let notice = c.encode(&format::recovered(frames.channel, false));
-                                    let _ = c.offer(&notice, max_frames, max_bytes);
-                                }
+                if let Some(r) = recovery_of(recovering, id, frames.channel) {
+                    match r.done {
+                        None if r.frames.len() < max_frames => {
+                            return r.frames.push((p.offset, frames.for_conn(c).clone()))
+                        }
+                        None => return slow.push(id),
+                        // Sent with the history already.
+                        Some(last) if p.offset <= last => return,
+                        Some(last) => {
+                            stop_recovering(recovering, id, frames.channel);
+                            // Not expected (the live messages flow before the history is read),
+                            // but never silent.
+                            if p.offset > last + 1 {
+                                let _ = c.offer(
+                                    &c.encode(&format::recovered(frames.channel, false)),
+                                    max_frames,
+                                    max_bytes,
+                                );
                             }
                         }
                     }
@@ -579,35 +574,9 @@ impl Worker {
                 Offer::Full => slow.push(id),
             }
         };
-        match to {
-            Target::All => conns.iter().for_each(|(id, c)| offer(*id, c)),
-            Target::Conn(id) => {
-                if let Some(c) = conns.get(&id) {
-                    offer(id, c);
-                }
-            }
-            Target::User(u) => {
-                for id in users.get(u).into_iter().flatten() {
-                    if let Some(c) = conns.get(id) {
-                        offer(*id, c);
-                    }
-                }
-            }
-            Target::Topic(topic) => {
-                for id in topics.get(topic).into_iter().flatten() {
-                    if let Some(c) = conns.get(id) {
-                        offer(*id, c);
-                    }
-                }
-            }
-        }
-        // Out of the table at once; the connection's task forgets who it was as it ends.
+        each_member(conns, users, topics, to, offer);
         for id in slow {
-            if let Some(c) = table.conns.remove(&id) {
-                GLOBAL.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(worker = %self.id, connection = id, "client not reading: closing (slow consumer)");
-                c.close(close::POLICY);
-            }
+            self.cut_slow(&mut table, id);
         }
         GLOBAL.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
@@ -670,15 +639,11 @@ impl Worker {
         let Some(to) = target(channel) else { return };
         let text = format::recovered(channel, ok);
         let t = self.table();
-        let ids: Vec<u64> = match to {
-            Target::All => t.conns.keys().copied().collect(),
-            Target::User(u) => t.users.get(u).into_iter().flatten().copied().collect(),
-            Target::Topic(x) => t.topics.get(x).into_iter().flatten().copied().collect(),
-            Target::Conn(_) => Vec::new(),
-        };
-        for c in ids.iter().filter_map(|id| t.conns.get(id)).filter(|c| c.json) {
-            let _ = c.offer(&c.encode(&text), self.max_frames, self.max_bytes);
-        }
+        each_member(&t.conns, &t.users, &t.topics, to, |_, c| {
+            if c.json {
+                let _ = c.offer(&c.encode(&text), self.max_frames, self.max_bytes);
+            }
+        });
     }
 
     /// Carry out one message from the broker.
@@ -696,8 +661,7 @@ impl Worker {
             }
         };
         let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
-        let compress = self.compress_from.is_some_and(|m| push.content.len() >= m);
-        let frames = Frames::new(channel, m.position.as_ref(), &push.content, compress);
+        let frames = Frames::new(channel, m.position.as_ref(), &push.content, self.compresses(&push.content));
         if let Some(to) = target(channel) {
             self.send(&frames, to, &push.exclude_uid);
             return;
@@ -759,7 +723,7 @@ impl Table {
             Some(Target::Topic(t)) => self.topics.contains_key(t),
             _ => false,
         };
-        if !held_here || !history::keeps(&m.channel) {
+        if !held_here {
             return Check::Deliver;
         }
         let Some(s) = self.seen.get_mut(&m.channel) else {
@@ -901,14 +865,53 @@ fn remove_member(index: &mut HashMap<Arc<str>, HashSet<u64>>, name: &str, id: u6
     index.remove_entry(name).map(|(name, _)| name)
 }
 
+/// Call `f` for each connection `to` names, found through the indexes.
+fn each_member(
+    conns: &HashMap<u64, Arc<Conn>>,
+    users: &HashMap<Arc<str>, HashSet<u64>>,
+    topics: &HashMap<Arc<str>, HashSet<u64>>,
+    to: Target<'_>,
+    mut f: impl FnMut(u64, &Conn),
+) {
+    let ids = match to {
+        Target::All => return conns.iter().for_each(|(id, c)| f(*id, c)),
+        Target::Conn(id) => return conns.get(&id).into_iter().for_each(|c| f(id, c)),
+        Target::User(u) => users.get(u),
+        Target::Topic(t) => topics.get(t),
+    };
+    for id in ids.into_iter().flatten() {
+        if let Some(c) = conns.get(id) {
+            f(*id, c);
+        }
+    }
+}
+
+/// The recovery of `channel` that connection `id` has under way, if any.
+fn recovery_of<'r>(
+    recovering: &'r mut HashMap<u64, Vec<Recovering>>,
+    id: u64,
+    channel: &str,
+) -> Option<&'r mut Recovering> {
+    recovering.get_mut(&id)?.iter_mut().find(|r| r.channel == channel)
+}
+
+/// Connection `id` is done recovering `channel`.
+fn stop_recovering(recovering: &mut HashMap<u64, Vec<Recovering>>, id: u64, channel: &str) {
+    if let Some(list) = recovering.get_mut(&id) {
+        list.retain(|r| r.channel != channel);
+        if list.is_empty() {
+            recovering.remove(&id);
+        }
+    }
+}
+
 /// Whom a push on `channel` is for, unless it is a worker's own channel.
 fn target(channel: &str) -> Option<Target<'_>> {
-    match channel.split_once(':') {
-        _ if channel == BROADCAST => Some(Target::All),
-        Some(("user", u)) => Some(Target::User(u)),
-        Some(("topic", t)) => Some(Target::Topic(t)),
-        _ => None,
-    }
+    Some(match Audience::of(channel)? {
+        Audience::All => Target::All,
+        Audience::User(u) => Target::User(u),
+        Audience::Topic(t) => Target::Topic(t),
+    })
 }
 
 /// Messages of `channel` after `since` in `epoch`, read from the broker's history up to (not
