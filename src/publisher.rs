@@ -291,17 +291,15 @@ impl Publisher {
                     }
                 }
             }
-            (&Method::GET, "/history") => match self.history(req).await {
-                Ok(v) => json_reply(StatusCode::OK, v),
-                Err(e) => {
-                    GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);
-                    json_reply(e.status(), serde_json::json!({"ok": false, "error": e.to_string()}))
-                }
-            },
-            (&Method::POST, "/bind" | "/unbind" | "/join" | "/leave")
+            (&Method::GET, "/history")
+            | (&Method::POST, "/bind" | "/unbind" | "/join" | "/leave")
             | (&Method::GET, "/online" | "/presence" | "/cluster") => {
                 let path = req.uri().path().to_owned();
-                match self.cluster_request(req, &path).await {
+                let answer = match path.as_str() {
+                    "/history" => self.history(req).await,
+                    _ => self.cluster_request(req, &path).await,
+                };
+                match answer {
                     Ok(v) => json_reply(StatusCode::OK, v),
                     Err(e) => {
                         GLOBAL.bad_requests.fetch_add(1, Ordering::Relaxed);

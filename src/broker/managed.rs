@@ -126,6 +126,21 @@ impl<C: Client> Managed<C> {
     }
 }
 
+impl<C: Client> Managed<C> {
+    /// `op` within the publish timeout; a library error is a broker that is unavailable now.
+    async fn within<T>(&self, what: &str, op: ClientFuture<'_, T>) -> Result<T, BrokerError> {
+        let limit = self.cfg.publish_timeout;
+        match tokio::time::timeout(limit, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                tracing::debug!(broker = %self.name, "{what} failed: {e}");
+                Err(BrokerError::Unavailable(self.name.clone()))
+            }
+            Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
+        }
+    }
+}
+
 impl<C: Client> Broker for Managed<C> {
     fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>> {
         let channel = channel.to_owned();
@@ -137,17 +152,13 @@ impl<C: Client> Broker for Managed<C> {
             if let Some(until) = hold {
                 tokio::time::sleep_until(until).await;
             }
-            let limit = self.cfg.publish_timeout;
             let epoch = self.state.epoch.load(Ordering::Acquire);
-            match tokio::time::timeout(limit, self.client.publish(&channel, data)).await {
-                Ok(Ok(p)) if self.state.epoch.load(Ordering::Acquire) == epoch && self.is_connected() => Ok(p),
-                Ok(Ok(_)) => Err(BrokerError::Unavailable(self.name.clone())),
-                Ok(Err(e)) => {
-                    tracing::debug!(broker = %self.name, "publish failed: {e}");
-                    Err(BrokerError::Unavailable(self.name.clone()))
-                }
-                Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
+            let position = self.within("publish", self.client.publish(&channel, data)).await?;
+            // A confirmation that spans a connection change confirms nothing.
+            if self.state.epoch.load(Ordering::Acquire) != epoch || !self.is_connected() {
+                return Err(BrokerError::Unavailable(self.name.clone()));
             }
+            Ok(position)
         })
     }
 
@@ -157,16 +168,8 @@ impl<C: Client> Broker for Managed<C> {
             if !self.is_connected() {
                 return Err(BrokerError::Unavailable(self.name.clone()));
             }
-            let limit_t = self.cfg.publish_timeout;
-            match tokio::time::timeout(limit_t, self.client.history(&channel, since, limit)).await {
-                Ok(Ok(Some(page))) => Ok(page),
-                Ok(Ok(None)) => Err(BrokerError::NoHistory(self.name.clone())),
-                Ok(Err(e)) => {
-                    tracing::debug!(broker = %self.name, "history read failed: {e}");
-                    Err(BrokerError::Unavailable(self.name.clone()))
-                }
-                Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit_t)),
-            }
+            let page = self.within("history read", self.client.history(&channel, since, limit)).await?;
+            page.ok_or_else(|| BrokerError::NoHistory(self.name.clone()))
         })
     }
 
