@@ -197,6 +197,20 @@ impl Asker {
                 a.receive(m);
             }
         });
+        // Learn the live gateways as soon as the broker link is up, not at the first question:
+        // their heartbeats then have all the time they need to arrive (a question asked right
+        // after the start still waits `HELLO_WAIT`).
+        let weak = Arc::downgrade(&asker);
+        tokio::spawn(async move {
+            loop {
+                let Some(a) = weak.upgrade() else { return };
+                if a.broker.is_connected() && a.hello().await {
+                    return;
+                }
+                drop(a);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
         Ok(asker)
     }
 

@@ -39,6 +39,16 @@ async fn presence_on(broker: Option<String>) {
     let _bob = connect_as(g1, "bob", &["room"]).await;
     let _carol = connect_as(g0, "carol", &["room"]).await;
     let mut anon = connect(g0).await;
+    // Counts come from the gateways' heartbeats (every third of the lease): wait until the
+    // publisher has heard both gateways since all six connections opened.
+    for _ in 0..100 {
+        let (_, v) = json(p, "GET", "/cluster", "").await;
+        let gws = v["gateways"].as_array().cloned().unwrap_or_default();
+        if gws.len() == 2 && gws.iter().map(|g| g["connections"].as_u64().unwrap_or(0)).sum::<u64>() == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     assert_eq!(online(p, "alice").await, 3);
     assert_eq!(online(p, "nobody").await, 0);
