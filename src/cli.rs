@@ -192,6 +192,9 @@ pub struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:4236")]
     pub listen: String,
+    /// wss:// and https:// (the page, event streams).
+    #[command(flatten)]
+    pub tls: TlsOpts,
     #[command(flatten)]
     pub broker: BrokerOpts,
     #[command(flatten)]
@@ -263,10 +266,11 @@ fn parse_compression(s: &str) -> Result<Compression, String> {
     }
 }
 
-/// TLS for the publisher's HTTP listener.
+/// TLS for a node's HTTP listeners.
 #[derive(Debug, Args)]
 pub struct TlsOpts {
-    /// PEM certificate chain: serve HTTPS (reloaded on SIGHUP and when the file changes).
+    /// PEM certificate chain: serve HTTPS (the gateway: wss:// and https://), reloaded on SIGHUP
+    /// and when the file changes, without dropping connections.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
     /// PEM private key of --tls-cert.
@@ -349,7 +353,7 @@ pub struct StandaloneArgs {
     pub gateway: GatewayOpts,
     #[command(flatten)]
     pub publisher: PublisherOpts,
-    /// HTTPS for the publisher.
+    /// TLS for the gateway (wss://, https://) and the publisher, one certificate for both.
     #[command(flatten)]
     pub tls: TlsOpts,
     #[command(flatten)]
@@ -604,7 +608,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(a) => {
             let listener = bind_tcp(&a.listen, "gateway").await?;
             // A gateway reads history but stores none: its publishes are answers and heartbeats.
-            let gw = Gateway::start(a.broker.open(HistoryConfig::OFF).await?, a.opts.config()?)?;
+            let cfg = GatewayConfig { tls: a.tls.load()?, ..a.opts.config()? };
+            let gw = Gateway::start(a.broker.open(HistoryConfig::OFF).await?, cfg)?;
             gw.serve(listener, shutdown()).await;
         }
         Command::Publisher(a) => {
@@ -625,8 +630,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let http = bind_tcp(&a.http_listen, "publisher").await?;
             let hub = Arc::new(Hub::new(a.channel.limits(), a.history.config()));
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
-            let gw = Gateway::start(broker.clone(), a.gateway.config()?)?;
-            let cfg = PublisherConfig { tls: a.tls.load()?, ..a.publisher.config() };
+            let tls = a.tls.load()?;
+            let gw = Gateway::start(broker.clone(), GatewayConfig { tls: tls.clone(), ..a.gateway.config()? })?;
+            let cfg = PublisherConfig { tls, ..a.publisher.config() };
             let publisher = Publisher::new(broker, cfg)?;
             // The publisher gets a thread and runtime of its own, so that a publish is never
             // queued behind the thousands of connection tasks a broadcast wakes.

@@ -26,8 +26,23 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for requests in flight.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// The response type of every handler.
+/// The response type of most handlers: a whole body.
 pub type Reply = Response<Full<Bytes>>;
+
+/// A response body streamed from a bounded channel until its sender goes (an event stream).
+pub struct Streamed(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
 
 /// A response with a body and a content type.
 pub fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
@@ -42,6 +57,16 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
+/// What a response body may be: whole ([`Reply`]) or [`Streamed`], or either of them.
+pub trait Body:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+impl<B> Body for B where
+    B: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
 /// The answer to a connection over the cap, written without the HTTP stack.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 26\r\n\
 Retry-After: 5\r\nConnection: close\r\n\r\ntoo many open connections\n";
@@ -49,7 +74,7 @@ Retry-After: 5\r\nConnection: close\r\n\r\ntoo many open connections\n";
 /// Serve `handler` on `listener` (over TLS when `tls` is given: each new connection gets the
 /// current certificate), at most `max_connections` at once, until `shutdown` resolves, then let
 /// connections finish.
-pub async fn serve<H, F>(
+pub async fn serve<H, F, B>(
     what: &'static str,
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
@@ -58,7 +83,8 @@ pub async fn serve<H, F>(
     shutdown: impl Future<Output = ()>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Reply> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body,
 {
     let intercept = |s| std::future::ready(Some(s));
     serve_with(what, listener, tls, max_connections, handler, intercept, shutdown).await
@@ -67,7 +93,7 @@ pub async fn serve<H, F>(
 /// [`serve`], with `intercept` offered each new connection first: it takes the connection
 /// (`None`) or hands it on to HTTP (`Some`). A connection counts towards the cap until it is
 /// intercepted, upgraded or closed.
-pub async fn serve_with<H, F, I, IF>(
+pub async fn serve_with<H, F, B, I, IF>(
     what: &'static str,
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
@@ -77,7 +103,8 @@ pub async fn serve_with<H, F, I, IF>(
     shutdown: impl Future<Output = ()>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Reply> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body,
     I: Fn(TcpStream) -> IF + Clone + Send + Sync + 'static,
     IF: Future<Output = Option<TcpStream>> + Send + 'static,
 {
@@ -126,11 +153,12 @@ pub async fn serve_with<H, F, I, IF>(
 }
 
 /// Serve HTTP/1 requests on one connection until it ends, or `stopped` (then gracefully).
-async fn connection<IO, H, F>(what: &str, io: IO, handler: H, stopped: tokio_util::sync::CancellationToken)
+async fn connection<IO, H, F, B>(what: &str, io: IO, handler: H, stopped: tokio_util::sync::CancellationToken)
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Reply> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body,
 {
     let service = hyper::service::service_fn(move |req| {
         let f = handler(req);

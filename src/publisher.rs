@@ -248,21 +248,14 @@ impl Publisher {
                 true => reply(StatusCode::OK, "ok\n"),
                 false => reply(StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n"),
             },
-            (&Method::GET, "/metrics") => {
-                let expiry = self.cfg.tls.as_ref().map_or(0, |t| t.not_after().max(0) as u64);
-                reply(
-                    StatusCode::OK,
-                    crate::metrics::render(&[
-                        ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
-                        ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
-                        (
-                            "tls_certificate_expiry_seconds",
-                            "notAfter of the TLS certificate (Unix time; 0 without TLS)",
-                            expiry,
-                        ),
-                    ]),
-                )
-            }
+            (&Method::GET, "/metrics") => reply(
+                StatusCode::OK,
+                crate::metrics::render(&[
+                    ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
+                    ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
+                    crate::tls::expiry_metric(self.cfg.tls.as_deref()),
+                ]),
+            ),
             (&Method::GET | &Method::POST, "/") => {
                 let json = wants_json(&req);
                 match self.publish(req).await {

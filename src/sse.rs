@@ -4,8 +4,9 @@
 //! An event is one `data:` line per line of the push, then an empty line, so that `EventSource`
 //! hands the page exactly the text a WebSocket client gets (line breaks `\r\n` and `\r` arrive as
 //! `\n`: the format knows only lines). Like a WebSocket frame, an encoded event is the same bytes
-//! for every client and is shared across a fan-out. The body is the raw stream until the
-//! connection closes (`Connection: close`, no chunking), which every `EventSource` and proxy reads.
+//! for every client and is shared across a fan-out. Written without the HTTP stack, the body is the
+//! raw stream until the connection closes (`Connection: close`, no chunking); served by hyper (over
+//! TLS, or when the request came in pieces) it is chunked. Every `EventSource` and proxy reads both.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -48,16 +49,24 @@ pub fn heartbeat() -> Bytes {
     Bytes::from_static(b":\n\n")
 }
 
-/// The head of the `200` answer; `origin` is echoed for browsers on other origins.
-pub fn response_head(allow_origin: Option<&str>) -> Vec<u8> {
-    let mut head = String::from(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-         X-Accel-Buffering: no\r\nConnection: close\r\n",
-    );
+/// The headers of the `200` answer besides its framing; `allow_origin` is echoed for browsers
+/// on other origins.
+pub fn headers(allow_origin: Option<&str>) -> Vec<(&'static str, &str)> {
+    let mut h = vec![("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")];
     if let Some(o) = allow_origin {
-        head.push_str(&format!("Access-Control-Allow-Origin: {o}\r\nVary: Origin\r\n"));
+        h.extend([("Access-Control-Allow-Origin", o), ("Vary", "Origin")]);
     }
-    head.push_str("\r\n");
+    h
+}
+
+/// The head of the `200` answer written without the HTTP stack: the body is the raw stream until
+/// the connection closes.
+pub fn response_head(allow_origin: Option<&str>) -> Vec<u8> {
+    let mut head = String::from("HTTP/1.1 200 OK\r\n");
+    for (k, v) in headers(allow_origin) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
     head.into_bytes()
 }
 
@@ -73,7 +82,10 @@ mod tests {
         assert_eq!(&event(b"a connected\n")[..], b"data: a connected\ndata: \n\n");
         assert_eq!(&event(b"a\r\nb\rc\nd")[..], b"data: a\ndata: b\ndata: c\ndata: d\n\n");
         assert_eq!(&event(b"\xff")[..], "data: \u{fffd}\n\n".as_bytes());
-        assert!(response_head(Some("https://a.example")).ends_with(b"Vary: Origin\r\n\r\n"));
+        let head = String::from_utf8(response_head(Some("https://a.example"))).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"), "{head}");
+        assert!(head
+            .ends_with("Access-Control-Allow-Origin: https://a.example\r\nVary: Origin\r\nConnection: close\r\n\r\n"));
         assert_eq!(&event_with_id(b"x", Some("topic:a:ab12:7"))[..], b"id: topic:a:ab12:7\ndata: x\n\n");
     }
 }

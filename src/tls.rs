@@ -93,6 +93,12 @@ impl Tls {
     }
 }
 
+/// The `/metrics` line of a listener's certificate expiry (0 without TLS).
+pub fn expiry_metric(tls: Option<&Tls>) -> (&'static str, &'static str, u64) {
+    let expiry = tls.map_or(0, |t| t.not_after().max(0) as u64);
+    ("tls_certificate_expiry_seconds", "notAfter of the TLS certificate (Unix time; 0 without TLS)", expiry)
+}
+
 /// The later modification time of the two files.
 fn stamp(files: &TlsFiles) -> Option<SystemTime> {
     let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();

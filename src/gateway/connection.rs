@@ -3,14 +3,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
-
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
+
+use super::wire::{Wire, LINGER};
 use super::{format, Conn, GatewayConfig, Wants, Worker};
 use crate::metrics::GLOBAL;
 use crate::ws::{self, close, ClientFrame};
@@ -21,7 +18,7 @@ use crate::ws::{self, close, ClientFrame};
 /// future lives as long as the connection, and every byte of it counts with a hundred thousand
 /// idle clients.
 pub(super) async fn serve(
-    mut stream: TcpStream,
+    mut wire: Wire,
     mut buf: BytesMut,
     worker: &Arc<Worker>,
     cfg: &GatewayConfig,
@@ -33,7 +30,7 @@ pub(super) async fn serve(
     let mut out = VecDeque::from([welcome]);
     let mut reader = ws::Reader::new(deflate);
     let closing: Option<(u16, &str)> = 'conn: loop {
-        if !out.is_empty() && !flush(&stream, &mut out, cfg.write_timeout).await {
+        if !out.is_empty() && !wire.flush(&mut out, cfg.write_timeout).await {
             break None;
         }
         loop {
@@ -61,24 +58,19 @@ pub(super) async fn serve(
                 close::GOING_AWAY => break Some((close::GOING_AWAY, "going away")),
                 code => break Some((code, "")),
             },
-            r = stream.readable() => {
-                if r.is_err() {
-                    break None;
-                }
-                match stream.try_read_buf(&mut buf) {
-                    Ok(0) => break None,
-                    Ok(_) => conn.last_seen.store(worker.now(), Ordering::Relaxed),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break None,
-                }
-            }
+            r = wire.read(&mut buf) => match r {
+                Ok(0) => break None,
+                Ok(_) => conn.last_seen.store(worker.now(), Ordering::Relaxed),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break None,
+            },
         }
     };
     Box::pin(worker.remove(id)).await;
     if let Some((code, reason)) = closing {
         let mut last = VecDeque::from([ws::close_frame(code, reason)]);
-        if flush(&stream, &mut last, CLOSE_LINGER).await {
-            linger(&mut stream).await;
+        if wire.flush(&mut last, LINGER).await {
+            wire.linger().await;
         }
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
@@ -87,17 +79,12 @@ pub(super) async fn serve(
 /// Serve one Server-Sent Events stream (its response head already written) until the client goes
 /// or the stream is closed: the welcome line as the first event, then what the worker queues.
 /// Whatever the client sends is read and ignored.
-pub(super) async fn serve_sse(
-    mut stream: TcpStream,
-    worker: &Arc<Worker>,
-    cfg: &GatewayConfig,
-    wants: Option<Box<Wants>>,
-) {
+pub(super) async fn serve_sse(mut wire: Wire, worker: &Arc<Worker>, cfg: &GatewayConfig, wants: Option<Box<Wants>>) {
     let (id, conn, welcome) = Box::pin(open(worker, wants, true, false)).await;
     tracing::debug!(worker = %worker.id, connection = id, "event stream opened");
-    let mut out = VecDeque::from([welcome]);
+    let (mut out, mut ignored) = (VecDeque::from([welcome]), BytesMut::new());
     loop {
-        if !out.is_empty() && !flush(&stream, &mut out, cfg.write_timeout).await {
+        if !out.is_empty() && !wire.flush(&mut out, cfg.write_timeout).await {
             break;
         }
         tokio::select! {
@@ -105,22 +92,16 @@ pub(super) async fn serve_sse(
                 0 => conn.take(&mut out),
                 _ => break,
             },
-            r = stream.readable() => {
-                if r.is_err() {
-                    break;
-                }
-                let mut scratch = [0u8; 512];
-                match stream.try_read(&mut scratch) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break,
-                }
-            }
+            r = wire.read(&mut ignored) => match r {
+                Ok(0) => break,
+                Ok(_) => ignored.clear(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            },
         }
     }
     Box::pin(worker.remove(id)).await;
-    let _ = stream.shutdown().await;
+    wire.shutdown().await;
     tracing::debug!(worker = %worker.id, connection = id, "event stream closed");
 }
 
@@ -136,50 +117,4 @@ async fn open(worker: &Arc<Worker>, wants: Option<Box<Wants>>, sse: bool, deflat
     };
     let welcome = conn.encode(&text);
     (id, conn, welcome)
-}
-
-/// How long a closing connection waits for its close frame to go out and for the client to close.
-const CLOSE_LINGER: Duration = Duration::from_secs(1);
-/// Most bytes read and thrown away from a client while waiting for it to close.
-const LINGER_BYTES: usize = 64 * 1024;
-
-/// After the close frame: send FIN, then read (and discard) until the client closes too, for at
-/// most [`CLOSE_LINGER`]. Dropping a socket with unread input makes the kernel send a reset, which
-/// can destroy the close frame before the client reads it.
-async fn linger(stream: &mut TcpStream) {
-    if stream.shutdown().await.is_err() {
-        return;
-    }
-    let drain = async {
-        let mut seen = 0;
-        let mut scratch = [0u8; 512];
-        while seen < LINGER_BYTES {
-            match stream.read(&mut scratch).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen += n,
-            }
-        }
-    };
-    let _ = Box::pin(tokio::time::timeout(CLOSE_LINGER, drain)).await;
-}
-
-/// Write every queued frame, several per system call, waiting (up to `limit` each time) while the
-/// socket's buffer is full. Returns false when the socket failed or stayed full.
-///
-/// The system call is made synchronously (`try_write_vectored`) so that the slice array lives on
-/// the thread's stack, never in the connection's future: an idle connection stays small.
-async fn flush(stream: &TcpStream, out: &mut VecDeque<Bytes>, limit: Duration) -> bool {
-    while !out.is_empty() {
-        match crate::io::try_write_frames(stream, out) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Boxed: the timer exists only while a socket is full, not in every idle connection.
-                if !matches!(Box::pin(tokio::time::timeout(limit, stream.writable())).await, Ok(Ok(()))) {
-                    return false;
-                }
-            }
-            Err(_) => return false,
-        }
-    }
-    true
 }

@@ -16,7 +16,9 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
+use super::wire::Wire;
 use super::{Gateway, OpenGuard, Wants};
 use crate::http::reply as text;
 use crate::metrics::GLOBAL;
@@ -51,15 +53,16 @@ impl Gateway {
                 Ok(u) => u,
                 Err(e) => return tracing::debug!("websocket upgrade failed: {e}"),
             };
-            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-                return tracing::error!("websocket upgrade gave an unexpected stream type");
-            };
             // Copy what hyper read past the handshake and let its read buffer go: `read_buf` is a
             // view into hyper's whole buffer, which would otherwise live as long as the connection.
-            let hyper::upgrade::Parts { io, read_buf, .. } = parts;
-            let leftover = BytesMut::from(&read_buf[..]);
-            drop(read_buf);
-            open.run(io.into_inner(), leftover, wants, deflate).await;
+            let (wire, leftover) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(p) => (Wire::Tcp(p.io.into_inner()), BytesMut::from(&p.read_buf[..])),
+                Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                    Ok(p) => (Wire::Tls(Box::new(p.io.into_inner())), BytesMut::from(&p.read_buf[..])),
+                    Err(_) => return tracing::error!("websocket upgrade gave an unexpected stream type"),
+                },
+            };
+            open.run(wire, leftover, wants, deflate).await;
         });
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -108,6 +111,13 @@ impl Gateway {
         Ok((wants != Wants::default()).then(|| Box::new(wants)))
     }
 
+    /// What an event stream's `Access-Control-Allow-Origin` says to a browser from `origin`
+    /// (already allowed): any origin when all are allowed, else its own.
+    pub(super) fn allow_origin(&self, origin: Option<&[u8]>) -> Option<String> {
+        let origin = std::str::from_utf8(origin?).ok()?;
+        Some(if self.cfg.allowed_origins.is_empty() { "*" } else { origin }.to_owned())
+    }
+
     pub(super) fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
         let origin = origin.unwrap_or_default();
         self.cfg.allowed_origins.is_empty() || self.cfg.allowed_origins.iter().any(|a| a.as_bytes() == origin)
@@ -128,21 +138,10 @@ impl Gateway {
     /// answers errors and unusual requests properly.
     pub(super) async fn fast_upgrade(self: Arc<Self>, mut stream: TcpStream) -> Option<TcpStream> {
         let mut head = vec![0u8; 2048];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        let mut n = match tokio::time::timeout_at(deadline, stream.peek(&mut head)).await {
+        let n = match tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut head)).await {
             Ok(Ok(n)) => n,
             _ => return Some(stream),
         };
-        // An event stream has no other way in: a request for one that arrives in pieces is
-        // waited for (a WebSocket upgrade in pieces goes to hyper, which upgrades it too).
-        let sse_request = format!("GET {}", crate::sse::PATH);
-        while head[..n].starts_with(sse_request.as_bytes()) && !head[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            if n == head.len() || tokio::time::Instant::now() >= deadline {
-                return Some(stream);
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            n = stream.peek(&mut head).await.unwrap_or(0);
-        }
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         let Ok(httparse::Status::Complete(len)) = req.parse(&head[..n]) else { return Some(stream) };
@@ -174,10 +173,7 @@ impl Gateway {
                 if deflate { format!("Sec-WebSocket-Extensions: {}\r\n", crate::deflate::RESPONSE) } else { String::new() }
             )
             .into_bytes(),
-            _ => {
-                let allow = origin.and_then(|o| std::str::from_utf8(o).ok());
-                crate::sse::response_head(allow.map(|o| if self.cfg.allowed_origins.is_empty() { "*" } else { o }))
-            }
+            _ => crate::sse::response_head(self.allow_origin(origin).as_deref()),
         };
         let mut consumed = vec![0u8; len];
         let answer = async {
@@ -187,8 +183,8 @@ impl Gateway {
         if tokio::time::timeout(crate::http::HEADER_TIMEOUT, answer).await.is_ok_and(|r| r.is_ok()) {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
             match sse {
-                true => tokio::spawn(open.run_sse(stream, wants)),
-                false => tokio::spawn(open.run(stream, BytesMut::new(), wants, deflate)),
+                true => tokio::spawn(open.run_sse(Wire::Tcp(stream), wants)),
+                false => tokio::spawn(open.run(Wire::Tcp(stream), BytesMut::new(), wants, deflate)),
             };
         }
         None

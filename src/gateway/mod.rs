@@ -28,6 +28,7 @@ mod format;
 mod handshake;
 mod presence;
 mod routes;
+mod wire;
 mod worker;
 
 use std::future::Future;
@@ -36,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 pub use worker::{bench_worker, Conn, Worker};
 
@@ -82,6 +83,9 @@ pub struct GatewayConfig {
     /// permessage-deflate for clients that offer it: `None` off, `Some(n)` for pushes of at least
     /// `n` bytes (smaller ones go uncompressed).
     pub compression: Option<usize>,
+    /// TLS for every connection (`wss://`, `https://`): requests then go through the HTTP stack,
+    /// WebSocket upgrades and event streams included.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Default for GatewayConfig {
@@ -101,6 +105,7 @@ impl Default for GatewayConfig {
             lease: Duration::from_secs(15),
             subscription_buffer: crate::broker::SUBSCRIPTION_CAPACITY,
             compression: None,
+            tls: None,
         }
     }
 }
@@ -191,9 +196,19 @@ impl Gateway {
             let gw = gw.clone();
             async move { gw.route(req) }
         };
-        let gw = self.clone();
-        let intercept = move |stream| gw.clone().fast_upgrade(stream);
-        crate::http::serve_with("gateway", listener, None, self.cfg.max_handshakes, handler, intercept, shutdown).await;
+        // The fast handshake reads the request from the socket, which TLS leaves to rustls.
+        let (gw, tls) = (self.clone(), self.cfg.tls.clone());
+        let fast = tls.is_none();
+        let intercept = move |stream| {
+            let gw = gw.clone();
+            async move {
+                match fast {
+                    true => gw.fast_upgrade(stream).await,
+                    false => Some(stream),
+                }
+            }
+        };
+        crate::http::serve_with("gateway", listener, tls, self.cfg.max_handshakes, handler, intercept, shutdown).await;
         for w in &self.workers {
             w.close_all(close::GOING_AWAY);
         }
@@ -318,15 +333,15 @@ impl Drop for OpenGuard {
 impl OpenGuard {
     /// Serve an upgraded connection that `wants` something (`None`: a seed client) on the next
     /// worker, round-robin.
-    async fn run(self, stream: TcpStream, leftover: BytesMut, wants: Option<Box<Wants>>, deflate: bool) {
+    async fn run(self, wire: wire::Wire, leftover: BytesMut, wants: Option<Box<Wants>>, deflate: bool) {
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve(stream, leftover, &self.next_worker(), &self.0.cfg, wants, deflate).await;
+        connection::serve(wire, leftover, &self.next_worker(), &self.0.cfg, wants, deflate).await;
     }
 
-    /// Serve an event stream (its response head already sent) on the next worker.
-    async fn run_sse(self, stream: TcpStream, wants: Option<Box<Wants>>) {
+    /// Serve an event stream (its response head sent, or on its way) on the next worker.
+    async fn run_sse(self, wire: wire::Wire, wants: Option<Box<Wants>>) {
         GLOBAL.sse_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve_sse(stream, &self.next_worker(), &self.0.cfg, wants).await;
+        connection::serve_sse(wire, &self.next_worker(), &self.0.cfg, wants).await;
     }
 
     /// The worker the next connection goes to, round-robin.

@@ -1,37 +1,47 @@
-//! The gateway's HTTP routes besides the upgrade: the demo page, `/healthz` and `/metrics`.
+//! The gateway's HTTP routes: the demo page, `/healthz`, `/metrics`, the WebSocket upgrade and
+//! event streams that did not take the fast path (any request over TLS, or one that arrived in
+//! pieces).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
+use super::wire::Wire;
 use super::Gateway;
-use crate::http::reply as text;
-use crate::metrics::GLOBAL;
-use std::sync::atomic::Ordering;
+use crate::http::{reply as text, Streamed};
+
+/// Chunks of an event stream served by hyper that wait for it to write them (the connection's
+/// own queue, bounded by `--outbound-queue`, holds the rest).
+const STREAM_CHUNKS: usize = 16;
+
+/// A gateway response: whole, or an event stream.
+pub(super) type Answer = Response<Either<Full<Bytes>, Streamed>>;
 
 impl Gateway {
-    pub(super) fn route(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let mut r = self.answer(req);
+    pub(super) fn route(self: &Arc<Self>, req: Request<Incoming>) -> Answer {
+        let upgrade =
+            req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let mut r = match (req.method(), req.uri().path(), upgrade) {
+            (&Method::GET, crate::sse::PATH, false) => self.events(&req),
+            _ => self.answer(req, upgrade).map(Either::Left),
+        };
         // No keep-alive here: a browser would send its next request, an EventSource's say, on
         // the pooled connection, where only this HTTP stack listens; a fresh connection reaches
-        // the handshake that serves event streams and WebSockets without it.
+        // the handshake that serves event streams and WebSockets with the least memory.
         if r.status() != StatusCode::SWITCHING_PROTOCOLS {
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         r
     }
 
-    fn answer(self: &Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let upgrade =
-            req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    fn answer(self: &Arc<Self>, req: Request<Incoming>, upgrade: bool) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path(), upgrade) {
             (&Method::GET, _, true) => self.upgrade(req),
             (&Method::GET, "/", false) => text(StatusCode::OK, "text/html; charset=utf-8", crate::page::INDEX),
-            (&Method::GET, crate::sse::PATH, false) => self.events_refused(&req),
             (&Method::GET, "/healthz", _) => self.health(),
             (&Method::GET, "/metrics", _) => {
                 let workers: u64 = self.workers.iter().map(|w| w.connections() as u64).sum();
@@ -40,6 +50,7 @@ impl Gateway {
                     ("ws_registered", "connections in worker tables", workers),
                     ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
                     ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
+                    crate::tls::expiry_metric(self.cfg.tls.as_deref()),
                 ]);
                 text(StatusCode::OK, "text/plain; version=0.0.4", body)
             }
@@ -52,15 +63,24 @@ impl Gateway {
         }
     }
 
-    /// An event stream request the fast path did not take: say why.
-    fn events_refused(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        match self.admit(req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query(), None) {
-            Err(refusal) => refusal.answer(),
-            Ok(_) => {
-                GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
-                text(StatusCode::BAD_REQUEST, "text/plain", "the request head did not arrive whole within 1 s\n")
+    /// An event stream through this HTTP stack: its connection is served like any other, its
+    /// events written to the response body.
+    fn events(self: &Arc<Self>, req: &Request<Incoming>) -> Answer {
+        let origin = req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes);
+        let last_event_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok());
+        let (wants, open) = match self.admit(origin, req.uri().query(), last_event_id) {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refusal.answer().map(Either::Left),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+        tokio::spawn(open.run_sse(Wire::Body(tx), wants));
+        let mut r = Response::new(Either::Right(Streamed(rx)));
+        for (k, v) in crate::sse::headers(self.allow_origin(origin).as_deref()) {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                r.headers_mut().insert(k, v);
             }
         }
+        r
     }
 
     fn health(&self) -> Response<Full<Bytes>> {
