@@ -4,67 +4,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use common::pki::Pki;
 use common::*;
-
-/// A CA and a server certificate for 127.0.0.1, in a directory removed on drop.
-struct Certs(PathBuf);
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Certs {
-    fn make() -> Certs {
-        let dir = std::env::temp_dir().join(format!("pushwire-tls-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext file");
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        let steps: [&[&str]; 3] = [
-            &[
-                &["req", "-x509"],
-                &ec[..],
-                &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=pushwire test CA"],
-            ]
-            .concat(),
-            &[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat(),
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "ext",
-            ],
-        ];
-        for args in steps {
-            let out = std::process::Command::new(find_program("openssl"))
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("openssl runs (./scripts/test installs it)");
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Certs(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
 
 /// A gateway and a publisher on `broker` (with `extra` flags): a push must go through.
 async fn push_through(broker: &str, extra: &[&str]) {
@@ -97,10 +40,11 @@ async fn rediss_with_a_private_ca() {
     if !have(&["openssl", "redis-server"], false) {
         return;
     }
-    let certs = Certs::make();
+    let certs = Pki::new();
+    certs.leaf("server", 2);
     let port = free_port();
     let (p, cert, key, ca) =
-        (port.to_string(), certs.path("server.crt"), certs.path("server.key"), certs.path("ca.crt"));
+        (port.to_string(), certs.path("server.pem"), certs.path("server.key"), certs.path("ca.pem"));
     let args = [
         "--port",
         "0",
@@ -132,10 +76,11 @@ async fn nats_tls_with_a_private_ca() {
     if !have(&["openssl", "nats-server"], false) {
         return;
     }
-    let certs = Certs::make();
+    let certs = Pki::new();
+    certs.leaf("server", 2);
     let port = free_port();
     let (p, cert, key, ca) =
-        (port.to_string(), certs.path("server.crt"), certs.path("server.key"), certs.path("ca.crt"));
+        (port.to_string(), certs.path("server.pem"), certs.path("server.key"), certs.path("ca.pem"));
     let args = ["-a", "127.0.0.1", "-p", &p, "--tls", "--tlscert", &cert, "--tlskey", &key];
     let _nats = Proc::program(&find_program("nats-server"), &args, &[port]).await;
     let url = format!("tls://127.0.0.1:{port}");

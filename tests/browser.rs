@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::pki::{https_get, Pki};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -97,12 +98,40 @@ impl Page {
     }
 }
 
+/// Headless Chromium with `extra` flags, driven on a DevTools port: the process, the port and
+/// its profile directory (to remove at the end).
+async fn chromium(extra: &[&str]) -> (Proc, u16, std::path::PathBuf) {
+    let d = free_port();
+    let profile = std::env::temp_dir().join(format!("pushwire-chromium-{}-{d}", std::process::id()));
+    let (profile_flag, port_flag) =
+        (format!("--user-data-dir={}", profile.display()), format!("--remote-debugging-port={d}"));
+    let mut args = vec![
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-renderer-backgrounding",
+        "--disable-background-timer-throttling",
+        "--disable-backgrounding-occluded-windows",
+        "--window-size=1000,800",
+        &profile_flag,
+        &port_flag,
+    ];
+    args.extend_from_slice(extra);
+    args.push("about:blank");
+    (Proc::program(&find_program("chromium"), &args, &[d]).await, d, profile)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_console_snippet_and_page_in_chromium() {
     if !have(&["chromium"], false) {
         return;
     }
-    let (c, w, h, d) = (free_port(), free_port(), free_port(), free_port());
+    let (c, w, h) = (free_port(), free_port(), free_port());
     let args = |c: u16, w: u16, h: u16| {
         vec![
             "standalone".to_string(),
@@ -123,29 +152,7 @@ async fn seed_console_snippet_and_page_in_chromium() {
     let argv = args(c, w, h);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut server = Proc::start(&argv, &[c, w, h]).await;
-    let profile = std::env::temp_dir().join(format!("pushwire-chromium-{}", std::process::id()));
-    let _chromium = Proc::program(
-        &find_program("chromium"),
-        &[
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-renderer-backgrounding",
-            "--disable-background-timer-throttling",
-            "--disable-backgrounding-occluded-windows",
-            "--window-size=1000,800",
-            &format!("--user-data-dir={}", profile.display()),
-            &format!("--remote-debugging-port={d}"),
-            "about:blank",
-        ],
-        &[d],
-    )
-    .await;
+    let (_chromium, d, profile) = chromium(&[]).await;
 
     // Page A: the gateway's page.
     let mut a = Page::open(d).await;
@@ -275,5 +282,55 @@ async fn seed_console_snippet_and_page_in_chromium() {
     pd.wait_for("got.filter((m) => m.startsWith('workerID:')).length >= 2").await;
     assert_eq!(http_get(h, "/?content=after-restart&key=page-key").await.0, 200);
     pd.wait_for("got.includes('after-restart')").await;
+    let _ = std::fs::remove_dir_all(profile);
+}
+
+/// The page over `https://`, its WebSocket over `wss://` (compressed) and an `EventSource` over
+/// https, with a certificate the test makes (Chromium trusts its keys by their hashes, and
+/// nothing else: without them the page does not connect); the certificate is replaced while the
+/// page stays connected, and a page loaded afterwards connects too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_page_wss_and_event_source_in_chromium() {
+    if !have(&["chromium", "openssl"], false) {
+        return;
+    }
+    let pki = Pki::new();
+    pki.leaf("first", 1);
+    pki.leaf("second", 1);
+    pki.install("first");
+    let (cert, key) = (pki.path("live.pem"), pki.path("live.key"));
+    let (_server, _c, w, h) = standalone(&["--tls-cert", &cert, "--tls-key", &key, "--compression", "on"]).await;
+    let trust = format!("--ignore-certificate-errors-spki-list={},{}", pki.spki("first"), pki.spki("second"));
+    let (_chromium, d, profile) = chromium(&[&trust]).await;
+
+    let mut page = Page::open(d).await;
+    page.call("Page.navigate", json!({"url": format!("https://127.0.0.1:{w}/")})).await;
+    page.wait_for("document.getElementById('status').textContent === 'connected' && document.getElementById('conn').textContent !== '?'").await;
+    assert_eq!(page.eval("ws.url").await, json!(format!("wss://127.0.0.1:{w}/?format=json")));
+    let ext = page.eval("ws.extensions").await;
+    assert_eq!(ext, json!("permessage-deflate; server_no_context_takeover; client_no_context_takeover"));
+    page.eval("window.got = []; window.es = new EventSource('/events'); es.onmessage = (e) => got.push(e.data); 1")
+        .await;
+    page.wait_for("got.length >= 1 && got[0].startsWith('workerID:')").await;
+
+    let (mut publisher, _) = pki.connect(h).await;
+    assert_eq!(https_get(&mut publisher, "/?content=over-tls-1").await.0, 200);
+    page.wait_for("document.getElementById('log').textContent.includes('over-tls-1') && got.includes('over-tls-1')")
+        .await;
+
+    pki.install("second");
+    pki.wait_for_cert(w, "second").await;
+    assert_eq!(https_get(&mut publisher, "/?content=over-tls-2").await.0, 200);
+    page.wait_for("document.getElementById('log').textContent.includes('over-tls-2') && got.includes('over-tls-2')")
+        .await;
+    assert_eq!(
+        page.eval("got.filter((m) => m.startsWith('workerID:')).length").await,
+        json!(1),
+        "the stream stayed up"
+    );
+
+    let mut fresh = Page::open(d).await;
+    fresh.call("Page.navigate", json!({"url": format!("https://127.0.0.1:{w}/")})).await;
+    fresh.wait_for("document.getElementById('status').textContent === 'connected'").await;
     let _ = std::fs::remove_dir_all(profile);
 }

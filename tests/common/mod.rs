@@ -2,6 +2,7 @@
 //! talk to them with real clients: WebSocket, HTTP over TCP, raw Channel frames.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod recovery;
 
 use std::net::TcpListener as StdListener;
