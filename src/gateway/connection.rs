@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::wire::{Wire, LINGER};
+use super::wire::Wire;
 use super::{format, Conn, GatewayConfig, Wants, Worker};
 use crate::metrics::GLOBAL;
 use crate::ws::{self, close, ClientFrame};
@@ -68,10 +68,8 @@ pub(super) async fn serve(
     };
     Box::pin(worker.remove(id)).await;
     if let Some((code, reason)) = closing {
-        let mut last = VecDeque::from([ws::close_frame(code, reason)]);
-        if wire.flush(&mut last, LINGER).await {
-            wire.linger().await;
-        }
+        // Boxed: a future awaited once, at the end, need not take room in every idle connection.
+        Box::pin(wire.close(ws::close_frame(code, reason))).await;
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
 }

@@ -28,9 +28,11 @@ impl Wire {
                 s.readable().await?;
                 s.try_read_buf(buf)
             }
-            Wire::Tls(s) => s.read_buf(buf).await,
+            // Boxed, like every future below that only TLS and event bodies need: an idle plain
+            // connection's task holds the largest future it may await.
+            Wire::Tls(s) => Box::pin(s.read_buf(buf)).await,
             Wire::Body(tx) => {
-                tx.closed().await;
+                Box::pin(tx.closed()).await;
                 Ok(0)
             }
         }
@@ -65,11 +67,11 @@ impl Wire {
         }
     }
 
-    /// After a close frame: send FIN, then read (and discard) until the client closes too, for at
-    /// most [`LINGER`]. Dropping a socket with unread input makes the kernel send a reset, which
-    /// can destroy the close frame before the client reads it.
-    pub(super) async fn linger(&mut self) {
-        if !self.shutdown().await {
+    /// Send `frame` (a WebSocket close), then FIN, then read (and discard) until the client
+    /// closes too, for at most [`LINGER`] each. Dropping a socket with unread input makes the
+    /// kernel send a reset, which can destroy the close frame before the client reads it.
+    pub(super) async fn close(&mut self, frame: Bytes) {
+        if !self.flush(&mut VecDeque::from([frame]), LINGER).await || !self.shutdown().await {
             return;
         }
         let drain = async {
@@ -85,12 +87,12 @@ impl Wire {
                 }
             }
         };
-        let _ = Box::pin(tokio::time::timeout(LINGER, drain)).await;
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 }
 
 /// How long a closing connection waits for its close frame to go out and for the client to close.
-pub(super) const LINGER: Duration = Duration::from_secs(1);
+const LINGER: Duration = Duration::from_secs(1);
 /// Most bytes read and thrown away from a client while waiting for it to close.
 const LINGER_BYTES: usize = 64 * 1024;
 

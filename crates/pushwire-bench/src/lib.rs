@@ -13,15 +13,18 @@
 //! histograms. Each push carries `SEQ:SENT_US:TARGET` padded to `--size` bytes.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -87,6 +90,72 @@ pub struct BenchArgs {
     /// like real application data).
     #[arg(long, value_enum, default_value = "x")]
     pub payload: Payload,
+    /// PEM file of the certificate authority to trust for wss:// gateways and https:// publishers.
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// A client socket: plain, or TLS for `wss://` and `https://`.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// TLS over `tcp` when `tls` is given, naming the server by `host`'s IP address or name.
+    async fn over(tcp: TcpStream, host: &str, tls: Option<&TlsConnector>) -> anyhow::Result<Stream> {
+        let Some(tls) = tls else { return Ok(Stream::Plain(tcp)) };
+        let name = host.rsplit_once(':').map_or(host, |(h, _)| h).trim_matches(['[', ']']);
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned())?;
+        Ok(Stream::Tls(Box::new(tls.connect(name, tcp).await?)))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A TLS client trusting the certificate authority in `ca`.
+fn tls_client(ca: &std::path::Path) -> anyhow::Result<TlsConnector> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls::pki_types::CertificateDer::pem_file_iter(ca).with_context(|| format!("--ca {}", ca.display()))?
+    {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 /// Padding of a push.
@@ -140,26 +209,36 @@ fn histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
-fn host_port(s: &str) -> String {
-    s.trim_start_matches("ws://").trim_start_matches("http://").trim_end_matches('/').to_owned()
+/// `HOST:PORT` of an address given as `HOST:PORT` or a URL, and whether the URL says TLS.
+fn host_port(s: &str) -> (String, bool) {
+    let tls = s.starts_with("wss://") || s.starts_with("https://");
+    let rest = ["ws://", "wss://", "http://", "https://"].iter().find_map(|p| s.strip_prefix(p)).unwrap_or(s);
+    (rest.trim_end_matches('/').to_owned(), tls)
 }
 
 /// One connected client: its ids from the welcome line.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     worker: String,
     conn: String,
 }
 
-async fn connect_one(gateway: &str, path: &str, source: u8, compression: bool) -> anyhow::Result<Conn> {
+async fn connect_one(
+    gateway: &str,
+    path: &str,
+    source: u8,
+    compression: bool,
+    tls: Option<&TlsConnector>,
+) -> anyhow::Result<Conn> {
     let addr: SocketAddr = tokio::net::lookup_host(gateway).await?.next().context("gateway address")?;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if addr.ip().is_loopback() && addr.is_ipv4() {
         sock.bind(SocketAddr::from(([127, 0, 0, source.max(1)], 0)))?;
     }
-    let mut stream = sock.connect(addr).await?;
-    stream.set_nodelay(true)?;
+    let tcp = sock.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut stream = Stream::over(tcp, gateway, tls).await?;
     let offer = if compression { "Sec-WebSocket-Extensions: permessage-deflate\r\n" } else { "" };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -311,15 +390,16 @@ async fn receive(mut c: Conn, me: usize, user: Option<String>, stats: Arc<Stats>
 
 /// A keep-alive HTTP/1.1 client for one publisher.
 struct Http {
-    stream: TcpStream,
+    stream: Stream,
     host: String,
     buf: BytesMut,
 }
 
 impl Http {
-    async fn open(host: &str) -> anyhow::Result<Http> {
-        let stream = TcpStream::connect(host).await.with_context(|| format!("publisher {host}"))?;
-        stream.set_nodelay(true)?;
+    async fn open(host: &str, tls: Option<&TlsConnector>) -> anyhow::Result<Http> {
+        let tcp = TcpStream::connect(host).await.with_context(|| format!("publisher {host}"))?;
+        tcp.set_nodelay(true)?;
+        let stream = Stream::over(tcp, host, tls).await.with_context(|| format!("publisher {host}"))?;
         Ok(Http { stream, host: host.to_owned(), buf: BytesMut::with_capacity(1024) })
     }
 
@@ -397,8 +477,15 @@ pub fn rss_kb(pid: u32) -> u64 {
 
 /// Run a benchmark and print (and optionally write) its results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let gateways: Vec<String> = args.gateway.iter().map(|g| host_port(g)).collect();
-    let publishers: Vec<String> = args.publisher.iter().map(|p| host_port(p)).collect();
+    let (gateways, gateway_tls): (Vec<String>, Vec<bool>) = args.gateway.iter().map(|g| host_port(g)).unzip();
+    let (publishers, publisher_tls): (Vec<String>, Vec<bool>) = args.publisher.iter().map(|p| host_port(p)).unzip();
+    let tls = match &args.ca {
+        Some(ca) => Some(tls_client(ca)?),
+        None if gateway_tls.contains(&true) || publisher_tls.contains(&true) => bail!("wss:// and https:// need --ca"),
+        None => None,
+    };
+    let gateway_tls = gateway_tls.contains(&true).then(|| tls.clone()).flatten();
+    let publisher_tls = publisher_tls.contains(&true).then(|| tls.clone()).flatten();
     if gateways.is_empty() || publishers.is_empty() || args.clients == 0 {
         bail!("need at least one gateway, one publisher and one client");
     }
@@ -435,7 +522,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.connect_concurrency.max(1) {
         let (next, conns, failures, gateways) = (next.clone(), conns.clone(), failures.clone(), gateways.clone());
         let paths = paths.clone();
-        let (n, ips, compression) = (args.clients, args.source_ips.max(1), args.compression);
+        let (n, ips, compression, tls) = (args.clients, args.source_ips.max(1), args.compression, gateway_tls.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Relaxed);
@@ -443,7 +530,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     return;
                 }
                 let g = &gateways[i % gateways.len()];
-                match connect_one(g, &paths[i], 1 + (i / gateways.len()) as u8 % ips, compression).await {
+                match connect_one(g, &paths[i], 1 + (i / gateways.len()) as u8 % ips, compression, tls.as_ref()).await {
                     Ok(c) => {
                         if let Ok(mut v) = conns.lock() {
                             v[i] = Some(c);
@@ -520,6 +607,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 publishers.clone(),
                 args.clone(),
             );
+            let publisher_tls = publisher_tls.clone();
             let thread = std::thread::spawn(move || -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
@@ -540,9 +628,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                             key.clone(),
                         );
                         let (mode, size, payload, planned) = (args.mode, args.size, args.payload, planned as u64);
+                        let tls = publisher_tls.clone();
                         let users = args.clients.div_ceil(args.devices.max(1)) as u64;
                         pubs.push(tokio::spawn(async move {
-                            let mut http = Http::open(&host).await?;
+                            let mut http = Http::open(&host, tls.as_ref()).await?;
                             let mut tick = interval.map(|i| {
                                 let mut t = tokio::time::interval(i);
                                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -614,7 +703,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         if errors.fetch_add(1, Relaxed) < 3 {
                                             eprintln!("publisher {host}: {e:#}; reconnecting");
                                         }
-                                        http = Http::open(&host).await?;
+                                        http = Http::open(&host, tls.as_ref()).await?;
                                     }
                                 }
                             }
