@@ -179,6 +179,9 @@ fn client_path(args: &BenchArgs, i: usize) -> anyhow::Result<String> {
 const SHARDS: usize = 16;
 /// Broadcasts may be ahead of the slowest delivery by this many before the publisher waits.
 const WINDOW: u64 = 64;
+/// After the last publish, how long without any delivery before what has not arrived counts as
+/// missing.
+const DRAIN_QUIET: Duration = Duration::from_secs(3);
 
 struct Stats {
     epoch: Instant,
@@ -722,11 +725,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let publish_secs = publish_started.elapsed().as_secs_f64();
-    // Let deliveries drain: stop when nothing arrived for a while.
-    let mut last = u64::MAX;
-    while args.mode != Mode::Idle && stats.deliveries.load(Relaxed) != last {
-        last = stats.deliveries.load(Relaxed);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let deliveries drain: stop once every expected push arrived, or nothing arrived for
+    // DRAIN_QUIET (a backlog of broadcasts can take seconds to reach the last clients).
+    let expected = |published: u64| match args.mode {
+        Mode::Broadcast => published * connected as u64,
+        Mode::Targeted => published,
+        // Every connection of the user; the last user may have fewer.
+        Mode::Uid => published * args.devices.max(1) as u64,
+        Mode::Idle => 0,
+    };
+    let received_ok = || match args.mode {
+        Mode::Broadcast => stats.broadcasts_seen.load(Relaxed),
+        _ => stats.targeted_received.load(Relaxed),
+    };
+    let (mut last, mut since) = (u64::MAX, Instant::now());
+    while args.mode != Mode::Idle && received_ok() < expected(published.load(Relaxed)) {
+        let now = stats.deliveries.load(Relaxed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= DRAIN_QUIET {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     progress.abort();
     for r in &receivers {
@@ -745,17 +765,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let published = published.load(Relaxed);
     let deliveries = stats.deliveries.load(Relaxed);
     let span_us = stats.last_receive.load(Relaxed).saturating_sub(stats.first_send.load(Relaxed)).max(1);
-    let expected = match args.mode {
-        Mode::Broadcast => published * connected as u64,
-        Mode::Targeted => published,
-        // Every connection of the user; the last user may have fewer.
-        Mode::Uid => published * args.devices.max(1) as u64,
-        Mode::Idle => 0,
-    };
-    let received_ok = match args.mode {
-        Mode::Broadcast => stats.broadcasts_seen.load(Relaxed),
-        _ => stats.targeted_received.load(Relaxed),
-    };
+    let (expected, received_ok) = (expected(published), received_ok());
     // Fan-out completion: from a broadcast's send to its arrival at the last client.
     let mut fanout = histogram();
     for (sent, last) in stats.sent_at.iter().zip(&stats.last_arrival) {
