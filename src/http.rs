@@ -67,6 +67,20 @@ impl<B> Body for B where
 {
 }
 
+/// A connection's place under the cap, in each of its requests' extensions: a handler that turns
+/// the connection into a long-lived stream gives it back ([`Slot::release`]), as an upgrade does.
+#[derive(Clone)]
+pub struct Slot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl Slot {
+    /// Stop counting the connection of `req` towards the cap.
+    pub fn release<T>(req: &Request<T>) {
+        if let Some(Slot(s)) = req.extensions().get::<Slot>() {
+            s.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+}
+
 /// The answer to a connection over the cap, written without the HTTP stack.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 26\r\n\
 Retry-After: 5\r\nConnection: close\r\n\r\ntoo many open connections\n";
@@ -92,7 +106,7 @@ pub async fn serve<H, F, B>(
 
 /// [`serve`], with `intercept` offered each new connection first: it takes the connection
 /// (`None`) or hands it on to HTTP (`Some`). A connection counts towards the cap until it is
-/// intercepted, upgraded or closed.
+/// intercepted, upgraded, released ([`Slot::release`]) or closed.
 pub async fn serve_with<H, F, B, I, IF>(
     what: &'static str,
     listener: TcpListener,
@@ -136,12 +150,12 @@ pub async fn serve_with<H, F, B, I, IF>(
         };
         let (handler, intercept, stopped, tls) = (handler.clone(), intercept.clone(), stop.clone(), tls.clone());
         tasks.spawn(async move {
-            let _slot = slot;
+            let slot = Slot(Arc::new(std::sync::Mutex::new(Some(slot))));
             let Some(stream) = intercept(stream).await else { return };
-            let Some(tls) = tls else { return connection(what, TokioIo::new(stream), handler, stopped).await };
+            let Some(tls) = tls else { return connection(what, TokioIo::new(stream), handler, slot, stopped).await };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => connection(what, TokioIo::new(s), handler, stopped).await,
+                Ok(Ok(s)) => connection(what, TokioIo::new(s), handler, slot, stopped).await,
                 Ok(Err(e)) => tracing::debug!("{what}: TLS handshake failed: {e}"),
                 Err(_) => tracing::debug!("{what}: TLS handshake timed out"),
             }
@@ -153,14 +167,20 @@ pub async fn serve_with<H, F, B, I, IF>(
 }
 
 /// Serve HTTP/1 requests on one connection until it ends, or `stopped` (then gracefully).
-async fn connection<IO, H, F, B>(what: &str, io: IO, handler: H, stopped: tokio_util::sync::CancellationToken)
-where
+async fn connection<IO, H, F, B>(
+    what: &str,
+    io: IO,
+    handler: H,
+    slot: Slot,
+    stopped: tokio_util::sync::CancellationToken,
+) where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body,
 {
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(slot.clone());
         let f = handler(req);
         async move { Ok::<_, std::convert::Infallible>(f.await) }
     });

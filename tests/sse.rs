@@ -168,6 +168,16 @@ async fn refusals_have_a_reason() {
     assert_eq!(get("/events", "https://ok.example").await.0, 503);
 }
 
+/// An event stream served by the HTTP stack counts as a connection, not as an HTTP request: with
+/// room for one request at a time, two streams are open and a third request is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_through_the_http_stack_do_not_hold_request_slots() {
+    let (_p, _c, w, _h) = standalone(&["--max-handshakes", "1"]).await;
+    let _first = Stream::open(w, "", 2).await;
+    let _second = Stream::open(w, "", 2).await;
+    assert_eq!(http_get(w, "/healthz").await.0, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_stops_reading_is_cut_off_alone() {
     // The stalled stream on the fast path, then on the HTTP stack's (its request in pieces).

@@ -72,6 +72,8 @@ impl Gateway {
             Ok(admitted) => admitted,
             Err(refusal) => return refusal.answer().map(Either::Left),
         };
+        // Counted as a connection from now on, no longer as an HTTP request (like an upgrade).
+        crate::http::Slot::release(req);
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
         tokio::spawn(open.run_sse(Wire::Body(tx), wants));
         let mut r = Response::new(Either::Right(Streamed(rx)));
