@@ -26,6 +26,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
+mod fleet;
+
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -53,9 +55,10 @@ pub struct BenchArgs {
     /// Local source addresses 127.0.0.1..127.0.0.N for client sockets (about 28k ports each).
     #[arg(long, default_value_t = 4)]
     pub source_ips: u8,
-    /// Publishes per second (0: as fast as delivery keeps up; broadcast and targeted).
-    #[arg(long, default_value_t = 0)]
-    pub rate: u64,
+    /// Publishes per second, fractions allowed (0.2: one every 5 s; 0: as fast as delivery keeps
+    /// up; broadcast and targeted).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// How long to publish (or, in idle mode, to hold the connections).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -68,7 +71,8 @@ pub struct BenchArgs {
     /// Publish key (sent as key=KEY).
     #[arg(long, env = "PUSHWIRE_PUBLISH_KEY", hide_env_values = true)]
     pub key: Option<String>,
-    /// Server processes whose RSS to report per connection (repeatable).
+    /// Server processes whose RSS to report per connection (repeatable): the gateways, which the
+    /// clients are spread over evenly; measured once every client is connected.
     #[arg(long)]
     pub pid: Vec<u32>,
     /// Write the results as JSON here.
@@ -93,6 +97,13 @@ pub struct BenchArgs {
     /// PEM file of the certificate authority to trust for wss:// gateways and https:// publishers.
     #[arg(long)]
     pub ca: Option<std::path::PathBuf>,
+    /// Processes holding the clients (a process may open only so many sockets); this one
+    /// publishes and reports for all.
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// Internal: run as child K of --processes (connect a share of the clients, report on stdout).
+    #[arg(long, hide = true)]
+    pub child: Option<usize>,
 }
 
 /// A client socket: plain, or TLS for `wss://` and `https://`.
@@ -184,7 +195,6 @@ const WINDOW: u64 = 64;
 const DRAIN_QUIET: Duration = Duration::from_secs(3);
 
 struct Stats {
-    epoch: Instant,
     deliveries: AtomicU64,
     /// Bytes read from the gateways' sockets after the welcome: what the pushes cost on the wire.
     wire_bytes: AtomicU64,
@@ -193,7 +203,8 @@ struct Stats {
     misdelivered: AtomicU64,
     targeted_received: AtomicU64,
     hist: Vec<Mutex<Histogram<u64>>>,
-    /// Per broadcast: when it was sent and its latest arrival, in µs since `epoch`.
+    /// Per broadcast: when it was sent and its latest arrival (µs since the Unix epoch: load-tool
+    /// processes on one machine compare them).
     sent_at: Vec<AtomicU64>,
     last_arrival: Vec<AtomicU64>,
     first_send: AtomicU64,
@@ -201,8 +212,59 @@ struct Stats {
 }
 
 impl Stats {
+    fn new(planned: usize) -> Stats {
+        Stats {
+            deliveries: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+            broadcasts_seen: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            misdelivered: AtomicU64::new(0),
+            targeted_received: AtomicU64::new(0),
+            hist: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
+            sent_at: (0..planned).map(|_| AtomicU64::new(0)).collect(),
+            last_arrival: (0..planned).map(|_| AtomicU64::new(0)).collect(),
+            first_send: AtomicU64::new(u64::MAX),
+            last_receive: AtomicU64::new(0),
+        }
+    }
+
+    /// Microseconds since the Unix epoch: the same clock in every load-tool process.
     fn now_us(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    }
+
+    /// The pushes this process's clients should have had: `published` publishes, `connected`
+    /// clients.
+    fn received_ok(&self, mode: Mode) -> u64 {
+        match mode {
+            Mode::Broadcast => self.broadcasts_seen.load(Relaxed),
+            _ => self.targeted_received.load(Relaxed),
+        }
+    }
+
+    /// Wait until `expected` pushes arrived, or nothing arrived for [`DRAIN_QUIET`].
+    async fn drain(&self, mode: Mode, expected: u64) {
+        let (mut last, mut since) = (u64::MAX, Instant::now());
+        while mode != Mode::Idle && self.received_ok(mode) < expected {
+            let now = self.deliveries.load(Relaxed);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= DRAIN_QUIET {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// All latencies recorded, in one histogram.
+    fn latencies(&self) -> Histogram<u64> {
+        let mut hist = histogram();
+        for h in &self.hist {
+            if let Ok(h) = h.lock() {
+                let _ = hist.add(&*h);
+            }
+        }
+        hist
     }
 }
 
@@ -478,6 +540,64 @@ pub fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Connect clients `range` (spread over `gateways`, `--connect-concurrency` at a time) and start
+/// their receivers: each connected client's index and ids, the failures, the receivers.
+async fn connect_clients(
+    args: &BenchArgs,
+    range: std::ops::Range<usize>,
+    gateways: &[String],
+    tls: Option<&TlsConnector>,
+    stats: &Arc<Stats>,
+    planned: usize,
+) -> (Vec<(usize, String, String)>, u64, Vec<tokio::task::JoinHandle<()>>) {
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let conns: Arc<Mutex<Vec<(usize, Conn)>>> = Arc::new(Mutex::new(Vec::with_capacity(range.len())));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..args.connect_concurrency.max(1) {
+        let (next, conns, failures, gateways) = (next.clone(), conns.clone(), failures.clone(), gateways.to_vec());
+        let (end, ips, compression, tls) = (range.end, args.source_ips.max(1), args.compression, tls.cloned());
+        let args = args.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Relaxed);
+                if i >= end {
+                    return;
+                }
+                let g = &gateways[i % gateways.len()];
+                let path = match client_path(&args, i) {
+                    Ok(p) => p,
+                    Err(e) => return eprintln!("client {i}: {e:#}"),
+                };
+                match connect_one(g, &path, 1 + (i / gateways.len()) as u8 % ips, compression, tls.as_ref()).await {
+                    Ok(c) => {
+                        if let Ok(mut v) = conns.lock() {
+                            v.push((i, c));
+                        }
+                    }
+                    Err(e) => {
+                        if failures.fetch_add(1, Relaxed) < 3 {
+                            eprintln!("client {i}: {e:#}");
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let conns = std::mem::take(&mut *conns.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut ids = Vec::with_capacity(conns.len());
+    let mut receivers = Vec::with_capacity(conns.len());
+    for (i, c) in conns {
+        ids.push((i, c.worker.clone(), c.conn.clone()));
+        let user = (args.mode == Mode::Uid).then(|| format!("u{}", i / args.devices.max(1)));
+        receivers.push(tokio::spawn(receive(c, i, user, stats.clone(), planned.max(1))));
+    }
+    (ids, failures.load(Relaxed), receivers)
+}
+
 /// Run a benchmark and print (and optionally write) its results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (gateways, gateway_tls): (Vec<String>, Vec<bool>) = args.gateway.iter().map(|g| host_port(g)).unzip();
@@ -492,89 +612,49 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if gateways.is_empty() || publishers.is_empty() || args.clients == 0 {
         bail!("need at least one gateway, one publisher and one client");
     }
-    let planned = match (args.mode, args.rate) {
-        (Mode::Broadcast, 0) => 1_000_000,
-        (Mode::Broadcast, r) => (r as f64 * args.duration.as_secs_f64()).ceil() as usize,
+    let planned = match args.mode {
+        Mode::Broadcast if args.rate <= 0.0 => 1_000_000,
+        Mode::Broadcast => (args.rate * args.duration.as_secs_f64()).ceil() as usize,
         _ => 0,
     };
-    let stats = Arc::new(Stats {
-        epoch: Instant::now(),
-        deliveries: AtomicU64::new(0),
-        wire_bytes: AtomicU64::new(0),
-        broadcasts_seen: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-        misdelivered: AtomicU64::new(0),
-        targeted_received: AtomicU64::new(0),
-        hist: (0..SHARDS).map(|_| Mutex::new(histogram())).collect(),
-        sent_at: (0..planned).map(|_| AtomicU64::new(0)).collect(),
-        last_arrival: (0..planned).map(|_| AtomicU64::new(0)).collect(),
-        first_send: AtomicU64::new(u64::MAX),
-        last_receive: AtomicU64::new(0),
-    });
+    let stats = Arc::new(Stats::new(planned));
     let rss_before: Vec<(u32, u64)> = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
 
-    // Connect.
-    eprintln!("connecting {} clients to {}", args.clients, gateways.join(", "));
-    let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let conns: Arc<Mutex<Vec<Option<Conn>>>> = Arc::new(Mutex::new((0..args.clients).map(|_| None).collect()));
-    let failures = Arc::new(AtomicU64::new(0));
-    let paths: Arc<Vec<String>> =
-        Arc::new((0..args.clients).map(|i| client_path(&args, i)).collect::<anyhow::Result<_>>()?);
-    let mut tasks = Vec::new();
-    for _ in 0..args.connect_concurrency.max(1) {
-        let (next, conns, failures, gateways) = (next.clone(), conns.clone(), failures.clone(), gateways.clone());
-        let paths = paths.clone();
-        let (n, ips, compression, tls) = (args.clients, args.source_ips.max(1), args.compression, gateway_tls.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Relaxed);
-                if i >= n {
-                    return;
-                }
-                let g = &gateways[i % gateways.len()];
-                match connect_one(g, &paths[i], 1 + (i / gateways.len()) as u8 % ips, compression, tls.as_ref()).await {
-                    Ok(c) => {
-                        if let Ok(mut v) = conns.lock() {
-                            v[i] = Some(c);
-                        }
-                    }
-                    Err(e) => {
-                        if failures.fetch_add(1, Relaxed) < 3 {
-                            eprintln!("client {i}: {e:#}");
-                        }
-                    }
-                }
-            }
-        }));
+    // Connect: this process's share of the clients, the others' in child processes.
+    let processes = args.processes.clamp(1, args.clients);
+    let mine = fleet::share(args.clients, processes, args.child.unwrap_or(0));
+    let connect = connect_clients(&args, mine, &gateways, gateway_tls.as_ref(), &stats, planned);
+    if args.child.is_some() {
+        return fleet::child(args.mode, &stats, connect).await;
     }
-    for t in tasks {
-        t.await?;
+    eprintln!("connecting {} clients to {} from {processes} process(es)", args.clients, gateways.join(", "));
+    let started = Instant::now();
+    let mut helpers = fleet::spawn(processes)?;
+    let (conns, failed, receivers) = connect.await;
+    let mut ids: Vec<Option<(String, String)>> = vec![None; args.clients];
+    let local = conns.len();
+    for (i, worker, conn) in conns {
+        ids[i] = Some((worker, conn));
+    }
+    for h in &mut helpers {
+        h.connected(&mut ids).await?;
     }
     let connect_secs = started.elapsed().as_secs_f64();
-    let conns: Vec<Option<Conn>> = std::mem::take(&mut *conns.lock().map_err(|_| anyhow::anyhow!("lock"))?);
-    let connected = conns.iter().filter(|c| c.is_some()).count();
+    let connected = local + helpers.iter().map(|h| h.connected as usize).sum::<usize>();
+    let failed = failed + helpers.iter().map(|h| h.failed).sum::<u64>();
     eprintln!(
-        "connected {connected}/{} in {connect_secs:.2}s ({:.0}/s), {} failed",
+        "connected {connected}/{} in {connect_secs:.2}s ({:.0}/s), {failed} failed",
         args.clients,
         connected as f64 / connect_secs,
-        failures.load(Relaxed)
     );
-    if connected == 0 {
+    if local == 0 {
         bail!("no client connected");
     }
-    let ids: Vec<Option<(String, String)>> =
-        conns.iter().map(|c| c.as_ref().map(|c| (c.worker.clone(), c.conn.clone()))).collect();
-    let mut receivers = Vec::new();
-    for (i, c) in conns.into_iter().enumerate() {
-        if let Some(c) = c {
-            let user = (args.mode == Mode::Uid).then(|| format!("u{}", i / args.devices.max(1)));
-            receivers.push(tokio::spawn(receive(c, i, user, stats.clone(), planned.max(1))));
-        }
-    }
+    let ids = Arc::new(ids);
 
     let key = args.key.as_deref().map(|k| format!("&key={k}")).unwrap_or_default();
-    let mut rss_held = Vec::new();
+    // Server memory with every client connected (idle mode: after holding them).
+    let mut rss_held: Vec<(u32, u64)> = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
     let published = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let pub_hist = Arc::new(Mutex::new(histogram()));
@@ -616,8 +696,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 rt.block_on(async move {
                     let seq = Arc::new(AtomicU64::new(0));
                     let deadline = Instant::now() + args.duration;
-                    let interval =
-                        (args.rate > 0).then(|| Duration::from_secs_f64(args.inflight as f64 / args.rate as f64));
+                    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.inflight as f64 / args.rate));
                     let mut pubs = Vec::new();
                     for w in 0..args.inflight.max(1) {
                         let host = publishers[w % publishers.len()].clone();
@@ -655,7 +734,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         while tick.is_none()
                                             && s > WINDOW
                                             && stats.broadcasts_seen.load(Relaxed)
-                                                < (s - WINDOW) * connected as u64 * 9 / 10
+                                                < (s - WINDOW) * local as u64 * 9 / 10
                                             && Instant::now() < deadline
                                         {
                                             tokio::time::sleep(Duration::from_micros(200)).await;
@@ -726,27 +805,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let publish_secs = publish_started.elapsed().as_secs_f64();
     // Let deliveries drain: stop once every expected push arrived, or nothing arrived for
-    // DRAIN_QUIET (a backlog of broadcasts can take seconds to reach the last clients).
-    let expected = |published: u64| match args.mode {
-        Mode::Broadcast => published * connected as u64,
-        Mode::Targeted => published,
+    // DRAIN_QUIET (a backlog of broadcasts can take seconds to reach the last clients). With
+    // several processes, each waits for its own clients' share (targeted: until quiet).
+    let (n, alone) = (published.load(Relaxed), helpers.is_empty());
+    let expected = |published: u64, clients: u64| match args.mode {
+        Mode::Broadcast => published * clients,
+        Mode::Targeted if alone => published,
         // Every connection of the user; the last user may have fewer.
-        Mode::Uid => published * args.devices.max(1) as u64,
+        Mode::Uid if alone => published * args.devices.max(1) as u64,
+        Mode::Targeted | Mode::Uid => u64::MAX,
         Mode::Idle => 0,
     };
-    let received_ok = || match args.mode {
-        Mode::Broadcast => stats.broadcasts_seen.load(Relaxed),
-        _ => stats.targeted_received.load(Relaxed),
-    };
-    let (mut last, mut since) = (u64::MAX, Instant::now());
-    while args.mode != Mode::Idle && received_ok() < expected(published.load(Relaxed)) {
-        let now = stats.deliveries.load(Relaxed);
-        if now != last {
-            (last, since) = (now, Instant::now());
-        } else if since.elapsed() >= DRAIN_QUIET {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let finishing: Vec<_> = helpers
+        .into_iter()
+        .map(|h| {
+            let (e, stats) = (expected(n, h.connected), stats.clone());
+            tokio::spawn(async move { h.finish(e, &stats).await })
+        })
+        .collect();
+    stats.drain(args.mode, expected(n, local as u64)).await;
+    for f in finishing {
+        f.await??;
     }
     progress.abort();
     for r in &receivers {
@@ -756,16 +835,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = r.await;
     }
 
-    let mut hist = histogram();
-    for h in &stats.hist {
-        if let Ok(h) = h.lock() {
-            let _ = hist.add(&*h);
-        }
-    }
+    let hist = stats.latencies();
     let published = published.load(Relaxed);
     let deliveries = stats.deliveries.load(Relaxed);
     let span_us = stats.last_receive.load(Relaxed).saturating_sub(stats.first_send.load(Relaxed)).max(1);
-    let (expected, received_ok) = (expected(published), received_ok());
+    let expected = match args.mode {
+        Mode::Broadcast => published * connected as u64,
+        Mode::Targeted => published,
+        Mode::Uid => published * args.devices.max(1) as u64,
+        Mode::Idle => 0,
+    };
+    let received_ok = stats.received_ok(args.mode);
     // Fan-out completion: from a broadcast's send to its arrival at the last client.
     let mut fanout = histogram();
     for (sent, last) in stats.sent_at.iter().zip(&stats.last_arrival) {
@@ -788,7 +868,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             pid: *pid,
             before_kb: *before,
             after_kb: *after,
-            per_connection_kb: (*after as f64 - *before as f64) / connected as f64,
+            // Clients are spread evenly over the gateways, each given with --pid.
+            per_connection_kb: (*after as f64 - *before as f64) / (connected as f64 / args.pid.len() as f64),
         })
         .collect();
     let summary = report::Summary {
