@@ -33,6 +33,11 @@ pub struct Cli {
     /// `flag-name = value`. Environment variables and flags override it.
     #[arg(long, global = true, env = "PUSHWIRE_CONFIG")]
     pub config: Option<std::path::PathBuf>,
+    /// Runtime threads [default: one per core]. Several processes on one machine (gateways of
+    /// 20,000 connections each where a process may open only so many files) do better with
+    /// cores / processes each.
+    #[arg(long, global = true, env = "PUSHWIRE_THREADS")]
+    pub threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -15,5 +15,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(pushwire::cli::run(cli))
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        runtime.worker_threads(n.get());
+    }
+    runtime.enable_all().build()?.block_on(pushwire::cli::run(cli))
 }
