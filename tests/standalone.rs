@@ -148,3 +148,18 @@ async fn a_handshake_split_across_packets_still_upgrades() {
     let n = tokio::time::timeout(WAIT, s.read(&mut more)).await.expect("push").expect("read");
     assert_eq!(&more[2..n], b"split");
 }
+
+/// `--threads N` sets the runtime's threads: one thread, and the seed's steps still work.
+#[tokio::test]
+async fn threads_sets_the_runtime_threads() {
+    let (p, _c, w, h) = standalone(&["--threads", "1"]).await;
+    let workers = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+        .expect("task list")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == "tokio-rt-worker")
+        .count();
+    assert_eq!(workers, 1);
+    let mut c = connect(w).await;
+    assert_eq!(http_get(h, "/?content=one-thread").await, (200, "ok".to_owned()));
+    assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("one-thread"));
+}

@@ -714,8 +714,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         let users = args.clients.div_ceil(args.devices.max(1)) as u64;
                         pubs.push(tokio::spawn(async move {
                             let mut http = Http::open(&host, tls.as_ref()).await?;
+                            // The publishers' ticks are spread over the interval, so that a
+                            // rate means evenly spaced publishes, not bursts of --inflight.
+                            let inflight = args.inflight.max(1) as u32;
                             let mut tick = interval.map(|i| {
-                                let mut t = tokio::time::interval(i);
+                                let first = tokio::time::Instant::now() + i * w as u32 / inflight;
+                                let mut t = tokio::time::interval_at(first, i);
                                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                                 t
                             });
