@@ -32,11 +32,14 @@ pub mod close {
 }
 
 /// The `Sec-WebSocket-Accept` answer to a client's `Sec-WebSocket-Key`.
-pub fn accept_key(key: &[u8]) -> String {
+pub fn accept_key(key: &[u8]) -> [u8; 28] {
     let mut h = Sha1::new();
     h.update(key);
     h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+    // 20 bytes of SHA-1 are 28 characters of base64.
+    let mut out = [0u8; 28];
+    let _ = base64::engine::general_purpose::STANDARD.encode_slice(h.finalize(), &mut out);
+    out
 }
 
 /// One whole unmasked server frame.
@@ -323,7 +326,7 @@ mod tests {
 
     #[test]
     fn rfc_example_key() {
-        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(&accept_key(b"dGhlIHNhbXBsZSBub25jZQ==")[..], b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]

@@ -7,18 +7,21 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::handshake::Opening;
 use super::wire::Wire;
 use super::{format, Conn, GatewayConfig, Wants, Worker};
 use crate::metrics::GLOBAL;
 use crate::ws::{self, close, ClientFrame};
 
-/// Serve one WebSocket connection until it closes or is closed.
+/// Serve one WebSocket connection until it closes or is closed; `head` (the handshake's answer,
+/// when the fast path left it to this task) goes out in one write with the welcome.
 ///
 /// `wants` is boxed (and absent for a seed client), and so are the worker's add and remove: this
 /// future lives as long as the connection, and every byte of it counts with a hundred thousand
 /// idle clients.
 pub(super) async fn serve(
     mut wire: Wire,
+    head: Option<Box<Opening>>,
     mut buf: BytesMut,
     worker: &Arc<Worker>,
     cfg: &GatewayConfig,
@@ -27,7 +30,7 @@ pub(super) async fn serve(
 ) {
     let (id, conn, welcome) = Box::pin(open(worker, wants, false, deflate)).await;
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
-    let mut out = VecDeque::from([welcome]);
+    let mut out = VecDeque::from([Opening::then(head, welcome)]);
     let mut reader = ws::Reader::new(deflate);
     let closing: Option<(u16, &str)> = 'conn: loop {
         if !out.is_empty() && !wire.flush(&mut out, cfg.write_timeout).await {
@@ -74,13 +77,19 @@ pub(super) async fn serve(
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
 }
 
-/// Serve one Server-Sent Events stream (its response head already written) until the client goes
+/// Serve one Server-Sent Events stream (its response head in `head`, unless already written) until the client goes
 /// or the stream is closed: the welcome line as the first event, then what the worker queues.
 /// Whatever the client sends is read and ignored.
-pub(super) async fn serve_sse(mut wire: Wire, worker: &Arc<Worker>, cfg: &GatewayConfig, wants: Option<Box<Wants>>) {
+pub(super) async fn serve_sse(
+    mut wire: Wire,
+    head: Option<Box<Opening>>,
+    worker: &Arc<Worker>,
+    cfg: &GatewayConfig,
+    wants: Option<Box<Wants>>,
+) {
     let (id, conn, welcome) = Box::pin(open(worker, wants, true, false)).await;
     tracing::debug!(worker = %worker.id, connection = id, "event stream opened");
-    let (mut out, mut ignored) = (VecDeque::from([welcome]), BytesMut::new());
+    let (mut out, mut ignored) = (VecDeque::from([Opening::then(head, welcome)]), BytesMut::new());
     loop {
         if !out.is_empty() && !wire.flush(&mut out, cfg.write_timeout).await {
             break;

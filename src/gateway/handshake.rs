@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -62,14 +62,14 @@ impl Gateway {
                     Err(_) => return tracing::error!("websocket upgrade gave an unexpected stream type"),
                 },
             };
-            open.run(wire, leftover, wants, deflate).await;
+            open.run(wire, None, leftover, wants, deflate).await;
         });
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let hs = r.headers_mut();
         hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         hs.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Ok(v) = HeaderValue::from_str(&accept) {
+        if let Ok(v) = HeaderValue::from_bytes(&accept) {
             hs.insert("sec-websocket-accept", v);
         }
         if deflate {
@@ -166,28 +166,60 @@ impl Gateway {
         let Ok((wants, open)) = self.admit(origin, query, last_event_id) else { return Some(stream) };
         let offers = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"));
         let deflate = !sse && self.deflate(offers.filter_map(|h| std::str::from_utf8(h.value).ok()));
-        let response = match key {
-            Some(key) if !sse => format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{}\r\n",
-                ws::accept_key(key),
-                if deflate { format!("Sec-WebSocket-Extensions: {}\r\n", crate::deflate::RESPONSE) } else { String::new() }
-            )
-            .into_bytes(),
-            _ => crate::sse::response_head(self.allow_origin(origin).as_deref()),
+        let opening = match key {
+            Some(key) if !sse => Opening::Upgrade { accept: ws::accept_key(key), deflate },
+            _ => Opening::Events(self.allow_origin(origin).map(String::into_boxed_str)),
         };
+        // The request is taken off the socket (it was only peeked at); the answer goes out with
+        // the welcome, in one write by the connection's task.
         let mut consumed = vec![0u8; len];
-        let answer = async {
-            stream.read_exact(&mut consumed).await?;
-            stream.write_all(&response).await
-        };
-        if tokio::time::timeout(crate::http::HEADER_TIMEOUT, answer).await.is_ok_and(|r| r.is_ok()) {
+        let read = tokio::time::timeout(crate::http::HEADER_TIMEOUT, stream.read_exact(&mut consumed)).await;
+        if read.is_ok_and(|r| r.is_ok()) {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
+            let opening = Some(Box::new(opening));
             match sse {
-                true => tokio::spawn(open.run_sse(Wire::Tcp(stream), wants)),
-                false => tokio::spawn(open.run(Wire::Tcp(stream), BytesMut::new(), wants, deflate)),
+                true => tokio::spawn(open.run_sse(Wire::Tcp(stream), opening, wants)),
+                false => tokio::spawn(open.run(Wire::Tcp(stream), opening, BytesMut::new(), wants, deflate)),
             };
         }
         None
+    }
+}
+
+/// The handshake's answer when the fast path leaves it to the connection's task, which writes it
+/// with the welcome (one write, one packet) and builds it there, so that nothing allocated for
+/// the handshake outlives the handshake's own task. Boxed, and `None` once sent: it is an
+/// argument of the connection's long-lived future, where every byte counts.
+pub(super) enum Opening {
+    /// `101 Switching Protocols` with this `Sec-WebSocket-Accept`, permessage-deflate or not.
+    Upgrade { accept: [u8; 28], deflate: bool },
+    /// An event stream's `200`, with its `Access-Control-Allow-Origin`.
+    Events(Option<Box<str>>),
+}
+
+impl Opening {
+    /// `opening` (unless already sent) followed by `welcome`, as one buffer.
+    pub(super) fn then(opening: Option<Box<Opening>>, welcome: Bytes) -> Bytes {
+        let Some(opening) = opening else { return welcome };
+        let mut out = BytesMut::with_capacity(160 + welcome.len());
+        match *opening {
+            Opening::Upgrade { accept, deflate } => {
+                out.extend_from_slice(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+                );
+                out.extend_from_slice(&accept);
+                out.extend_from_slice(b"\r\n");
+                if deflate {
+                    out.extend_from_slice(b"Sec-WebSocket-Extensions: ");
+                    out.extend_from_slice(crate::deflate::RESPONSE.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+            Opening::Events(origin) => out.extend_from_slice(&crate::sse::response_head(origin.as_deref())),
+        }
+        out.extend_from_slice(&welcome);
+        out.freeze()
     }
 }
 

@@ -333,15 +333,25 @@ impl Drop for OpenGuard {
 impl OpenGuard {
     /// Serve an upgraded connection that `wants` something (`None`: a seed client) on the next
     /// worker, round-robin.
-    async fn run(self, wire: wire::Wire, leftover: BytesMut, wants: Option<Box<Wants>>, deflate: bool) {
+    /// `head` is the handshake's answer when it is still to be written (it goes out with the
+    /// welcome); `leftover`, what the client sent after its request.
+    async fn run(
+        self,
+        wire: wire::Wire,
+        head: Option<Box<handshake::Opening>>,
+        leftover: BytesMut,
+        wants: Option<Box<Wants>>,
+        deflate: bool,
+    ) {
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve(wire, leftover, &self.next_worker(), &self.0.cfg, wants, deflate).await;
+        connection::serve(wire, head, leftover, &self.next_worker(), &self.0.cfg, wants, deflate).await;
     }
 
-    /// Serve an event stream (its response head sent, or on its way) on the next worker.
-    async fn run_sse(self, wire: wire::Wire, wants: Option<Box<Wants>>) {
+    /// Serve an event stream on the next worker (`head`: its response head, when still to be
+    /// written).
+    async fn run_sse(self, wire: wire::Wire, head: Option<Box<handshake::Opening>>, wants: Option<Box<Wants>>) {
         GLOBAL.sse_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve_sse(wire, &self.next_worker(), &self.0.cfg, wants).await;
+        connection::serve_sse(wire, head, &self.next_worker(), &self.0.cfg, wants).await;
     }
 
     /// The worker the next connection goes to, round-robin.

@@ -75,7 +75,7 @@ impl Gateway {
         // Counted as a connection from now on, no longer as an HTTP request (like an upgrade).
         crate::http::Slot::release(req);
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
-        tokio::spawn(open.run_sse(Wire::Body(tx), wants));
+        tokio::spawn(open.run_sse(Wire::Body(tx), None, wants));
         let mut r = Response::new(Either::Right(Streamed(rx)));
         for (k, v) in crate::sse::headers(self.allow_origin(origin).as_deref()) {
             if let Ok(v) = HeaderValue::from_str(v) {
