@@ -294,11 +294,7 @@ async fn https_page_wss_and_event_source_in_chromium() {
     if !have(&["chromium", "openssl"], false) {
         return;
     }
-    let pki = Pki::new();
-    pki.leaf("first", 1);
-    pki.leaf("second", 1);
-    pki.install("first");
-    let (cert, key) = (pki.path("live.pem"), pki.path("live.key"));
+    let (pki, cert, key) = Pki::rotating(1, 1);
     let (_server, _c, w, h) = standalone(&["--tls-cert", &cert, "--tls-key", &key, "--compression", "on"]).await;
     let trust = format!("--ignore-certificate-errors-spki-list={},{}", pki.spki("first"), pki.spki("second"));
     let (_chromium, d, profile) = chromium(&[&trust]).await;

@@ -16,11 +16,7 @@ async fn https_publisher_with_certificate_reloads() {
     if !have(&["openssl"], false) {
         return;
     }
-    let pki = Pki::new();
-    pki.leaf("first", 1);
-    pki.leaf("second", 2);
-    pki.install("first");
-    let (cert, key) = (pki.path("live.pem"), pki.path("live.key"));
+    let (pki, cert, key) = Pki::rotating(1, 2);
     let (p, _c, w, h) = standalone(&["--tls-cert", &cert, "--tls-key", &key]).await;
 
     let (mut kept, cn) = pki.connect(h).await;
@@ -64,11 +60,7 @@ async fn gateway_serves_wss_https_and_event_streams_through_a_reload() {
     if !have(&["openssl"], false) {
         return;
     }
-    let pki = Pki::new();
-    pki.leaf("first", 1);
-    pki.leaf("second", 2);
-    pki.install("first");
-    let (cert, key) = (pki.path("live.pem"), pki.path("live.key"));
+    let (pki, cert, key) = Pki::rotating(1, 2);
     let (_p, _c, w, h) = standalone(&["--tls-cert", &cert, "--tls-key", &key, "--token-secret", "tls-secret"]).await;
 
     // The page over https, its WebSocket over wss.

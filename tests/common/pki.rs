@@ -35,6 +35,17 @@ impl Pki {
         Pki { dir }
     }
 
+    /// A CA with leaves `first` and `second` (valid `first_days` and `second_days`), `first`
+    /// installed where a server reads its certificate; and that certificate's and key's paths.
+    pub fn rotating(first_days: u32, second_days: u32) -> (Pki, String, String) {
+        let pki = Pki::new();
+        pki.leaf("first", first_days);
+        pki.leaf("second", second_days);
+        pki.install("first");
+        let (cert, key) = (pki.path("live.pem"), pki.path("live.key"));
+        (pki, cert, key)
+    }
+
     /// A leaf certificate `name.pem` with its key `name.key`, valid `days` days.
     pub fn leaf(&self, name: &str, days: u32) {
         let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));

@@ -530,6 +530,18 @@ fn content(seq: u64, sent_us: u64, target: &str, size: usize, payload: Payload) 
     c
 }
 
+/// The pushes `clients` clients should get from `published` publishes: every broadcast each; a
+/// targeted push once, a uid push once per connection of the user (counted over all clients).
+fn expected(args: &BenchArgs, published: u64, clients: u64) -> u64 {
+    match args.mode {
+        Mode::Broadcast => published * clients,
+        Mode::Targeted => published,
+        // Every connection of the user; the last user may have fewer.
+        Mode::Uid => published * args.devices.max(1) as u64,
+        Mode::Idle => 0,
+    }
+}
+
 /// Resident memory of process `pid`, in kB (0 when it cannot be read).
 pub fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -812,22 +824,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // DRAIN_QUIET (a backlog of broadcasts can take seconds to reach the last clients). With
     // several processes, each waits for its own clients' share (targeted: until quiet).
     let (n, alone) = (published.load(Relaxed), helpers.is_empty());
-    let expected = |published: u64, clients: u64| match args.mode {
-        Mode::Broadcast => published * clients,
-        Mode::Targeted if alone => published,
-        // Every connection of the user; the last user may have fewer.
-        Mode::Uid if alone => published * args.devices.max(1) as u64,
-        Mode::Targeted | Mode::Uid => u64::MAX,
-        Mode::Idle => 0,
+    // A process's share of a targeted run is unknown to it: it waits until quiet.
+    let share = |clients: u64| match args.mode {
+        Mode::Targeted | Mode::Uid if !alone => u64::MAX,
+        _ => expected(&args, n, clients),
     };
     let finishing: Vec<_> = helpers
         .into_iter()
         .map(|h| {
-            let (e, stats) = (expected(n, h.connected), stats.clone());
+            let (e, stats) = (share(h.connected), stats.clone());
             tokio::spawn(async move { h.finish(e, &stats).await })
         })
         .collect();
-    stats.drain(args.mode, expected(n, local as u64)).await;
+    stats.drain(args.mode, share(local as u64)).await;
     for f in finishing {
         f.await??;
     }
@@ -843,12 +852,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let published = published.load(Relaxed);
     let deliveries = stats.deliveries.load(Relaxed);
     let span_us = stats.last_receive.load(Relaxed).saturating_sub(stats.first_send.load(Relaxed)).max(1);
-    let expected = match args.mode {
-        Mode::Broadcast => published * connected as u64,
-        Mode::Targeted => published,
-        Mode::Uid => published * args.devices.max(1) as u64,
-        Mode::Idle => 0,
-    };
+    let expected = expected(&args, published, connected as u64);
     let received_ok = stats.received_ok(args.mode);
     // Fan-out completion: from a broadcast's send to its arrival at the last client.
     let mut fanout = histogram();
