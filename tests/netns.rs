@@ -149,6 +149,7 @@ async fn netns_clients() {
         gateways: [addr(2, 4236).into(), addr(3, 4236).into()],
         publishers: [addr(4, 4237).into(), addr(5, 4237).into()],
         key_query: format!("&key={KEY}"),
+        paused: Default::default(),
     };
     cluster.wait_healthy().await;
 

@@ -434,6 +434,8 @@ pub struct Cluster {
     pub publishers: [Addr; 2],
     /// Appended to every publish URL (`&key=...` when the publishers have a key).
     pub key_query: String,
+    /// While set, [`every_ok_arrives`] publishes nothing.
+    pub paused: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -473,7 +475,8 @@ impl Cluster {
             procs.push(Proc::start(&args, &[p]).await);
         }
         let (gateways, publishers) = (gateways.map(Addr::from), publishers.map(Addr::from));
-        let cluster = Cluster { procs, channel_port, gateways, publishers, key_query: String::new() };
+        let cluster =
+            Cluster { procs, channel_port, gateways, publishers, key_query: String::new(), paused: Default::default() };
         cluster.wait_healthy().await;
         cluster
     }
@@ -502,20 +505,28 @@ impl Cluster {
 
 /// Every client collects text messages until it sees `last` (or `limit` passes).
 pub async fn collect_until(clients: Vec<Client>, last: &str, limit: Duration) -> Vec<(Client, Vec<String>)> {
+    collect_all(clients, |_| vec![last.to_owned()], limit).await
+}
+
+/// Every client collects text messages until it has seen each of `needed(client)` (or `limit`
+/// passes): messages on different channels may arrive in another order than they were published
+/// (a NATS client hands each subscription its own queue).
+pub async fn collect_all(
+    clients: Vec<Client>,
+    needed: impl Fn(&Client) -> Vec<String>,
+    limit: Duration,
+) -> Vec<(Client, Vec<String>)> {
     let mut tasks = Vec::new();
     for mut c in clients {
-        let last = last.to_owned();
+        let mut needed = needed(&c);
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             let deadline = tokio::time::Instant::now() + limit;
-            while let Some(m) =
-                next_text_within(&mut c.ws, deadline.saturating_duration_since(tokio::time::Instant::now())).await
-            {
-                let done = m == last;
+            while !needed.is_empty() {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let Some(m) = next_text_within(&mut c.ws, left).await else { break };
+                needed.retain(|n| *n != m);
                 got.push(m);
-                if done {
-                    break;
-                }
             }
             (c, got)
         }));
@@ -541,24 +552,23 @@ pub async fn check_seed_pushes(cluster: &Cluster, clients: Vec<Client>, tag: &st
         assert_eq!(cluster.publish(i, &query).await, (200, "ok".into()), "targeted push {i}");
     }
     assert_eq!(cluster.publish(1, &format!("content={tag}-end")).await, (200, "ok".into()));
-    let results = collect_until(clients, &format!("{tag}-end"), Duration::from_secs(30)).await;
+    let want = |c: &Client| {
+        let t = format!("{tag}-t-{}-{}", c.worker, c.conn);
+        vec![format!("{tag}-b1"), format!("{tag}-b2"), t, format!("{tag}-end")]
+    };
+    let results = collect_all(clients, want, Duration::from_secs(30)).await;
     let mut out = Vec::new();
     for (c, got) in results {
-        let want = vec![
-            format!("{tag}-b1"),
-            format!("{tag}-b2"),
-            format!("{tag}-t-{}-{}", c.worker, c.conn),
-            format!("{tag}-end"),
-        ];
-        // Order holds per channel: the broadcasts in order and the end last; the targeted push (on
-        // the worker's channel) may come before or after the second broadcast.
+        let want = want(&c);
+        // Order holds per channel: the broadcasts in order; the targeted push (on the worker's
+        // channel) may come anywhere among them.
         let mut sorted = got.clone();
         sorted.sort();
         let mut all = want.clone();
         all.sort();
         assert_eq!(sorted, all, "client {} {} got exactly its pushes, once each", c.worker, c.conn);
         let pos = |m: &String| got.iter().position(|g| g == m);
-        assert!(pos(&want[0]) < pos(&want[1]) && got.last() == want.last(), "broadcasts in order: {got:?}");
+        assert!(pos(&want[0]) < pos(&want[1]) && pos(&want[1]) < pos(&want[3]), "broadcasts in order: {got:?}");
         out.push(c);
     }
     out
@@ -677,6 +687,10 @@ pub async fn every_ok_arrives<F: std::future::Future<Output = ()>>(
         let mut n = 0;
         // Go on until the outage is over and a publish was confirmed after it.
         while !stop.load(std::sync::atomic::Ordering::Relaxed) || confirmed.last().is_none_or(|&(_, after)| !after) {
+            if cluster.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
             n += 1;
             let content = format!("{tag}-{n}");
             let after = stop.load(std::sync::atomic::Ordering::Relaxed);
