@@ -31,15 +31,24 @@ pub(super) async fn serve(
     let (id, conn, welcome) = Box::pin(open(worker, wants, false, deflate)).await;
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
     let mut out = VecDeque::from([Opening::then(head, welcome)]);
+    if let Wire::Tcp(s) = &wire {
+        conn.attach(s.clone());
+    }
     let mut reader = ws::Reader::new(deflate);
     let closing: Option<(u16, &str)> = 'conn: loop {
-        if !out.is_empty() && !wire.flush(&mut out, cfg.write_timeout).await {
-            break None;
+        if !out.is_empty() {
+            if !wire.flush(&mut out, cfg.write_timeout).await {
+                break None;
+            }
+            conn.written();
         }
         loop {
             match reader.parse(&mut buf, cfg.max_client_frame) {
                 Ok(None) => break,
-                Ok(Some(ClientFrame::Ping(p))) => out.push_back(ws::pong(&p)),
+                Ok(Some(ClientFrame::Ping(p))) => {
+                    conn.hold();
+                    out.push_back(ws::pong(&p))
+                }
                 Ok(Some(ClientFrame::Close(code))) => break 'conn Some((code.unwrap_or(close::NORMAL), "")),
                 Ok(Some(ClientFrame::Data | ClientFrame::Pong)) => {}
                 Err(e) => {
@@ -70,9 +79,11 @@ pub(super) async fn serve(
         }
     };
     Box::pin(worker.remove(id)).await;
+    let remainder = conn.remainder();
+    drop(conn);
     if let Some((code, reason)) = closing {
         // Boxed: a future awaited once, at the end, need not take room in every idle connection.
-        Box::pin(wire.close(ws::close_frame(code, reason))).await;
+        Box::pin(wire.close(remainder, ws::close_frame(code, reason))).await;
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
 }

@@ -56,7 +56,7 @@ impl Gateway {
             // Copy what hyper read past the handshake and let its read buffer go: `read_buf` is a
             // view into hyper's whole buffer, which would otherwise live as long as the connection.
             let (wire, leftover) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(p) => (Wire::Tcp(p.io.into_inner()), BytesMut::from(&p.read_buf[..])),
+                Ok(p) => (Wire::Tcp(Arc::new(p.io.into_inner())), BytesMut::from(&p.read_buf[..])),
                 Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
                     Ok(p) => (Wire::Tls(Box::new(p.io.into_inner())), BytesMut::from(&p.read_buf[..])),
                     Err(_) => return tracing::error!("websocket upgrade gave an unexpected stream type"),
@@ -178,8 +178,8 @@ impl Gateway {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
             let opening = Some(Box::new(opening));
             match sse {
-                true => tokio::spawn(open.run_sse(Wire::Tcp(stream), opening, wants)),
-                false => tokio::spawn(open.run(Wire::Tcp(stream), opening, BytesMut::new(), wants, deflate)),
+                true => tokio::spawn(open.run_sse(Wire::Tcp(Arc::new(stream)), opening, wants)),
+                false => tokio::spawn(open.run(Wire::Tcp(Arc::new(stream)), opening, BytesMut::new(), wants, deflate)),
             };
         }
         None

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 /// A client's transport.
 pub(super) enum Wire {
-    Tcp(TcpStream),
+    Tcp(std::sync::Arc<TcpStream>),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// Chunks of a streamed response body; the receiver goes when the client does.
     Body(mpsc::Sender<Bytes>),
@@ -61,7 +61,10 @@ impl Wire {
     /// is dropped.
     pub(super) async fn shutdown(&mut self) -> bool {
         match self {
-            Wire::Tcp(s) => s.shutdown().await.is_ok(),
+            Wire::Tcp(s) => match std::sync::Arc::get_mut(s) {
+                Some(s) => s.shutdown().await.is_ok(),
+                None => false,
+            },
             Wire::Tls(s) => Box::pin(tokio::time::timeout(LINGER, s.shutdown())).await.is_ok_and(|r| r.is_ok()),
             Wire::Body(_) => false,
         }
@@ -70,8 +73,10 @@ impl Wire {
     /// Send `frame` (a WebSocket close), then FIN, then read (and discard) until the client
     /// closes too, for at most [`LINGER`] each. Dropping a socket with unread input makes the
     /// kernel send a reset, which can destroy the close frame before the client reads it.
-    pub(super) async fn close(&mut self, frame: Bytes) {
-        if !self.flush(&mut VecDeque::from([frame]), LINGER).await || !self.shutdown().await {
+    /// `before`: the rest of a frame written in part, which must go first.
+    pub(super) async fn close(&mut self, before: Option<Bytes>, frame: Bytes) {
+        let mut out: VecDeque<Bytes> = before.into_iter().chain([frame]).collect();
+        if !self.flush(&mut out, LINGER).await || !self.shutdown().await {
             return;
         }
         let drain = async {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::sync::{mpsc, Notify};
 
 use super::format;
@@ -75,11 +75,21 @@ impl<'a> Frames<'a> {
 struct Queue {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// The task has written everything it had: the worker may write to the socket itself.
+    idle: bool,
+    /// The first frame is the rest of one the worker wrote in part.
+    partial: bool,
+    /// The client's plain TCP socket, which the worker writes to itself while `idle` and nothing
+    /// is queued; taken away when the task closes the connection.
+    direct: Option<Arc<tokio::net::TcpStream>>,
 }
 
 /// What became of a frame offered to a connection.
 enum Offer {
     Queued,
+    /// Nothing is queued and the task is not writing: the worker writes the frame itself, once
+    /// the connection table is unlocked ([`Conn::write`]).
+    Direct,
     /// The queue is full (messages or bytes): the client is a slow consumer.
     Full,
 }
@@ -119,12 +129,15 @@ impl Conn {
     }
 
     /// Queue `frame` without waiting, within `max_frames` and `max_bytes`.
-    fn offer(&self, frame: &Bytes, max_frames: usize, max_bytes: usize) -> Offer {
+    fn offer(&self, frame: &Bytes, max_frames: usize, max_bytes: usize, direct: bool) -> Offer {
         let mut q = self.queue();
         if q.frames.len() >= max_frames || q.bytes + frame.len() > max_bytes {
             return Offer::Full;
         }
         let was_empty = q.frames.is_empty();
+        if direct && was_empty && q.idle && q.direct.is_some() {
+            return Offer::Direct;
+        }
         q.bytes += frame.len();
         q.frames.push_back(frame.clone());
         drop(q);
@@ -134,9 +147,83 @@ impl Conn {
         Offer::Queued
     }
 
+    /// Write `frame` to the socket now if nothing is queued and the task is not writing (no task
+    /// wake-up, no second system call); otherwise, or for what the socket did not take, queue it
+    /// for the task.
+    fn write(&self, frame: &Bytes) {
+        let mut q = self.queue();
+        let mut rest = frame.clone();
+        if q.frames.is_empty() && q.idle {
+            if let Some(s) = &q.direct {
+                match s.try_write(frame) {
+                    Ok(n) if n == frame.len() => return,
+                    Ok(n) => {
+                        rest.advance(n);
+                        q.partial = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        let was_empty = q.frames.is_empty();
+        q.idle = false;
+        q.bytes += rest.len();
+        q.frames.push_back(rest);
+        drop(q);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The task is about to write frames of its own (a pong): the worker must not write meanwhile.
+    pub(super) fn hold(&self) {
+        self.queue().idle = false;
+    }
+
+    /// Let the worker write to `socket` itself (once the task has written what it has).
+    pub(super) fn attach(&self, socket: Arc<tokio::net::TcpStream>) {
+        self.queue().direct = Some(socket);
+    }
+
+    /// The task closes the connection: the worker writes to it no more. Returns what is left of
+    /// a frame the worker wrote in part, which must go out before the close frame.
+    pub(super) fn remainder(&self) -> Option<Bytes> {
+        let mut q = self.queue();
+        q.idle = false;
+        q.direct = None;
+        match std::mem::take(&mut q.partial) {
+            true => q.frames.pop_front(),
+            false => None,
+        }
+    }
+
+    /// The task wrote everything: the worker may write directly again, unless more is queued.
+    pub(super) fn written(&self) {
+        let mut q = self.queue();
+        q.idle = q.frames.is_empty();
+        let more = !q.idle;
+        drop(q);
+        if more {
+            self.wake.notify_one();
+        }
+    }
+
+    /// [`Conn::offer`], writing at once what may go directly.
+    fn offer_now(&self, frame: &Bytes, max_frames: usize, max_bytes: usize) -> Offer {
+        match self.offer(frame, max_frames, max_bytes, true) {
+            Offer::Direct => {
+                self.write(frame);
+                Offer::Queued
+            }
+            other => other,
+        }
+    }
+
     /// Move everything queued into `out`.
     pub(super) fn take(&self, out: &mut VecDeque<Bytes>) {
         let mut q = self.queue();
+        q.idle = false;
+        q.partial = false;
         q.bytes = 0;
         if out.is_empty() {
             std::mem::swap(out, &mut q.frames);
@@ -241,6 +328,9 @@ pub struct Worker {
     /// Pushes of at least this many bytes are compressed for connections that negotiated it
     /// (`None`: compression is off).
     compress_from: Option<usize>,
+    /// Nothing more is waiting from the broker: pushes are written to idle connections directly.
+    /// With a backlog they are queued instead, and each connection's task writes several at once.
+    quiet: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -254,7 +344,9 @@ impl Worker {
     ) -> (Worker, mpsc::Receiver<Repaired>) {
         let (table, next_conn, epoch) = (Mutex::default(), AtomicU64::new(0), Instant::now());
         let (repairs, done) = mpsc::channel(64);
-        let w = Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub, repairs, compress_from };
+        let quiet = std::sync::atomic::AtomicBool::new(true);
+        let w =
+            Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub, repairs, compress_from, quiet };
         (w, done)
     }
 
@@ -268,7 +360,10 @@ impl Worker {
                     Some(m) if crate::cluster::is_request(&m.data) && m.channel == self.id.as_bytes() => {
                         self.answer(m.data)
                     }
-                    Some(m) => self.receive(m),
+                    Some(m) => {
+                        self.quiet.store(sub.rx.is_empty(), Ordering::Relaxed);
+                        self.receive(m)
+                    }
                     None => return,
                 },
                 Some(r) = repairs.recv() => self.repaired(r),
@@ -407,7 +502,7 @@ impl Worker {
             Some(h) => r.done = Some(h),
             None => stop_recovering(&mut t.recovering, id, channel),
         }
-        if out.iter().any(|f| matches!(conn.offer(f, self.max_frames, self.max_bytes), Offer::Full)) {
+        if out.iter().any(|f| matches!(conn.offer_now(f, self.max_frames, self.max_bytes), Offer::Full)) {
             self.cut_slow(&mut t, id);
         }
     }
@@ -537,10 +632,11 @@ impl Worker {
         let skip: Option<HashSet<u64>> = (!exclude.is_empty()).then(|| {
             exclude.iter().filter_map(|u| users.get(std::str::from_utf8(u).ok()?)).flatten().copied().collect()
         });
-        let mut slow = Vec::new();
+        let (mut slow, mut direct) = (Vec::new(), Vec::new());
         let mut delivered = 0;
         let (max_frames, max_bytes) = (self.max_frames, self.max_bytes);
-        let offer = |id: u64, c: &Conn| {
+        let quiet = self.quiet.load(Ordering::Relaxed);
+        let offer = |id: u64, c: &Arc<Conn>| {
             if skip.as_ref().is_some_and(|s| s.contains(&id)) {
                 return;
             }
@@ -559,7 +655,7 @@ impl Worker {
                             // Not expected (the live messages flow before the history is read),
                             // but never silent.
                             if p.offset > last + 1 {
-                                let _ = c.offer(
+                                let _ = c.offer_now(
                                     &c.encode(&format::recovered(frames.channel, false)),
                                     max_frames,
                                     max_bytes,
@@ -569,14 +665,22 @@ impl Worker {
                     }
                 }
             }
-            match c.offer(frames.for_conn(c), max_frames, max_bytes) {
+            match c.offer(frames.for_conn(c), max_frames, max_bytes, quiet) {
                 Offer::Queued => delivered += 1,
+                Offer::Direct => direct.push((c.clone(), frames.for_conn(c).clone())),
                 Offer::Full => slow.push(id),
             }
         };
         each_member(conns, users, topics, to, offer);
         for id in slow {
             self.cut_slow(&mut table, id);
+        }
+        drop(table);
+        // Written with the table unlocked: connections come and go meanwhile. Sends come from the
+        // worker's one task, so a connection's pushes still go out in order.
+        delivered += direct.len();
+        for (c, frame) in direct {
+            c.write(&frame);
         }
         GLOBAL.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
@@ -641,7 +745,7 @@ impl Worker {
         let t = self.table();
         each_member(&t.conns, &t.users, &t.topics, to, |_, c| {
             if c.json {
-                let _ = c.offer(&c.encode(&text), self.max_frames, self.max_bytes);
+                let _ = c.offer_now(&c.encode(&text), self.max_frames, self.max_bytes);
             }
         });
     }
@@ -689,7 +793,7 @@ impl Worker {
                 return false;
             }
             // A client whose queue is full gets no ping; the next push decides its fate.
-            let _ = c.offer(if c.sse { &comment } else { &ping }, self.max_frames, self.max_bytes);
+            let _ = c.offer_now(if c.sse { &comment } else { &ping }, self.max_frames, self.max_bytes);
             true
         });
     }
@@ -871,7 +975,7 @@ fn each_member(
     users: &HashMap<Arc<str>, HashSet<u64>>,
     topics: &HashMap<Arc<str>, HashSet<u64>>,
     to: Target<'_>,
-    mut f: impl FnMut(u64, &Conn),
+    mut f: impl FnMut(u64, &Arc<Conn>),
 ) {
     let ids = match to {
         Target::All => return conns.iter().for_each(|(id, c)| f(*id, c)),
