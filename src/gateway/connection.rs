@@ -79,8 +79,7 @@ pub(super) async fn serve(
         }
     };
     Box::pin(worker.remove(id)).await;
-    let remainder = conn.remainder();
-    drop(conn);
+    let remainder = conn.detach();
     if let Some((code, reason)) = closing {
         // Boxed: a future awaited once, at the end, need not take room in every idle connection.
         Box::pin(wire.close(remainder, ws::close_frame(code, reason))).await;

@@ -61,6 +61,7 @@ impl Wire {
     /// is dropped.
     pub(super) async fn shutdown(&mut self) -> bool {
         match self {
+            // Shared with the worker until the task detaches the connection (`Conn::detach`).
             Wire::Tcp(s) => match std::sync::Arc::get_mut(s) {
                 Some(s) => s.shutdown().await.is_ok(),
                 None => false,

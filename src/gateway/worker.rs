@@ -128,7 +128,8 @@ impl Conn {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue `frame` without waiting, within `max_frames` and `max_bytes`.
+    /// Queue `frame` without waiting, within `max_frames` and `max_bytes`; with `direct`, leave
+    /// it to the worker ([`Offer::Direct`]) when the connection is idle.
     fn offer(&self, frame: &Bytes, max_frames: usize, max_bytes: usize, direct: bool) -> Offer {
         let mut q = self.queue();
         if q.frames.len() >= max_frames || q.bytes + frame.len() > max_bytes {
@@ -185,9 +186,10 @@ impl Conn {
         self.queue().direct = Some(socket);
     }
 
-    /// The task closes the connection: the worker writes to it no more. Returns what is left of
-    /// a frame the worker wrote in part, which must go out before the close frame.
-    pub(super) fn remainder(&self) -> Option<Bytes> {
+    /// The task closes the connection: the worker writes to it no more and lets go of the socket.
+    /// Returns what is left of a frame the worker wrote in part, which must go out before the
+    /// close frame.
+    pub(super) fn detach(&self) -> Option<Bytes> {
         let mut q = self.queue();
         q.idle = false;
         q.direct = None;
@@ -205,17 +207,6 @@ impl Conn {
         drop(q);
         if more {
             self.wake.notify_one();
-        }
-    }
-
-    /// [`Conn::offer`], writing at once what may go directly.
-    fn offer_now(&self, frame: &Bytes, max_frames: usize, max_bytes: usize) -> Offer {
-        match self.offer(frame, max_frames, max_bytes, true) {
-            Offer::Direct => {
-                self.write(frame);
-                Offer::Queued
-            }
-            other => other,
         }
     }
 
@@ -502,7 +493,7 @@ impl Worker {
             Some(h) => r.done = Some(h),
             None => stop_recovering(&mut t.recovering, id, channel),
         }
-        if out.iter().any(|f| matches!(conn.offer_now(f, self.max_frames, self.max_bytes), Offer::Full)) {
+        if out.iter().any(|f| matches!(conn.offer(f, self.max_frames, self.max_bytes, false), Offer::Full)) {
             self.cut_slow(&mut t, id);
         }
     }
@@ -655,10 +646,11 @@ impl Worker {
                             // Not expected (the live messages flow before the history is read),
                             // but never silent.
                             if p.offset > last + 1 {
-                                let _ = c.offer_now(
+                                let _ = c.offer(
                                     &c.encode(&format::recovered(frames.channel, false)),
                                     max_frames,
                                     max_bytes,
+                                    false,
                                 );
                             }
                         }
@@ -745,7 +737,7 @@ impl Worker {
         let t = self.table();
         each_member(&t.conns, &t.users, &t.topics, to, |_, c| {
             if c.json {
-                let _ = c.offer_now(&c.encode(&text), self.max_frames, self.max_bytes);
+                let _ = c.offer(&c.encode(&text), self.max_frames, self.max_bytes, false);
             }
         });
     }
@@ -793,7 +785,7 @@ impl Worker {
                 return false;
             }
             // A client whose queue is full gets no ping; the next push decides its fate.
-            let _ = c.offer_now(if c.sse { &comment } else { &ping }, self.max_frames, self.max_bytes);
+            let _ = c.offer(if c.sse { &comment } else { &ping }, self.max_frames, self.max_bytes, false);
             true
         });
     }
