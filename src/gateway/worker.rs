@@ -1118,3 +1118,65 @@ pub fn bench_worker(n: usize, queue: usize) -> (Arc<Worker>, Vec<Arc<Conn>>) {
     let conns = (0..n).map(|_| rt.block_on(w.add(Wants::default(), false, false)).1).collect();
     (w, conns)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A worker's connection on a real socket whose peer (returned) reads only when told.
+    async fn connection() -> (Arc<Conn>, tokio::net::TcpStream) {
+        let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
+        let w = Arc::new(Worker::new("test-0".into(), (1024, usize::MAX), None, broker, 0).0);
+        let (_, conn) = w.add(Wants::default(), false, false).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        conn.attach(Arc::new(listener.accept().await.expect("accept").0));
+        (conn, peer)
+    }
+
+    /// Read exactly `n` bytes, then check that nothing more came (the socket may be closed: once
+    /// detached, only the task holds it, and here there is none).
+    async fn read_exactly(peer: &mut tokio::net::TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut got)).await.expect("in time").expect("read");
+        let mut more = [0u8; 1];
+        let extra = tokio::time::timeout(Duration::from_millis(100), peer.read(&mut more)).await;
+        assert!(!matches!(extra, Ok(Ok(k)) if k > 0), "nothing after the {n} bytes");
+        got
+    }
+
+    #[tokio::test]
+    async fn the_worker_writes_to_an_idle_socket_and_the_task_gets_the_rest_of_a_frame() {
+        let (conn, mut peer) = connection().await;
+        let (small, max) = (Bytes::from_static(b"\x81\x02hi"), usize::MAX);
+        // Until the task has written its opening, pushes wait in the queue.
+        assert!(matches!(conn.offer(&small, 1024, max, true), Offer::Queued));
+        let mut out = VecDeque::new();
+        conn.take(&mut out);
+        assert_eq!(out, std::slice::from_ref(&small));
+        conn.written();
+        // Idle: the worker writes, and the frame goes out once.
+        assert!(matches!(conn.offer(&small, 1024, max, true), Offer::Direct));
+        conn.write(&small);
+        assert_eq!(read_exactly(&mut peer, small.len()).await, &small[..]);
+        // With a backlog the worker queues even to an idle connection.
+        assert!(matches!(conn.offer(&small, 1024, max, false), Offer::Queued));
+        conn.take(&mut out);
+        conn.written();
+        // A frame larger than the socket's buffers goes out in part; what follows waits behind
+        // its rest, which the task gets back when it closes, to write before the close frame.
+        let big = Bytes::from(vec![b'x'; 32 << 20]);
+        assert!(matches!(conn.offer(&big, 1024, max, true), Offer::Direct));
+        conn.write(&big);
+        assert!(matches!(conn.offer(&small, 1024, max, true), Offer::Queued));
+        let rest = conn.detach().expect("the rest of the big frame");
+        assert!(!rest.is_empty() && rest.len() < big.len(), "written in part: {} left", rest.len());
+        assert_eq!(rest, big.slice(big.len() - rest.len()..));
+        let sent = read_exactly(&mut peer, big.len() - rest.len()).await;
+        assert!(sent.iter().all(|&b| b == b'x'));
+        // Detached: nothing more is written by the worker.
+        conn.written();
+        assert!(matches!(conn.offer(&small, 1024, max, true), Offer::Queued));
+    }
+}
