@@ -4,6 +4,8 @@
 mod common;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use channel_proto::Request;
@@ -158,24 +160,33 @@ async fn a_client_that_never_reads_is_cut_off_and_holds_back_nobody() {
     let slow = connect(w).await; // never read from again
     let content = "x".repeat(8 * 1024);
     let n = 4000; // 32 MB: far more than the socket buffers and the 512 KiB queue hold
+                  // What each reader has got so far: the publisher never gets more than 32 pushes (256 KiB)
+                  // ahead of the slowest, so that the readers are never slow consumers themselves, however
+                  // this machine schedules them.
+    let counts: Vec<_> = (0..readers.len()).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let collectors: Vec<_> = readers
         .into_iter()
-        .map(|mut c| {
+        .zip(counts.clone())
+        .map(|(mut c, count)| {
             tokio::spawn(async move {
-                let mut got = 0;
                 while let Some(m) = next_text(&mut c.ws).await {
-                    got += 1;
+                    count.fetch_add(1, Ordering::Relaxed);
                     if m.starts_with("end") {
                         break;
                     }
                 }
-                got
+                count.load(Ordering::Relaxed)
             })
         })
         .collect();
     let s = tokio::net::TcpStream::connect(("127.0.0.1", h)).await.unwrap();
     let mut s = tokio::io::BufReader::new(s);
-    for _ in 0..n {
+    for i in 0..n {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while counts.iter().any(|c| c.load(Ordering::Relaxed) + 32 < i) {
+            assert!(tokio::time::Instant::now() < deadline, "the readers stopped getting pushes");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         // Keep-alive requests on one connection; each answer is read before the next request.
         let req = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\ncontent={content}", content.len() + 8);
         s.get_mut().write_all(req.as_bytes()).await.unwrap();

@@ -297,6 +297,31 @@ struct Table {
 /// Changes kept for the trackers before the oldest are dropped.
 const MAX_CHANGES: usize = 65_536;
 
+/// Whether the worker keeps up, so that it may write pushes to idle connections itself: nothing
+/// else is waiting from the broker, and writing this message directly would keep the worker busy
+/// at most half the time since the last message (as long as the last one written directly took).
+/// Otherwise pushes are queued, and each connection's task writes several at once when it gets
+/// to run: under overload, writes coalesce instead of costing a system call per push.
+#[derive(Default)]
+struct Pace {
+    last: Option<Instant>,
+    direct: Duration,
+}
+
+impl Pace {
+    /// Whether the message that came at `now` is written directly (`backlog`: more are waiting).
+    fn direct(&mut self, now: Instant, backlog: bool) -> bool {
+        let since = self.last.map_or(Duration::MAX, |l| now.saturating_duration_since(l));
+        self.last = Some(now);
+        !backlog && since >= self.direct * 2
+    }
+
+    /// The last message written directly took `took`.
+    fn took(&mut self, took: Duration) {
+        self.direct = took;
+    }
+}
+
 /// Whom a push is for.
 enum Target<'a> {
     All,
@@ -319,8 +344,7 @@ pub struct Worker {
     /// Pushes of at least this many bytes are compressed for connections that negotiated it
     /// (`None`: compression is off).
     compress_from: Option<usize>,
-    /// Nothing more is waiting from the broker: pushes are written to idle connections directly.
-    /// With a backlog they are queued instead, and each connection's task writes several at once.
+    /// The worker keeps up (see [`Pace`]): pushes are written to idle connections directly.
     quiet: std::sync::atomic::AtomicBool,
 }
 
@@ -344,6 +368,7 @@ impl Worker {
     /// Carry out what the broker sends (and the gap fillings) until the subscription ends. One
     /// task per worker: messages of a channel are delivered in order.
     pub(super) async fn run(self: Arc<Self>, mut sub: Subscription, mut repairs: mpsc::Receiver<Repaired>) {
+        let mut pace = Pace::default();
         loop {
             tokio::select! {
                 m = sub.recv() => match m {
@@ -352,8 +377,13 @@ impl Worker {
                         self.answer(m.data)
                     }
                     Some(m) => {
-                        self.quiet.store(sub.rx.is_empty(), Ordering::Relaxed);
-                        self.receive(m)
+                        let start = Instant::now();
+                        let direct = pace.direct(start, !sub.rx.is_empty());
+                        self.quiet.store(direct, Ordering::Relaxed);
+                        self.receive(m);
+                        if direct {
+                            pace.took(start.elapsed());
+                        }
                     }
                     None => return,
                 },
@@ -1123,6 +1153,25 @@ pub fn bench_worker(n: usize, queue: usize) -> (Arc<Worker>, Vec<Arc<Conn>>) {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn the_worker_writes_directly_only_while_it_keeps_up() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut pace = Pace::default();
+        assert!(pace.direct(t0, false), "the first message, nothing waiting");
+        pace.took(ms(300));
+        // A fan-out written directly took 300 ms: the next message goes direct only if it came
+        // at least 600 ms later, and never while more are waiting.
+        assert!(!pace.direct(t0 + ms(500), false), "busy more than half the time: queued");
+        assert!(pace.direct(t0 + ms(1100), false), "600 ms since the last one: direct");
+        assert!(!pace.direct(t0 + ms(2000), true), "a backlog: queued");
+        // Queued messages do not change the estimate; a quicker direct one does.
+        assert!(!pace.direct(t0 + ms(2100), false));
+        assert!(pace.direct(t0 + ms(2700), false));
+        pace.took(ms(1));
+        assert!(pace.direct(t0 + ms(2702), false), "targeted pushes 2 ms apart, 1 ms each");
+    }
 
     /// A worker's connection on a real socket whose peer (returned) reads only when told.
     async fn connection() -> (Arc<Conn>, tokio::net::TcpStream) {
