@@ -14,8 +14,8 @@
 //!
 //! **Fan-out.** A push is encoded into one WebSocket frame once and the same bytes are queued to
 //! every connection. Each connection has a bounded queue; a client whose queue is full is a slow
-//! consumer and is closed (1008), so it never holds back the others. When the worker has no
-//! backlog it writes to an idle plain-TCP connection itself, without waking its task. A
+//! consumer and is closed (1008), so it never holds back the others. While the worker keeps up
+//! it writes to an idle plain-TCP connection itself, without waking its task. A
 //! per-worker sweeper pings every connection and closes those that stopped answering.
 //!
 //! Layout: [`worker`] (a shard: connection table with users and topics, fan-out, heartbeat sweep),
