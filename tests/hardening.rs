@@ -160,9 +160,10 @@ async fn a_client_that_never_reads_is_cut_off_and_holds_back_nobody() {
     let slow = connect(w).await; // never read from again
     let content = "x".repeat(8 * 1024);
     let n = 4000; // 32 MB: far more than the socket buffers and the 512 KiB queue hold
-                  // What each reader has got so far: the publisher never gets more than 32 pushes (256 KiB)
-                  // ahead of the slowest, so that the readers are never slow consumers themselves, however
-                  // this machine schedules them.
+
+    // What each reader has got so far: the publisher never gets more than 32 pushes (256 KiB)
+    // ahead of the slowest, so that the readers are never slow consumers themselves, however
+    // this machine schedules them.
     let counts: Vec<_> = (0..readers.len()).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let collectors: Vec<_> = readers
         .into_iter()
