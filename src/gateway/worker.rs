@@ -14,7 +14,7 @@
 //! gets what it missed from history, merged at the seam with the live messages held meanwhile.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -151,15 +151,14 @@ impl Conn {
     /// Write `frame` to the socket now if nothing is queued and the task is not writing (no task
     /// wake-up, no second system call); otherwise, or for what the socket did not take, queue it
     /// for the task.
-    fn write(&self, frame: &Bytes) {
+    fn write(&self, mut frame: Bytes) {
         let mut q = self.queue();
-        let mut rest = frame.clone();
         if q.frames.is_empty() && q.idle {
             if let Some(s) = &q.direct {
-                match s.try_write(frame) {
+                match s.try_write(&frame) {
                     Ok(n) if n == frame.len() => return,
                     Ok(n) => {
-                        rest.advance(n);
+                        frame.advance(n);
                         q.partial = true;
                     }
                     Err(_) => {}
@@ -168,8 +167,8 @@ impl Conn {
         }
         let was_empty = q.frames.is_empty();
         q.idle = false;
-        q.bytes += rest.len();
-        q.frames.push_back(rest);
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
         drop(q);
         if was_empty {
             self.wake.notify_one();
@@ -305,7 +304,7 @@ const MAX_CHANGES: usize = 65_536;
 #[derive(Default)]
 struct Pace {
     last: Option<Instant>,
-    direct: Duration,
+    last_direct: Duration,
 }
 
 impl Pace {
@@ -313,12 +312,12 @@ impl Pace {
     fn direct(&mut self, now: Instant, backlog: bool) -> bool {
         let since = self.last.map_or(Duration::MAX, |l| now.saturating_duration_since(l));
         self.last = Some(now);
-        !backlog && since >= self.direct * 2
+        !backlog && since >= self.last_direct * 2
     }
 
     /// The last message written directly took `took`.
     fn took(&mut self, took: Duration) {
-        self.direct = took;
+        self.last_direct = took;
     }
 }
 
@@ -345,7 +344,7 @@ pub struct Worker {
     /// (`None`: compression is off).
     compress_from: Option<usize>,
     /// The worker keeps up (see [`Pace`]): pushes are written to idle connections directly.
-    quiet: std::sync::atomic::AtomicBool,
+    quiet: AtomicBool,
 }
 
 impl Worker {
@@ -359,7 +358,7 @@ impl Worker {
     ) -> (Worker, mpsc::Receiver<Repaired>) {
         let (table, next_conn, epoch) = (Mutex::default(), AtomicU64::new(0), Instant::now());
         let (repairs, done) = mpsc::channel(64);
-        let quiet = std::sync::atomic::AtomicBool::new(true);
+        let quiet = AtomicBool::new(true);
         let w =
             Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub, repairs, compress_from, quiet };
         (w, done)
@@ -687,9 +686,10 @@ impl Worker {
                     }
                 }
             }
-            match c.offer(frames.for_conn(c), max_frames, max_bytes, quiet) {
+            let frame = frames.for_conn(c);
+            match c.offer(frame, max_frames, max_bytes, quiet) {
                 Offer::Queued => delivered += 1,
-                Offer::Direct => direct.push((c.clone(), frames.for_conn(c).clone())),
+                Offer::Direct => direct.push((c.clone(), frame.clone())),
                 Offer::Full => slow.push(id),
             }
         };
@@ -702,7 +702,7 @@ impl Worker {
         // worker's one task, so a connection's pushes still go out in order.
         delivered += direct.len();
         for (c, frame) in direct {
-            c.write(&frame);
+            c.write(frame);
         }
         GLOBAL.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
         delivered
@@ -1207,7 +1207,7 @@ mod tests {
         conn.written();
         // Idle: the worker writes, and the frame goes out once.
         assert!(matches!(conn.offer(&small, 1024, max, true), Offer::Direct));
-        conn.write(&small);
+        conn.write(small.clone());
         assert_eq!(read_exactly(&mut peer, small.len()).await, &small[..]);
         // With a backlog the worker queues even to an idle connection.
         assert!(matches!(conn.offer(&small, 1024, max, false), Offer::Queued));
@@ -1217,7 +1217,7 @@ mod tests {
         // its rest, which the task gets back when it closes, to write before the close frame.
         let big = Bytes::from(vec![b'x'; 32 << 20]);
         assert!(matches!(conn.offer(&big, 1024, max, true), Offer::Direct));
-        conn.write(&big);
+        conn.write(big.clone());
         assert!(matches!(conn.offer(&small, 1024, max, true), Offer::Queued));
         let rest = conn.detach().expect("the rest of the big frame");
         assert!(!rest.is_empty() && rest.len() < big.len(), "written in part: {} left", rest.len());
