@@ -102,7 +102,9 @@ pub struct HubStats {
 
 struct Client {
     sink: Sink,
+    /// Channels subscribed.
     names: HashSet<Name>,
+    /// Queues watched.
     watching: Vec<Name>,
     reserved: bool,
     /// A pushwire node: events carry positions, publishes are answered with theirs.
@@ -278,11 +280,8 @@ impl Hub {
                 for n in names {
                     if let Some(c) = st.clients.get_mut(&id) {
                         c.watching.retain(|w| *w != n);
-                        c.names.remove(&n);
                     }
-                    if let Some(q) = st.queues.get_mut(&n) {
-                        q.watchers.retain(|w| *w != id);
-                    }
+                    unwatch(&mut st, id, &n);
                 }
                 Ok(())
             }
@@ -307,7 +306,7 @@ impl Hub {
         if let Some(n) = names.iter().find(|n| n.as_bytes().len() > self.limits.max_name_len) {
             return Err(HubError::NameTooLong(n.as_bytes().len(), self.limits.max_name_len));
         }
-        let held = st.clients.get(&id).map_or(0, |c| c.names.len());
+        let held = st.clients.get(&id).map_or(0, |c| c.names.len() + c.watching.len());
         if held + names.len() > self.limits.max_names_per_client {
             return Err(HubError::TooManyNames(self.limits.max_names_per_client));
         }
@@ -429,7 +428,6 @@ impl Hub {
                 return Ok(());
             };
             c.watching.push(n.clone());
-            c.names.insert(n.clone());
             st.queues.entry(n.clone()).or_default().watchers.push(id);
             dispatch(&mut st, &n, &self.stats);
         }
@@ -606,11 +604,17 @@ fn drop_client(st: &mut State, id: ClientId) {
         }
     }
     for n in &c.watching {
-        if let Some(q) = st.queues.get_mut(n) {
-            q.watchers.retain(|w| *w != id);
-            if q.watchers.is_empty() && q.items.is_empty() {
-                st.queues.remove(n);
-            }
+        unwatch(st, id, n);
+    }
+}
+
+/// Take client `id` off the watchers of queue `name`; a queue left with neither watchers nor
+/// items goes, so that names watched once do not fill `max_queues`.
+fn unwatch(st: &mut State, id: ClientId, name: &Name) {
+    if let Some(q) = st.queues.get_mut(name) {
+        q.watchers.retain(|w| *w != id);
+        if q.watchers.is_empty() && q.items.is_empty() {
+            st.queues.remove(name);
         }
     }
 }
@@ -714,5 +718,30 @@ mod tests {
         hub.handle(id, Request::Watch(vec![Name::new("r")])).unwrap();
         hub.handle(id, Request::Reserve).unwrap();
         hub.enqueue(&[Name::new("r")], &Bytes::from_static(b"123456789")).unwrap();
+    }
+
+    #[test]
+    fn queues_emptied_by_unwatch_go_and_leave_room_for_new_names() {
+        let hub = Hub::default();
+        let (id, _rx) = local(&hub);
+        for i in 0..20_000 {
+            let n = vec![Name::new(format!("q{i}"))];
+            hub.handle(id, Request::Watch(n.clone())).unwrap();
+            hub.handle(id, Request::Unwatch(n)).unwrap();
+        }
+        assert_eq!(hub.lock().queues.len(), 0, "no empty queue without a watcher is kept");
+        hub.handle(id, Request::Watch(vec![Name::new("new")])).unwrap();
+        hub.enqueue(&[Name::new("another")], &Bytes::from_static(b"x")).unwrap();
+        // A queue that still holds items stays after its watcher leaves; a name both watched
+        // and subscribed stays subscribed after the unwatch.
+        hub.handle(id, Request::Unwatch(vec![Name::new("new")])).unwrap();
+        assert_eq!(hub.lock().queues.len(), 1);
+        let (sub, mut rx) = local(&hub);
+        let both = Name::new("both");
+        hub.handle(sub, Request::Watch(vec![both.clone()])).unwrap();
+        hub.subscribe(sub, vec![both.clone()]).unwrap();
+        hub.handle(sub, Request::Unwatch(vec![both.clone()])).unwrap();
+        hub.publish(std::slice::from_ref(&both), &Bytes::from_static(b"hi"));
+        assert!(rx.try_recv().is_ok(), "still subscribed to the channel");
     }
 }

@@ -42,20 +42,13 @@ pub(super) async fn serve(
             }
             conn.written();
         }
-        loop {
-            match reader.parse(&mut buf, cfg.max_client_frame) {
-                Ok(None) => break,
-                Ok(Some(ClientFrame::Ping(p))) => {
-                    conn.hold();
-                    out.push_back(ws::pong(&p))
-                }
-                Ok(Some(ClientFrame::Close(code))) => break 'conn Some((code.unwrap_or(close::NORMAL), "")),
-                Ok(Some(ClientFrame::Data | ClientFrame::Pong)) => {}
-                Err(e) => {
-                    GLOBAL.bad_client_frames.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(worker = %worker.id, connection = id, "closing: {e}");
-                    break 'conn Some((e.code(), "bad frame"));
-                }
+        match on_frames(&mut reader, &mut buf, cfg.max_client_frame, &conn, &mut out) {
+            Ok(()) => {}
+            Err(Ok(code)) => break 'conn Some((code, "")),
+            Err(Err(e)) => {
+                GLOBAL.bad_client_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(worker = %worker.id, connection = id, "closing: {e}");
+                break 'conn Some((e.code(), "bad frame"));
             }
         }
         if !out.is_empty() {
@@ -85,6 +78,30 @@ pub(super) async fn serve(
         Box::pin(wire.close(remainder, ws::close_frame(code, reason))).await;
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
+}
+
+/// Act on every whole frame in `buf`: a ping is answered, after whatever the worker left queued
+/// (the rest of a frame it wrote in part, above all: the answer must not land inside it). Ends at
+/// a client's close (its code) or a bad frame.
+fn on_frames(
+    reader: &mut ws::Reader,
+    buf: &mut BytesMut,
+    max_frame: usize,
+    conn: &Conn,
+    out: &mut VecDeque<Bytes>,
+) -> Result<(), Result<u16, ws::WsError>> {
+    loop {
+        match reader.parse(buf, max_frame) {
+            Ok(None) => return Ok(()),
+            Ok(Some(ClientFrame::Ping(p))) => {
+                conn.take(out);
+                out.push_back(ws::pong(&p))
+            }
+            Ok(Some(ClientFrame::Close(code))) => return Err(Ok(code.unwrap_or(close::NORMAL))),
+            Ok(Some(ClientFrame::Data | ClientFrame::Pong)) => {}
+            Err(e) => return Err(Err(e)),
+        }
+    }
 }
 
 /// Serve one Server-Sent Events stream (its response head in `head`, unless already written) until the client goes
@@ -134,4 +151,70 @@ async fn open(worker: &Arc<Worker>, wants: Option<Box<Wants>>, sse: bool, deflat
     };
     let welcome = conn.encode(&text);
     (id, conn, welcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Message;
+    use crate::push::Push;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One server frame from `r`: (first byte, payload).
+    async fn server_frame(r: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        r.read_exact(&mut head).await.expect("frame head");
+        assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
+        let len = match head[1] & 0x7f {
+            126 => r.read_u16().await.expect("length") as usize,
+            127 => r.read_u64().await.expect("length") as usize,
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).await.expect("payload");
+        (head[0], payload)
+    }
+
+    /// The worker writes a push to an idle socket, which takes only part of it; a client ping is
+    /// then read before the task takes its queue. The pong must follow the whole push.
+    #[tokio::test]
+    async fn a_pong_goes_after_the_rest_of_a_push_the_worker_wrote_in_part() {
+        let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
+        let worker = Arc::new(Worker::new("test-0".into(), (1024, usize::MAX), None, broker, 0).0);
+        let (_, conn) = worker.add(Wants::default(), false, false).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let socket = Arc::new(listener.accept().await.expect("accept").0);
+        conn.attach(socket.clone());
+        conn.written();
+
+        // A push larger than the socket's buffers: written directly, in part.
+        let content = vec![b'x'; 16 << 20];
+        let push = Push { to_connection_id: None, content: content.clone(), exclude_uid: Vec::new() };
+        let m = Message { channel: Bytes::from_static(b"broadcast"), data: push.encode().into(), position: None };
+        worker.handle(m);
+
+        // The client pings; the task reads the ping first.
+        client.write_all(&[0x89, 0x84, 1, 2, 3, 4, b'p' ^ 1, b'i' ^ 2, b'n' ^ 3, b'g' ^ 4]).await.expect("ping");
+        let mut buf = BytesMut::new();
+        while buf.len() < 10 {
+            socket.readable().await.expect("readable");
+            let _ = socket.try_read_buf(&mut buf);
+        }
+        let (mut reader, mut out) = (ws::Reader::new(false), VecDeque::new());
+        on_frames(&mut reader, &mut buf, 1 << 20, &conn, &mut out).expect("a ping is no reason to close");
+
+        let read = tokio::spawn(async move {
+            let push = server_frame(&mut client).await;
+            let pong = server_frame(&mut client).await;
+            (push, pong)
+        });
+        let mut wire = Wire::Tcp(socket);
+        assert!(wire.flush(&mut out, std::time::Duration::from_secs(10)).await, "written");
+        let ((op, payload), pong) =
+            tokio::time::timeout(std::time::Duration::from_secs(20), read).await.expect("in time").expect("read");
+        assert_eq!((op, payload.len()), (0x81, content.len()), "the push, whole");
+        assert!(payload == content, "the push's bytes, unbroken");
+        assert_eq!(pong, (0x8a, b"ping".to_vec()), "then the pong");
+    }
 }

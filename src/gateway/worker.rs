@@ -175,11 +175,6 @@ impl Conn {
         }
     }
 
-    /// The task is about to write frames of its own (a pong): the worker must not write meanwhile.
-    pub(super) fn hold(&self) {
-        self.queue().idle = false;
-    }
-
     /// Let the worker write to `socket` itself (once the task has written what it has).
     pub(super) fn attach(&self, socket: Arc<tokio::net::TcpStream>) {
         self.queue().direct = Some(socket);
