@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -319,8 +319,12 @@ impl Publisher {
         cors(resp)
     }
 
-    /// The query string and, for a POST, the form body after it; and the bearer key, if any.
-    async fn read_form(&self, req: Request<Incoming>) -> Result<(Vec<u8>, Option<String>), PublishError> {
+    /// The query string and, for a POST, the form body after it, once the publish key (when
+    /// there is one) has been found and checked. A key in the `Authorization` header or the
+    /// query string is checked before the body is read; a key only in a form body must come
+    /// within its first [`MAX_BODY_BEFORE_KEY`] bytes, and is checked as soon as it has come:
+    /// a stranger never makes the publisher hold more than that.
+    async fn read_form(&self, req: Request<Incoming>) -> Result<Vec<u8>, PublishError> {
         let bearer = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -328,26 +332,60 @@ impl Publisher {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned);
         let mut form = req.uri().query().unwrap_or_default().as_bytes().to_vec();
+        let mut authorized = self.cfg.publish_key.is_none();
+        if let Some(key) = bearer.or_else(|| form_key(&form, true)) {
+            self.check_key(&key)?;
+            authorized = true;
+        }
         if req.method() == Method::POST {
             // Every character of content may take 12 bytes once UTF-8 and percent-encoded.
             let limit = self.cfg.max_content * 12 + 4096;
             let wait = self.cfg.body_timeout;
-            let body = tokio::time::timeout(wait, Limited::new(req.into_body(), limit).collect())
-                .await
-                .map_err(|_| PublishError::BodyTimeout(wait))?
-                .map_err(|_| PublishError::TooLarge(limit))?;
+            let deadline = tokio::time::Instant::now() + wait;
+            let mut body = req.into_body();
+            let mut read = Vec::new();
+            while let Some(frame) =
+                tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| PublishError::BodyTimeout(wait))?
+            {
+                let Ok(data) = frame.map_err(|e| PublishError::BadRequest(format!("request body: {e}")))?.into_data()
+                else {
+                    continue;
+                };
+                if read.len() + data.len() > limit {
+                    return Err(PublishError::TooLarge(limit));
+                }
+                read.extend_from_slice(&data);
+                if !authorized {
+                    match form_key(&read, false) {
+                        Some(key) => {
+                            self.check_key(&key)?;
+                            authorized = true;
+                        }
+                        None if read.len() > MAX_BODY_BEFORE_KEY => return Err(PublishError::Unauthorized),
+                        None => {}
+                    }
+                }
+            }
+            if !authorized {
+                if let Some(key) = form_key(&read, true) {
+                    self.check_key(&key)?;
+                    authorized = true;
+                }
+            }
             if !form.is_empty() {
                 form.push(b'&');
             }
-            form.extend_from_slice(&body.to_bytes());
+            form.extend_from_slice(&read);
         }
-        Ok((form, bearer))
+        match authorized {
+            true => Ok(form),
+            false => Err(PublishError::Unauthorized),
+        }
     }
 
-    /// Whether the key given (as a bearer token or `key=`) is the publish key, when there is one.
-    fn check_key(&self, bearer: Option<String>, key: Option<&String>) -> Result<(), PublishError> {
+    /// Whether `given` is the publish key (compared in constant time).
+    fn check_key(&self, given: &str) -> Result<(), PublishError> {
         if let Some(want) = &self.cfg.publish_key {
-            let given = bearer.or_else(|| key.cloned()).unwrap_or_default();
             if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), want.as_bytes())) {
                 return Err(PublishError::Unauthorized);
             }
@@ -356,9 +394,8 @@ impl Publisher {
     }
 
     async fn publish(&self, req: Request<Incoming>) -> Result<Option<Position>, PublishError> {
-        let (form, bearer) = self.read_form(req).await?;
+        let form = self.read_form(req).await?;
         let r = PublishRequest::parse(&form, self.cfg.max_content)?;
-        self.check_key(bearer, r.key.as_ref())?;
         let (channel, data) = r.to_message();
         Ok(self.broker.publish(&channel, data).await?)
     }
@@ -366,9 +403,8 @@ impl Publisher {
     /// `GET /history?channel=C[&since=N][&limit=L]`: the messages of C after offset N (0: all
     /// kept), at most L (100; at most 1000), with the channel's epoch and latest offset.
     async fn history(&self, req: Request<Incoming>) -> Result<serde_json::Value, PublishError> {
-        let (form, bearer) = self.read_form(req).await?;
+        let form = self.read_form(req).await?;
         let f = parse_fields(&form, &["channel", "since", "limit"])?;
-        self.check_key(bearer, f.get("key"))?;
         let bad = |m: String| PublishError::BadRequest(m);
         let channel = f.get("channel").ok_or_else(|| bad("missing parameter \"channel\"".into()))?;
         let name_ok = match Audience::of(channel) {
@@ -417,7 +453,7 @@ impl Publisher {
 
     /// `/bind`, `/unbind`, `/join`, `/leave`, `/online`, `/presence`, `/cluster`: JSON answers.
     async fn cluster_request(&self, req: Request<Incoming>, path: &str) -> Result<serde_json::Value, PublishError> {
-        let (form, bearer) = self.read_form(req).await?;
+        let form = self.read_form(req).await?;
         let (name, wanted): (&str, &[&str]) = match path {
             "/bind" | "/unbind" => ("uid", &["to_worker_id", "to_connection_id", "uid"]),
             "/join" | "/leave" => ("channel", &["to_worker_id", "to_connection_id", "channel"]),
@@ -426,7 +462,6 @@ impl Publisher {
             _ => ("", &[]),
         };
         let f = parse_fields(&form, wanted)?;
-        self.check_key(bearer, f.get("key"))?;
         if path == "/cluster" {
             return Ok(serde_json::json!({"ok": true, "gateways": self.asker.alive()}));
         }
@@ -495,6 +530,16 @@ pub const DEFAULT_HISTORY_PAGE: usize = 100;
 
 /// Users listed in a presence answer unless `limit` says otherwise.
 pub const DEFAULT_PRESENCE_UIDS: usize = 100;
+
+/// Most bytes of a form body read while looking for the publish key in it.
+pub const MAX_BODY_BEFORE_KEY: usize = 4096;
+
+/// The `key` field of `form`, among its complete fields (`whole`: the form is all there; else
+/// only fields followed by `&` count, as the last one may be cut short).
+fn form_key(form: &[u8], whole: bool) -> Option<String> {
+    let end = if whole { form.len() } else { form.iter().rposition(|&b| b == b'&')? };
+    form_urlencoded::parse(&form[..end]).find(|(k, _)| k == "key").map(|(_, v)| v.into_owned())
+}
 
 /// Read a form of `wanted` fields (plus `key`), each at most once.
 fn parse_fields(form: &[u8], wanted: &[&str]) -> Result<Fields, PublishError> {

@@ -178,3 +178,59 @@ async fn the_publisher_caps_connections_and_bounds_request_bodies() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(http_get(h, "/?content=x").await.0, 200);
 }
+
+/// Send `head` and `body` on a new connection and read the answer's status line, within `limit`
+/// and without sending more than `body`.
+async fn status_after(h: u16, head: &str, body: &[u8], limit: Duration) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", h)).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(body).await.expect("body");
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(limit, s.read(&mut answer)).await.expect("answered without the rest").expect("read");
+    String::from_utf8_lossy(&answer[..n]).lines().next().unwrap_or_default().to_owned()
+}
+
+/// A request that announces a large body is judged on its key before the publisher reads (and
+/// holds) that body: a wrong key in the header or the URL at once, no key within the first 4 KiB.
+#[tokio::test]
+async fn the_publisher_checks_the_key_before_reading_a_body() {
+    let h = free_port();
+    let hl = format!("127.0.0.1:{h}");
+    let args = ["publisher", "--listen", &hl, "--broker", "memory", "--publish-key", "sesame", "--body-timeout", "30s"];
+    let _p = Proc::start(&args, &[h]).await;
+    let post = |target: &str, auth: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: 700000\r\n\r\n"
+        )
+    };
+    let quick = Duration::from_secs(5);
+    let wrong = "Authorization: Bearer nope\r\n";
+    assert!(status_after(h, &post("/", wrong), b"", quick).await.contains(" 401 "), "wrong bearer key");
+    assert!(status_after(h, &post("/?key=nope", ""), b"", quick).await.contains(" 401 "), "wrong key in the URL");
+    assert!(status_after(h, &post("/join", wrong), b"", quick).await.contains(" 401 "), "every endpoint");
+    let filler = format!("content={}", "x".repeat(8192));
+    assert!(status_after(h, &post("/", ""), filler.as_bytes(), quick).await.contains(" 401 "), "no key in 4 KiB");
+    let late = format!("{filler}&key=sesame&");
+    assert!(status_after(h, &post("/", ""), late.as_bytes(), quick).await.contains(" 401 "), "a key after 4 KiB");
+    let late = format!("key=nope&{filler}");
+    assert!(status_after(h, &post("/", ""), late.as_bytes(), quick).await.contains(" 401 "), "a wrong key in the body");
+    // The right key, in each place, lets a whole body through; `key` first in a form body.
+    let body = format!("content={}", "y".repeat(60_000));
+    let full = |target: &str, auth: &str, body: &str| {
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for (target, auth, body) in [
+        ("/", "Authorization: Bearer sesame\r\n", body.clone()),
+        ("/?key=sesame", "", body.clone()),
+        ("/", "", format!("key=sesame&{body}")),
+        ("/", "", "content=short&key=sesame".to_owned()),
+    ] {
+        let status = status_after(h, &full(target, auth, &body), b"", WAIT).await;
+        assert!(status.contains(" 200 "), "{target} {auth:?} {}: {status}", &body[..20.min(body.len())]);
+    }
+}
