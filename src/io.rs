@@ -73,12 +73,13 @@ pub async fn bind_tcp(addr: &str) -> std::io::Result<TcpListener> {
 }
 
 impl Listener {
-    /// Bind `addr`; a stale Unix socket file is replaced.
+    /// Bind `addr`. A stale Unix socket at the path (nobody accepts on it) is replaced; a live
+    /// one, or any other kind of file, is left alone and binding fails.
     pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
         match addr {
             ListenAddr::Tcp(a) => Ok(Listener::Tcp(bind_tcp(a).await?)),
             ListenAddr::Unix(p) => {
-                let _ = std::fs::remove_file(p);
+                remove_stale_socket(p)?;
                 Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
             }
         }
@@ -181,6 +182,24 @@ pub fn log_accept_error(what: &str, e: &std::io::Error) {
     }
 }
 
+/// Remove the Unix socket at `path` if nobody accepts on it; refuse to touch anything else.
+fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if !m.file_type().is_socket() => Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket: not removed (choose another path)", path.display()),
+        )),
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            Err(Error::new(ErrorKind::AddrInUse, format!("{} is the socket of a running server", path.display())))
+        }
+        Ok(_) => std::fs::remove_file(path),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +211,26 @@ mod tests {
         assert_eq!("unix:/tmp/x.sock".parse(), Ok(ListenAddr::Unix("/tmp/x.sock".into())));
         assert!("nonsense".parse::<ListenAddr>().is_err());
         assert!("host:99999".parse::<ListenAddr>().is_err());
+    }
+
+    #[tokio::test]
+    async fn binding_a_unix_path_replaces_only_a_stale_socket() {
+        let dir = std::env::temp_dir().join(format!("pushwire-bind-{}", random_hex(6)));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("x.sock");
+        let addr = ListenAddr::Unix(path.clone());
+        std::fs::write(&path, b"precious").unwrap();
+        let e = Listener::bind(&addr).await.err().expect("a regular file is not replaced");
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        // A socket left by a server that is gone is replaced; a live one is not.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let live = Listener::bind(&addr).await.expect("a stale socket is replaced");
+        let e = Listener::bind(&addr).await.err().expect("a live socket is not replaced");
+        assert!(e.to_string().contains("running server"), "{e}");
+        drop(live);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
