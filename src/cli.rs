@@ -244,6 +244,10 @@ pub struct GatewayOpts {
     /// Refuse connections without a valid token (401).
     #[arg(long)]
     pub require_token: bool,
+    /// Longest token lifetime accepted (e.g. 1h): tokens must then have `exp`, at most this far
+    /// ahead. Unset, a token without `exp` never expires.
+    #[arg(long, value_parser = parse_duration)]
+    pub token_max_age: Option<Duration>,
     /// Presence lease: a heartbeat goes out every third of it; a gateway silent for a whole lease
     /// (killed, cut off) drops out of every count.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
@@ -423,7 +427,7 @@ impl GatewayOpts {
             outbound_queue: self.outbound_queue,
             outbound_queue_bytes: self.outbound_queue_bytes,
             heartbeat: self.heartbeat,
-            tokens: crate::token::TokenPolicy { verifier, required: self.require_token },
+            tokens: crate::token::TokenPolicy { verifier, required: self.require_token, max_age: self.token_max_age },
             lease: self.presence_lease,
             subscription_buffer: self.subscription_buffer,
             compression: self.compression.0,

@@ -1,7 +1,8 @@
 //! Connection tokens: a JWT given as `?token=` on the WebSocket URL says who the connection is
 //! (`sub`, the user id) and which topics it joins at once (`channels`). HS256 with a shared secret,
 //! or RS256 / ES256 with a public key; `exp` and `nbf` are honoured when present, with no leeway
-//! beyond [`LEEWAY`]. Names are checked like every user and topic name ([`crate::push::valid_name`]).
+//! beyond [`LEEWAY`]. With a longest lifetime set (`--token-max-age`), a token must have `exp`, no
+//! further than that from now. Names are checked like every user and topic name ([`crate::push::valid_name`]).
 
 use std::time::Duration;
 
@@ -32,6 +33,10 @@ pub enum TokenError {
     TooLong,
     #[error("token expired")]
     Expired,
+    #[error("token has no exp, and this gateway accepts tokens valid for at most {0:?}")]
+    NoExpiry(Duration),
+    #[error("token valid for longer than this gateway accepts ({0:?})")]
+    TooLongLived(Duration),
     #[error("token not valid yet (nbf)")]
     NotYetValid,
     #[error("token signature does not verify")]
@@ -60,6 +65,7 @@ impl std::fmt::Debug for Verifier {
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: Option<String>,
+    exp: Option<u64>,
     #[serde(default)]
     channels: Vec<String>,
 }
@@ -89,8 +95,9 @@ impl Verifier {
         Verifier { key, validation }
     }
 
-    /// Check `token` and read the identity it carries.
-    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+    /// Check `token` (valid for at most `max_age` from now, when given) and read the identity it
+    /// carries.
+    pub fn verify(&self, token: &str, max_age: Option<Duration>) -> Result<Identity, TokenError> {
         use jsonwebtoken::errors::ErrorKind as K;
         if token.len() > MAX_TOKEN {
             return Err(TokenError::TooLong);
@@ -106,7 +113,15 @@ impl Verifier {
             K::InvalidAlgorithm => TokenError::WrongAlgorithm(format!("{:?}", header.alg)),
             _ => TokenError::Malformed(e.to_string()),
         })?;
-        let Claims { sub, channels } = data.claims;
+        let Claims { sub, exp, channels } = data.claims;
+        if let Some(max) = max_age {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            match exp {
+                None => return Err(TokenError::NoExpiry(max)),
+                Some(e) if e > (now + max + LEEWAY).as_secs() => return Err(TokenError::TooLongLived(max)),
+                Some(_) => {}
+            }
+        }
         if let Some(uid) = &sub {
             crate::push::check_name("sub", uid).map_err(TokenError::BadClaim)?;
         }
@@ -129,6 +144,8 @@ pub struct TokenPolicy {
     pub verifier: Option<Verifier>,
     /// Refuse connections without a token.
     pub required: bool,
+    /// Refuse tokens without `exp`, or valid for longer than this from now.
+    pub max_age: Option<Duration>,
 }
 
 impl TokenPolicy {
@@ -138,7 +155,7 @@ impl TokenPolicy {
             (None, _) if self.required => Err(TokenError::Missing),
             (None, _) => Ok(Identity::default()),
             (Some(_), None) => Err(TokenError::NotConfigured),
-            (Some(t), Some(v)) => v.verify(t),
+            (Some(t), Some(v)) => v.verify(t, self.max_age),
         }
     }
 }
@@ -159,28 +176,45 @@ mod tests {
     #[test]
     fn hs256_rules() {
         let v = Verifier::hs256(b"k");
-        let id = v.verify(&hs(serde_json::json!({"sub": "42", "channels": ["b", "a", "a"]}), b"k")).unwrap();
+        let id = v.verify(&hs(serde_json::json!({"sub": "42", "channels": ["b", "a", "a"]}), b"k"), None).unwrap();
         assert_eq!(id, Identity { uid: Some("42".into()), channels: vec!["a".into(), "b".into()] });
-        let e = |c: serde_json::Value| v.verify(&hs(c, b"k")).unwrap_err();
+        let e = |c: serde_json::Value| v.verify(&hs(c, b"k"), None).unwrap_err();
         assert_eq!(e(serde_json::json!({"sub": "1", "exp": now() - 60})), TokenError::Expired);
         assert_eq!(e(serde_json::json!({"sub": "1", "nbf": now() + 60})), TokenError::NotYetValid);
-        assert!(v.verify(&hs(serde_json::json!({"sub": "1", "exp": now() + 60}), b"k")).is_ok());
+        assert!(v.verify(&hs(serde_json::json!({"sub": "1", "exp": now() + 60}), b"k"), None).is_ok());
         assert!(matches!(e(serde_json::json!({"sub": "a b"})), TokenError::BadClaim(_)));
         assert!(matches!(e(serde_json::json!({"sub": "1", "channels": ["ok", ""]})), TokenError::BadClaim(_)));
         assert!(matches!(e(serde_json::json!({"sub": 5})), TokenError::Malformed(_)));
-        assert_eq!(v.verify(&hs(serde_json::json!({"sub": "1"}), b"other")).unwrap_err(), TokenError::BadSignature);
-        assert!(matches!(v.verify("nonsense").unwrap_err(), TokenError::Malformed(_)));
+        assert_eq!(
+            v.verify(&hs(serde_json::json!({"sub": "1"}), b"other"), None).unwrap_err(),
+            TokenError::BadSignature
+        );
+        assert!(matches!(v.verify("nonsense", None).unwrap_err(), TokenError::Malformed(_)));
         // alg "none" and algorithms other than the configured one are refused.
         let none = format!(
             "{}.{}.",
             base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, br#"{"alg":"none","typ":"JWT"}"#),
             base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, br#"{"sub":"1"}"#)
         );
-        assert!(v.verify(&none).is_err());
+        assert!(v.verify(&none, None).is_err());
         let hs512 =
             encode(&Header::new(Algorithm::HS512), &serde_json::json!({"sub": "1"}), &EncodingKey::from_secret(b"k"));
-        assert!(matches!(v.verify(&hs512.unwrap()).unwrap_err(), TokenError::WrongAlgorithm(_)));
-        assert!(v.verify(&"x".repeat(MAX_TOKEN + 1)).is_err());
+        assert!(matches!(v.verify(&hs512.unwrap(), None).unwrap_err(), TokenError::WrongAlgorithm(_)));
+        assert!(v.verify(&"x".repeat(MAX_TOKEN + 1), None).is_err());
+    }
+
+    #[test]
+    fn a_longest_lifetime_refuses_tokens_without_exp_or_beyond_it() {
+        let hour = Duration::from_secs(3600);
+        let p = TokenPolicy { verifier: Some(Verifier::hs256(b"k")), required: false, max_age: Some(hour) };
+        let t = |c: serde_json::Value| p.identify(Some(&hs(c, b"k")));
+        assert_eq!(t(serde_json::json!({"sub": "1"})), Err(TokenError::NoExpiry(hour)));
+        assert_eq!(t(serde_json::json!({"sub": "1", "exp": now() + 7200})), Err(TokenError::TooLongLived(hour)));
+        assert!(t(serde_json::json!({"sub": "1", "exp": now() + 3500})).is_ok());
+        assert_eq!(t(serde_json::json!({"sub": "1", "exp": now() - 60})), Err(TokenError::Expired));
+        // Without the setting, a token without exp is accepted as before.
+        let open = TokenPolicy { max_age: None, ..p };
+        assert!(open.identify(Some(&hs(serde_json::json!({"sub": "1"}), b"k"))).is_ok());
     }
 
     #[test]
@@ -188,7 +222,7 @@ mod tests {
         let open = TokenPolicy::default();
         assert_eq!(open.identify(None), Ok(Identity::default()));
         assert_eq!(open.identify(Some("t")), Err(TokenError::NotConfigured));
-        let strict = TokenPolicy { verifier: Some(Verifier::hs256(b"k")), required: true };
+        let strict = TokenPolicy { verifier: Some(Verifier::hs256(b"k")), required: true, max_age: None };
         assert_eq!(strict.identify(None), Err(TokenError::Missing));
     }
 }
