@@ -1,7 +1,9 @@
-//! Webhooks: presence events POSTed as JSON to `--webhook URL`, one at a time and in order,
-//! signed (`X-Pushwire-Signature: sha256=HEX`, an HMAC-SHA256 of the body with
-//! `--webhook-secret`), retried with growing backoff. The queue is bounded: when it is full the
-//! oldest event is dropped and counted.
+//! Webhooks: presence events POSTed as JSON to `--webhook URL`, in order, one request at a time,
+//! each request carrying every event queued meanwhile (`{"time_ms": T, "events": [...]}`, at most
+//! [`MAX_BATCH`]), signed (`X-Pushwire-Signature: sha256=HEX`, an HMAC-SHA256 of the body with
+//! `--webhook-secret`), retried with growing backoff: a backlog built while the endpoint was down
+//! drains in a few requests once it is back. The queue is bounded: when it is full the oldest
+//! event is dropped and counted.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,10 +19,19 @@ use tokio::sync::Notify;
 
 /// Events waiting to be sent before the oldest is dropped.
 pub const QUEUE: usize = 10_000;
-/// Attempts per event before it is given up.
+/// Most events in one request.
+pub const MAX_BATCH: usize = 100;
+/// Attempts per request before its events are given up.
 pub const ATTEMPTS: u32 = 6;
 /// How long one attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One request's body.
+#[derive(Serialize)]
+struct Batch<'a> {
+    time_ms: u64,
+    events: &'a [Event],
+}
 
 /// One presence event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -97,12 +108,16 @@ impl Webhooks {
 /// Send what is queued, for as long as the process runs.
 async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, secret: Option<String>) {
     loop {
-        let next = h.queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-        let Some(event) = next else {
+        let batch: Vec<Event> = {
+            let mut q = h.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let n = q.len().min(MAX_BATCH);
+            q.drain(..n).collect()
+        };
+        if batch.is_empty() {
             h.wake.notified().await;
             continue;
-        };
-        let body = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
+        }
+        let body = Bytes::from(serde_json::to_vec(&Batch { time_ms: now_ms(), events: &batch }).unwrap_or_default());
         let mut backoff = Duration::from_millis(250);
         let mut delivered = false;
         for attempt in 1..=ATTEMPTS {
@@ -112,7 +127,7 @@ async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, secret: Opti
                     break;
                 }
                 Err(e) => {
-                    tracing::debug!(attempt, event = event.event, "webhook not delivered: {e}");
+                    tracing::debug!(attempt, events = batch.len(), "webhook not delivered: {e}");
                     if attempt < ATTEMPTS {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(8));
@@ -120,11 +135,12 @@ async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, secret: Opti
                 }
             }
         }
+        let n = batch.len() as u64;
         if delivered {
-            h.stats.sent.fetch_add(1, Ordering::Relaxed);
+            h.stats.sent.fetch_add(n, Ordering::Relaxed);
         } else {
-            h.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(event = event.event, attempts = ATTEMPTS, "webhook given up");
+            h.stats.failed.fetch_add(n, Ordering::Relaxed);
+            tracing::warn!(events = n, attempts = ATTEMPTS, "webhook given up");
         }
     }
 }
@@ -165,6 +181,77 @@ mod tests {
         // RFC 4231 test case 2.
         let s = signature("Jefe", b"what do ya want for nothing?");
         assert_eq!(s, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    /// A receiver on loopback that answers 503 to its first `fail` requests, then 200; the
+    /// bodies of the requests it accepted.
+    async fn receiver(fail: usize) -> (hyper::Uri, tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap()).parse().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = Vec::new();
+                let body = loop {
+                    let mut chunk = [0u8; 65536];
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break None;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf);
+                    let Some(end) = text.find("\r\n\r\n") else { continue };
+                    let len: usize = text[..end]
+                        .to_ascii_lowercase()
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break Some(buf[end + 4..end + 4 + len].to_vec());
+                    }
+                };
+                let Some(body) = body else { continue };
+                seen += 1;
+                let status = if seen <= fail { "503 Service Unavailable" } else { "200 OK" };
+                let _ = s
+                    .write_all(
+                        format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+                    )
+                    .await;
+                if seen > fail {
+                    let _ = tx.send(serde_json::from_slice(&body).unwrap());
+                }
+            }
+        });
+        (url, rx)
+    }
+
+    #[tokio::test]
+    async fn a_backlog_goes_in_a_few_requests_in_order() {
+        let (url, mut rx) = receiver(2).await;
+        let hooks = Webhooks::spawn(url, None);
+        for i in 0..250 {
+            hooks.send(Event::user("user_online", &i.to_string()));
+        }
+        let mut got = Vec::new();
+        let mut requests = 0;
+        while got.len() < 250 {
+            let body = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
+            assert!(body["time_ms"].as_u64().unwrap() > 1_600_000_000_000, "{body}");
+            let events = body["events"].as_array().unwrap();
+            assert!(events.len() <= MAX_BATCH);
+            got.extend(events.iter().map(|e| e["uid"].as_str().unwrap().to_owned()));
+            requests += 1;
+        }
+        assert_eq!(got, (0..250).map(|i| i.to_string()).collect::<Vec<_>>(), "every event once, in order");
+        assert!(requests <= 4, "250 events in {requests} requests");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hooks.stats.sent.load(Ordering::Relaxed) < 250 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(hooks.stats.sent.load(Ordering::Relaxed), 250, "counted as sent");
     }
 
     #[test]
