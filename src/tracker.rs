@@ -8,9 +8,10 @@
 //!   with none anywhere: a page reload (gone, back within the delay) sends nothing.
 //!
 //! A worker whose changes show a gap (lost on the way, or more than it keeps) is asked for all its
-//! users and topics again, page by page; a gateway whose lease runs out (killed with -9) loses
-//! all its users and topics at once. What the gateways hold when the tracker starts is taken in
-//! without events.
+//! users and topics again, page by page, by a task of its own: a gateway that is slow to answer
+//! (stopped, overloaded, cut off) delays only its own events, whose changes wait meanwhile. A
+//! gateway whose lease runs out (killed with -9) loses all its users and topics at once. What the
+//! gateways hold when the tracker starts is taken in without events.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -30,6 +31,20 @@ const INITIAL_SYNC: Duration = Duration::from_secs(3);
 /// A user (`false`) or topic (`true`) and its name.
 type Key = (bool, String);
 
+/// Changes held for a worker while it is asked for all it holds, before it is asked again
+/// instead.
+const MAX_HELD_CHANGES: usize = 65_536;
+
+/// What a worker answered when asked for all its users and topics.
+enum Dumped {
+    /// Its users and topics, and the number of its latest change they include.
+    Names { worker: String, names: HashSet<Key>, seq: u64 },
+    /// Its gateway is gone.
+    Gone(String),
+    /// No whole answer (the broker, or a gateway alive but slow): asked again at its next sign.
+    Failed(String),
+}
+
 #[derive(Default)]
 struct WorkerView {
     seq: u64,
@@ -46,12 +61,20 @@ struct Tracker {
     holders: HashMap<Key, u32>,
     /// Users and topics nobody holds, and when they count as gone.
     pending: HashMap<Key, Instant>,
+    /// Workers being asked for all they hold, and the changes they reported meanwhile (`None`:
+    /// too many, ask again).
+    resyncing: HashMap<String, Option<Vec<Change>>>,
+    dumps: tokio::sync::mpsc::UnboundedSender<Dumped>,
 }
 
 /// Start tracking presence through `asker`, sending events to `hooks`.
 pub fn spawn(asker: Arc<Asker>, hooks: Arc<Webhooks>, offline_delay: Duration) {
     let reports = asker.reports(REPORT_QUEUE);
+    // Unbounded, but holds at most one answer per worker: one question per worker at a time.
+    let (dumps, dumped) = tokio::sync::mpsc::unbounded_channel();
     let t = Tracker {
+        resyncing: HashMap::new(),
+        dumps,
         asker,
         hooks,
         delay: offline_delay,
@@ -60,7 +83,7 @@ pub fn spawn(asker: Arc<Asker>, hooks: Arc<Webhooks>, offline_delay: Duration) {
         holders: HashMap::new(),
         pending: HashMap::new(),
     };
-    tokio::spawn(t.run(reports));
+    tokio::spawn(t.run(reports, dumped));
 }
 
 /// The gateway node a worker id belongs to (`NODE-N`).
@@ -69,7 +92,11 @@ fn node_of(worker: &str) -> &str {
 }
 
 impl Tracker {
-    async fn run(mut self, mut reports: tokio::sync::mpsc::Receiver<Report>) {
+    async fn run(
+        mut self,
+        mut reports: tokio::sync::mpsc::Receiver<Report>,
+        mut dumped: tokio::sync::mpsc::UnboundedReceiver<Dumped>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Hear from every gateway at once rather than within a third of a lease.
@@ -83,23 +110,34 @@ impl Tracker {
             tokio::select! {
                 r = reports.recv() => match r {
                     None => return,
-                    Some(Report::Changes { worker, changes }) => self.changes(&worker, changes).await,
+                    Some(Report::Changes { worker, changes }) => self.changes(&worker, changes),
                     Some(Report::Heartbeat(hb)) => {
                         for (w, seq) in hb.workers_seq {
                             if self.workers.get(&w).is_none_or(|v| v.seq < seq) {
-                                self.resync(&w).await;
+                                self.resync(&w);
                             }
                         }
                     }
                 },
-                _ = tick.tick() => self.tick().await,
+                Some(d) = dumped.recv() => self.dumped(d),
+                _ = tick.tick() => self.tick(),
             }
         }
     }
 
-    async fn changes(&mut self, worker: &str, changes: Vec<Change>) {
+    fn changes(&mut self, worker: &str, changes: Vec<Change>) {
+        if let Some(held) = self.resyncing.get_mut(worker) {
+            // Applied once its users and topics are in, after those they include.
+            if let Some(h) = held {
+                match h.len() + changes.len() > MAX_HELD_CHANGES {
+                    true => *held = None,
+                    false => h.extend(changes),
+                }
+            }
+            return;
+        }
         let Some(view) = self.workers.get_mut(worker) else {
-            return self.resync(worker).await;
+            return self.resync(worker);
         };
         let (mut edits, mut gap) = (Vec::new(), false);
         for c in changes {
@@ -121,43 +159,50 @@ impl Tracker {
             self.edit(up, key, true);
         }
         if gap {
-            self.resync(worker).await;
+            self.resync(worker);
         }
     }
 
-    /// Take in all of a worker's users and topics again.
-    async fn resync(&mut self, worker: &str) {
-        let mut names = HashSet::new();
-        let mut seq = None;
-        for topics in [false, true] {
-            let mut after = String::new();
-            loop {
-                let req = Request::Dump { topics, after: after.clone() };
-                let Ok(mut answers) = self.asker.ask(worker, req, 1).await else { return };
-                let Some(page) = answers.pop().filter(|a| a.ok) else {
-                    // Gone: nobody answers for it any more.
-                    return self.forget(worker);
-                };
-                seq = Some(seq.map_or(page.seq, |s: u64| s.min(page.seq)));
-                let full = page.uids.len() >= crate::cluster::DUMP_PAGE;
-                if let Some(last) = page.uids.last() {
-                    after = last.clone();
-                }
-                names.extend(page.uids.into_iter().map(|n| (topics, n)));
-                if !full {
-                    break;
-                }
-            }
+    /// Ask a worker for all its users and topics again, unless that is under way; the answer
+    /// comes back to [`Tracker::dumped`].
+    fn resync(&mut self, worker: &str) {
+        if self.resyncing.contains_key(worker) {
+            return;
         }
-        let announce = self.workers.contains_key(worker) || self.started.elapsed() > INITIAL_SYNC;
-        let view = self.workers.entry(worker.to_owned()).or_default();
-        view.seq = seq.unwrap_or(0);
+        self.resyncing.insert(worker.to_owned(), Some(Vec::new()));
+        let (asker, dumps, worker) = (self.asker.clone(), self.dumps.clone(), worker.to_owned());
+        tokio::spawn(async move {
+            let _ = dumps.send(dump(&asker, worker).await);
+        });
+    }
+
+    /// Take in what a worker answered, then the changes it reported meanwhile.
+    fn dumped(&mut self, d: Dumped) {
+        let (worker, names, seq) = match d {
+            Dumped::Names { worker, names, seq } => (worker, names, seq),
+            Dumped::Gone(worker) => {
+                self.resyncing.remove(&worker);
+                return self.forget(&worker);
+            }
+            Dumped::Failed(worker) => {
+                self.resyncing.remove(&worker);
+                return;
+            }
+        };
+        let held = self.resyncing.remove(&worker).flatten();
+        let announce = self.workers.contains_key(&worker) || self.started.elapsed() > INITIAL_SYNC;
+        let view = self.workers.entry(worker.clone()).or_default();
+        view.seq = seq;
         let old = std::mem::replace(&mut view.names, names.clone());
         for key in old.difference(&names) {
             self.edit(false, key.clone(), announce);
         }
         for key in names.difference(&old) {
             self.edit(true, key.clone(), announce);
+        }
+        match held {
+            Some(changes) => self.changes(&worker, changes),
+            None => self.resync(&worker),
         }
     }
 
@@ -198,11 +243,11 @@ impl Tracker {
         self.hooks.send(e);
     }
 
-    async fn tick(&mut self) {
+    fn tick(&mut self) {
         if self.asker.reports_lost.swap(false, Ordering::Relaxed) {
             let known: Vec<String> = self.workers.keys().cloned().collect();
             for w in known {
-                self.resync(&w).await;
+                self.resync(&w);
             }
         }
         let alive: HashSet<String> = self.asker.alive().into_iter().map(|hb| hb.node).collect();
@@ -217,6 +262,34 @@ impl Tracker {
             self.announce(false, &key);
         }
     }
+}
+
+/// All of `worker`'s users and topics, page by page.
+async fn dump(asker: &Asker, worker: String) -> Dumped {
+    let mut names = HashSet::new();
+    let mut seq = None;
+    for topics in [false, true] {
+        let mut after = String::new();
+        loop {
+            let req = Request::Dump { topics, after: after.clone() };
+            let Ok(mut answers) = asker.ask(&worker, req, 1).await else { return Dumped::Failed(worker) };
+            let Some(page) = answers.pop().filter(|a| a.ok) else {
+                // Nobody answered: gone, unless its gateway is still alive (then only slow).
+                let alive = asker.alive().iter().any(|hb| hb.node == node_of(&worker));
+                return if alive { Dumped::Failed(worker) } else { Dumped::Gone(worker) };
+            };
+            seq = Some(seq.map_or(page.seq, |s: u64| s.min(page.seq)));
+            let full = page.uids.len() >= crate::cluster::DUMP_PAGE;
+            if let Some(last) = page.uids.last() {
+                after = last.clone();
+            }
+            names.extend(page.uids.into_iter().map(|n| (topics, n)));
+            if !full {
+                break;
+            }
+        }
+    }
+    Dumped::Names { worker, names, seq: seq.unwrap_or(0) }
 }
 
 #[cfg(test)]
