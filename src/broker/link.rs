@@ -123,6 +123,24 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Hand a join or leave to the task, however long its queue takes to make room: a membership
+    /// edit is never dropped (the task records it, and renews every channel after a reconnect);
+    /// only the wait for the broker's confirmation is bounded.
+    fn edit(&self, make: impl FnOnce(Done) -> Command + Send + 'static) -> BrokerFuture<'_, ()> {
+        Box::pin(async move {
+            let (done, wait) = oneshot::channel();
+            self.cmd.send(make(done)).await.map_err(|_| BrokerError::Unavailable(self.name.clone()))?;
+            let limit = self.cfg.publish_timeout;
+            match tokio::time::timeout(limit, wait).await {
+                Ok(Ok(result)) => result.map(drop),
+                Ok(Err(_)) => Err(BrokerError::Unavailable(self.name.clone())),
+                Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
+            }
+        })
+    }
+}
+
 impl Broker for Link {
     fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>> {
         if !self.is_connected() {
@@ -151,13 +169,11 @@ impl Broker for Link {
     }
 
     fn join(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
-        let answer = self.ask(move |done| Command::Join { id, channels, done });
-        Box::pin(async move { answer.await.map(drop) })
+        self.edit(move |done| Command::Join { id, channels, done })
     }
 
     fn leave(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
-        let answer = self.ask(move |done| Command::Leave { id, channels, done });
-        Box::pin(async move { answer.await.map(drop) })
+        self.edit(move |done| Command::Leave { id, channels, done })
     }
 
     fn is_connected(&self) -> bool {

@@ -15,7 +15,7 @@ pub struct MemoryBroker {
     hub: Arc<Hub>,
     prefix: String,
     /// How many times each subscription joined each channel (the hub keeps sets, not counts).
-    joins: std::sync::Mutex<std::collections::HashMap<(SubId, String), u32>>,
+    joins: std::sync::Mutex<std::collections::HashMap<(SubId, String), i32>>,
 }
 
 impl MemoryBroker {
@@ -75,10 +75,14 @@ impl Broker for MemoryBroker {
         let mut new = Vec::new();
         for c in channels {
             let name = self.name(&c);
-            let n = joins.entry((id, c)).or_insert(0);
+            let key = (id, c);
+            let n = joins.entry(key.clone()).or_insert(0);
             *n += 1;
-            if *n == 1 {
-                new.push(name);
+            match *n {
+                1 => new.push(name),
+                // It had left before it joined: nothing to hold.
+                0 => drop(joins.remove(&key)),
+                _ => {}
             }
         }
         let r = self.hub.subscribe(id, new).map_err(|e| BrokerError::Refused(e.to_string()));
@@ -89,13 +93,13 @@ impl Broker for MemoryBroker {
         let mut joins = self.joins.lock().unwrap_or_else(|e| e.into_inner());
         let mut gone = Vec::new();
         for c in channels {
+            // Counted also before its join (below zero), which then holds nothing.
             let key = (id, c);
-            if let Some(n) = joins.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    joins.remove(&key);
-                    gone.push(self.name(&key.1));
-                }
+            let n = joins.entry(key.clone()).or_insert(0);
+            *n -= 1;
+            if *n == 0 {
+                joins.remove(&key);
+                gone.push(self.name(&key.1));
             }
         }
         let r = self.hub.handle(id, Request::Unsubscribe(gone)).map_err(|e| BrokerError::Refused(e.to_string()));
