@@ -279,7 +279,11 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
                 "/metrics" => {
                     let s = &hub.stats;
                     let body = crate::metrics::render_with(
-                        &[("channel_clients", "connected channel clients", hub.clients() as u64)],
+                        &[
+                            ("channel_clients", "connected channel clients", hub.clients() as u64),
+                            ("channel_channels", "channels with a subscriber", hub.channels() as u64),
+                            ("channel_queues", "queues with a watcher or an item", hub.queues() as u64),
+                        ],
                         &[
                             ("channel_publishes_total", "publish requests routed", s.published.load(Relaxed)),
                             ("channel_deliveries_total", "events queued to subscribers", s.deliveries.load(Relaxed)),

@@ -240,6 +240,16 @@ impl Hub {
         self.lock().clients.len()
     }
 
+    /// Number of channels with a subscriber.
+    pub fn channels(&self) -> usize {
+        self.lock().channels.len()
+    }
+
+    /// Number of queues (with a watcher or an item).
+    pub fn queues(&self) -> usize {
+        self.lock().queues.len()
+    }
+
     /// Carry out one request from client `id`.
     pub fn handle(&self, id: ClientId, req: Request) -> Result<(), HubError> {
         match req {
