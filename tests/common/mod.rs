@@ -725,12 +725,13 @@ pub async fn every_ok_arrives<F: std::future::Future<Output = ()>>(
     (out, confirmed.len(), refused)
 }
 
-/// The value of metric `name` in Prometheus `text`, 0 when missing.
+/// The value of metric `name` in Prometheus `text`; panics when there is none.
 pub fn metric_in(text: &str, name: &str) -> u64 {
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+    let value = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok());
+    value.unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
-/// A `/metrics` value of a node, 0 when missing.
+/// A `/metrics` value of a node; panics when the node has no such metric.
 pub async fn metric(addr: impl Into<Addr>, name: &str) -> u64 {
     metric_in(&http_get(addr, "/metrics").await.1, name)
 }
