@@ -65,3 +65,42 @@ async fn redis_keeps_history() {
 async fn nats_jetstream_keeps_history() {
     broker_keeps_history(nats_broker).await;
 }
+
+/// A recovery of 5,000 messages, five times the client's queue, reaches a client that reads: the
+/// history is fed as it drains its queue, then the notice, then live messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_five_times_the_queue_succeeds() {
+    const MISSED: u64 = 5000;
+    let (_p, _, w, h) = standalone(&["--history-size", "10000", "--workers", "1"]).await;
+    let nodes = Nodes::standalone(w, h);
+    let gw = Addr::from(w);
+    let (since, epoch) = publish(&nodes, 0, "content=before").await;
+    let mut publishers = tokio::task::JoinSet::new();
+    for batch in 0..50 {
+        let publisher = nodes.publishers[0].clone();
+        publishers.spawn(async move {
+            for i in 0..MISSED / 50 {
+                let target = format!("/?content=m{}", batch * 100 + i);
+                assert_eq!(http_get(&publisher, &target).await.0, 200);
+            }
+        });
+    }
+    while let Some(r) = publishers.join_next().await {
+        r.expect("publisher");
+    }
+    let mut c = connect_json(&gw, &format!("recover=broadcast:{epoch}:{since}")).await;
+    let mut offsets = Vec::new();
+    loop {
+        let m = c.next().await;
+        if m.get("recovered").is_some() {
+            assert_eq!(m["recovered"], true, "{m}");
+            break;
+        }
+        offsets.push(m["offset"].as_u64().expect("offset"));
+    }
+    assert_eq!(offsets, (since + 1..=since + MISSED).collect::<Vec<_>>(), "every message once, in order");
+    let (marker, _) = publish(&nodes, 0, "content=live").await;
+    let m = c.next().await;
+    assert_eq!((m["data"].as_str(), m["offset"].as_u64()), (Some("live"), Some(marker)), "then live again");
+    assert_eq!(metric(w, "pushwire_slow_consumer_disconnects_total").await, 0);
+}

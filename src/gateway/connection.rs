@@ -191,7 +191,7 @@ mod tests {
         // A push larger than the socket's buffers: written directly, in part.
         let content = vec![b'x'; 16 << 20];
         let push = Push { to_connection_id: None, content: content.clone(), exclude_uid: Vec::new() };
-        let m = Message { channel: Bytes::from_static(b"broadcast"), data: push.encode().into(), position: None };
+        let m = Message { channel: Bytes::from_static(b"broadcast"), data: push.encode(), position: None };
         worker.handle(m);
 
         // The client pings; the task reads the ping first.

@@ -204,6 +204,12 @@ impl Conn {
         }
     }
 
+    /// Frames and bytes queued for the task.
+    fn queued(&self) -> (usize, usize) {
+        let q = self.queue();
+        (q.frames.len(), q.bytes)
+    }
+
     /// Move everything queued into `out`.
     pub(super) fn take(&self, out: &mut VecDeque<Bytes>) {
         let mut q = self.queue();
@@ -263,6 +269,21 @@ pub(super) struct Repaired {
     channel: Bytes,
     epoch: Arc<str>,
     items: Option<Vec<(u64, Bytes)>>,
+}
+
+/// Most frames handed to a recovering connection at a time.
+const RECOVERY_CHUNK: usize = 64;
+/// How long a recovering connection may take nothing before it is cut off as a slow consumer.
+const RECOVERY_STALL: Duration = Duration::from_secs(30);
+/// Bytes of encoded history frames kept for connections recovering the same messages; past it
+/// the cache starts again.
+const MAX_HISTORY_FRAME_BYTES: usize = 32 << 20;
+
+/// Encoded history frames by (channel, epoch), then by (offset, kind of connection).
+#[derive(Default)]
+struct HistoryFrames {
+    frames: HashMap<(String, String), HashMap<(u64, u8), Bytes>>,
+    bytes: usize,
 }
 
 /// Messages held behind one gap before newer ones are dropped (and make a gap of their own).
@@ -340,6 +361,8 @@ pub struct Worker {
     compress_from: Option<usize>,
     /// The worker keeps up (see [`Pace`]): pushes are written to idle connections directly.
     quiet: AtomicBool,
+    /// History frames encoded for recovering connections, shared by those of the same range.
+    history_frames: Mutex<HistoryFrames>,
 }
 
 impl Worker {
@@ -354,8 +377,21 @@ impl Worker {
         let (table, next_conn, epoch) = (Mutex::default(), AtomicU64::new(0), Instant::now());
         let (repairs, done) = mpsc::channel(64);
         let quiet = AtomicBool::new(true);
-        let w =
-            Worker { id, table, next_conn, epoch, max_frames, max_bytes, broker, sub, repairs, compress_from, quiet };
+        let history_frames = Mutex::default();
+        let w = Worker {
+            id,
+            table,
+            next_conn,
+            epoch,
+            max_frames,
+            max_bytes,
+            broker,
+            sub,
+            repairs,
+            compress_from,
+            quiet,
+            history_frames,
+        };
         (w, done)
     }
 
@@ -453,73 +489,170 @@ impl Worker {
         // Live messages are held for the connection from before the join: the history read after
         // it overlaps them, and the seam is found by offset.
         if !recover.is_empty() {
-            let w = self.clone();
+            let (w, c) = (self.clone(), conn.clone());
             tokio::spawn(async move {
                 for r in recover {
                     let items = read_history(&*w.broker, &r.channel, &r.epoch, r.offset, None).await;
-                    w.recovered(id, &r.channel, &r.epoch, r.offset, uid.as_deref(), items);
+                    if !w.recovered(id, &c, &r, uid.as_deref(), items).await {
+                        return;
+                    }
                 }
             });
         }
         (id, conn)
     }
 
-    /// Queue to connection `id` what it missed on `channel` after `since` (`items`, or `None` when
-    /// the history does not reach back), then the live messages held meanwhile, and the notice.
-    fn recovered(
+    /// Feed connection `id` what it missed on `r.channel` (`items`, or `None` when the history
+    /// does not reach back), then the live messages held for it meanwhile, then the notice, as
+    /// its client drains its queue; the history frames are encoded outside the table lock and
+    /// shared with other connections recovering the same messages. Whether the connection is
+    /// still there.
+    async fn recovered(
         &self,
         id: u64,
-        channel: &str,
-        epoch: &str,
-        since: u64,
+        conn: &Arc<Conn>,
+        r: &super::Recover,
         uid: Option<&str>,
         items: Option<Vec<(u64, Bytes)>>,
-    ) {
-        let mut t = self.table();
-        let Some(conn) = t.conns.get(&id).cloned() else { return };
-        let Some(r) = recovery_of(&mut t.recovering, id, channel) else { return };
-        let held = std::mem::take(&mut r.frames);
-        let mut out = Vec::new();
-        let mut last = since;
+    ) -> bool {
         let ok = items.is_some();
+        let mut last = r.offset;
         match items {
             Some(items) => {
                 GLOBAL.recoveries.fetch_add(1, Ordering::Relaxed);
-                let epoch: Arc<str> = epoch.into();
-                for (offset, data) in items {
-                    last = offset;
-                    let Ok(push) = Push::decode(&data) else { continue };
-                    if uid.is_some_and(|u| push.exclude_uid.iter().any(|x| x == u.as_bytes())) {
-                        continue;
+                let epoch: Arc<str> = r.epoch.as_str().into();
+                for chunk in items.chunks(self.recovery_chunk()) {
+                    last = chunk.last().map_or(last, |(o, _)| *o);
+                    if !self.room_for(id, conn, chunk.len()).await {
+                        return false;
                     }
-                    let p = Position { offset, epoch: epoch.clone() };
-                    out.push(conn.encode_push(channel, Some(&p), &push.content, self.compresses(&push.content)));
+                    for frame in self.history_frames(conn, &r.channel, &epoch, chunk, uid) {
+                        if !self.feed(id, conn, &frame) {
+                            return false;
+                        }
+                    }
                 }
             }
             None => {
                 GLOBAL.recoveries_failed.fetch_add(1, Ordering::Relaxed);
-                out.push(conn.encode(&format::recovered(channel, false)));
+                if !self.feed(id, conn, &conn.encode(&format::recovered(&r.channel, false))) {
+                    return false;
+                }
             }
         }
-        // What the client has up to, for dropping what was already on its way: after a failed
-        // recovery, only the held live messages count.
+        // What the client has up to: after a failed recovery, only the held live messages count.
         let mut has = ok.then_some(last);
-        for (offset, frame) in held {
-            if offset > last || !ok {
-                out.push(frame);
-                has = Some(has.map_or(offset, |h| h.max(offset)));
+        loop {
+            let chunk = self.recovery_chunk();
+            if !self.room_for(id, conn, chunk).await {
+                return false;
             }
+            let mut t = self.table();
+            let caught_up = |has: u64, t: &Table| {
+                t.seen.get(r.channel.as_bytes()).is_some_and(|s| *s.epoch == *r.epoch && s.offset >= has)
+            };
+            let Some(rec) = recovery_of(&mut t.recovering, id, &r.channel) else { return false };
+            let held: Vec<(u64, Bytes)> = rec.frames.drain(..chunk.min(rec.frames.len())).collect();
+            let finished = rec.frames.is_empty();
+            for (offset, frame) in held {
+                if offset > last || !ok {
+                    has = Some(has.map_or(offset, |h| h.max(offset)));
+                    if let Offer::Full = conn.offer(&frame, self.max_frames, self.max_bytes, false) {
+                        self.cut_slow(&mut t, id);
+                        return false;
+                    }
+                }
+            }
+            if !finished {
+                continue;
+            }
+            if ok {
+                let _ = conn.offer(&conn.encode(&format::recovered(&r.channel, true)), usize::MAX, usize::MAX, false);
+            }
+            // Live messages up to `has` that are still on their way to the worker (the history
+            // had them first) are dropped for the client until the worker is past them.
+            match has {
+                Some(h) if ok && !caught_up(h, &t) => {
+                    if let Some(rec) = recovery_of(&mut t.recovering, id, &r.channel) {
+                        rec.done = Some(h);
+                    }
+                }
+                _ => stop_recovering(&mut t.recovering, id, &r.channel),
+            }
+            return true;
         }
-        if ok {
-            out.push(conn.encode(&format::recovered(channel, true)));
+    }
+
+    /// Frames handed to a recovering connection at a time.
+    fn recovery_chunk(&self) -> usize {
+        (self.max_frames / 4).clamp(1, RECOVERY_CHUNK)
+    }
+
+    /// Wait until connection `id` has room for `n` more frames (its queue at most half full with
+    /// them); false when it is gone, or took nothing for [`RECOVERY_STALL`] (then cut off).
+    async fn room_for(&self, id: u64, conn: &Conn, n: usize) -> bool {
+        let deadline = tokio::time::Instant::now() + RECOVERY_STALL;
+        loop {
+            if conn.close_code.load(Ordering::Acquire) != 0 {
+                return false;
+            }
+            let (frames, bytes) = conn.queued();
+            if frames == 0 || (frames + n <= self.max_frames / 2 && bytes <= self.max_bytes / 2) {
+                return self.table().conns.contains_key(&id);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.cut_slow(&mut self.table(), id);
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        match has {
-            Some(h) => r.done = Some(h),
-            None => stop_recovering(&mut t.recovering, id, channel),
+    }
+
+    /// Queue `frame` to a recovering connection; a full queue cuts it off (false).
+    fn feed(&self, id: u64, conn: &Conn, frame: &Bytes) -> bool {
+        match conn.offer(frame, self.max_frames, self.max_bytes, false) {
+            Offer::Full => {
+                self.cut_slow(&mut self.table(), id);
+                false
+            }
+            _ => true,
         }
-        if out.iter().any(|f| matches!(conn.offer(f, self.max_frames, self.max_bytes, false), Offer::Full)) {
-            self.cut_slow(&mut t, id);
+    }
+
+    /// History `items` of `channel` (in `epoch`) as `conn` gets them, without those whose
+    /// publisher excluded user `uid`: each encoded once per kind of connection and kept a while,
+    /// for the other connections recovering the same messages.
+    fn history_frames(
+        &self,
+        conn: &Conn,
+        channel: &str,
+        epoch: &Arc<str>,
+        items: &[(u64, Bytes)],
+        uid: Option<&str>,
+    ) -> Vec<Bytes> {
+        let mut cache = self.history_frames.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.bytes > MAX_HISTORY_FRAME_BYTES {
+            *cache = HistoryFrames::default();
         }
+        let HistoryFrames { frames, bytes } = &mut *cache;
+        let of_range = frames.entry((channel.to_owned(), epoch.to_string())).or_default();
+        let mut out = Vec::with_capacity(items.len());
+        for (offset, data) in items {
+            let Ok(push) = Push::decode(data) else { continue };
+            if uid.is_some_and(|u| push.exclude_uid.iter().any(|x| x == u.as_bytes())) {
+                continue;
+            }
+            let compress = self.compresses(&push.content) && conn.deflate;
+            let kind = conn.sse as u8 * 4 + conn.json as u8 * 2 + compress as u8;
+            let frame = of_range.entry((*offset, kind)).or_insert_with(|| {
+                let p = Position { offset: *offset, epoch: epoch.clone() };
+                let f = conn.encode_push(channel, Some(&p), &push.content, compress);
+                *bytes += f.len();
+                f
+            });
+            out.push(frame.clone());
+        }
+        out
     }
 
     /// Carry out a change to one of this worker's connections, asked for by a publisher.
@@ -652,19 +785,25 @@ impl Worker {
         let (max_frames, max_bytes) = (self.max_frames, self.max_bytes);
         let quiet = self.quiet.load(Ordering::Relaxed);
         let offer = |id: u64, c: &Arc<Conn>| {
-            if skip.as_ref().is_some_and(|s| s.contains(&id)) {
-                return;
-            }
-            // A connection recovering this channel gets it after its history (none usually).
+            let skipped = skip.as_ref().is_some_and(|s| s.contains(&id));
+            // A connection recovering this channel gets it after its history (none usually); a
+            // message not for it still tells where the worker is.
             if let (false, Some(p)) = (recovering.is_empty(), frames.position) {
                 if let Some(r) = recovery_of(recovering, id, frames.channel) {
                     match r.done {
+                        None if skipped => return,
                         None if r.frames.len() < max_frames => {
                             return r.frames.push((p.offset, frames.for_conn(c).clone()))
                         }
                         None => return slow.push(id),
-                        // Sent with the history already.
-                        Some(last) if p.offset <= last => return,
+                        // Sent with the history already; the worker is past the history's end
+                        // once it has the last message of it.
+                        Some(last) if p.offset <= last => {
+                            if p.offset == last {
+                                stop_recovering(recovering, id, frames.channel);
+                            }
+                            return;
+                        }
                         Some(last) => {
                             stop_recovering(recovering, id, frames.channel);
                             // Not expected (the live messages flow before the history is read),
@@ -680,6 +819,9 @@ impl Worker {
                         }
                     }
                 }
+            }
+            if skipped {
+                return;
             }
             let frame = frames.for_conn(c);
             match c.offer(frame, max_frames, max_bytes, quiet) {
@@ -1148,6 +1290,182 @@ pub fn bench_worker(n: usize, queue: usize) -> (Arc<Worker>, Vec<Arc<Conn>>) {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// A worker on an in-process broker that keeps history, and that broker.
+    fn worker_with_history(max_frames: usize) -> (Arc<Worker>, Arc<dyn Broker>) {
+        let hub = Arc::new(crate::hub::Hub::new(Default::default(), history::HistoryConfig::default()));
+        let broker: Arc<dyn Broker> = Arc::new(crate::broker::memory::MemoryBroker::new(hub, ""));
+        (Arc::new(Worker::new("test-0".into(), (max_frames, usize::MAX), None, broker.clone(), 0).0), broker)
+    }
+
+    /// Publish `content` on `channel`: the message as the worker gets it, with its position.
+    async fn published(broker: &Arc<dyn Broker>, channel: &str, content: &str, exclude: &[&str]) -> Message {
+        let push = Push {
+            to_connection_id: None,
+            content: content.as_bytes().to_vec(),
+            exclude_uid: exclude.iter().map(|u| u.as_bytes().to_vec()).collect(),
+        };
+        let data = push.encode();
+        let position = broker.publish(channel, data.clone()).await.expect("publish");
+        Message { channel: Bytes::from(channel.to_owned()), data, position }
+    }
+
+    /// What is queued for `conn`, as the JSON texts of its frames (small, unmasked text frames).
+    fn queued_json(conn: &Conn) -> Vec<serde_json::Value> {
+        let mut out = VecDeque::new();
+        conn.take(&mut out);
+        conn.written();
+        out.iter().map(|f| serde_json::from_slice(&f[2..]).expect("a JSON frame")).collect()
+    }
+
+    /// The offsets of data messages in `msgs`, and whether a `recovered:true` notice ends them.
+    fn offsets(msgs: &[serde_json::Value]) -> (Vec<u64>, bool) {
+        let offsets = msgs.iter().filter_map(|m| m["offset"].as_u64()).collect();
+        (offsets, msgs.last().is_some_and(|m| m["recovered"] == true))
+    }
+
+    /// Wait (a deadline, not a guess) until `conn` has a `recovered` notice queued; all queued.
+    async fn until_recovered(conn: &Conn) -> Vec<serde_json::Value> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !got.iter().any(|m: &serde_json::Value| m.get("recovered").is_some()) {
+            assert!(tokio::time::Instant::now() < deadline, "no recovered notice: {got:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            got.extend(queued_json(conn));
+        }
+        got
+    }
+
+    fn recovering(w: &Worker, epoch: &str, offset: u64, uid: Option<&str>) -> Wants {
+        let recover = vec![super::super::Recover { channel: "broadcast".into(), epoch: epoch.into(), offset }];
+        let who = crate::token::Identity { uid: uid.map(Into::into), channels: Vec::new() };
+        assert!(w.table().recovering.is_empty());
+        Wants { who, json: true, recover }
+    }
+
+    #[tokio::test]
+    async fn a_recovery_meets_live_messages_at_the_seam_once_and_goes_when_it_is_done() {
+        let (w, broker) = worker_with_history(1024);
+        let mut live = Vec::new();
+        for i in 1..=8 {
+            live.push(published(&broker, "broadcast", &format!("m{i}"), &[]).await);
+        }
+        let epoch = live[0].position.as_ref().expect("a position").epoch.to_string();
+        for m in live.drain(..) {
+            w.receive(m);
+        }
+        // A client that saw 3 comes back; 9 and 10 come live before its history is read (held),
+        // and the history has them too: each is delivered once, after 4..8.
+        let (_, conn) = w.add(recovering(&w, &epoch, 3, None), false, false).await;
+        for i in 9..=10 {
+            let m = published(&broker, "broadcast", &format!("m{i}"), &[]).await;
+            w.receive(m);
+        }
+        let (got, notice) = offsets(&until_recovered(&conn).await);
+        assert_eq!((got, notice), ((4..=10).collect::<Vec<_>>(), true));
+        assert!(w.table().recovering.is_empty(), "done: no entry left for the fan-out to look up");
+        w.receive(published(&broker, "broadcast", "m11", &[]).await);
+        assert_eq!(offsets(&queued_json(&conn)).0, [11], "live again");
+
+        // The history is ahead of the worker (12 and 13 are still on their way to it): they are
+        // recovered, then dropped for this client when they arrive live, and only then does the
+        // recovery end.
+        let (_, late) = w.add(recovering(&w, &epoch, 11, Some("bob")), false, false).await;
+        let ahead =
+            [published(&broker, "broadcast", "m12", &[]).await, published(&broker, "broadcast", "m13", &["bob"]).await];
+        let (got, _) = offsets(&until_recovered(&late).await);
+        assert_eq!(got, [12], "13 excluded bob");
+        assert!(!w.table().recovering.is_empty(), "13 is still on its way");
+        for m in ahead {
+            w.receive(m);
+        }
+        assert_eq!(offsets(&queued_json(&late)).0, Vec::<u64>::new(), "no duplicate");
+        assert_eq!(offsets(&queued_json(&conn)).0, [12, 13], "the other client gets them live");
+        assert!(w.table().recovering.is_empty(), "past the history's end: done");
+        w.receive(published(&broker, "broadcast", "m14", &[]).await);
+        assert_eq!(offsets(&queued_json(&late)).0, [14]);
+    }
+
+    #[tokio::test]
+    async fn a_recovery_larger_than_the_queue_is_fed_as_the_client_drains() {
+        let (w, broker) = worker_with_history(16);
+        let first = published(&broker, "broadcast", "m1", &[]).await;
+        let epoch = first.position.as_ref().expect("a position").epoch.to_string();
+        w.receive(first);
+        for i in 2..=90 {
+            w.receive(published(&broker, "broadcast", &format!("m{i}"), &[]).await);
+        }
+        let (_, conn) = w.add(recovering(&w, &epoch, 1, None), false, false).await;
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !got.iter().any(|m: &serde_json::Value| m.get("recovered").is_some()) {
+            assert!(tokio::time::Instant::now() < deadline, "stuck after {} messages", got.len());
+            assert!(conn.queued().0 <= 16, "never more than the queue holds");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            got.extend(queued_json(&conn));
+        }
+        assert_eq!(offsets(&got), ((2..=90).collect::<Vec<_>>(), true));
+        assert_eq!(conn.close_code.load(Ordering::Relaxed), 0, "not cut off");
+    }
+
+    #[test]
+    fn offsets_tell_duplicates_gaps_and_new_epochs() {
+        let mut t = Table::default();
+        let m = |o: u64, e: &str| {
+            let p = Position { offset: o, epoch: e.into() };
+            (Message { channel: Bytes::from_static(b"broadcast"), data: Bytes::new(), position: Some(p.clone()) }, p)
+        };
+        let check = |t: &mut Table, o, e| {
+            let (m, p) = m(o, e);
+            t.check(&m, &p)
+        };
+        assert!(matches!(check(&mut t, 5, "a"), Check::Deliver), "the first one sets the place");
+        assert!(matches!(check(&mut t, 6, "a"), Check::Deliver));
+        assert!(matches!(check(&mut t, 6, "a"), Check::Duplicate));
+        assert!(matches!(check(&mut t, 3, "a"), Check::Duplicate));
+        assert!(matches!(check(&mut t, 9, "a"), Check::Repair { since: 6 }), "7 and 8 are missing");
+        assert!(matches!(check(&mut t, 10, "a"), Check::Held), "behind the gap");
+        t.seen.get_mut(&b"broadcast"[..]).expect("seen").held = None;
+        assert!(matches!(check(&mut t, 1, "b"), Check::Deliver), "a new epoch starts again");
+        assert!(matches!(check(&mut t, 1, "b"), Check::Duplicate));
+        // A user's channel counts only while somebody here is that user.
+        let (u, p) = (Message { channel: Bytes::from_static(b"user:x"), ..m(1, "a").0 }, m(1, "a").1);
+        assert!(matches!(t.check(&u, &p), Check::Deliver));
+        assert!(matches!(t.check(&u, &p), Check::Deliver), "not tracked: nobody here is x");
+    }
+
+    #[test]
+    fn binds_and_joins_edit_the_indexes_and_say_what_to_join() {
+        let mut t = Table::default();
+        let conn = Conn {
+            queue: Mutex::default(),
+            wake: Notify::new(),
+            close_code: AtomicU16::new(0),
+            last_seen: AtomicU64::new(0),
+            sse: false,
+            json: false,
+            deflate: false,
+        };
+        t.conns.insert(1, Arc::new(conn));
+        assert!(matches!(t.bind(2, Some("x")), Err(Refusal::NoConnection)));
+        assert_eq!(t.bind(1, Some("x")).ok(), Some((Some(user_channel("x")), None)));
+        assert_eq!(t.bind(1, Some("x")).ok(), Some((None, None)), "already x");
+        assert_eq!(t.bind(1, Some("y")).ok(), Some((Some(user_channel("y")), Some(user_channel("x")))));
+        assert!(!t.users.contains_key("x") && t.users["y"].contains(&1));
+        assert_eq!(t.join(1, "room").ok(), Some((Some(topic_channel("room")), None)));
+        assert_eq!(t.join(1, "room").ok(), Some((None, None)), "in it already");
+        assert_eq!(t.leave(1, "room").ok(), Some((None, Some(topic_channel("room")))));
+        assert_eq!(t.leave(1, "room").ok(), Some((None, None)));
+        for i in 0..MAX_TOPICS_PER_CONNECTION {
+            assert!(t.join(1, &format!("t{i}")).is_ok());
+        }
+        assert!(matches!(t.join(1, "one-more"), Err(Refusal::Refused(_))));
+        let who = t.unlink(1).expect("who it was");
+        assert_eq!((who.uid.as_deref(), who.topics.len()), (Some("y"), MAX_TOPICS_PER_CONNECTION));
+        assert!(t.users.is_empty() && t.topics.is_empty());
+        let ups = t.changes.iter().filter(|c| c.up).count();
+        assert_eq!(ups, t.changes.len() - ups, "every arrival reported has its departure");
+    }
 
     #[test]
     fn the_worker_writes_directly_only_while_it_keeps_up() {
