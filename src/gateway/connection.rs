@@ -135,6 +135,7 @@ pub(super) async fn serve_sse(
         }
     }
     Box::pin(worker.remove(id)).await;
+    let _ = conn.detach();
     wire.shutdown().await;
     tracing::debug!(worker = %worker.id, connection = id, "event stream closed");
 }

@@ -82,6 +82,8 @@ struct Queue {
     /// The client's plain TCP socket, which the worker writes to itself while `idle` and nothing
     /// is queued; taken away when the task closes the connection.
     direct: Option<Arc<tokio::net::TcpStream>>,
+    /// Told when the task takes the queue: a recovery waiting for room to feed more.
+    drained: Option<Arc<Notify>>,
 }
 
 /// What became of a frame offered to a connection.
@@ -187,6 +189,9 @@ impl Conn {
         let mut q = self.queue();
         q.idle = false;
         q.direct = None;
+        if let Some(drained) = q.drained.take() {
+            drained.notify_one();
+        }
         match std::mem::take(&mut q.partial) {
             true => q.frames.pop_front(),
             false => None,
@@ -204,10 +209,15 @@ impl Conn {
         }
     }
 
-    /// Frames and bytes queued for the task.
-    fn queued(&self) -> (usize, usize) {
-        let q = self.queue();
-        (q.frames.len(), q.bytes)
+    /// Whether the queue has room for `n` more frames, keeping it at most half full (`max`:
+    /// frames and bytes); if not, `drained` is told when the task next takes the queue.
+    fn has_room(&self, n: usize, (max_frames, max_bytes): (usize, usize), drained: &Arc<Notify>) -> bool {
+        let mut q = self.queue();
+        let room = q.frames.is_empty() || (q.frames.len() + n <= max_frames / 2 && q.bytes <= max_bytes / 2);
+        if !room {
+            q.drained = Some(drained.clone());
+        }
+        room
     }
 
     /// Move everything queued into `out`.
@@ -220,6 +230,9 @@ impl Conn {
             std::mem::swap(out, &mut q.frames);
         } else {
             out.extend(q.frames.drain(..));
+        }
+        if let Some(drained) = q.drained.take() {
+            drained.notify_one();
         }
     }
 }
@@ -589,22 +602,22 @@ impl Worker {
     }
 
     /// Wait until connection `id` has room for `n` more frames (its queue at most half full with
-    /// them); false when it is gone, or took nothing for [`RECOVERY_STALL`] (then cut off).
+    /// them), woken when its task takes the queue; false when it is gone, or took nothing for
+    /// [`RECOVERY_STALL`] (then cut off).
     async fn room_for(&self, id: u64, conn: &Conn, n: usize) -> bool {
-        let deadline = tokio::time::Instant::now() + RECOVERY_STALL;
+        let drained = Arc::new(Notify::new());
         loop {
-            if conn.close_code.load(Ordering::Acquire) != 0 {
+            if conn.close_code.load(Ordering::Acquire) != 0 || !self.table().conns.contains_key(&id) {
                 return false;
             }
-            let (frames, bytes) = conn.queued();
-            if frames == 0 || (frames + n <= self.max_frames / 2 && bytes <= self.max_bytes / 2) {
-                return self.table().conns.contains_key(&id);
+            if conn.has_room(n, (self.max_frames, self.max_bytes), &drained) {
+                return true;
             }
-            if tokio::time::Instant::now() >= deadline {
+            // Woken also when the connection ends (its task detaches it).
+            if tokio::time::timeout(RECOVERY_STALL, drained.notified()).await.is_err() {
                 self.cut_slow(&mut self.table(), id);
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -1400,7 +1413,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !got.iter().any(|m: &serde_json::Value| m.get("recovered").is_some()) {
             assert!(tokio::time::Instant::now() < deadline, "stuck after {} messages", got.len());
-            assert!(conn.queued().0 <= 16, "never more than the queue holds");
+            assert!(conn.queue().frames.len() <= 16, "never more than the queue holds");
             tokio::time::sleep(Duration::from_millis(1)).await;
             got.extend(queued_json(&conn));
         }

@@ -27,6 +27,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 mod fleet;
+mod recovery;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -101,6 +102,13 @@ pub struct BenchArgs {
     /// publishes and reports for all.
     #[arg(long, default_value_t = 1)]
     pub processes: usize,
+    /// Clients that connect halfway through the run and recover the broadcasts they missed
+    /// (JSON clients with `recover=`); their time to the `recovered` notice is reported apart.
+    #[arg(long, default_value_t = 0)]
+    pub recoverers: usize,
+    /// Broadcasts published before the clients connect, for the recoverers to recover.
+    #[arg(long, default_value_t = 1000)]
+    pub backlog: usize,
     /// Internal: run as child K of --processes (connect a share of the clients, report on stdout).
     #[arg(long, hide = true)]
     pub child: Option<usize>,
@@ -326,6 +334,10 @@ async fn connect_one(
     loop {
         if let Some((_, payload)) = frame(&mut buf)? {
             let text = String::from_utf8_lossy(&payload);
+            if text.starts_with('{') {
+                // A JSON welcome (a recoverer): its ids are not needed.
+                return Ok(Conn { stream, buf, worker: String::new(), conn: String::new() });
+            }
             let mut parts = text.split_whitespace();
             let worker = parts.next().and_then(|p| p.strip_prefix("workerID:")).context("welcome line")?.to_owned();
             let conn = parts.next().and_then(|p| p.strip_prefix("connectionID:")).context("welcome line")?.to_owned();
@@ -470,6 +482,11 @@ impl Http {
 
     /// GET `target`; returns the status.
     async fn get(&mut self, target: &str) -> anyhow::Result<u16> {
+        Ok(self.get_body(target).await?.0)
+    }
+
+    /// GET `target`: the status and the body.
+    async fn get_body(&mut self, target: &str) -> anyhow::Result<(u16, BytesMut)> {
         let req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
         self.stream.write_all(req.as_bytes()).await?;
         loop {
@@ -486,8 +503,8 @@ impl Http {
                         bail!("publisher closed the connection");
                     }
                 }
-                self.buf.advance(i + 4 + len);
-                return Ok(status);
+                self.buf.advance(i + 4);
+                return Ok((status, self.buf.split_to(len)));
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
                 bail!("publisher closed the connection");
@@ -639,6 +656,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.child.is_some() {
         return fleet::child(args.mode, &stats, connect).await;
     }
+    let key = args.key.as_deref().map(|k| format!("&key={k}")).unwrap_or_default();
+    let since = match args.recoverers {
+        0 => None,
+        _ => {
+            eprintln!("publishing a backlog of {} broadcasts for {} recoverers", args.backlog, args.recoverers);
+            Some(recovery::backlog(&publishers[0], publisher_tls.as_ref(), &key, args.backlog).await?)
+        }
+    };
     eprintln!("connecting {} clients to {} from {processes} process(es)", args.clients, gateways.join(", "));
     let started = Instant::now();
     let mut helpers = fleet::spawn(processes)?;
@@ -664,7 +689,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let ids = Arc::new(ids);
 
-    let key = args.key.as_deref().map(|k| format!("&key={k}")).unwrap_or_default();
     // Server memory with every client connected (idle mode: after holding them).
     let mut rss_held: Vec<(u32, u64)> = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
     let published = Arc::new(AtomicU64::new(0));
@@ -684,6 +708,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         })
     };
+    // Halfway through, the recoverers come back all at once.
+    let recovering = since.map(|since| {
+        let (gateways, tls, n, ips) = (gateways.clone(), gateway_tls.clone(), args.recoverers, args.source_ips.max(1));
+        let half = args.duration / 2;
+        tokio::spawn(async move {
+            tokio::time::sleep(half).await;
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let (g, tls, since) = (gateways[i % gateways.len()].clone(), tls.clone(), since.clone());
+                    let source = 1 + (i % ips as usize) as u8;
+                    tokio::spawn(async move { recovery::recover(&g, tls.as_ref(), &since, source).await })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(n);
+            for t in tasks {
+                out.push(t.await.map_err(anyhow::Error::from).and_then(|r| r));
+            }
+            out
+        })
+    });
     match args.mode {
         Mode::Idle => {
             tokio::time::sleep(args.duration).await;
@@ -848,6 +892,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = r.await;
     }
 
+    let recovery = match recovering {
+        None => None,
+        Some(task) => {
+            let (mut times, mut messages, mut failed) = (histogram(), Vec::new(), 0);
+            for r in task.await? {
+                match r {
+                    Ok((took, n)) => {
+                        let _ = times.record((took.as_micros() as u64).max(1));
+                        messages.push(n);
+                    }
+                    Err(e) => {
+                        if failed == 0 {
+                            eprintln!("recoverer: {e:#}");
+                        }
+                        failed += 1;
+                    }
+                }
+            }
+            messages.sort_unstable();
+            Some((times, messages.get(messages.len() / 2).copied().unwrap_or(0), failed))
+        }
+    };
     let hist = stats.latencies();
     let published = published.load(Relaxed);
     let deliveries = stats.deliveries.load(Relaxed);
@@ -897,6 +963,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         publish_latency_ms: pcts(&pub_hist),
         fanout_ms: pcts(&fanout),
         rss,
+        recovery: recovery.map(|(times, messages, failed)| report::Recovery {
+            clients: times.len() + failed,
+            failed,
+            messages,
+            ms: pcts(&times),
+        }),
     };
     println!("{}", summary.human());
     if let Some(path) = &args.json {
@@ -915,6 +987,15 @@ mod report {
         pub before_kb: u64,
         pub after_kb: u64,
         pub per_connection_kb: f64,
+    }
+
+    /// The recoverers: how many, how many failed, the median of messages each recovered, and
+    /// the time from connecting to the `recovered` notice (p50, p90, p99, p99.9, max).
+    pub struct Recovery {
+        pub clients: u64,
+        pub failed: u64,
+        pub messages: u64,
+        pub ms: [f64; 5],
     }
 
     pub struct Summary {
@@ -937,6 +1018,7 @@ mod report {
         /// Broadcasts: send to arrival at the last client.
         pub fanout_ms: [f64; 5],
         pub rss: Vec<Rss>,
+        pub recovery: Option<Recovery>,
     }
 
     impl Summary {
@@ -974,6 +1056,16 @@ mod report {
                     r.pid, r.before_kb, r.after_kb, r.per_connection_kb
                 );
             }
+            if let Some(r) = &self.recovery {
+                let _ = write!(
+                    s,
+                    "\nrecoverers {} ({} failed, {} messages each): connect to notice ms: {}",
+                    r.clients,
+                    r.failed,
+                    r.messages,
+                    pct(&r.ms)
+                );
+            }
             s
         }
 
@@ -991,10 +1083,19 @@ mod report {
                     )
                 })
                 .collect();
+            let recovery = self.recovery.as_ref().map_or(String::new(), |r| {
+                format!(
+                    ",\"recovery\":{{\"clients\":{},\"failed\":{},\"messages\":{},\"ms\":{}}}",
+                    r.clients,
+                    r.failed,
+                    r.messages,
+                    arr(&r.ms)
+                )
+            });
             format!(
                 "{{\"mode\":\"{}\",\"clients\":{},\"connect_per_s\":{:.1},\"published\":{},\"publish_errors\":{},\
                  \"publish_per_s\":{:.1},\"deliveries\":{},\"deliveries_per_s\":{:.1},\"wire_bytes_per_delivery\":{:.1},\"missing\":{},\"duplicates\":{},\
-                 \"misdelivered\":{},\"latency_ms\":{},\"publish_latency_ms\":{},\"fanout_ms\":{},\"rss\":[{}]}}\n",
+                 \"misdelivered\":{},\"latency_ms\":{},\"publish_latency_ms\":{},\"fanout_ms\":{},\"rss\":[{}]{}}}\n",
                 self.mode,
                 self.clients,
                 self.connect_per_s,
@@ -1010,7 +1111,8 @@ mod report {
                 arr(&self.latency_ms),
                 arr(&self.publish_latency_ms),
                 arr(&self.fanout_ms),
-                rss.join(",")
+                rss.join(","),
+                recovery
             )
         }
     }
