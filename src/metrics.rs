@@ -57,6 +57,7 @@ pub struct Metrics {
     pub gaps_unrepaired: AtomicU64,
     pub recoveries: AtomicU64,
     pub recoveries_failed: AtomicU64,
+    pub tls_reload_failures: AtomicU64,
 }
 
 /// The counters of this process.
@@ -80,6 +81,7 @@ pub static GLOBAL: Metrics = Metrics {
     gaps_unrepaired: AtomicU64::new(0),
     recoveries: AtomicU64::new(0),
     recoveries_failed: AtomicU64::new(0),
+    tls_reload_failures: AtomicU64::new(0),
 };
 
 /// Render the counters plus `gauges` (name, help, value) as Prometheus text.
@@ -118,6 +120,11 @@ pub fn render_with(gauges: &[(&str, &str, u64)], extra_counters: &[(&str, &str, 
         ("gaps_unrepaired_total", "gaps history could not fill (clients told recovered:false)", &m.gaps_unrepaired),
         ("recoveries_total", "channels recovered on reconnect (recover=)", &m.recoveries),
         ("recoveries_failed_total", "channels whose recovery the history could not serve", &m.recoveries_failed),
+        (
+            "tls_reload_failures_total",
+            "TLS certificate reloads refused (the previous one kept)",
+            &m.tls_reload_failures,
+        ),
     ];
     let mut out = String::new();
     for &(name, help, v) in counters {

@@ -86,7 +86,10 @@ impl Tls {
                 };
                 match me.reload() {
                     Ok(()) => tracing::info!(cert = %me.files.cert.display(), "TLS certificate reloaded ({why})"),
-                    Err(e) => tracing::warn!("TLS certificate not reloaded ({why}), keeping the previous one: {e}"),
+                    Err(e) => {
+                        crate::metrics::GLOBAL.tls_reload_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!("TLS certificate not reloaded ({why}), keeping the previous one: {e}")
+                    }
                 }
             }
         });

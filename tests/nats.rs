@@ -206,12 +206,15 @@ async fn a_permissions_violation_keeps_the_link() {
     wait_healthy(p).await;
     let mut c = connect(g).await;
     http_get(p, "/?to_worker_id=forbidden-0&to_connection_id=1&content=denied").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !pub_node.log().contains("Permissions Violation") {
+        assert!(tokio::time::Instant::now() < deadline, "the server never refused the publish:\n{}", pub_node.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(http_get(p, "/?content=still-up").await.0, 200);
     assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("still-up"));
     assert_eq!(metric(p, "pushwire_broker_reconnects").await, 0, "the link was not dropped");
     assert_eq!(http_get(p, "/healthz").await.0, 200);
-    assert!(pub_node.log().contains("Permissions Violation"), "the server refused the publish:\n{}", pub_node.log());
     let _ = std::fs::remove_file(conf);
 }
 

@@ -74,7 +74,7 @@ async fn prefixes_keep_two_clusters_apart_on_one_redis() {
     let port = free_port();
     let _redis = redis_server(port).await;
     let url = format!("redis://127.0.0.1:{port}");
-    let (g1, g2, p1) = (free_port(), free_port(), free_port());
+    let (g1, g2, p1, p2) = (free_port(), free_port(), free_port(), free_port());
     let _a = Proc::start(
         &["gateway", "--listen", &format!("127.0.0.1:{g1}"), "--broker", &url, "--broker-prefix", "app1."],
         &[g1],
@@ -90,14 +90,23 @@ async fn prefixes_keep_two_clusters_apart_on_one_redis() {
         &[p1],
     )
     .await;
-    for p in [g1, g2, p1] {
+    let _p2 = Proc::start(
+        &["publisher", "--listen", &format!("127.0.0.1:{p2}"), "--broker", &url, "--broker-prefix", "app2."],
+        &[p2],
+    )
+    .await;
+    for p in [g1, g2, p1, p2] {
         wait_healthy(p).await;
     }
     let mut a = connect(g1).await;
     let mut b = connect(g2).await;
     assert_eq!(http_get(p1, "/?content=only-app1").await.0, 200);
     assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("only-app1"));
-    assert_eq!(next_text_within(&mut b.ws, Duration::from_millis(300)).await, None, "app2 hears nothing of app1");
+    // app2's own push is the first thing its client gets: it heard nothing of app1's.
+    assert_eq!(http_get(p2, "/?content=only-app2").await.0, 200);
+    assert_eq!(next_text(&mut b.ws).await.as_deref(), Some("only-app2"), "app2 hears nothing of app1");
+    assert_eq!(http_get(p1, "/?content=app1-again").await.0, 200);
+    assert_eq!(next_text(&mut a.ws).await.as_deref(), Some("app1-again"), "nor app1 of app2");
 }
 
 /// Behind Sentinel: nodes find the primary through a sentinel, and when the primary dies and the

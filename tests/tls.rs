@@ -45,7 +45,11 @@ async fn https_publisher_with_certificate_reloads() {
 
     // A broken file is not taken: new connections keep the certificate that works.
     std::fs::write(pki.dir.join("live.pem"), "not a certificate").expect("write");
-    tokio::time::sleep(tls_watch() * 2).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric_in(&https_get(&mut kept, "/metrics").await.1, "pushwire_tls_reload_failures_total") == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the broken file was never looked at");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(pki.connect(h).await.1, "second");
 
     // SIGHUP reloads at once.
@@ -116,10 +120,6 @@ async fn gateway_serves_wss_https_and_event_streams_through_a_reload() {
     let expiry = metric_in(&https_get(&mut fresh, "/metrics").await.1, "pushwire_tls_certificate_expiry_seconds");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
     assert!((now + 47 * 3600..now + 49 * 3600).contains(&expiry), "two days ahead: {expiry} (now {now})");
-}
-
-fn tls_watch() -> Duration {
-    pushwire::tls::WATCH_EVERY
 }
 
 type Wss = tokio_tungstenite::WebSocketStream<Tls>;

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use common::*;
 use jsonwebtoken::{encode, EncodingKey, Header};
@@ -101,10 +100,14 @@ async fn users_and_topics(cluster: Cluster) {
         while got.len() < want.len() {
             got.push(next_text(&mut c.ws).await.unwrap_or_else(|| panic!("{name}: got only {got:?}")));
         }
-        assert_eq!(next_text_within(&mut c.ws, Duration::from_millis(200)).await, None, "{name}: nothing more");
         got.sort();
         want.sort();
         assert_eq!(got, want, "{name}");
+    }
+    // Then a broadcast is the next thing every client gets: nothing more came.
+    assert_eq!(cluster.publish(0, "content=end").await, (200, "ok".to_owned()));
+    for (name, c) in &mut clients {
+        assert_eq!(next_text(&mut c.ws).await.as_deref(), Some("end"), "{name}: nothing more");
     }
 
     // A connection that goes away takes its interest with it.
@@ -112,16 +115,22 @@ async fn users_and_topics(cluster: Cluster) {
     assert_eq!(cluster.publish(0, "to_channel=solo&content=s1").await.0, 200);
     assert_eq!(next_text(&mut bob.ws).await.as_deref(), Some("s1"));
     close(bob.ws).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = metric(&cluster.gateways[0], "pushwire_broker_messages_total").await;
-    assert_eq!(cluster.publish(0, "to_channel=solo&content=s2").await.0, 200);
-    assert_eq!(cluster.publish(0, "to_uid=erin&content=sync").await.0, 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        metric(&cluster.gateways[0], "pushwire_broker_messages_total").await,
-        before,
-        "left topic solo on the broker"
-    );
+    // Once gateway 0 has left topic solo on the broker, a push to solo followed by one to the
+    // connection alice-a (on gateway 0) brings gateway 0 that one message only.
+    let alice = clients.iter_mut().find(|(n, _)| *n == "alice-a").map(|(_, c)| c).expect("alice-a");
+    let to_alice = format!("to_worker_id={}&to_connection_id={}", alice.worker, alice.conn);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for i in 0.. {
+        let before = metric(&cluster.gateways[0], "pushwire_broker_messages_total").await;
+        assert_eq!(cluster.publish(0, &format!("to_channel=solo&content=s{i}")).await.0, 200);
+        assert_eq!(cluster.publish(0, &format!("{to_alice}&content=sync{i}")).await.0, 200);
+        assert_eq!(next_text(&mut alice.ws).await, Some(format!("sync{i}")));
+        let after = metric(&cluster.gateways[0], "pushwire_broker_messages_total").await;
+        if after == before + 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "gateway 0 still gets topic solo from the broker");
+    }
 }
 
 /// Tokens are checked before the upgrade: refused with 401 and the reason.

@@ -54,6 +54,8 @@ enum Got {
 struct Raw {
     s: TcpStream,
     buf: Vec<u8>,
+    /// Return the server's heartbeat pings instead of skipping them.
+    pings: bool,
 }
 
 impl Raw {
@@ -75,7 +77,7 @@ impl Raw {
         }
         assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
-        let mut raw = Raw { s, buf: buf.split_off(end) };
+        let mut raw = Raw { s, buf: buf.split_off(end), pings: false };
         match raw.next(WAIT).await {
             Got::Frame(0x1, w) => assert!(w.ends_with(b" connected\n")),
             other => panic!("expected the welcome line, got {other:?}"),
@@ -105,7 +107,7 @@ impl Raw {
                 if len != usize::MAX && self.buf.len() >= header + len {
                     let payload = self.buf[header..header + len].to_vec();
                     self.buf.drain(..header + len);
-                    if b0 & 0x0F == 0x9 {
+                    if b0 & 0x0F == 0x9 && !self.pings {
                         continue; // heartbeat ping
                     }
                     return Got::Frame(b0 & 0x0F, payload);
@@ -183,6 +185,56 @@ async fn ping_pong_group_2() {
     c.send(&[frame(0x88, &close_payload(1000, b"")), frame(0x89, b"late")].concat()).await;
     assert_eq!(c.next(WAIT).await, Got::Frame(0x8, close_payload(1000, b"")));
     assert_eq!(c.next(WAIT).await, Got::End);
+}
+
+/// The server pings every heartbeat interval; a client that answers stays, one that sends
+/// nothing for three intervals is closed (1001), not before.
+#[tokio::test]
+async fn the_server_pings_and_closes_a_silent_client_after_three_intervals() {
+    let (_p, _c, w, _h) = standalone(&["--heartbeat", "300ms"]).await;
+    let mut answering = Raw::open(w).await;
+    answering.pings = true;
+    let mut silent = Raw::open(w).await;
+    silent.pings = true;
+    let opened = tokio::time::Instant::now();
+    // The answering client gets pings and answers each; it is still open after the silent one
+    // has been closed.
+    let mut pings = 0;
+    while pings < 6 {
+        match answering.next(WAIT).await {
+            Got::Frame(0x9, p) => {
+                answering.send(&frame(0x8A, &p)).await;
+                pings += 1;
+            }
+            other => panic!("expected a ping, got {other:?}"),
+        }
+    }
+    // The silent one got pings too, then a close once it had been silent for three intervals.
+    let mut got_ping = false;
+    let closed_at = loop {
+        match silent.next(WAIT).await {
+            Got::Frame(0x9, _) => got_ping = true,
+            Got::Frame(0x8, p) => {
+                assert_eq!(u16::from_be_bytes([p[0], p[1]]), 1001, "going away");
+                break tokio::time::Instant::now();
+            }
+            other => panic!("expected pings then a close, got {other:?}"),
+        }
+    };
+    assert!(got_ping, "the silent client was pinged");
+    let silent_for = closed_at - opened;
+    assert!(silent_for >= Duration::from_millis(900), "closed after {silent_for:?}: before three intervals");
+    silent.send(&frame(0x88, &close_payload(1001, b""))).await;
+    assert_eq!(silent.next(WAIT).await, Got::End);
+    // Six pings answered (1.8 s): still open, and its own ping is answered.
+    answering.send(&frame(0x89, b"still here")).await;
+    loop {
+        match answering.next(WAIT).await {
+            Got::Frame(0x9, p) => answering.send(&frame(0x8A, &p)).await,
+            Got::Frame(0xA, p) => break assert_eq!(p, b"still here"),
+            other => panic!("expected the pong, got {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
