@@ -289,7 +289,7 @@ const RECOVERY_CHUNK: usize = 64;
 /// How long a recovering connection may take nothing before it is cut off as a slow consumer.
 const RECOVERY_STALL: Duration = Duration::from_secs(30);
 /// Bytes of encoded history frames kept for connections recovering the same messages; past it
-/// the cache starts again.
+/// the cache starts again (and it is emptied when no recovery is under way).
 const MAX_HISTORY_FRAME_BYTES: usize = 32 << 20;
 
 /// Encoded history frames by (channel, epoch), then by (offset, kind of connection).
@@ -592,6 +592,10 @@ impl Worker {
                 }
                 _ => stop_recovering(&mut t.recovering, id, &r.channel),
             }
+            // The last recovery here is done: its frames are not kept for later ones.
+            if t.recovering.is_empty() {
+                *self.history_frames.lock().unwrap_or_else(|e| e.into_inner()) = HistoryFrames::default();
+            }
             return true;
         }
     }
@@ -648,7 +652,10 @@ impl Worker {
             *cache = HistoryFrames::default();
         }
         let HistoryFrames { frames, bytes } = &mut *cache;
-        let of_range = frames.entry((channel.to_owned(), epoch.to_string())).or_default();
+        let of_range = frames.entry((channel.to_owned(), epoch.to_string())).or_insert_with(|| {
+            *bytes += channel.len() + epoch.len() + 64;
+            HashMap::new()
+        });
         let mut out = Vec::with_capacity(items.len());
         for (offset, data) in items {
             let Ok(push) = Push::decode(data) else { continue };
