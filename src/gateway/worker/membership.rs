@@ -1,0 +1,192 @@
+//! Who a worker's connections are: the indexes from users and topics to connections, the edits
+//! that bind, join and leave (each saying which broker channel to join or leave), and the
+//! numbered changes the presence trackers follow.
+
+use super::*;
+
+/// Who a connection is, for the connections that are someone (a token, a bind, a join). Kept
+/// apart from the connection table, so that a broadcast walks a table of bare pointers.
+#[derive(Default)]
+pub(super) struct Who {
+    pub(super) uid: Option<Arc<str>>,
+    pub(super) topics: Vec<Arc<str>>,
+}
+
+/// Most topics one connection may be in.
+pub const MAX_TOPICS_PER_CONNECTION: usize = 256;
+
+/// Why a change to a connection was not made.
+pub(super) enum Refusal {
+    NoConnection,
+    Refused(String),
+}
+
+/// A change to a connection: the broker channel to join and the one to leave, if any.
+pub(super) type Edit = Result<(Option<String>, Option<String>), Refusal>;
+
+/// Changes kept for the trackers before the oldest are dropped.
+pub(super) const MAX_CHANGES: usize = 65_536;
+
+impl Table {
+    /// Make connection `id` belong to `uid` (or to nobody).
+    pub(super) fn bind(&mut self, id: u64, uid: Option<&str>) -> Edit {
+        if !self.conns.contains_key(&id) {
+            return Err(Refusal::NoConnection);
+        }
+        let e = self.who.entry(id).or_default();
+        if e.uid.as_deref() == uid {
+            return Ok((None, None));
+        }
+        let old = std::mem::replace(&mut e.uid, uid.map(Into::into));
+        if let Some(u) = e.uid.clone() {
+            self.index(false, &u, id);
+        }
+        if let Some(o) = &old {
+            self.unindex(false, o, id);
+        }
+        Ok((uid.map(user_channel), old.as_deref().map(user_channel)))
+    }
+
+    /// Add connection `id` to topic `topic`.
+    pub(super) fn join(&mut self, id: u64, topic: &str) -> Edit {
+        if !self.conns.contains_key(&id) {
+            return Err(Refusal::NoConnection);
+        }
+        let e = self.who.entry(id).or_default();
+        if e.topics.iter().any(|t| &**t == topic) {
+            return Ok((None, None));
+        }
+        if e.topics.len() >= MAX_TOPICS_PER_CONNECTION {
+            return Err(Refusal::Refused(format!("the connection is in {MAX_TOPICS_PER_CONNECTION} topics already")));
+        }
+        let topic: Arc<str> = topic.into();
+        e.topics.push(topic.clone());
+        self.index(true, &topic, id);
+        Ok((Some(topic_channel(&topic)), None))
+    }
+
+    /// Take connection `id` out of topic `topic`.
+    pub(super) fn leave(&mut self, id: u64, topic: &str) -> Edit {
+        if !self.conns.contains_key(&id) {
+            return Err(Refusal::NoConnection);
+        }
+        let Some(e) = self.who.get_mut(&id) else { return Ok((None, None)) };
+        let Some(i) = e.topics.iter().position(|t| &**t == topic) else { return Ok((None, None)) };
+        e.topics.swap_remove(i);
+        self.unindex(true, topic, id);
+        Ok((None, Some(topic_channel(topic))))
+    }
+
+    /// Forget connection `id` and who it was.
+    pub(super) fn unlink(&mut self, id: u64) -> Option<Who> {
+        self.conns.remove(&id);
+        self.recovering.remove(&id);
+        let e = self.who.remove(&id)?;
+        if let Some(u) = &e.uid {
+            self.unindex(false, u, id);
+        }
+        for t in &e.topics {
+            self.unindex(true, t, id);
+        }
+        Some(e)
+    }
+
+    /// Put connection `id` under user (or topic) `name`; the first one is a change to report.
+    pub(super) fn index(&mut self, topic: bool, name: &Arc<str>, id: u64) {
+        let index = if topic { &mut self.topics } else { &mut self.users };
+        if add_member(index, name, id) {
+            self.note(true, topic, name);
+        }
+    }
+
+    /// Take connection `id` from under user (or topic) `name`; the last one is a change to report.
+    pub(super) fn unindex(&mut self, topic: bool, name: &str, id: u64) {
+        let index = if topic { &mut self.topics } else { &mut self.users };
+        if let Some(name) = remove_member(index, name, id) {
+            let channel = if topic { topic_channel(&name) } else { user_channel(&name) };
+            self.seen.remove(channel.as_bytes());
+            self.note(false, topic, &name);
+        }
+    }
+
+    /// Record that user or topic `name` arrived on (`up`) or left this worker.
+    pub(super) fn note(&mut self, up: bool, topic: bool, name: &Arc<str>) {
+        self.seq += 1;
+        if self.changes.len() >= MAX_CHANGES {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(Change { seq: self.seq, up, topic, name: name.to_string() });
+    }
+}
+
+/// Add `id` under `name`; whether it is the first there.
+pub(super) fn add_member(index: &mut HashMap<Arc<str>, HashSet<u64>>, name: &Arc<str>, id: u64) -> bool {
+    let ids = index.entry(name.clone()).or_default();
+    ids.insert(id);
+    ids.len() == 1
+}
+
+/// Remove `id` from under `name`; the name, if nobody is left under it.
+pub(super) fn remove_member(index: &mut HashMap<Arc<str>, HashSet<u64>>, name: &str, id: u64) -> Option<Arc<str>> {
+    let ids = index.get_mut(name)?;
+    ids.remove(&id);
+    if !ids.is_empty() {
+        return None;
+    }
+    index.remove_entry(name).map(|(name, _)| name)
+}
+
+/// Call `f` for each connection `to` names, found through the indexes.
+pub(super) fn each_member(
+    conns: &HashMap<u64, Arc<Conn>>,
+    users: &HashMap<Arc<str>, HashSet<u64>>,
+    topics: &HashMap<Arc<str>, HashSet<u64>>,
+    to: Target<'_>,
+    mut f: impl FnMut(u64, &Arc<Conn>),
+) {
+    let ids = match to {
+        Target::All => return conns.iter().for_each(|(id, c)| f(*id, c)),
+        Target::Conn(id) => return conns.get(&id).into_iter().for_each(|c| f(id, c)),
+        Target::User(u) => users.get(u),
+        Target::Topic(t) => topics.get(t),
+    };
+    for id in ids.into_iter().flatten() {
+        if let Some(c) = conns.get(id) {
+            f(*id, c);
+        }
+    }
+}
+
+/// The broker channels of a connection of user `uid` in `topics`.
+pub(super) fn broker_channels<T: AsRef<str>>(uid: Option<&str>, topics: &[T]) -> Vec<String> {
+    uid.map(user_channel).into_iter().chain(topics.iter().map(|t| topic_channel(t.as_ref()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+
+    #[test]
+    fn binds_and_joins_edit_the_indexes_and_say_what_to_join() {
+        let mut t = Table::default();
+        t.conns.insert(1, Arc::new(Conn::new(0, false, false, false)));
+        assert!(matches!(t.bind(2, Some("x")), Err(Refusal::NoConnection)));
+        assert_eq!(t.bind(1, Some("x")).ok(), Some((Some(user_channel("x")), None)));
+        assert_eq!(t.bind(1, Some("x")).ok(), Some((None, None)), "already x");
+        assert_eq!(t.bind(1, Some("y")).ok(), Some((Some(user_channel("y")), Some(user_channel("x")))));
+        assert!(!t.users.contains_key("x") && t.users["y"].contains(&1));
+        assert_eq!(t.join(1, "room").ok(), Some((Some(topic_channel("room")), None)));
+        assert_eq!(t.join(1, "room").ok(), Some((None, None)), "in it already");
+        assert_eq!(t.leave(1, "room").ok(), Some((None, Some(topic_channel("room")))));
+        assert_eq!(t.leave(1, "room").ok(), Some((None, None)));
+        for i in 0..MAX_TOPICS_PER_CONNECTION {
+            assert!(t.join(1, &format!("t{i}")).is_ok());
+        }
+        assert!(matches!(t.join(1, "one-more"), Err(Refusal::Refused(_))));
+        let who = t.unlink(1).expect("who it was");
+        assert_eq!((who.uid.as_deref(), who.topics.len()), (Some("y"), MAX_TOPICS_PER_CONNECTION));
+        assert!(t.users.is_empty() && t.topics.is_empty());
+        let ups = t.changes.iter().filter(|c| c.up).count();
+        assert_eq!(ups, t.changes.len() - ups, "every arrival reported has its departure");
+    }
+}
