@@ -261,6 +261,19 @@ pub struct GatewayOpts {
     /// worker and shared by every connection that negotiated it.
     #[arg(long, default_value = "off", value_parser = parse_compression)]
     pub compression: Compression,
+    /// Serve the echo protocol on this path (e.g. /echo): every WebSocket message comes back
+    /// unchanged. A conformance endpoint for WebSocket test suites; off by default.
+    #[arg(long, value_parser = parse_echo_path)]
+    pub echo_path: Option<String>,
+}
+
+/// `--echo-path`: an absolute path other than `/` (the seed's) and the event stream's.
+fn parse_echo_path(s: &str) -> Result<String, String> {
+    match s {
+        "/" | crate::sse::PATH => Err(format!("{s} is taken (the seed's WebSocket, the event stream)")),
+        p if p.starts_with('/') && !p.contains(['?', '#']) => Ok(p.to_owned()),
+        _ => Err("an absolute path, such as /echo".into()),
+    }
 }
 
 /// `--compression`: off, or on from a minimum size.
@@ -431,6 +444,7 @@ impl GatewayOpts {
             lease: self.presence_lease,
             subscription_buffer: self.subscription_buffer,
             compression: self.compression.0,
+            echo_path: self.echo_path.clone(),
             ..GatewayConfig::default()
         })
     }

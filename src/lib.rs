@@ -16,7 +16,8 @@
 //! - [`broker`]: the [`Broker`](broker::Broker) trait and its backends: in-process, the channel
 //!   protocol (our own link loop), Redis and NATS (maintained client libraries under one managed
 //!   link); [`message`]: what travels through them.
-//! - [`gateway`]: WebSocket workers and fan-out; [`ws`]: the WebSocket wire format.
+//! - [`gateway`]: WebSocket workers and fan-out; [`ws`]: the WebSocket wire format;
+//!   [`protocol`]: the client protocols a gateway speaks (the seed's, an echo for conformance).
 //! - [`publisher`]: the HTTP publish API; [`push`]: the seed's event payloads.
 //! - [`cli`]: flags and wiring; [`config`]: the TOML settings file; [`metrics`], [`io`]: small shared pieces.
 //!
@@ -36,6 +37,7 @@ pub mod io;
 pub mod message;
 pub mod metrics;
 pub mod page;
+pub mod protocol;
 pub mod publisher;
 pub mod push;
 pub mod sse;

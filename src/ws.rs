@@ -83,6 +83,12 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
 pub enum ClientFrame {
     /// Data (a whole message or a fragment of one): checked and ignored.
     Data,
+    /// A whole message (fragments joined, inflated), for a reader that keeps messages
+    /// ([`Reader::keeping`]): text (valid UTF-8) or binary.
+    Message {
+        text: bool,
+        data: Bytes,
+    },
     /// Answer with a pong carrying the same bytes.
     Ping(Bytes),
     Pong,
@@ -136,7 +142,8 @@ pub fn close_code_allowed(code: u16) -> bool {
 
 /// A client's message stream between frames: which message is being fragmented, its size so far,
 /// and the bytes of a UTF-8 sequence split between two fragments. A few bytes per connection;
-/// while a compressed message arrives, its decompressor.
+/// while a message arrives compressed, or for a reader that keeps messages, what it needs for
+/// that (allocated only then: an idle connection pays nothing for either).
 #[derive(Default)]
 pub struct Reader {
     /// Opcode of the fragmented message in progress ([`TEXT`] or [`BINARY`]); 0 when none.
@@ -144,15 +151,34 @@ pub struct Reader {
     /// Payload bytes of the message so far.
     len: u64,
     utf8: Utf8Tail,
-    /// permessage-deflate was negotiated: a message may come compressed (RSV1 on its first frame).
-    deflate: bool,
-    inflating: Option<Box<crate::deflate::Inflate>>,
+    /// [`DEFLATE`] (permessage-deflate was negotiated: a message may come compressed, RSV1 on its
+    /// first frame) and [`KEEP`] (whole messages are handed over).
+    flags: u8,
+    partial: Option<Box<Partial>>,
 }
+
+/// A message in progress that needs more than counting: its decompressor, its bytes so far.
+#[derive(Default)]
+struct Partial {
+    inflate: Option<crate::deflate::Inflate>,
+    data: BytesMut,
+}
+
+/// [`Reader`] flags.
+const DEFLATE: u8 = 1;
+const KEEP: u8 = 2;
 
 impl Reader {
     /// A reader for a connection that negotiated permessage-deflate (or not).
     pub fn new(deflate: bool) -> Reader {
-        Reader { deflate, ..Reader::default() }
+        Reader { flags: if deflate { DEFLATE } else { 0 }, ..Reader::default() }
+    }
+
+    /// This reader hands over whole messages ([`ClientFrame::Message`]) instead of checking and
+    /// dropping them.
+    pub fn keeping(mut self) -> Reader {
+        self.flags |= KEEP;
+        self
     }
 
     /// Take one client frame off `buf` if it is complete. Messages over `max` bytes (all their
@@ -163,7 +189,7 @@ impl Reader {
         };
         let (fin, rsv, opcode) = (b0 & 0x80 != 0, b0 & 0x70, b0 & 0x0F);
         // RSV1 marks a compressed message, on its first frame only, once negotiated.
-        let compressed = rsv == 0x40 && self.deflate && matches!(opcode, TEXT | BINARY);
+        let compressed = rsv == 0x40 && self.flags & DEFLATE != 0 && matches!(opcode, TEXT | BINARY);
         if (rsv != 0 && !compressed) || !matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG) {
             return Err(WsError::BadOpcode(b0));
         }
@@ -209,10 +235,12 @@ impl Reader {
         let mask = [frame[0], frame[1], frame[2], frame[3]];
         frame.advance(4);
         let text = opcode == TEXT || (opcode == CONTINUATION && self.message == TEXT);
-        if compressed {
-            self.inflating = Some(Box::default());
+        let keep = self.flags & KEEP != 0;
+        if matches!(opcode, TEXT | BINARY) && (compressed || keep) {
+            let inflate = compressed.then(crate::deflate::Inflate::default);
+            self.partial = Some(Box::new(Partial { inflate, data: BytesMut::new() }));
         }
-        if control || text || self.inflating.is_some() {
+        if control || text || keep || self.partial.as_ref().is_some_and(|p| p.inflate.is_some()) {
             for (i, b) in frame.iter_mut().enumerate() {
                 *b ^= mask[i % 4];
             }
@@ -221,12 +249,18 @@ impl Reader {
             if opcode != CONTINUATION {
                 (self.message, self.len) = (opcode, 0);
             }
+            let message = if text { TEXT } else { BINARY };
             self.len += len;
-            match &mut self.inflating {
-                Some(inflate) => {
+            match self.partial.as_deref_mut() {
+                Some(Partial { inflate: Some(inflate), data }) => {
                     // The text to check is what the compressed bytes inflate to.
                     let (utf8, mut valid) = (&mut self.utf8, true);
-                    let mut check = |piece: &[u8]| valid &= !text || utf8.feed(piece, false);
+                    let mut check = |piece: &[u8]| {
+                        valid &= !text || utf8.feed(piece, false);
+                        if keep {
+                            data.extend_from_slice(piece);
+                        }
+                    };
                     inflate.feed(&frame, fin, max as u64, &mut check).map_err(|e| match e {
                         crate::deflate::InflateError::Corrupt => WsError::BadCompression,
                         crate::deflate::InflateError::TooBig(n) => WsError::TooBig(n, max),
@@ -235,13 +269,28 @@ impl Reader {
                         return Err(WsError::InvalidUtf8);
                     }
                 }
+                Some(Partial { inflate: None, data }) => {
+                    if text && !self.utf8.feed(&frame, fin) {
+                        return Err(WsError::InvalidUtf8);
+                    }
+                    match data.is_empty() && fin {
+                        // A whole message in one frame: its own bytes, not copied.
+                        true => *data = frame,
+                        false => data.extend_from_slice(&frame),
+                    }
+                }
                 None if text && !self.utf8.feed(&frame, fin) => return Err(WsError::InvalidUtf8),
                 None => {}
             }
-            if fin {
-                (self.message, self.len, self.inflating) = (0, 0, None);
+            if !fin {
+                return Ok(Some(ClientFrame::Data));
             }
-            return Ok(Some(ClientFrame::Data));
+            (self.message, self.len) = (0, 0);
+            let partial = self.partial.take();
+            return Ok(Some(match partial {
+                Some(p) if keep => ClientFrame::Message { text: message == TEXT, data: p.data.freeze() },
+                _ => ClientFrame::Data,
+            }));
         }
         Ok(Some(match opcode {
             PING => ClientFrame::Ping(frame.freeze()),
@@ -359,6 +408,34 @@ mod tests {
         assert_eq!(parse(&mut b, 100), Ok(Some(ClientFrame::Close(Some(1000)))));
         assert_eq!(parse(&mut b, 100), Ok(Some(ClientFrame::Data)));
         assert_eq!(parse(&mut b, 100), Ok(None));
+    }
+
+    #[test]
+    fn a_keeping_reader_hands_over_whole_messages() {
+        let mut r = Reader::new(true).keeping();
+        // Three fragments with a ping between them: one message, the ping answered on its way.
+        let mut b = masked(0x01, "héllo ".as_bytes());
+        b.extend_from_slice(&masked(0x89, b"p"));
+        b.extend_from_slice(&masked(0x00, b"wor"));
+        b.extend_from_slice(&masked(0x80, b"ld"));
+        b.extend_from_slice(&masked(0x82, &[0, 255]));
+        assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Data)));
+        assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Ping(Bytes::from_static(b"p")))));
+        assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Data)));
+        let whole = Bytes::from("héllo world");
+        assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Message { text: true, data: whole })));
+        let binary = Bytes::from_static(&[0, 255]);
+        assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Message { text: false, data: binary })));
+        // A compressed message (RSV1) comes out inflated.
+        let compressed = crate::deflate::frame(TEXT, b"squeezed squeezed squeezed");
+        let mut b = masked(compressed[0], &compressed[2..]);
+        let data = Bytes::from_static(b"squeezed squeezed squeezed");
+        assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Message { text: true, data })));
+        // The limit counts the whole message.
+        let mut b = masked(0x01, &[b'x'; 60]);
+        b.extend_from_slice(&masked(0x80, &[b'x'; 60]));
+        assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Data)));
+        assert_eq!(r.parse(&mut b, 100), Err(WsError::TooBig(120, 100)));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! One client connection's task: the welcome line, reading client frames (pings, closes, limits),
-//! writing what the worker queued with vectored writes, and closing cleanly.
+//! One client connection's task: the welcome line, reading client frames (pings, closes, limits;
+//! whole messages for a protocol that reads them), writing what the worker queued with vectored
+//! writes, and closing cleanly.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -11,15 +12,17 @@ use super::handshake::Opening;
 use super::wire::Wire;
 use super::{format, Conn, GatewayConfig, Wants, Worker};
 use crate::metrics::GLOBAL;
+use crate::protocol::Protocol;
 use crate::ws::{self, close, ClientFrame};
 
-/// Serve one WebSocket connection until it closes or is closed; `head` (the handshake's answer,
-/// when the fast path left it to this task) goes out in one write with the welcome.
+/// Serve one WebSocket connection of protocol `P` until it closes or is closed; `head` (the
+/// handshake's answer, when the fast path left it to this task) goes out in one write with the
+/// welcome.
 ///
 /// `wants` is boxed (and absent for a seed client), and so are the worker's add and remove: this
 /// future lives as long as the connection, and every byte of it counts with a hundred thousand
 /// idle clients.
-pub(super) async fn serve(
+pub(super) async fn serve<P: Protocol>(
     mut wire: Wire,
     head: Option<Box<Opening>>,
     mut buf: BytesMut,
@@ -28,13 +31,24 @@ pub(super) async fn serve(
     wants: Option<Box<Wants>>,
     deflate: bool,
 ) {
-    let (id, conn, welcome) = Box::pin(open(worker, wants, false, deflate)).await;
+    let (id, conn, welcome) = match P::PUSHED {
+        true => Box::pin(open(worker, wants, false, deflate)).await,
+        false => {
+            let (id, conn) = worker.add_unlisted(deflate);
+            (id, conn, Bytes::new())
+        }
+    };
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
     let mut out = VecDeque::from([Opening::then(head, welcome)]);
+    out.retain(|f| !f.is_empty());
     if let Wire::Tcp(s) = &wire {
         conn.attach(s.clone());
     }
     let mut reader = ws::Reader::new(deflate);
+    if P::READS {
+        reader = reader.keeping();
+    }
+    let compress = if deflate { worker.compress_from() } else { None };
     let closing: Option<(u16, &str)> = 'conn: loop {
         if !out.is_empty() {
             if !wire.flush(&mut out, cfg.write_timeout).await {
@@ -42,7 +56,7 @@ pub(super) async fn serve(
             }
             conn.written();
         }
-        match on_frames(&mut reader, &mut buf, cfg.max_client_frame, &conn, &mut out) {
+        match on_frames::<P>(&mut reader, &mut buf, cfg.max_client_frame, &conn, &mut out, compress) {
             Ok(()) => {}
             Err(Ok(code)) => break 'conn Some((code, "")),
             Err(Err(e)) => {
@@ -80,15 +94,17 @@ pub(super) async fn serve(
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
 }
 
-/// Act on every whole frame in `buf`: a ping is answered, after whatever the worker left queued
-/// (the rest of a frame it wrote in part, above all: the answer must not land inside it). Ends at
-/// a client's close (its code) or a bad frame.
-fn on_frames(
+/// Act on every whole frame in `buf`: a ping is answered, and a whole message handed to the
+/// protocol, whose replies go out compressed from `compress` bytes (when negotiated); what the
+/// task writes goes after whatever the worker left queued (the rest of a frame it wrote in part,
+/// above all: nothing may land inside it). Ends at a client's close (its code) or a bad frame.
+fn on_frames<P: Protocol>(
     reader: &mut ws::Reader,
     buf: &mut BytesMut,
     max_frame: usize,
     conn: &Conn,
     out: &mut VecDeque<Bytes>,
+    compress: Option<usize>,
 ) -> Result<(), Result<u16, ws::WsError>> {
     loop {
         match reader.parse(buf, max_frame) {
@@ -96,6 +112,16 @@ fn on_frames(
             Ok(Some(ClientFrame::Ping(p))) => {
                 conn.take(out);
                 out.push_back(ws::pong(&p))
+            }
+            Ok(Some(ClientFrame::Message { text, data })) => {
+                conn.take(out);
+                P::on_message(text, data, &mut |text, payload| {
+                    let opcode = if text { ws::TEXT } else { ws::BINARY };
+                    out.push_back(match compress {
+                        Some(min) if payload.len() >= min => crate::deflate::frame(opcode, payload),
+                        _ => ws::encode(opcode, payload),
+                    })
+                });
             }
             Ok(Some(ClientFrame::Close(code))) => return Err(Ok(code.unwrap_or(close::NORMAL))),
             Ok(Some(ClientFrame::Data | ClientFrame::Pong)) => {}
@@ -203,7 +229,8 @@ mod tests {
             let _ = socket.try_read_buf(&mut buf);
         }
         let (mut reader, mut out) = (ws::Reader::new(false), VecDeque::new());
-        on_frames(&mut reader, &mut buf, 1 << 20, &conn, &mut out).expect("a ping is no reason to close");
+        on_frames::<crate::protocol::Native>(&mut reader, &mut buf, 1 << 20, &conn, &mut out, None)
+            .expect("a ping is no reason to close");
 
         let read = tokio::spawn(async move {
             let push = server_frame(&mut client).await;

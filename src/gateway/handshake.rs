@@ -22,6 +22,7 @@ use super::wire::Wire;
 use super::{Gateway, OpenGuard, Wants};
 use crate::http::reply as text;
 use crate::metrics::GLOBAL;
+use crate::protocol::{echo::Echo, Native};
 use crate::token::TokenError;
 use crate::ws;
 
@@ -38,8 +39,9 @@ impl Gateway {
             r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
             return r;
         }
-        let (wants, open) = match self.admit(h.get(header::ORIGIN).map(HeaderValue::as_bytes), req.uri().query(), None)
-        {
+        let echo = self.is_echo(req.uri().path());
+        let origin = h.get(header::ORIGIN).map(HeaderValue::as_bytes);
+        let (wants, open) = match self.admit(origin, req.uri().query(), None, !echo) {
             Ok(admitted) => admitted,
             Err(refusal) => return refusal.answer(),
         };
@@ -62,7 +64,10 @@ impl Gateway {
                     Err(_) => return tracing::error!("websocket upgrade gave an unexpected stream type"),
                 },
             };
-            open.run(wire, None, leftover, wants, deflate).await;
+            match echo {
+                true => open.run::<Echo>(wire, None, leftover, wants, deflate).await,
+                false => open.run::<Native>(wire, None, leftover, wants, deflate).await,
+            }
         });
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -78,6 +83,12 @@ impl Gateway {
         r
     }
 
+    /// Whether WebSocket clients on `path` get the echo protocol (`--echo-path`); on every other
+    /// path they get the native one.
+    fn is_echo(&self, path: &str) -> bool {
+        self.cfg.echo_path.as_deref() == Some(path)
+    }
+
     /// Whether a client whose `Sec-WebSocket-Extensions` headers are `headers` gets
     /// permessage-deflate.
     fn deflate<'h>(&self, mut headers: impl Iterator<Item = &'h str>) -> bool {
@@ -85,18 +96,19 @@ impl Gateway {
     }
 
     /// Whether a connection (WebSocket or event stream) from `origin` asking with `query` (and,
-    /// for an event stream, its `Last-Event-ID`) may open: who it is and what it wants, and its
-    /// connection slot.
+    /// for an event stream, its `Last-Event-ID`) may open: who it is and what it wants (for the
+    /// native protocol; `native` false: a protocol that reads neither), and its connection slot.
     pub(super) fn admit(
         self: &Arc<Self>,
         origin: Option<&[u8]>,
         query: Option<&str>,
         last_event_id: Option<&str>,
+        native: bool,
     ) -> Result<(Option<Box<Wants>>, OpenGuard), Refusal> {
         if !self.origin_allowed(origin) {
             return Err(Refusal::Origin(String::from_utf8_lossy(origin.unwrap_or_default()).into_owned()));
         }
-        let wants = self.wants(query, last_event_id)?;
+        let wants = if native { self.wants(query, last_event_id)? } else { None };
         let open = self.open_slot().ok_or(Refusal::Full)?;
         Ok((wants, open))
     }
@@ -163,7 +175,8 @@ impl Gateway {
         // Refusals (origin, token, the connection limit) are answered, with the reason, by the
         // HTTP path.
         let last_event_id = get("last-event-id").filter(|_| sse).and_then(|v| std::str::from_utf8(v).ok());
-        let Ok((wants, open)) = self.admit(origin, query, last_event_id) else { return Some(stream) };
+        let echo = !sse && self.is_echo(path);
+        let Ok((wants, open)) = self.admit(origin, query, last_event_id, !echo) else { return Some(stream) };
         let offers = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"));
         let deflate = !sse && self.deflate(offers.filter_map(|h| std::str::from_utf8(h.value).ok()));
         let opening = match key {
@@ -177,9 +190,11 @@ impl Gateway {
         if read.is_ok_and(|r| r.is_ok()) {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
             let opening = Some(Box::new(opening));
-            match sse {
-                true => tokio::spawn(open.run_sse(Wire::Tcp(Arc::new(stream)), opening, wants)),
-                false => tokio::spawn(open.run(Wire::Tcp(Arc::new(stream)), opening, BytesMut::new(), wants, deflate)),
+            let wire = Wire::Tcp(Arc::new(stream));
+            match (sse, echo) {
+                (true, _) => tokio::spawn(open.run_sse(wire, opening, wants)),
+                (false, true) => tokio::spawn(open.run::<Echo>(wire, opening, BytesMut::new(), wants, deflate)),
+                (false, false) => tokio::spawn(open.run::<Native>(wire, opening, BytesMut::new(), wants, deflate)),
             };
         }
         None

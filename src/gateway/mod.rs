@@ -87,6 +87,9 @@ pub struct GatewayConfig {
     /// TLS for every connection (`wss://`, `https://`): requests then go through the HTTP stack,
     /// WebSocket upgrades and event streams included.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The path on which WebSocket clients get the echo protocol (a conformance endpoint); off
+    /// when `None`.
+    pub echo_path: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -107,6 +110,7 @@ impl Default for GatewayConfig {
             subscription_buffer: crate::broker::SUBSCRIPTION_CAPACITY,
             compression: None,
             tls: None,
+            echo_path: None,
         }
     }
 }
@@ -336,7 +340,7 @@ impl OpenGuard {
     /// worker, round-robin.
     /// `head` is the handshake's answer when it is still to be written (it goes out with the
     /// welcome); `leftover`, what the client sent after its request.
-    async fn run(
+    async fn run<P: crate::protocol::Protocol>(
         self,
         wire: wire::Wire,
         head: Option<Box<handshake::Opening>>,
@@ -345,7 +349,7 @@ impl OpenGuard {
         deflate: bool,
     ) {
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve(wire, head, leftover, &self.next_worker(), &self.0.cfg, wants, deflate).await;
+        connection::serve::<P>(wire, head, leftover, &self.next_worker(), &self.0.cfg, wants, deflate).await;
     }
 
     /// Serve an event stream on the next worker (`head`: its response head, when still to be

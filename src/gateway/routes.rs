@@ -68,7 +68,7 @@ impl Gateway {
     fn events(self: &Arc<Self>, req: &Request<Incoming>) -> Answer {
         let origin = req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes);
         let last_event_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok());
-        let (wants, open) = match self.admit(origin, req.uri().query(), last_event_id) {
+        let (wants, open) = match self.admit(origin, req.uri().query(), last_event_id, true) {
             Ok(admitted) => admitted,
             Err(refusal) => return refusal.answer().map(Either::Left),
         };

@@ -79,7 +79,9 @@ impl Table {
 
     /// Forget connection `id` and who it was.
     pub(super) fn unlink(&mut self, id: u64) -> Option<Who> {
-        self.conns.remove(&id);
+        if self.conns.remove(&id).is_none() {
+            self.unlisted.remove(&id);
+        }
         self.recovering.remove(&id);
         let e = self.who.remove(&id)?;
         if let Some(u) = &e.uid {

@@ -50,7 +50,10 @@ static BAD_EVENT_LOG: crate::metrics::LogEvery = crate::metrics::LogEvery::new(D
 /// The connections of a worker and the indexes over them.
 #[derive(Default)]
 struct Table {
+    /// The connections pushes go to (the native protocol's).
     conns: HashMap<u64, Arc<Conn>>,
+    /// Connections of protocols that get no pushes: pinged, swept and closed like the others.
+    unlisted: HashMap<u64, Arc<Conn>>,
     who: HashMap<u64, Who>,
     users: HashMap<Arc<str>, HashSet<u64>>,
     topics: HashMap<Arc<str>, HashSet<u64>>,
@@ -177,6 +180,12 @@ impl Worker {
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The smallest message compressed for connections that negotiated compression (`None`:
+    /// compression is off).
+    pub(super) fn compress_from(&self) -> Option<usize> {
+        self.compress_from
     }
 
     /// Whether a push of `content` goes compressed to connections that negotiated compression.
@@ -360,7 +369,8 @@ impl Worker {
 
     /// Number of open connections.
     pub fn connections(&self) -> usize {
-        self.table().conns.len()
+        let t = self.table();
+        t.conns.len() + t.unlisted.len()
     }
 
     /// Queue `frame` to the connections `to` names, except those of the users in `exclude`;
@@ -473,7 +483,7 @@ impl Worker {
     pub(super) fn sweep(&self, dead_after: Duration) {
         let now = self.now();
         let (ping, comment) = (ws::ping(), crate::sse::heartbeat());
-        self.table().conns.retain(|_, c| {
+        let keep = |_: &u64, c: &mut Arc<Conn>| {
             // An SSE client never writes: a dead one shows as a full queue (a slow consumer).
             if !c.sse && now.saturating_sub(c.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
                 c.close(close::GOING_AWAY);
@@ -482,14 +492,27 @@ impl Worker {
             // A client whose queue is full gets no ping; the next push decides its fate.
             let _ = c.offer(if c.sse { &comment } else { &ping }, self.max_frames, self.max_bytes, false);
             true
-        });
+        };
+        let mut t = self.table();
+        t.conns.retain(keep);
+        t.unlisted.retain(keep);
     }
 
     /// Close every connection with `code`.
     pub(super) fn close_all(&self, code: u16) {
-        for (_, c) in self.table().conns.drain() {
+        let mut t = self.table();
+        let Table { conns, unlisted, .. } = &mut *t;
+        for (_, c) in conns.drain().chain(unlisted.drain()) {
             c.close(code);
         }
+    }
+
+    /// Add a connection that gets no pushes (of a protocol that is not pushed to).
+    pub(super) fn add_unlisted(&self, deflate: bool) -> (u64, Arc<Conn>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+        let conn = Arc::new(Conn::new(self.now(), false, false, deflate));
+        self.table().unlisted.insert(id, conn.clone());
+        (id, conn)
     }
 }
 
