@@ -41,6 +41,7 @@ impl<'a> Frames<'a> {
         Frames { channel, position, content, compress, encoded: Default::default() }
     }
 
+    #[inline]
     pub(super) fn for_conn(&self, c: &Conn) -> &Bytes {
         let compress = self.compress && c.deflate;
         self.encoded[c.sse as usize * 4 + c.json as usize * 2 + compress as usize]
@@ -118,12 +119,14 @@ impl Conn {
         }
     }
 
+    #[inline]
     pub(super) fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queue `frame` without waiting, within `max_frames` and `max_bytes`; with `direct`, leave
     /// it to the worker ([`Offer::Direct`]) when the connection is idle.
+    #[inline]
     pub(super) fn offer(&self, frame: &Bytes, max_frames: usize, max_bytes: usize, direct: bool) -> Offer {
         let mut q = self.queue();
         if q.frames.len() >= max_frames || q.bytes + frame.len() > max_bytes {
@@ -145,6 +148,7 @@ impl Conn {
     /// Write `frame` to the socket now if nothing is queued and the task is not writing (no task
     /// wake-up, no second system call); otherwise, or for what the socket did not take, queue it
     /// for the task.
+    #[inline]
     pub(super) fn write(&self, mut frame: Bytes) {
         let mut q = self.queue();
         if q.frames.is_empty() && q.idle {
@@ -191,6 +195,7 @@ impl Conn {
     }
 
     /// The task wrote everything: the worker may write directly again, unless more is queued.
+    #[inline]
     pub(in crate::gateway) fn written(&self) {
         let mut q = self.queue();
         q.idle = q.frames.is_empty();
@@ -213,6 +218,7 @@ impl Conn {
     }
 
     /// Move everything queued into `out`.
+    #[inline]
     pub(in crate::gateway) fn take(&self, out: &mut VecDeque<Bytes>) {
         let mut q = self.queue();
         q.idle = false;

@@ -193,6 +193,7 @@ impl Worker {
 }
 
 /// The recovery of `channel` that connection `id` has under way, if any.
+#[inline]
 pub(super) fn recovery_of<'r>(
     recovering: &'r mut HashMap<u64, Vec<Recovering>>,
     id: u64,
