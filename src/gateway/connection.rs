@@ -48,7 +48,6 @@ pub(super) async fn serve<P: Protocol>(
     if P::READS {
         reader = reader.keeping();
     }
-    let compress = if deflate { worker.compress_from() } else { None };
     let closing: Option<(u16, &str)> = 'conn: loop {
         if !out.is_empty() {
             if !wire.flush(&mut out, cfg.write_timeout).await {
@@ -56,7 +55,7 @@ pub(super) async fn serve<P: Protocol>(
             }
             conn.written();
         }
-        match on_frames::<P>(&mut reader, &mut buf, cfg.max_client_frame, &conn, &mut out, compress) {
+        match on_frames::<P>(&mut reader, &mut buf, cfg.max_client_frame, worker, &conn, &mut out) {
             Ok(()) => {}
             Err(Ok(code)) => break 'conn Some((code, "")),
             Err(Err(e)) => {
@@ -95,16 +94,16 @@ pub(super) async fn serve<P: Protocol>(
 }
 
 /// Act on every whole frame in `buf`: a ping is answered, and a whole message handed to the
-/// protocol, whose replies go out compressed from `compress` bytes (when negotiated); what the
+/// protocol, whose replies go out compressed as `worker`'s pushes are (when negotiated); what the
 /// task writes goes after whatever the worker left queued (the rest of a frame it wrote in part,
 /// above all: nothing may land inside it). Ends at a client's close (its code) or a bad frame.
 fn on_frames<P: Protocol>(
     reader: &mut ws::Reader,
     buf: &mut BytesMut,
     max_frame: usize,
+    worker: &Worker,
     conn: &Conn,
     out: &mut VecDeque<Bytes>,
-    compress: Option<usize>,
 ) -> Result<(), Result<u16, ws::WsError>> {
     loop {
         match reader.parse(buf, max_frame) {
@@ -117,10 +116,7 @@ fn on_frames<P: Protocol>(
                 conn.take(out);
                 P::on_message(text, data, &mut |text, payload| {
                     let opcode = if text { ws::TEXT } else { ws::BINARY };
-                    out.push_back(match compress {
-                        Some(min) if payload.len() >= min => crate::deflate::frame(opcode, payload),
-                        _ => ws::encode(opcode, payload),
-                    })
+                    out.push_back(conn.encode_message(opcode, payload, conn.deflate && worker.compresses(payload)))
                 });
             }
             Ok(Some(ClientFrame::Close(code))) => return Err(Ok(code.unwrap_or(close::NORMAL))),
@@ -229,7 +225,7 @@ mod tests {
             let _ = socket.try_read_buf(&mut buf);
         }
         let (mut reader, mut out) = (ws::Reader::new(false), VecDeque::new());
-        on_frames::<crate::protocol::Native>(&mut reader, &mut buf, 1 << 20, &conn, &mut out, None)
+        on_frames::<crate::protocol::Native>(&mut reader, &mut buf, 1 << 20, &worker, &conn, &mut out)
             .expect("a ping is no reason to close");
 
         let read = tokio::spawn(async move {

@@ -182,14 +182,8 @@ impl Worker {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The smallest message compressed for connections that negotiated compression (`None`:
-    /// compression is off).
-    pub(super) fn compress_from(&self) -> Option<usize> {
-        self.compress_from
-    }
-
-    /// Whether a push of `content` goes compressed to connections that negotiated compression.
-    fn compresses(&self, content: &[u8]) -> bool {
+    /// Whether a message of `content` goes compressed to connections that negotiated compression.
+    pub(super) fn compresses(&self, content: &[u8]) -> bool {
         self.compress_from.is_some_and(|m| content.len() >= m)
     }
 
@@ -211,7 +205,7 @@ impl Worker {
     /// Add a connection who is `who`; once this returns, pushes to its user and topics reach it
     /// (the broker confirmed the subscriptions, or is down and renews them when it is back).
     pub(super) async fn add(self: &Arc<Self>, wants: Wants, sse: bool, deflate: bool) -> (u64, Arc<Conn>) {
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = self.next_id();
         let conn = Arc::new(Conn::new(self.now(), sse, wants.json, deflate));
         let Wants { who, recover, .. } = wants;
         let channels = broker_channels(who.uid.as_deref(), &who.channels);
@@ -507,9 +501,14 @@ impl Worker {
         }
     }
 
+    /// The next connection id (from 1, never reused while the worker lives).
+    fn next_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// Add a connection that gets no pushes (of a protocol that is not pushed to).
     pub(super) fn add_unlisted(&self, deflate: bool) -> (u64, Arc<Conn>) {
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = self.next_id();
         let conn = Arc::new(Conn::new(self.now(), false, false, deflate));
         self.table().unlisted.insert(id, conn.clone());
         (id, conn)

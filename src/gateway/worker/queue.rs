@@ -89,13 +89,19 @@ impl Conn {
         self.encode_compressed(text, false)
     }
 
-    /// `text` as one frame (compressed when `compress`) or event.
+    /// `text` as one frame (compressed when `compress`; a text frame when it is UTF-8) or event.
     pub(super) fn encode_compressed(&self, text: &[u8], compress: bool) -> Bytes {
         let opcode = if std::str::from_utf8(text).is_ok() { ws::TEXT } else { ws::BINARY };
+        self.encode_message(opcode, text, compress)
+    }
+
+    /// `payload` as one message of `opcode` (text or binary), compressed when `compress`, or as
+    /// an event on an event stream.
+    pub(in crate::gateway) fn encode_message(&self, opcode: u8, payload: &[u8], compress: bool) -> Bytes {
         match (self.sse, compress) {
-            (true, _) => crate::sse::event(text),
-            (false, true) => crate::deflate::frame(opcode, text),
-            (false, false) => ws::encode(opcode, text),
+            (true, _) => crate::sse::event(payload),
+            (false, true) => crate::deflate::frame(opcode, payload),
+            (false, false) => ws::encode(opcode, payload),
         }
     }
 
