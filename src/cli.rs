@@ -179,9 +179,10 @@ pub struct BrokerOpts {
 }
 
 impl BrokerOpts {
-    /// Open the broker; `history` is what this node's publishes keep where the broker stores it.
-    async fn open(&self, history: HistoryConfig) -> anyhow::Result<Arc<dyn broker::Broker>> {
+    /// Open the broker for a gateway (`gateway`) or a publisher whose publishes keep `history`.
+    async fn open(&self, history: HistoryConfig, gateway: bool) -> anyhow::Result<Arc<dyn broker::Broker>> {
         let opts = broker::BrokerOptions {
+            gateway,
             prefix: self.broker_prefix.clone(),
             ca: self.broker_ca.clone(),
             nats_creds: self.nats_creds.clone(),
@@ -460,6 +461,7 @@ impl PublisherOpts {
             webhook: self.webhook.clone().map(|u| (u, self.webhook_secret.clone())),
             offline_delay: self.offline_delay,
             tls: None,
+            keep: None,
         }
     }
 }
@@ -632,15 +634,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = bind_tcp(&a.listen, "gateway").await?;
             // A gateway reads history but stores none: its publishes are answers and heartbeats.
             let cfg = GatewayConfig { tls: a.tls.load()?, ..a.opts.config()? };
-            let gw = Gateway::start(a.broker.open(HistoryConfig::OFF).await?, cfg)?;
+            let gw = Gateway::start(a.broker.open(HistoryConfig::OFF, true).await?, cfg)?;
             gw.serve(listener, shutdown()).await;
         }
         Command::Publisher(a) => {
             let addr = tcp_addr(&a.listen)?;
             protect("publisher", &addr, a.opts.publish_key.is_some(), a.insecure.insecure, PUBLISH_KEY_HOW)?;
             let listener = bind_tcp(&a.listen, "publisher").await?;
-            let cfg = PublisherConfig { tls: a.tls.load()?, ..a.opts.config() };
-            Publisher::new(a.broker.open(a.history.config()).await?, cfg)?.serve(listener, shutdown()).await;
+            // A channel server keeps history as its own settings say.
+            let keep = match a.broker.broker {
+                BrokerUrl::Channel { .. } => Some(crate::history::AS_THE_STORE),
+                _ => a.history.config().keep(),
+            };
+            let cfg = PublisherConfig { tls: a.tls.load()?, keep, ..a.opts.config() };
+            Publisher::new(a.broker.open(a.history.config(), false).await?, cfg)?.serve(listener, shutdown()).await;
         }
         Command::Standalone(a) => {
             let http_addr = tcp_addr(&a.http_listen)?;
@@ -655,7 +662,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
             let tls = a.tls.load()?;
             let gw = Gateway::start(broker.clone(), GatewayConfig { tls: tls.clone(), ..a.gateway.config()? })?;
-            let cfg = PublisherConfig { tls, ..a.publisher.config() };
+            let cfg = PublisherConfig { tls, keep: a.history.config().keep(), ..a.publisher.config() };
             let publisher = Publisher::new(broker, cfg)?;
             // The publisher gets a thread and runtime of its own, so that a publish is never
             // queued behind the thousands of connection tasks a broadcast wakes.

@@ -264,7 +264,7 @@ impl Asker {
 
     async fn send(&self, channel: &str, id: u64, req: Request) -> Result<(), BrokerError> {
         let env = Envelope { id, reply: self.reply.clone(), req };
-        self.broker.publish(channel, encode(&env)).await.map(drop)
+        self.broker.publish(channel, encode(&env), None).await.map(drop)
     }
 
     /// Send `req` on `channel` and collect answers until `expect` arrived or [`ANSWER_TIMEOUT`].

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+pub use channel_proto::Keep;
 
 /// Where a message sits in its channel's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,13 +48,15 @@ impl HistoryConfig {
     pub fn enabled(&self) -> bool {
         self.size > 0 && !self.ttl.is_zero() && self.max_bytes > 0
     }
+
+    /// How a publish is kept under these settings (`None`: history is off).
+    pub fn keep(&self) -> Option<Keep> {
+        self.enabled().then_some(Keep { size: self.size as u64, ttl_ms: self.ttl.as_millis() as u64 })
+    }
 }
 
-/// Whether `channel` keeps history: `broadcast`, users' and topics' channels. Worker channels
-/// (pushes to one connection, whose id does not outlive it) and internal ones do not.
-pub fn keeps(channel: &[u8]) -> bool {
-    std::str::from_utf8(channel).ok().and_then(crate::push::Audience::of).is_some()
-}
+/// A publish kept as long as the store that keeps it allows (a channel server's own settings).
+pub const AS_THE_STORE: Keep = Keep { size: u64::MAX, ttl_ms: u64::MAX };
 
 /// Most messages one page of history holds.
 pub const MAX_PAGE: usize = 1000;
@@ -89,6 +92,7 @@ impl Page {
 struct Item {
     offset: u64,
     data: Bytes,
+    expires: Instant,
 }
 
 struct Stream {
@@ -110,9 +114,10 @@ impl Stream {
 pub struct History {
     cfg: HistoryConfig,
     streams: HashMap<Bytes, Stream>,
-    /// Every kept message's (channel, offset), oldest first, for the byte bound and expiry; may
-    /// name messages already trimmed by the per-channel size, and is compacted when those are
-    /// the majority.
+    /// Every kept message's (channel, offset, expiry), oldest first, for the byte bound and
+    /// expiry; may name messages already trimmed by the per-channel size, and is compacted when
+    /// those are the majority. A message kept for less time than one before it expires when
+    /// that one does, or when its channel is read.
     order: VecDeque<(Bytes, u64, Instant)>,
     bytes: usize,
     live: usize,
@@ -129,14 +134,16 @@ impl History {
         self.cfg
     }
 
-    /// Append `data` to `channel`'s history; its position. `None` when history is off or the
-    /// channel keeps none.
-    pub fn append(&mut self, channel: &[u8], data: &Bytes, now: Instant) -> Option<Position> {
-        if !self.cfg.enabled() || !keeps(channel) {
+    /// Append `data` to `channel`'s history, kept as `keep` says within this store's bounds; its
+    /// position. `None` when history is off or `keep` keeps nothing.
+    pub fn append(&mut self, channel: &[u8], data: &Bytes, now: Instant, keep: Keep) -> Option<Position> {
+        let size = self.cfg.size.min(usize::try_from(keep.size).unwrap_or(usize::MAX));
+        let ttl = self.cfg.ttl.min(Duration::from_millis(keep.ttl_ms));
+        if !self.cfg.enabled() || size == 0 || ttl.is_zero() {
             return None;
         }
         self.expire(now);
-        let size = self.cfg.size;
+        let expires = now + ttl;
         if !self.streams.contains_key(channel) {
             let name = Bytes::copy_from_slice(channel);
             let s = Stream {
@@ -151,7 +158,7 @@ impl History {
         let s = self.streams.get_mut(channel)?;
         s.offset += 1;
         s.touched = now;
-        s.items.push_back(Item { offset: s.offset, data: data.clone() });
+        s.items.push_back(Item { offset: s.offset, data: data.clone(), expires });
         let pos = Position { offset: s.offset, epoch: s.epoch.clone() };
         self.bytes += data.len();
         self.live += 1;
@@ -161,7 +168,7 @@ impl History {
                 self.live -= 1;
             }
         }
-        self.order.push_back((s.name.clone(), pos.offset, now));
+        self.order.push_back((s.name.clone(), pos.offset, expires));
         while self.bytes > self.cfg.max_bytes {
             if !self.drop_oldest() {
                 break;
@@ -176,7 +183,13 @@ impl History {
     /// Messages of `channel` after `since`, at most `limit` (and [`MAX_PAGE`], [`MAX_PAGE_BYTES`]).
     pub fn page(&mut self, channel: &[u8], since: u64, limit: usize, now: Instant) -> Page {
         self.expire(now);
-        let Some(s) = self.streams.get(channel) else { return Page { first: 1, ..Page::default() } };
+        let Some(s) = self.streams.get_mut(channel) else { return Page { first: 1, ..Page::default() } };
+        while s.items.front().is_some_and(|i| i.expires <= now) {
+            if let Some(old) = s.items.pop_front() {
+                self.bytes -= old.data.len();
+                self.live -= 1;
+            }
+        }
         let mut page = Page { epoch: s.epoch.to_string(), offset: s.offset, first: s.first(), items: Vec::new() };
         let mut bytes = 0;
         let start = s.items.partition_point(|i| i.offset <= since);
@@ -194,7 +207,7 @@ impl History {
     /// with nothing kept and no publish within the ttl (their next message starts a new epoch).
     pub fn expire(&mut self, now: Instant) {
         let ttl = self.cfg.ttl;
-        while self.order.front().is_some_and(|(_, _, at)| now.saturating_duration_since(*at) > ttl) {
+        while self.order.front().is_some_and(|(_, _, expires)| *expires <= now) {
             self.drop_oldest();
         }
         if self.streams.len() > self.swept_at.max(1024) {
@@ -242,6 +255,8 @@ mod tests {
         HistoryConfig { size, ttl: Duration::from_secs(ttl), max_bytes, replicas: 1 }
     }
 
+    const KEEP: Keep = Keep { size: u64::MAX, ttl_ms: u64::MAX };
+
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
     }
@@ -252,10 +267,10 @@ mod tests {
         let now = Instant::now();
         let t = b"topic:a";
         for i in 1..=5 {
-            assert_eq!(h.append(t, &b(&format!("m{i}")), now).unwrap().offset, i);
+            assert_eq!(h.append(t, &b(&format!("m{i}")), now, KEEP).unwrap().offset, i);
         }
-        assert_eq!(h.append(b"user:7", &b("x"), now).unwrap().offset, 1);
-        assert_eq!(h.append(b"NODE-0", &b("x"), now), None, "worker channels keep no history");
+        assert_eq!(h.append(b"user:7", &b("x"), now, KEEP).unwrap().offset, 1);
+        assert_eq!(h.append(b"NODE-0", &b("x"), now, Keep { size: 0, ..KEEP }), None, "a publish that keeps nothing");
         let p = h.page(b"topic:a", 2, 10, now);
         assert_eq!((p.offset, p.first), (5, 3));
         assert_eq!(p.items.iter().map(|i| i.0).collect::<Vec<_>>(), [3, 4, 5]);
@@ -272,25 +287,46 @@ mod tests {
         let mut h = History::new(cfg(100, 10, 10));
         let t0 = Instant::now();
         let (a, c) = (&b"topic:a"[..], &b"topic:c"[..]);
-        let epoch = h.append(a, &b("12345"), t0).unwrap().epoch;
-        h.append(c, &b("12345"), t0);
-        h.append(c, &b("123"), t0);
+        let epoch = h.append(a, &b("12345"), t0, KEEP).unwrap().epoch;
+        h.append(c, &b("12345"), t0, KEEP);
+        h.append(c, &b("123"), t0, KEEP);
         assert_eq!(h.bytes(), 8, "the oldest message anywhere went");
         assert_eq!(h.page(b"topic:a", 0, 10, t0).first, 2);
         let later = t0 + Duration::from_secs(11);
         h.expire(later);
         assert_eq!(h.bytes(), 0);
-        assert_eq!(h.append(a, &b("x"), later).unwrap(), Position { offset: 2, epoch: epoch.clone() });
+        assert_eq!(h.append(a, &b("x"), later, KEEP).unwrap(), Position { offset: 2, epoch: epoch.clone() });
         // Many channels later, the ones with nothing kept and no recent publish are forgotten,
         // and their next message starts a new epoch.
         let much_later = later + Duration::from_secs(11);
         for i in 0..1100 {
-            h.append(format!("topic:{i}").as_bytes(), &b(""), much_later);
+            h.append(format!("topic:{i}").as_bytes(), &b(""), much_later, KEEP);
         }
-        let again = h.append(a, &b("x"), much_later).unwrap();
+        let again = h.append(a, &b("x"), much_later, KEEP).unwrap();
         assert_eq!(again.offset, 1);
         assert_ne!(again.epoch, epoch, "a history that was forgotten gets a new epoch");
         assert!(h.channels() <= 1102);
+    }
+
+    #[test]
+    fn a_publish_keeps_within_its_own_bounds_and_the_store_s() {
+        let mut h = History::new(cfg(100, 60, 1 << 20));
+        let t0 = Instant::now();
+        let last = Keep { size: 1, ttl_ms: 5_000 };
+        for i in 1..=3 {
+            h.append(b"cache-a", &b(&format!("m{i}")), t0, last);
+        }
+        assert_eq!(h.page(b"cache-a", 0, 10, t0).items, vec![(3, b("m3"))], "size 1: the latest only");
+        // A longer ttl than the store's is cut to the store's; a shorter one holds even behind
+        // a message kept longer.
+        h.append(b"topic:a", &b("long"), t0, KEEP);
+        h.append(b"cache-a", &b("m4"), t0 + Duration::from_secs(1), last);
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(h.page(b"cache-a", 0, 10, at(5)).items, vec![(4, b("m4"))]);
+        assert!(h.page(b"cache-a", 0, 10, at(7)).items.is_empty(), "m4 expired after 5 s");
+        assert_eq!(h.page(b"topic:a", 0, 10, at(59)).items.len(), 1);
+        assert!(h.page(b"topic:a", 0, 10, at(61)).items.is_empty(), "cut to the store's 60 s");
+        assert_eq!(h.bytes(), 0);
     }
 
     #[test]
@@ -298,7 +334,7 @@ mod tests {
         let mut h = History::new(cfg(1, 60, 1 << 20));
         let now = Instant::now();
         for _ in 0..10_000 {
-            h.append(b"topic:a", &b("x"), now);
+            h.append(b"topic:a", &b("x"), now, KEEP);
         }
         assert!(h.order.len() <= 2 * h.live + 1024);
         assert_eq!(h.page(b"topic:a", 0, 10, now).items, vec![(10_000, b("x"))]);

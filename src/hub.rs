@@ -20,10 +20,10 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use channel_proto::message::ServerKind;
-use channel_proto::{frame, Name, Request, ServerMessage};
+use channel_proto::{frame, Keep, Name, Request, ServerMessage};
 use tokio::sync::mpsc;
 
-use crate::history::{History, HistoryConfig, Page, Position};
+use crate::history::{History, HistoryConfig, Page, Position, AS_THE_STORE};
 use crate::message::Message;
 
 /// Subscribing to this name asks for positions (it subscribes to nothing); answers to the
@@ -269,11 +269,11 @@ impl Hub {
                 }
                 Ok(())
             }
-            Request::Publish { channels, data } => {
+            Request::Publish { channels, data, keep } => {
                 let node = self.lock().clients.get(&id).is_some_and(|c| c.positions);
                 let answer = match &channels[..] {
                     [one] if node && one.as_bytes() == HISTORY.as_bytes() => self.history_request(&data),
-                    _ => self.publish(&channels, &data).filter(|_| node).map(|p| encode_position(&p)),
+                    _ => self.publish_as(&channels, &data, keep).filter(|_| node).map(|p| encode_position(&p)),
                 };
                 if let Some(answer) = answer {
                     self.answer(id, answer.into());
@@ -338,16 +338,31 @@ impl Hub {
         Ok(())
     }
 
+    /// [`Hub::publish`] for a client: kept as it says, or, when it does not say (PHP's clients
+    /// never do), as the seed's channels are ([`crate::push::keeps_history`]) within the hub's
+    /// own history settings.
+    fn publish_as(&self, channels: &[Name], data: &Bytes, keep: Option<Keep>) -> Option<Position> {
+        let by_name = |n: &Name| crate::push::keeps_history(n.as_bytes()).then_some(AS_THE_STORE);
+        self.publish_with(channels, data, |n| keep.or_else(|| by_name(n)))
+    }
+
     /// Send `data` to every subscriber of each channel, after adding it to the channel's history
-    /// when it keeps one; the position of the first channel's message, if it has one.
-    pub fn publish(&self, channels: &[Name], data: &Bytes) -> Option<Position> {
+    /// as `keep` says; the position of the first channel's message, if kept.
+    pub fn publish(&self, channels: &[Name], data: &Bytes, keep: Option<Keep>) -> Option<Position> {
+        self.publish_with(channels, data, |_| keep)
+    }
+
+    fn publish_with(&self, channels: &[Name], data: &Bytes, keep: impl Fn(&Name) -> Option<Keep>) -> Option<Position> {
         let mut st = self.lock();
         let mut delivered = 0;
         let mut slow = Vec::new();
         let mut first = None;
         let now = std::time::Instant::now();
         for (i, name) in channels.iter().enumerate() {
-            let position = st.history.as_mut().and_then(|h| h.append(name.as_bytes(), data, now));
+            let position = match (st.history.as_mut(), keep(name)) {
+                (Some(h), Some(k)) => h.append(name.as_bytes(), data, now, k),
+                _ => None,
+            };
             if i == 0 {
                 first.clone_from(&position);
             }
@@ -646,7 +661,11 @@ mod tests {
             b"a:2:{s:4:\"type\";s:9:\"subscribe\";s:8:\"channels\";a:1:{i:0;i:0;}}",
         ));
         hub.handle(id, sub.unwrap()).unwrap();
-        assert_eq!(hub.publish(&[Name::new("0")], &Bytes::from_static(b"N;")), None, "no history on a worker channel");
+        assert_eq!(
+            hub.publish_as(&[Name::new("0")], &Bytes::from_static(b"N;"), None),
+            None,
+            "no history on a worker channel"
+        );
         assert_eq!(rx.try_recv().unwrap().channel, "0");
     }
 
@@ -659,7 +678,11 @@ mod tests {
         hub.handle(php_id, Request::Subscribe(vec![Name::new("broadcast")])).unwrap();
         hub.handle(node_id, Request::Subscribe(vec![Name::new(POSITIONS), Name::new("broadcast")])).unwrap();
         let data = Bytes::from_static(b"a:1:{s:7:\"content\";s:1:\"x\";}");
-        hub.handle(node_id, Request::Publish { channels: vec![Name::new("broadcast")], data: data.clone() }).unwrap();
+        hub.handle(
+            node_id,
+            Request::Publish { channels: vec![Name::new("broadcast")], data: data.clone(), keep: None },
+        )
+        .unwrap();
         let seed = frame::encode(&ServerMessage::encode_parts(ServerKind::Event, &Name::new("broadcast"), &data));
         assert_eq!(php.try_recv().unwrap(), seed, "byte for byte the seed's event");
         assert!(php.try_recv().is_err());
@@ -677,8 +700,11 @@ mod tests {
             ("since", channel_proto::Value::Int(0)),
             ("limit", channel_proto::Value::Int(10)),
         ]);
-        hub.handle(node_id, Request::Publish { channels: vec![Name::new(HISTORY)], data: req.encode().into() })
-            .unwrap();
+        hub.handle(
+            node_id,
+            Request::Publish { channels: vec![Name::new(HISTORY)], data: req.encode().into(), keep: None },
+        )
+        .unwrap();
         let page = decode_page(&parse(node.try_recv().unwrap()).data).unwrap();
         assert_eq!((page.offset, page.first, page.items), (1, 1, vec![(1, data)]));
         assert_eq!(page.epoch.as_bytes(), &epoch[..]);
@@ -694,7 +720,7 @@ mod tests {
             hub.subscribe(id, vec![Name::new("x")]).unwrap();
         }
         for _ in 0..10 {
-            hub.publish(&[Name::new("x")], &Bytes::from_static(b"N;"));
+            hub.publish(&[Name::new("x")], &Bytes::from_static(b"N;"), None);
             let _ = rx_b.try_recv();
         }
         assert_eq!(hub.stats.local_drops.load(Ordering::Relaxed), 6);
@@ -751,7 +777,7 @@ mod tests {
         hub.handle(sub, Request::Watch(vec![both.clone()])).unwrap();
         hub.subscribe(sub, vec![both.clone()]).unwrap();
         hub.handle(sub, Request::Unwatch(vec![both.clone()])).unwrap();
-        hub.publish(std::slice::from_ref(&both), &Bytes::from_static(b"hi"));
+        hub.publish(std::slice::from_ref(&both), &Bytes::from_static(b"hi"), None);
         assert!(rx.try_recv().is_ok(), "still subscribed to the channel");
     }
 }

@@ -42,6 +42,8 @@ pub struct PublisherConfig {
     pub offline_delay: std::time::Duration,
     /// Serve HTTPS with this certificate (reloaded as it changes).
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// How publishes to channels that keep history are kept (`None`: history is off).
+    pub keep: Option<crate::broker::Keep>,
 }
 
 impl Default for PublisherConfig {
@@ -54,6 +56,7 @@ impl Default for PublisherConfig {
             webhook: None,
             offline_delay: std::time::Duration::from_secs(5),
             tls: None,
+            keep: crate::history::HistoryConfig::default().keep(),
         }
     }
 }
@@ -397,7 +400,8 @@ impl Publisher {
         let form = self.read_form(req).await?;
         let r = PublishRequest::parse(&form, self.cfg.max_content)?;
         let (channel, data) = r.to_message();
-        Ok(self.broker.publish(&channel, data).await?)
+        let keep = self.cfg.keep.filter(|_| crate::push::keeps_history(channel.as_bytes()));
+        Ok(self.broker.publish(&channel, data, keep).await?)
     }
 
     /// `GET /history?channel=C[&since=N][&limit=L]`: the messages of C after offset N (0: all

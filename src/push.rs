@@ -55,6 +55,12 @@ pub fn topic_channel(topic: &str) -> String {
     format!("topic:{topic}")
 }
 
+/// Whether publishes on `channel` keep history: `broadcast`, users' and topics' channels. Worker
+/// channels (pushes to one connection, whose id does not outlive it) and internal ones do not.
+pub fn keeps_history(channel: &[u8]) -> bool {
+    std::str::from_utf8(channel).ok().and_then(Audience::of).is_some()
+}
+
 /// Whom a channel reaches by interest: every connection (`broadcast`), a user's (`user:U`), a
 /// topic's (`topic:T`). These are the channels that keep history; a worker's own channel and
 /// internal ones are none of them.

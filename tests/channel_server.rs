@@ -13,7 +13,7 @@ use common::*;
 const QUIET: Duration = Duration::from_millis(300);
 
 fn publish(ch: &[&str], data: &'static [u8]) -> Request {
-    Request::Publish { channels: names(ch), data: Bytes::from_static(data) }
+    Request::Publish { channels: names(ch), data: Bytes::from_static(data), keep: None }
 }
 
 async fn tcp_server() -> (Proc, u16) {
@@ -194,7 +194,12 @@ async fn max_frame_is_configurable() {
     .await;
     let mut c = ChannelClient::tcp(port).await;
     let big = vec![b'x'; 300];
-    c.send(Request::Publish { channels: names(&["a"]), data: channel_proto::Value::Str(big).encode().into() }).await;
+    c.send(Request::Publish {
+        channels: names(&["a"]),
+        data: channel_proto::Value::Str(big).encode().into(),
+        keep: None,
+    })
+    .await;
     assert!(c.closed_within(WAIT).await, "oversized frame refused");
     let mut d = ChannelClient::tcp(port).await;
     d.send(Request::Subscribe(names(&["a"]))).await;

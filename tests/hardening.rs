@@ -289,8 +289,9 @@ async fn channel_server_cuts_off_a_subscriber_that_stops_reading_and_counts_it()
     reader.sync().await;
     let mut publisher = ChannelClient::tcp(c).await;
     let data = channel_proto::Value::Str(vec![b'y'; 1024]).encode();
-    let frame =
-        channel_proto::frame::encode(&Request::Publish { channels: names(&["firehose"]), data: data.into() }.encode());
+    let frame = channel_proto::frame::encode(
+        &Request::Publish { channels: names(&["firehose"]), data: data.into(), keep: None }.encode(),
+    );
     let reading = tokio::spawn(async move {
         let mut n = 0;
         while reader.recv_within(WAIT).await.is_some() {

@@ -192,7 +192,7 @@ async fn a_permissions_violation_keeps_the_link() {
     std::fs::write(
         &conf,
         format!(
-            "listen: 127.0.0.1:{port}\nauthorization {{ users = [ {{ user: pw, password: s3cret, permissions: {{ publish: {{ deny: [\"pushwire.forbidden-0\"] }} }} }} ] }}\n"
+            "listen: 127.0.0.1:{port}\nauthorization {{ users = [ {{ user: pw, password: s3cret, permissions: {{ publish: {{ deny: [\"pushwire.d.forbidden-0\"] }} }} }} ] }}\n"
         ),
     )
     .expect("config");

@@ -85,7 +85,7 @@ async fn frames_that_come_with_the_secret_are_carried_out() {
     for req in [
         Request::Auth(bytes::Bytes::from_static(b"hush")),
         Request::Subscribe(names(&["me"])),
-        Request::Publish { channels: names(&["me"]), data: bytes::Bytes::from_static(b"s:2:\"hi\";") },
+        Request::Publish { channels: names(&["me"]), data: bytes::Bytes::from_static(b"s:2:\"hi\";"), keep: None },
     ] {
         together.extend_from_slice(&channel_proto::frame::encode(&req.encode()));
     }

@@ -157,7 +157,9 @@ async fn a_silent_gateway_delays_only_its_own_events() {
             ..Default::default()
         });
         let data = pushwire::cluster::encode(&hb);
-        channel.send(channel_proto::Request::Publish { channels: names(&["pushwire:cluster"]), data }).await;
+        channel
+            .send(channel_proto::Request::Publish { channels: names(&["pushwire:cluster"]), data, keep: None })
+            .await;
     }
     channel.sync().await;
 

@@ -11,7 +11,7 @@ use channel_proto::{frame, Name, Request, ServerMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::link::{Incoming, Reader, Transport, Writer};
-use super::{Message, Position};
+use super::{Keep, Message, Position};
 use crate::hub::{HISTORY, POSITIONS};
 use crate::io::{ListenAddr, Stream};
 
@@ -106,21 +106,22 @@ impl Writer for ChannelWriter {
         self.request(&Request::Unsubscribe(self.names(channels)));
     }
 
-    fn publish(&mut self, channel: &str, data: &[u8]) {
+    fn publish(&mut self, channel: &str, data: &[u8], keep: Option<Keep>) {
         let channels = vec![self.name(channel)];
-        self.request(&Request::Publish { channels, data: bytes::Bytes::copy_from_slice(data) });
+        self.request(&Request::Publish { channels, data: bytes::Bytes::copy_from_slice(data), keep });
         self.probe();
     }
 
     fn probe(&mut self) {
         self.out.extend_from_slice(&frame::PING);
-        let marker = Request::Publish { channels: vec![self.ack.clone()], data: bytes::Bytes::from_static(b"N;") };
+        let marker =
+            Request::Publish { channels: vec![self.ack.clone()], data: bytes::Bytes::from_static(b"N;"), keep: None };
         self.request(&marker);
     }
 
     fn history(&mut self, data: &[u8]) {
         let channels = vec![Name::new(HISTORY)];
-        self.request(&Request::Publish { channels, data: bytes::Bytes::copy_from_slice(data) });
+        self.request(&Request::Publish { channels, data: bytes::Bytes::copy_from_slice(data), keep: None });
         self.probe();
     }
 

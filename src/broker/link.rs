@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
-use super::{Broker, BrokerError, BrokerFuture, LinkConfig, Message, Page, Position, SubId, Subscription};
+use super::{Broker, BrokerError, BrokerFuture, Keep, LinkConfig, Message, Page, Position, SubId, Subscription};
 
 /// What a reader took off the wire.
 pub enum Incoming {
@@ -48,7 +48,7 @@ pub trait Writer: Send + 'static {
     fn subscribe(&mut self, channels: &[String]);
     fn unsubscribe(&mut self, channels: &[String]);
     /// Queue a publish; the broker's confirmation arrives later as exactly one [`Incoming::Ack`].
-    fn publish(&mut self, channel: &str, data: &[u8]);
+    fn publish(&mut self, channel: &str, data: &[u8], keep: Option<Keep>);
     /// Queue a liveness check, also answered by exactly one [`Incoming::Ack`].
     fn probe(&mut self);
     /// Queue a history request (`data` as the broker takes it), answered by exactly one
@@ -65,7 +65,7 @@ pub trait Writer: Send + 'static {
 type Done = oneshot::Sender<Result<Option<Bytes>, BrokerError>>;
 
 enum Command {
-    Publish { channel: String, data: Bytes, done: Done },
+    Publish { channel: String, data: Bytes, keep: Option<Keep>, done: Done },
     History { data: Bytes, done: Done },
     Subscribe { id: SubId, channels: Vec<String>, tx: mpsc::Sender<Message> },
     Join { id: SubId, channels: Vec<String>, done: Done },
@@ -142,12 +142,12 @@ impl Link {
 }
 
 impl Broker for Link {
-    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>> {
+    fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> BrokerFuture<'_, Option<Position>> {
         if !self.is_connected() {
             return Box::pin(std::future::ready(Err(BrokerError::Unavailable(self.name.clone()))));
         }
         let channel = channel.to_owned();
-        let answer = self.ask(move |done| Command::Publish { channel, data, done });
+        let answer = self.ask(move |done| Command::Publish { channel, data, keep, done });
         Box::pin(async move { Ok(answer.await?.and_then(|a| crate::hub::decode_position(&a))) })
     }
 
@@ -305,8 +305,8 @@ impl<T: Transport> Task<T> {
                 },
                 cmd = self.rx.recv(), if pending.len() < self.cfg.max_in_flight => match cmd {
                     None => break End::Closed,
-                    Some(Command::Publish { channel, data, done }) => {
-                        writer.publish(&channel, &data);
+                    Some(Command::Publish { channel, data, keep, done }) => {
+                        writer.publish(&channel, &data, keep);
                         pending.push_back((Instant::now(), Some(done)));
                     }
                     Some(Command::History { data, done }) => {

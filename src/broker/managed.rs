@@ -26,7 +26,8 @@ use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
 use super::{
-    Broker, BrokerError, BrokerFuture, LinkConfig, Message, Page, Position, SubId, Subscription, SUBSCRIPTION_CAPACITY,
+    Broker, BrokerError, BrokerFuture, Keep, LinkConfig, Message, Page, Position, SubId, Subscription,
+    SUBSCRIPTION_CAPACITY,
 };
 use crate::metrics::{LogEvery, GLOBAL};
 
@@ -37,7 +38,7 @@ pub type ClientFuture<'a, T = ()> = Pin<Box<dyn Future<Output = Result<T, String
 pub trait Client: Send + Sync + 'static {
     /// Publish; resolves once the broker has accepted the message (and routed it, where the
     /// broker can say so), with its position when the broker keeps the channel's history.
-    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_, Option<Position>>;
+    fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> ClientFuture<'_, Option<Position>>;
     /// Messages of `channel` after `since`; `None` when the broker keeps no history.
     fn history(&self, channel: &str, since: u64, limit: usize) -> ClientFuture<'_, Option<Page>> {
         let _ = (channel, since, limit);
@@ -142,7 +143,7 @@ impl<C: Client> Managed<C> {
 }
 
 impl<C: Client> Broker for Managed<C> {
-    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>> {
+    fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> BrokerFuture<'_, Option<Position>> {
         let channel = channel.to_owned();
         Box::pin(async move {
             if !self.is_connected() {
@@ -153,7 +154,7 @@ impl<C: Client> Broker for Managed<C> {
                 tokio::time::sleep_until(until).await;
             }
             let epoch = self.state.epoch.load(Ordering::Acquire);
-            let position = self.within("publish", self.client.publish(&channel, data)).await?;
+            let position = self.within("publish", self.client.publish(&channel, data, keep)).await?;
             // A confirmation that spans a connection change confirms nothing.
             if self.state.epoch.load(Ordering::Acquire) != epoch || !self.is_connected() {
                 return Err(BrokerError::Unavailable(self.name.clone()));

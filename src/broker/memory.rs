@@ -7,7 +7,7 @@ use bytes::Bytes;
 use channel_proto::{Name, Request};
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, BrokerFuture, Page, Position, SubId, Subscription};
+use super::{Broker, BrokerError, BrokerFuture, Keep, Page, Position, SubId, Subscription};
 use crate::hub::{ClientId, Hub, Sink};
 
 /// A broker that is a hub in this process.
@@ -37,8 +37,8 @@ impl Drop for Unsubscribe {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>> {
-        let position = self.hub.publish(&[self.name(channel)], &data);
+    fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> BrokerFuture<'_, Option<Position>> {
+        let position = self.hub.publish(&[self.name(channel)], &data, keep);
         Box::pin(std::future::ready(Ok(position)))
     }
 

@@ -36,6 +36,7 @@ use crate::io::ListenAddr;
 
 pub use crate::history::Page;
 pub use crate::message::{Message, Position};
+pub use channel_proto::Keep;
 
 /// Why a broker operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -108,9 +109,10 @@ pub const SUBSCRIPTION_CAPACITY: usize = 8192;
 /// - **Subscriptions survive reconnects.** After a link comes back, every live subscription is
 ///   renewed before anything else is sent.
 pub trait Broker: Send + Sync + 'static {
-    /// Publish `data` on `channel`; its position in the channel's history when the broker keeps
-    /// one for that channel (the broker assigns it, once, so two publishers never share one).
-    fn publish(&self, channel: &str, data: Bytes) -> BrokerFuture<'_, Option<Position>>;
+    /// Publish `data` on `channel`, kept in the channel's history as `keep` says (`None`: not
+    /// kept; a channel server decides for itself); its position in that history when kept (the
+    /// broker assigns it, once, so two publishers never share one).
+    fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> BrokerFuture<'_, Option<Position>>;
     /// Messages of `channel` after offset `since`, at most `limit` (see [`Page::reaches`]).
     fn history(&self, channel: &str, since: u64, limit: usize) -> BrokerFuture<'_, Page> {
         let _ = (channel, since, limit);
@@ -270,7 +272,10 @@ pub struct BrokerOptions {
     pub nats_creds: Option<std::path::PathBuf>,
     /// File holding a NATS user nkey seed (`SU...`), for servers that authenticate by nkey.
     pub nats_nkey: Option<std::path::PathBuf>,
-    /// History this node's publishes keep, where the broker stores it (Redis, NATS JetStream).
+    /// A gateway's broker (on NATS, it leaves a server in lame-duck mode after publishers do).
+    pub gateway: bool,
+    /// The bounds of the NATS JetStream history stream this node makes when its publishes keep
+    /// history (other backends take the bounds from each publish).
     pub history: crate::history::HistoryConfig,
 }
 
@@ -293,13 +298,17 @@ pub async fn open(url: &BrokerUrl, opts: &BrokerOptions, cfg: LinkConfig) -> Res
                 opts.ca.as_deref().map(rustls_with_ca).transpose().map_err(|e| BrokerError::Config(name.clone(), e))?;
             let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
             let (client, events) =
-                redis::open(u, prefix, tls, &cfg, opts.history).map_err(|e| BrokerError::Config(name.clone(), e))?;
+                redis::open(u, prefix, tls, &cfg).map_err(|e| BrokerError::Config(name.clone(), e))?;
             managed::Managed::spawn(client, events, cfg, name)
         }
         #[cfg(feature = "nats")]
         BrokerUrl::Nats(u) => {
-            let nats_opts =
-                nats::NatsOptions { ca: opts.ca.clone(), creds: opts.nats_creds.clone(), nkey: opts.nats_nkey.clone() };
+            let nats_opts = nats::NatsOptions {
+                ca: opts.ca.clone(),
+                creds: opts.nats_creds.clone(),
+                nkey: opts.nats_nkey.clone(),
+                leave_late: opts.gateway,
+            };
             let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
             let (client, events) = nats::open(u, prefix, &nats_opts, &cfg, opts.history)
                 .await

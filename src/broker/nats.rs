@@ -11,11 +11,12 @@
 //! A server error that does not close the connection (a permissions violation) is logged and the
 //! link stays up.
 //!
-//! Channel names become subjects `PREFIX` + name, with bytes that are not allowed or not safe in a
-//! subject token (space, `.`, `*`, `>`, `%`, non-ASCII) percent-encoded; channels that keep
-//! history (`broadcast`, users, topics) are delivered on `PREFIX d.` + name, where the JetStream
-//! history stream republishes what it stored ([`jetstream`](super::jetstream)); without the stream
-//! (history off, or a server without JetStream) publishers send there directly.
+//! Channel names become subjects `PREFIX d.` + name, with bytes that are not allowed or not safe
+//! in a subject token (space, `.`, `*`, `>`, `%`, non-ASCII) percent-encoded. A publish that is
+//! not kept goes there directly; one that is kept ([`Keep`]) goes to the JetStream history stream,
+//! which republishes what it stored there ([`jetstream`](super::jetstream)); without the stream
+//! (history off, or a server without JetStream) it goes there directly too. The stream's limits
+//! are the publisher's history settings: a publish says whether it is kept, not for how long.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::jetstream::{self, JetStream};
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
-use super::{LinkConfig, Message, Page, Position};
+use super::{Keep, LinkConfig, Message, Page, Position};
 use crate::history::HistoryConfig;
 
 /// How much later than publishers a subscriber leaves a server in lame-duck mode.
@@ -85,6 +86,9 @@ pub struct NatsOptions {
     pub creds: Option<std::path::PathBuf>,
     /// A file holding a user nkey seed.
     pub nkey: Option<std::path::PathBuf>,
+    /// Leave a server in lame-duck mode [`LAME_DUCK_SUBSCRIBER_DELAY`] after publishers do (a
+    /// gateway's: what publishers send meanwhile still reaches it).
+    pub leave_late: bool,
 }
 
 /// A channel name as a subject token.
@@ -119,6 +123,7 @@ pub struct Nats {
     history: Arc<JetStream>,
     /// This node's publishes keep history.
     keeps: bool,
+    leave_late: bool,
 }
 
 /// Connect (in the background: async-nats retries until a server answers) and start forwarding.
@@ -193,6 +198,7 @@ pub async fn open(
     let nats = Nats {
         history: Arc::new(JetStream::new(client.clone(), &prefix, history)),
         keeps: history.enabled(),
+        leave_late: opts.leave_late,
         client,
         prefix,
         subs: Mutex::default(),
@@ -225,7 +231,7 @@ impl Nats {
         let mut jitter = [0u8; 1];
         let _ = getrandom::fill(&mut jitter);
         let mut wait = Duration::from_millis(u64::from(jitter[0]) * 2);
-        if locked(&self.subs).keys().any(|c| !c.starts_with(crate::cluster::INTERNAL)) {
+        if self.leave_late {
             wait += LAME_DUCK_SUBSCRIBER_DELAY;
         }
         tokio::time::sleep(wait).await;
@@ -234,11 +240,9 @@ impl Nats {
         }
     }
 
+    /// Where `channel`'s messages are delivered (kept or not: see the module's doc).
     fn subject(&self, channel: &str) -> String {
-        match crate::history::keeps(channel.as_bytes()) {
-            true => format!("{}{}", self.history.deliver_prefix(), encode_name(channel)),
-            false => format!("{}{}", self.prefix, encode_name(channel)),
-        }
+        format!("{}{}", self.history.deliver_prefix(), encode_name(channel))
     }
 
     /// Publish a marker after what this client sent so far and wait for it to come back.
@@ -268,9 +272,9 @@ impl Drop for Forget<'_> {
 }
 
 impl Client for Nats {
-    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_, Option<Position>> {
+    fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> ClientFuture<'_, Option<Position>> {
         let subject = self.subject(channel);
-        let stored = self.keeps && crate::history::keeps(channel.as_bytes());
+        let stored = self.keeps && keep.is_some_and(|k| k.size > 0 && k.ttl_ms > 0);
         let name = encode_name(channel);
         Box::pin(async move {
             if stored {

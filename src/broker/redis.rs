@@ -8,8 +8,8 @@
 //! and every reconnection or topology change renews the subscriptions. Pub/sub is global to a
 //! server (the `/DB` of a URL does not scope it), so names carry the configured prefix.
 //!
-//! **History.** A publish to a channel that keeps history (`broadcast`, users, topics) is one Lua
-//! script: it counts the channel's offset up (`HINCRBY` on `{NAME}.m`, which also holds the
+//! **History.** A publish that is kept ([`Keep`]: how many of the channel's messages, for how
+//! long) is one Lua script: it counts the channel's offset up (`HINCRBY` on `{NAME}.m`, which also holds the
 //! epoch, drawn when the channel's history starts), appends to the stream `{NAME}.s` with the
 //! offset as the entry id (`XADD ... MAXLEN size`), renews both keys' expiry, and publishes the
 //! message with its position in front. Offset assignment, storage and delivery are one atomic
@@ -18,6 +18,7 @@
 //! the slot of the sharded channel `NAME` that the script also publishes on.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::{ClientLike, Config, EventInterface, PubsubInterface, ReconnectPolicy, ServerConfig, TlsConnector};
@@ -25,8 +26,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
-use super::{LinkConfig, Message, Page, Position};
-use crate::history::HistoryConfig;
+use super::{Keep, LinkConfig, Message, Page, Position};
 
 /// Publish with history: KEYS stream, meta; ARGV channel, data, size, ttl ms, meta ttl ms, a new
 /// epoch (used only when the channel has none), sharded (1) or not. Returns {offset, epoch}.
@@ -68,7 +68,9 @@ return {meta[1], offset, first, entries}
 
 /// How long a channel's offset and epoch outlive its last message: a client that saw everything
 /// of a quiet channel still recovers (with nothing to deliver) within this time.
-const META_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+const META_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest a publish is kept.
+const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Run `script` by its SHA-1, sending it (`EVAL`) when the server does not have it yet. A raw
 /// command, so that it keeps the client's options (fail at once while disconnected) and is routed
@@ -174,7 +176,6 @@ pub struct Redis {
     subscriber: fred::clients::Client,
     prefix: String,
     clustered: bool,
-    history: HistoryConfig,
 }
 
 /// Build the two clients, start connecting (fred retries with backoff by itself), and forward
@@ -184,7 +185,6 @@ pub fn open(
     prefix: String,
     tls: Option<rustls::ClientConfig>,
     cfg: &LinkConfig,
-    history: HistoryConfig,
 ) -> Result<(Arc<Redis>, mpsc::Receiver<Event>), String> {
     let mut config = url.config.clone();
     if let Some(tls) = tls {
@@ -263,7 +263,7 @@ pub fn open(
     });
     let once = fred::types::config::Options { fail_fast: true, max_attempts: Some(1), ..Default::default() };
     let publisher = publisher.with_options(&once);
-    Ok((Arc::new(Redis { publisher, subscriber, prefix, clustered: url.clustered(), history }), events))
+    Ok((Arc::new(Redis { publisher, subscriber, prefix, clustered: url.clustered() }), events))
 }
 
 impl Redis {
@@ -296,17 +296,18 @@ fn number(v: &fred::types::Value) -> Option<u64> {
 }
 
 impl Client for Redis {
-    fn publish(&self, channel: &str, data: Bytes) -> ClientFuture<'_, Option<Position>> {
+    fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> ClientFuture<'_, Option<Position>> {
         let name = format!("{}{channel}", self.prefix);
-        if self.history.enabled() && crate::history::keeps(channel.as_bytes()) {
+        if let Some(k) = keep.filter(|k| k.size > 0 && k.ttl_ms > 0) {
             return Box::pin(async move {
-                let h = &self.history;
+                let size = k.size.min(i64::MAX as u64) as i64;
+                let ttl = Duration::from_millis(k.ttl_ms).min(MAX_TTL);
                 let args: Vec<fred::types::Value> = vec![
                     name.clone().into(),
                     data.into(),
-                    (h.size as i64).into(),
-                    (h.ttl.as_millis() as i64).into(),
-                    (META_TTL.max(h.ttl).as_millis() as i64).into(),
+                    size.into(),
+                    (ttl.as_millis() as i64).into(),
+                    (META_TTL.max(ttl).as_millis() as i64).into(),
                     crate::io::random_hex(4).into(),
                     (if self.clustered { "1" } else { "0" }).into(),
                 ];

@@ -36,7 +36,7 @@ pub(super) async fn run(gw: Weak<Gateway>, mut nodes: Subscription) {
                 (a.id, a.node) = (env.id, gw.node_id.clone());
                 // Answers go out on their own, so that a slow broker confirmation holds up no other.
                 tokio::spawn(async move {
-                    let _ = gw.broker.publish(&env.reply, encode(&a)).await;
+                    let _ = gw.broker.publish(&env.reply, encode(&a), None).await;
                 });
             }
             _ = beat.tick() => {
@@ -77,7 +77,7 @@ impl Gateway {
             let changes = w.take_changes();
             for chunk in changes.chunks(CHANGES_PER_REPORT) {
                 let r = Report::Changes { worker: w.id.clone(), changes: chunk.to_vec() };
-                let _ = self.broker.publish(CLUSTER, encode(&r)).await;
+                let _ = self.broker.publish(CLUSTER, encode(&r), None).await;
             }
         }
     }
@@ -86,7 +86,7 @@ impl Gateway {
     async fn report(&self, rates: &mut Rates) {
         self.send_changes().await;
         let hb = self.heartbeat(rates);
-        let _ = self.broker.publish(CLUSTER, encode(&Report::Heartbeat(hb))).await;
+        let _ = self.broker.publish(CLUSTER, encode(&Report::Heartbeat(hb)), None).await;
     }
 
     fn heartbeat(&self, last: &mut Rates) -> Heartbeat {

@@ -364,6 +364,7 @@ impl ChannelClient {
         self.send(channel_proto::Request::Publish {
             channels: names(&[&marker]),
             data: bytes::Bytes::from_static(b"N;"),
+            keep: None,
         })
         .await;
         loop {

@@ -7,7 +7,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn codec(c: &mut Criterion) {
     let data = Value::assoc([("to_connection_id", Value::str("42")), ("content", Value::str("x".repeat(64)))]).encode();
-    let publish = Request::Publish { channels: vec![Name::new("3f9a1c7be2d0-0")], data: data.clone().into() };
+    let publish =
+        Request::Publish { channels: vec![Name::new("3f9a1c7be2d0-0")], data: data.clone().into(), keep: None };
     let wire = frame::encode(&publish.encode());
     let mut g = c.benchmark_group("codec");
     g.throughput(Throughput::Elements(1));

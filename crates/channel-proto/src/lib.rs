@@ -12,7 +12,7 @@ pub mod message;
 pub mod value;
 
 pub use frame::{FrameError, DEFAULT_MAX_FRAME, HEADER_LEN};
-pub use message::{MessageError, Name, Request, ServerMessage};
+pub use message::{Keep, MessageError, Name, Request, ServerMessage};
 pub use value::{Key, Value, ValueError, MAX_DEPTH};
 
 /// Any error decoding a Channel frame or payload.

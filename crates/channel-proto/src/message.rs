@@ -94,6 +94,10 @@ pub enum Request {
     Publish {
         channels: Vec<Name>,
         data: Bytes,
+        /// pushwire extension: keep the message in its channel's history, within these bounds
+        /// (two more keys, `keep_size` and `keep_ttl`, which PHP's server ignores). `None`: as
+        /// the server decides for publishers that do not say.
+        keep: Option<Keep>,
     },
     /// Deliver `data` to one subscriber of each channel, round-robin.
     PublishLoop {
@@ -110,6 +114,15 @@ pub enum Request {
     Reserve,
     /// pushwire extension: the shared secret of a protected channel server. Sent first.
     Auth(Bytes),
+}
+
+/// How a published message is kept in its channel's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// At most this many of the channel's latest messages are kept.
+    pub size: u64,
+    /// For at most this many milliseconds.
+    pub ttl_ms: u64,
 }
 
 /// What a server sends to a client.
@@ -193,7 +206,16 @@ impl Request {
         Ok(match kind.as_str() {
             "subscribe" => Request::Subscribe(f.names("subscribe")?),
             "unsubscribe" => Request::Unsubscribe(f.names("unsubscribe")?),
-            "publish" => Request::Publish { channels: f.names("publish")?, data: f.data("publish")? },
+            "publish" => {
+                let (channels, data) = (f.names("publish")?, f.data("publish")?);
+                let keep = match (f.take("keep_size"), f.take("keep_ttl")) {
+                    (Some(Value::Int(size)), Some(Value::Int(ttl))) if size >= 0 && ttl >= 0 => {
+                        Some(Keep { size: size as u64, ttl_ms: ttl as u64 })
+                    }
+                    _ => None,
+                };
+                Request::Publish { channels, data, keep }
+            }
             "publishLoop" => Request::PublishLoop { channels: f.names("publishLoop")?, data: f.data("publishLoop")? },
             "watch" => Request::Watch(f.names("watch")?),
             "unwatch" => Request::Unwatch(f.names("unwatch")?),
@@ -228,12 +250,20 @@ impl Request {
             Request::Subscribe(n) | Request::Unsubscribe(n) | Request::Watch(n) | Request::Unwatch(n) => {
                 (Some(n), None)
             }
-            Request::Publish { channels, data }
+            Request::Publish { channels, data, .. }
             | Request::PublishLoop { channels, data }
             | Request::Enqueue { channels, data } => (Some(channels), Some(data)),
             Request::Reserve | Request::Auth(_) => (None, None),
         };
-        let count = 1 + names.is_some() as usize + data.is_some() as usize + matches!(self, Request::Auth(_)) as usize;
+        let keep = match self {
+            Request::Publish { keep, .. } => *keep,
+            _ => None,
+        };
+        let count = 1
+            + names.is_some() as usize
+            + data.is_some() as usize
+            + matches!(self, Request::Auth(_)) as usize
+            + 2 * keep.is_some() as usize;
         let mut out = Vec::with_capacity(64 + data.map_or(0, |d| d.len()));
         out.extend_from_slice(format!("a:{count}:{{").as_bytes());
         encode_str(b"type", &mut out);
@@ -254,6 +284,14 @@ impl Request {
         if let Request::Auth(secret) = self {
             encode_str(b"secret", &mut out);
             encode_str(secret, &mut out);
+        }
+        if let Some(k) = keep {
+            // PHP integers are signed: larger bounds are sent as the largest.
+            let int = |n: u64| format!("i:{};", n.min(i64::MAX as u64));
+            encode_str(b"keep_size", &mut out);
+            out.extend_from_slice(int(k.size).as_bytes());
+            encode_str(b"keep_ttl", &mut out);
+            out.extend_from_slice(int(k.ttl_ms).as_bytes());
         }
         out.push(b'}');
         out
@@ -360,6 +398,26 @@ mod tests {
         assert_eq!(ServerMessage::parse(&Bytes::from(encoded)).unwrap(), m);
         let plain = ServerMessage { position: None, ..m };
         assert_eq!(ServerMessage::parse(&Bytes::from(plain.encode())).unwrap(), plain);
+    }
+
+    #[test]
+    fn keep_round_trips_and_a_plain_publish_stays_as_php_sends_it() {
+        let data = Bytes::from_static(b"s:2:\"hi\";");
+        let publish = |keep| Request::Publish { channels: vec![Name::new("c")], data: data.clone(), keep };
+        let kept = publish(Some(Keep { size: 1, ttl_ms: 1_800_000 }));
+        let encoded = kept.encode();
+        assert!(
+            encoded.starts_with(b"a:5:{") && encoded.ends_with(b"s:9:\"keep_size\";i:1;s:8:\"keep_ttl\";i:1800000;}")
+        );
+        assert_eq!(Request::parse(&Bytes::from(encoded)).unwrap(), kept);
+        let most = publish(Some(Keep { size: u64::MAX, ttl_ms: i64::MAX as u64 }));
+        let parsed = Request::parse(&Bytes::from(most.encode())).unwrap();
+        assert!(matches!(parsed, Request::Publish { keep: Some(Keep { size, .. }), .. } if size == i64::MAX as u64));
+        let plain = publish(None);
+        assert_eq!(
+            plain.encode(),
+            b"a:3:{s:4:\"type\";s:7:\"publish\";s:8:\"channels\";a:1:{i:0;s:1:\"c\";}s:4:\"data\";s:2:\"hi\";}"
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ proptest! {
 
     #[test]
     fn mutated_messages_never_panic(v in value(), cut in 0usize..200, flip in any::<u8>()) {
-        let mut bytes = Request::Publish { channels: vec![channel_proto::Name::new("c")], data: v.encode().into() }.encode();
+        let mut bytes = Request::Publish { channels: vec![channel_proto::Name::new("c")], data: v.encode().into(), keep: None }.encode();
         if !bytes.is_empty() {
             let i = cut % bytes.len();
             bytes[i] ^= flip;

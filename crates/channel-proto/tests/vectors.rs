@@ -76,7 +76,7 @@ fn bad_vectors_are_refused_for_their_reason() {
 fn specific_values() {
     let targeted = vectors().into_iter().find(|(n, ..)| n.starts_with("07")).expect("07").1;
     let payload = decode(&targeted).expect("decodes").expect("payload");
-    let Request::Publish { channels, data } = Request::parse(&payload).expect("publish") else {
+    let Request::Publish { channels, data, .. } = Request::parse(&payload).expect("publish") else {
         panic!("not a publish")
     };
     assert_eq!(channels[0].as_bytes(), b"0");

@@ -297,7 +297,7 @@ impl Worker {
         tokio::spawn(async move {
             let mut a = w.control(&env.req).await;
             (a.id, a.node) = (env.id, w.id.clone());
-            let _ = w.broker.publish(&env.reply, crate::cluster::encode(&a)).await;
+            let _ = w.broker.publish(&env.reply, crate::cluster::encode(&a), None).await;
         });
     }
 

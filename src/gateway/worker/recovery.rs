@@ -231,7 +231,10 @@ mod tests {
             exclude_uid: exclude.iter().map(|u| u.as_bytes().to_vec()).collect(),
         };
         let data = push.encode();
-        let position = broker.publish(channel, data.clone()).await.expect("publish");
+        let position = broker
+            .publish(channel, data.clone(), crate::history::HistoryConfig::default().keep())
+            .await
+            .expect("publish");
         Message { channel: Bytes::from(channel.to_owned()), data, position }
     }
 
