@@ -39,6 +39,12 @@ pub fn reply_channel(node: &str) -> String {
     format!("pushwire:reply:{node}")
 }
 
+/// The channel on which worker `worker` takes publishers' requests about its connections (its
+/// own channel, `worker`, carries only the seed's pushes).
+pub fn worker_channel(worker: &str) -> String {
+    format!("pushwire:worker:{worker}")
+}
+
 /// `value` as a broker payload: its JSON as a serialized PHP string.
 pub fn encode<T: Serialize>(value: &T) -> Bytes {
     let json = serde_json::to_vec(value).unwrap_or_default();
@@ -51,11 +57,6 @@ pub fn encode<T: Serialize>(value: &T) -> Bytes {
 pub fn decode<T: serde::de::DeserializeOwned>(data: &[u8]) -> Option<T> {
     let v = channel_proto::Value::parse(data).ok()?;
     serde_json::from_slice(v.as_bytes()?).ok()
-}
-
-/// Whether `data` is a payload made by [`encode`] (a PHP string) rather than a seed push.
-pub fn is_request(data: &[u8]) -> bool {
-    data.first() == Some(&b's')
 }
 
 /// Names in one page of a [`Request::Dump`].
@@ -334,8 +335,7 @@ mod tests {
         assert_eq!(text, r#"{"id":7,"reply":"pushwire:reply:p1","op":"bind","conn":3,"uid":"42"}"#);
         assert_eq!(serde_json::from_str::<Envelope>(&text).unwrap(), e);
         let hello = encode(&Envelope { id: 0, reply: "r".into(), req: Request::Hello });
-        assert!(hello.starts_with(b"s:") && is_request(&hello));
+        assert!(hello.starts_with(b"s:"));
         assert_eq!(decode::<Envelope>(&hello).unwrap().req, Request::Hello);
-        assert!(!is_request(&crate::push::Push::default().encode()));
     }
 }

@@ -513,7 +513,7 @@ impl Publisher {
                 if !self.asker.knows_worker(w).await {
                     return Err(PublishError::NotFound(format!("no live gateway has worker {w}")));
                 }
-                let answer = self.asker.ask(w, req, 1).await?.pop();
+                let answer = self.asker.ask(&crate::cluster::worker_channel(w), req, 1).await?.pop();
                 match answer {
                     Some(a) if a.ok => match a.error {
                         None => Ok(serde_json::json!({"ok": true})),

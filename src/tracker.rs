@@ -272,7 +272,9 @@ async fn dump(asker: &Asker, worker: String) -> Dumped {
         let mut after = String::new();
         loop {
             let req = Request::Dump { topics, after: after.clone() };
-            let Ok(mut answers) = asker.ask(&worker, req, 1).await else { return Dumped::Failed(worker) };
+            let Ok(mut answers) = asker.ask(&crate::cluster::worker_channel(&worker), req, 1).await else {
+                return Dumped::Failed(worker);
+            };
             let Some(page) = answers.pop().filter(|a| a.ok) else {
                 // Nobody answered: gone, unless its gateway is still alive (then only slow).
                 let alive = asker.alive().iter().any(|hb| hb.node == node_of(&worker));

@@ -155,7 +155,10 @@ impl Gateway {
         for i in 0..cfg.workers {
             let id = format!("{node_id}-{i}");
             let sub = broker
-                .subscribe_with(vec![id.clone(), BROADCAST.to_owned()], cfg.subscription_buffer)
+                .subscribe_with(
+                    vec![id.clone(), BROADCAST.to_owned(), crate::cluster::worker_channel(&id)],
+                    cfg.subscription_buffer,
+                )
                 .map_err(|source| GatewayError::Subscribe { worker: id.clone(), source })?;
             let (queue, bytes) = (cfg.outbound_queue, cfg.outbound_queue_bytes);
             let (worker, repairs) = Worker::new(id, (queue, bytes), cfg.compression, broker.clone(), sub.id);

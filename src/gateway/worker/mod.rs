@@ -104,6 +104,8 @@ enum Target<'a> {
 /// One worker shard: its id, its connections, its connection counter, its broker subscription.
 pub struct Worker {
     pub id: String,
+    /// Where publishers' requests about this worker's connections come ([`crate::cluster::worker_channel`]).
+    control: String,
     table: Mutex<Table>,
     next_conn: AtomicU64,
     epoch: Instant,
@@ -135,6 +137,7 @@ impl Worker {
         let quiet = AtomicBool::new(true);
         let history_frames = Mutex::default();
         let w = Worker {
+            control: crate::cluster::worker_channel(&id),
             id,
             table,
             next_conn,
@@ -158,10 +161,7 @@ impl Worker {
         loop {
             tokio::select! {
                 m = sub.recv() => match m {
-                    // The seed's pushes are PHP arrays; requests from publishers are PHP strings.
-                    Some(m) if crate::cluster::is_request(&m.data) && m.channel == self.id.as_bytes() => {
-                        self.answer(m.data)
-                    }
+                    Some(m) if m.channel == self.control.as_bytes() => self.answer(m.data),
                     Some(m) => {
                         let start = Instant::now();
                         let direct = pace.direct(start, !sub.rx.is_empty());
