@@ -7,7 +7,6 @@
 //! to every client (no per-connection dictionary), and keeps an idle connection free of any
 //! (de)compressor state: a client message is inflated by a decompressor made for it alone.
 
-use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// The `Sec-WebSocket-Extensions` answer when compression is negotiated.
@@ -65,11 +64,6 @@ pub fn compress(payload: &[u8]) -> Vec<u8> {
         out.truncate(out.len() - TAIL.len());
     }
     out
-}
-
-/// A whole compressed server frame (RSV1 set) carrying `payload`.
-pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
-    crate::ws::encode_with_rsv1(opcode, &compress(payload))
 }
 
 /// Why a compressed client message was refused.

@@ -10,8 +10,8 @@
 //!
 //! **History.** The hub keeps the latest messages of `broadcast`, users' and topics' channels
 //! ([`History`]) and gives each an offset under the same lock that delivers it. pushwire nodes
-//! that subscribe to [`POSITIONS`] get each event with its offset and epoch, an answer with the
-//! position of each of their publishes, and history pages for requests published to [`HISTORY`];
+//! that subscribe to [`POSITIONS`](crate::channel_ext::POSITIONS) get each event with its offset and epoch, an answer with the
+//! position of each of their publishes, and history pages for requests published to [`HISTORY`](crate::channel_ext::HISTORY);
 //! PHP clients see the seed's frames and nothing else.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -23,15 +23,9 @@ use channel_proto::message::ServerKind;
 use channel_proto::{frame, Keep, Name, Request, ServerMessage};
 use tokio::sync::mpsc;
 
+use crate::channel_ext::{decode_history_request, encode_page, encode_position, HISTORY, POSITIONS};
 use crate::history::{History, HistoryConfig, Page, Position, AS_THE_STORE};
 use crate::message::Message;
-
-/// Subscribing to this name asks for positions (it subscribes to nothing); answers to the
-/// client's own publishes and history requests come as events on it.
-pub const POSITIONS: &str = "pushwire:positions";
-/// A publish here from a client that asked for positions is a history request, answered to it
-/// alone (data: `channel`, `since`, `limit`).
-pub const HISTORY: &str = "pushwire:history";
 
 /// Identifies a hub client.
 pub type ClientId = u64;
@@ -395,7 +389,7 @@ impl Hub {
         Some(st.history.as_mut()?.page(channel, since, limit, std::time::Instant::now()))
     }
 
-    /// Send `data` to client `id` alone, as an event on [`POSITIONS`].
+    /// Send `data` to client `id` alone, as an event on [`POSITIONS`](crate::channel_ext::POSITIONS).
     fn answer(&self, id: ClientId, data: Bytes) {
         let mut st = self.lock();
         let name = Name::new(POSITIONS);
@@ -410,13 +404,8 @@ impl Hub {
     /// The answer to a history request from a node (see [`HISTORY`]), encoded; none to a request
     /// that is not one or without history (the node's confirmation then carries no page).
     fn history_request(&self, data: &Bytes) -> Option<Vec<u8>> {
-        let req = channel_proto::Value::parse(data).ok()?;
-        let channel = req.get("channel")?.as_bytes()?;
-        let int = |k: &str| match req.get(k) {
-            Some(channel_proto::Value::Int(i)) => Some((*i).max(0) as u64),
-            _ => None,
-        };
-        Some(encode_page(&self.history(channel, int("since")?, int("limit")? as usize)?))
+        let (channel, since, limit) = decode_history_request(data)?;
+        Some(encode_page(&self.history(&channel, since, limit)?))
     }
 
     fn publish_loop(&self, channels: &[Name], data: &Bytes) {
@@ -528,82 +517,6 @@ fn dispatch(st: &mut State, queue: &Name, stats: &HubStats) {
     }
 }
 
-/// A history request as a PHP array, for [`HISTORY`].
-pub fn encode_history_request(channel: &[u8], since: u64, limit: usize) -> Vec<u8> {
-    use channel_proto::Value;
-    Value::assoc([
-        ("channel", Value::str(channel)),
-        ("since", Value::Int(since.min(i64::MAX as u64) as i64)),
-        ("limit", Value::Int(limit.min(i64::MAX as usize) as i64)),
-    ])
-    .encode()
-}
-
-/// A publish's position as a PHP array: `offset`, `epoch`.
-pub fn encode_position(p: &Position) -> Vec<u8> {
-    use channel_proto::Value;
-    Value::assoc([("offset", Value::Int(p.offset as i64)), ("epoch", Value::str(&*p.epoch))]).encode()
-}
-
-/// Read what [`encode_position`] wrote.
-pub fn decode_position(data: &[u8]) -> Option<Position> {
-    let v = channel_proto::Value::parse(data).ok()?;
-    let offset = match v.get("offset")? {
-        channel_proto::Value::Int(o) if *o > 0 => *o as u64,
-        _ => return None,
-    };
-    let epoch = std::str::from_utf8(v.get("epoch")?.as_bytes()?).ok()?;
-    Some(Position { offset, epoch: epoch.into() })
-}
-
-/// A history page as a PHP array: `epoch`, `offset`, `first`, and `items`, a list of
-/// `[offset, data]` with each message's data spliced in as the serialized value it is.
-pub fn encode_page(p: &Page) -> Vec<u8> {
-    use channel_proto::value::encode_str;
-    let mut out = Vec::with_capacity(64 + p.items.iter().map(|(_, d)| d.len() + 24).sum::<usize>());
-    out.extend_from_slice(b"a:4:{");
-    encode_str(b"epoch", &mut out);
-    encode_str(p.epoch.as_bytes(), &mut out);
-    out.extend_from_slice(format!("s:6:\"offset\";i:{};s:5:\"first\";i:{};", p.offset, p.first).as_bytes());
-    encode_str(b"items", &mut out);
-    out.extend_from_slice(format!("a:{}:{{", p.items.len()).as_bytes());
-    for (i, (offset, data)) in p.items.iter().enumerate() {
-        out.extend_from_slice(format!("i:{i};a:2:{{i:0;i:{offset};i:1;").as_bytes());
-        out.extend_from_slice(data);
-        out.extend_from_slice(b"}");
-    }
-    out.extend_from_slice(b"}}");
-    out
-}
-
-/// Read what [`encode_page`] wrote, keeping each message's bytes as they were.
-pub fn decode_page(data: &Bytes) -> Option<Page> {
-    use channel_proto::value::{array_spans, Key};
-    use channel_proto::Value;
-    let mut page = Page::default();
-    for (k, range, v) in array_spans(data).ok()? {
-        match (k, v) {
-            (Key::Str(k), Value::Str(e)) if k == b"epoch" => page.epoch = String::from_utf8(e).ok()?,
-            (Key::Str(k), Value::Int(o)) if k == b"offset" => page.offset = o.max(0) as u64,
-            (Key::Str(k), Value::Int(f)) if k == b"first" => page.first = f.max(0) as u64,
-            (Key::Str(k), Value::Array(_)) if k == b"items" => {
-                let items = data.slice(range);
-                for (_, r, _) in array_spans(&items).ok()? {
-                    let item = items.slice(r);
-                    let mut parts = array_spans(&item).ok()?.into_iter();
-                    let offset = match parts.next()?.2 {
-                        Value::Int(o) => o.max(0) as u64,
-                        _ => return None,
-                    };
-                    page.items.push((offset, item.slice(parts.next()?.1)));
-                }
-            }
-            _ => {}
-        }
-    }
-    Some(page)
-}
-
 fn unsubscribe(st: &mut State, id: ClientId, name: &Name) {
     if let Some(c) = st.clients.get_mut(&id) {
         c.names.remove(name);
@@ -647,6 +560,7 @@ fn unwatch(st: &mut State, id: ClientId, name: &Name) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel_ext::{decode_page, decode_position};
 
     fn local(hub: &Hub) -> (ClientId, mpsc::Receiver<Message>) {
         let (tx, rx) = mpsc::channel(4);

@@ -24,6 +24,7 @@
 //! See `docs/ARCHITECTURE.md` for the whole picture.
 
 pub mod broker;
+pub mod channel_ext;
 pub mod channel_server;
 pub mod cli;
 pub mod cluster;

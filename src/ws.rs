@@ -47,9 +47,9 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
     encode_first(0x80 | opcode, payload)
 }
 
-/// One whole unmasked server frame with RSV1 set: a compressed message (permessage-deflate).
-pub fn encode_with_rsv1(opcode: u8, payload: &[u8]) -> Bytes {
-    encode_first(0x80 | 0x40 | opcode, payload)
+/// One whole unmasked server frame carrying `payload` compressed (permessage-deflate: RSV1 set).
+pub fn encode_compressed(opcode: u8, payload: &[u8]) -> Bytes {
+    encode_first(0x80 | 0x40 | opcode, &crate::deflate::compress(payload))
 }
 
 fn encode_first(b0: u8, payload: &[u8]) -> Bytes {
@@ -427,7 +427,7 @@ mod tests {
         let binary = Bytes::from_static(&[0, 255]);
         assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Message { text: false, data: binary })));
         // A compressed message (RSV1) comes out inflated.
-        let compressed = crate::deflate::frame(TEXT, b"squeezed squeezed squeezed");
+        let compressed = encode_compressed(TEXT, b"squeezed squeezed squeezed");
         let mut b = masked(compressed[0], &compressed[2..]);
         let data = Bytes::from_static(b"squeezed squeezed squeezed");
         assert_eq!(r.parse(&mut b, 100), Ok(Some(ClientFrame::Message { text: true, data })));

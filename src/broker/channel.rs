@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::link::{Incoming, Reader, Transport, Writer};
 use super::{Keep, Message, Position};
-use crate::hub::{HISTORY, POSITIONS};
+use crate::channel_ext::{HISTORY, POSITIONS};
 use crate::io::{ListenAddr, Stream};
 
 /// Connects to a channel server.

@@ -148,18 +148,18 @@ impl Broker for Link {
         }
         let channel = channel.to_owned();
         let answer = self.ask(move |done| Command::Publish { channel, data, keep, done });
-        Box::pin(async move { Ok(answer.await?.and_then(|a| crate::hub::decode_position(&a))) })
+        Box::pin(async move { Ok(answer.await?.and_then(|a| crate::channel_ext::decode_position(&a))) })
     }
 
     fn history(&self, channel: &str, since: u64, limit: usize) -> BrokerFuture<'_, Page> {
         if !self.is_connected() {
             return Box::pin(std::future::ready(Err(BrokerError::Unavailable(self.name.clone()))));
         }
-        let data = crate::hub::encode_history_request(channel.as_bytes(), since, limit).into();
+        let data = crate::channel_ext::encode_history_request(channel.as_bytes(), since, limit).into();
         let answer = self.ask(move |done| Command::History { data, done });
         Box::pin(async move {
             // A channel server that keeps no history (PHP's, or one without) answers nothing.
-            let page = answer.await?.and_then(|a| crate::hub::decode_page(&a));
+            let page = answer.await?.and_then(|a| crate::channel_ext::decode_page(&a));
             page.ok_or_else(|| BrokerError::NoHistory(self.name.clone()))
         })
     }

@@ -100,7 +100,7 @@ impl Conn {
     pub(in crate::gateway) fn encode_message(&self, opcode: u8, payload: &[u8], compress: bool) -> Bytes {
         match (self.sse, compress) {
             (true, _) => crate::sse::event(payload),
-            (false, true) => crate::deflate::frame(opcode, payload),
+            (false, true) => ws::encode_compressed(opcode, payload),
             (false, false) => ws::encode(opcode, payload),
         }
     }
