@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pushwire::broker::Message;
-use pushwire::push::Push;
+use pushwire::protocol::native::push::Push;
 
 fn fanout(c: &mut Criterion) {
     const N: usize = 10_000;

@@ -419,10 +419,10 @@ impl GatewayOpts {
             bail!("--presence-lease must be at least 300ms");
         }
         let verifier = match (&self.token_secret, &self.token_public_key) {
-            (Some(secret), _) => Some(crate::token::Verifier::hs256(secret.as_bytes())),
+            (Some(secret), _) => Some(crate::protocol::native::token::Verifier::hs256(secret.as_bytes())),
             (None, Some(path)) => {
                 let pem = std::fs::read(path).with_context(|| format!("--token-public-key {}", path.display()))?;
-                let v = crate::token::Verifier::public_key_pem(&pem)
+                let v = crate::protocol::native::token::Verifier::public_key_pem(&pem)
                     .map_err(|e| anyhow::anyhow!("--token-public-key {}: {e}", path.display()))?;
                 Some(v)
             }
@@ -441,7 +441,11 @@ impl GatewayOpts {
             outbound_queue: self.outbound_queue,
             outbound_queue_bytes: self.outbound_queue_bytes,
             heartbeat: self.heartbeat,
-            tokens: crate::token::TokenPolicy { verifier, required: self.require_token, max_age: self.token_max_age },
+            tokens: crate::protocol::native::token::TokenPolicy {
+                verifier,
+                required: self.require_token,
+                max_age: self.token_max_age,
+            },
             lease: self.presence_lease,
             subscription_buffer: self.subscription_buffer,
             compression: self.compression.0,

@@ -333,10 +333,10 @@ impl Hub {
     }
 
     /// [`Hub::publish`] for a client: kept as it says, or, when it does not say (PHP's clients
-    /// never do), as the seed's channels are ([`crate::push::keeps_history`]) within the hub's
+    /// never do), as the seed's channels are ([`crate::protocol::native::push::keeps_history`]) within the hub's
     /// own history settings.
     fn publish_as(&self, channels: &[Name], data: &Bytes, keep: Option<Keep>) -> Option<Position> {
-        let by_name = |n: &Name| crate::push::keeps_history(n.as_bytes()).then_some(AS_THE_STORE);
+        let by_name = |n: &Name| crate::protocol::native::push::keeps_history(n.as_bytes()).then_some(AS_THE_STORE);
         self.publish_with(channels, data, |n| keep.or_else(|| by_name(n)))
     }
 

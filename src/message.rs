@@ -7,7 +7,7 @@ use bytes::Bytes;
 pub use crate::history::Position;
 
 /// One published message: the channel it was published on and its payload (for the seed's events,
-/// a PHP-serialized array; see [`crate::push`]).
+/// a PHP-serialized array; see [`crate::protocol::native::push`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub channel: Bytes,

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use crate::broker::{Broker, BrokerError, Position};
 use crate::cluster::{self, Asker};
 use crate::metrics::GLOBAL;
-use crate::push::{check_name, topic_channel, user_channel, Audience, Push, BROADCAST};
+use crate::protocol::native::push::{check_name, topic_channel, user_channel, Audience, Push, BROADCAST};
 
 /// Settings of a publisher node.
 #[derive(Debug, Clone)]
@@ -182,7 +182,7 @@ impl PublishRequest {
             (Some(w), Some(c)) if w.is_empty() || c.is_empty() => {
                 bad("to_worker_id and to_connection_id must not be empty".into())
             }
-            (Some(w), Some(_)) if !crate::push::is_worker_id(w) => {
+            (Some(w), Some(_)) if !crate::protocol::native::push::is_worker_id(w) => {
                 bad(format!("to_worker_id {w:?} does not name a worker (NODE-N, as in the welcome line)"))
             }
             (Some(_), None) | (None, Some(_)) => bad("to_worker_id and to_connection_id go together".into()),
@@ -400,7 +400,7 @@ impl Publisher {
         let form = self.read_form(req).await?;
         let r = PublishRequest::parse(&form, self.cfg.max_content)?;
         let (channel, data) = r.to_message();
-        let keep = self.cfg.keep.filter(|_| crate::push::keeps_history(channel.as_bytes()));
+        let keep = self.cfg.keep.filter(|_| crate::protocol::native::push::keeps_history(channel.as_bytes()));
         Ok(self.broker.publish(&channel, data, keep).await?)
     }
 
@@ -496,7 +496,7 @@ impl Publisher {
             }
             _ => {
                 let (w, c) = (field("to_worker_id")?, field("to_connection_id")?);
-                if !crate::push::is_worker_id(w) || !w.contains('-') {
+                if !crate::protocol::native::push::is_worker_id(w) || !w.contains('-') {
                     return Err(PublishError::BadRequest(format!(
                         "to_worker_id {w:?} does not name a pushwire worker (NODE-N, as in the welcome line)"
                     )));

@@ -10,8 +10,9 @@ use bytes::{Bytes, BytesMut};
 
 use super::handshake::Opening;
 use super::wire::Wire;
-use super::{format, Conn, GatewayConfig, Wants, Worker};
+use super::{Conn, GatewayConfig, Worker};
 use crate::metrics::GLOBAL;
+use crate::protocol::native::{self, Wants};
 use crate::protocol::Protocol;
 use crate::ws::{self, close, ClientFrame};
 
@@ -166,13 +167,10 @@ pub(super) async fn serve_sse(
 /// JSON with `format=json`) as its transport sends it.
 async fn open(worker: &Arc<Worker>, wants: Option<Box<Wants>>, sse: bool, deflate: bool) -> (u64, Arc<Conn>, Bytes) {
     let wants = wants.map(|w| *w).unwrap_or_default();
-    let json = wants.json.then(|| (wants.who.uid.clone(), wants.who.channels.clone()));
-    let (id, conn) = worker.add(wants, sse, deflate).await;
-    let text = match json {
-        Some((uid, channels)) => format::welcome(&worker.id, id, uid.as_deref(), &channels),
-        None => format!("workerID:{} connectionID:{id} connected\n", worker.id).into_bytes(),
-    };
-    let welcome = conn.encode(&text);
+    let id = worker.next_id();
+    let welcome = native::welcome(&worker.id, id, Some(&wants));
+    let conn = worker.add(id, wants, sse, deflate).await;
+    let welcome = conn.encode(&welcome);
     (id, conn, welcome)
 }
 
@@ -180,7 +178,7 @@ async fn open(worker: &Arc<Worker>, wants: Option<Box<Wants>>, sse: bool, deflat
 mod tests {
     use super::*;
     use crate::broker::Message;
-    use crate::push::Push;
+    use crate::protocol::native::push::Push;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// One server frame from `r`: (first byte, payload).
@@ -204,7 +202,7 @@ mod tests {
     async fn a_pong_goes_after_the_rest_of_a_push_the_worker_wrote_in_part() {
         let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
         let worker = Arc::new(Worker::new("test-0".into(), (1024, usize::MAX), None, broker, 0).0);
-        let (_, conn) = worker.add(Wants::default(), false, false).await;
+        let conn = worker.add(worker.next_id(), Wants::default(), false, false).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         let socket = Arc::new(listener.accept().await.expect("accept").0);

@@ -19,11 +19,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use super::wire::Wire;
-use super::{Gateway, OpenGuard, Wants};
+use super::{Gateway, OpenGuard};
 use crate::http::reply as text;
 use crate::metrics::GLOBAL;
+use crate::protocol::native::token::TokenError;
+use crate::protocol::native::Wants;
 use crate::protocol::{echo::Echo, Native};
-use crate::token::TokenError;
 use crate::ws;
 
 impl Gateway {

@@ -21,11 +21,10 @@
 //! Layout: [`worker`] (a shard: connection table with users and topics, fan-out, heartbeat sweep),
 //! [`connection`] (one client's task: its queue, reads, writes, close), [`handshake`] (the
 //! WebSocket upgrade with its token, with and without the HTTP stack), [`presence`] (heartbeats
-//! and answers to publishers' questions), [`routes`] (the page, `/healthz`, `/metrics`),
-//! [`format`] (what `format=json` connections receive).
+//! and answers to publishers' questions), [`routes`] (the page, `/healthz`, `/metrics`). What
+//! clients are sent and what their messages do is their protocol's ([`crate::protocol`]).
 
 mod connection;
-mod format;
 mod handshake;
 mod presence;
 mod routes;
@@ -44,8 +43,8 @@ pub use worker::{bench_worker, Conn, Worker};
 
 use crate::broker::{Broker, BrokerError};
 use crate::metrics::GLOBAL;
-use crate::push::{Audience, BROADCAST};
-use crate::token::Identity;
+use crate::protocol::native::push::BROADCAST;
+use crate::protocol::native::Wants;
 use crate::ws::close;
 
 /// Settings of a gateway node.
@@ -74,7 +73,7 @@ pub struct GatewayConfig {
     /// Browser origins allowed to connect; empty allows all.
     pub allowed_origins: Vec<String>,
     /// How connection tokens (`?token=JWT`) are checked, and whether one is required.
-    pub tokens: crate::token::TokenPolicy,
+    pub tokens: crate::protocol::native::token::TokenPolicy,
     /// The gateway's presence lease: it sends a heartbeat every third of it, and counts as gone
     /// (its connections out of every count) once a whole lease passes without one.
     pub lease: Duration,
@@ -105,7 +104,7 @@ impl Default for GatewayConfig {
             write_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(25),
             allowed_origins: Vec::new(),
-            tokens: crate::token::TokenPolicy::default(),
+            tokens: crate::protocol::native::token::TokenPolicy::default(),
             lease: Duration::from_secs(15),
             subscription_buffer: crate::broker::SUBSCRIPTION_CAPACITY,
             compression: None,
@@ -148,7 +147,9 @@ impl Gateway {
         }
         let node_id = match &cfg.node_id {
             None => crate::io::random_hex(6),
-            Some(id) if !crate::push::valid_node_id(id) => return Err(GatewayError::BadNodeId(id.clone())),
+            Some(id) if !crate::protocol::native::push::valid_node_id(id) => {
+                return Err(GatewayError::BadNodeId(id.clone()))
+            }
             Some(id) => format!("{id}.{}", start_epoch()),
         };
         let mut workers = Vec::new();
@@ -238,95 +239,6 @@ fn start_epoch() -> String {
         ms /= 36;
     }
     digits.iter().rev().map(|&d| d as char).collect()
-}
-
-/// What a connection asks for beyond the seed's plain URL: who it is (`token`), JSON messages
-/// (`format=json`), and what to recover (`recover=C:E:N,...`). Boxed, and absent for a seed client.
-#[derive(Debug, Default, PartialEq)]
-pub struct Wants {
-    pub who: Identity,
-    pub json: bool,
-    pub recover: Vec<Recover>,
-}
-
-/// One channel to recover: the client saw offset `offset` of epoch `epoch` last.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Recover {
-    pub channel: String,
-    pub epoch: String,
-    pub offset: u64,
-}
-
-/// Most channels one `recover=` may name (a connection is in `broadcast`, its user's channel and
-/// at most 256 topics).
-pub const MAX_RECOVER: usize = 258;
-
-impl Wants {
-    /// Read `format` and `recover` from a connection's `query` for a connection of `who`; other
-    /// parameters are the application's (the seed's clients may add their own). An event stream's
-    /// `last_event_id` (a position `C:E:N` of a JSON stream) recovers C from there; one that is
-    /// not such a position is ignored, so that `EventSource` never stops reconnecting over it.
-    pub fn parse(query: Option<&str>, who: Identity, last_event_id: Option<&str>) -> Result<Wants, String> {
-        let mut w = Wants { who, ..Wants::default() };
-        let mut recover = None;
-        for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-            match &*k {
-                "format" => match &*v {
-                    "json" => w.json = true,
-                    "text" => {}
-                    other => return Err(format!("format={other:?}: use json (or text, the default)")),
-                },
-                "recover" if recover.is_some() => return Err("parameter \"recover\" given twice".into()),
-                "recover" => recover = Some(v.into_owned()),
-                _ => {}
-            }
-        }
-        if let Some(recover) = recover {
-            if !w.json {
-                return Err("recover= needs format=json (the client is told what was recovered)".into());
-            }
-            for item in recover.split(',').filter(|i| !i.is_empty()) {
-                let r = w.position(item)?;
-                if w.recover.iter().any(|x| x.channel == r.channel) {
-                    return Err(format!("recover names {:?} twice", r.channel));
-                }
-                w.recover.push(r);
-                if w.recover.len() > MAX_RECOVER {
-                    return Err(format!("recover names more than {MAX_RECOVER} channels"));
-                }
-            }
-        }
-        if let Some(r) = last_event_id.filter(|_| w.json).and_then(|id| w.position(id).ok()) {
-            w.recover.retain(|x| x.channel != r.channel);
-            w.recover.push(r);
-        }
-        Ok(w)
-    }
-
-    /// A position `CHANNEL:EPOCH:OFFSET` on a channel of this connection.
-    fn position(&self, item: &str) -> Result<Recover, String> {
-        let mut parts = item.rsplitn(3, ':');
-        let (Some(n), Some(epoch), Some(channel)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(format!("recover item {item:?} is not CHANNEL:EPOCH:OFFSET"));
-        };
-        let offset = n.parse().map_err(|_| format!("recover item {item:?}: offset {n:?} is not a number"))?;
-        if epoch.is_empty() || epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(format!("recover item {item:?}: epoch {epoch:?} is not one this server hands out"));
-        }
-        let member = match Audience::of(channel) {
-            Some(Audience::All) => true,
-            Some(Audience::User(u)) => self.who.uid.as_deref() == Some(u),
-            Some(Audience::Topic(t)) => self.who.channels.iter().any(|c| c == t),
-            None => false,
-        };
-        if !member {
-            return Err(format!(
-                "recover names {channel:?}, not a channel of this connection (broadcast, user:UID of its token, \
-                 topic:T of its token's channels)"
-            ));
-        }
-        Ok(Recover { channel: channel.to_owned(), epoch: epoch.to_owned(), offset })
-    }
 }
 
 /// One of the gateway's `--max-connections` slots, held for a connection's life.

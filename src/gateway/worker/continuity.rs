@@ -40,11 +40,11 @@ pub(super) const MAX_RECOVERED: usize = 10_000;
 impl Table {
     /// Where `m` (at `p`) stands against what this worker delivered on its channel.
     pub(super) fn check(&mut self, m: &Message, p: &Position) -> Check {
-        let held_here = match std::str::from_utf8(&m.channel).ok().and_then(target) {
-            Some(Target::All) => true,
-            Some(Target::User(u)) => self.users.contains_key(u),
-            Some(Target::Topic(t)) => self.topics.contains_key(t),
-            _ => false,
+        let held_here = match std::str::from_utf8(&m.channel).ok().and_then(Audience::of) {
+            Some(Audience::All) => true,
+            Some(Audience::User(u)) => self.users.contains_key(u),
+            Some(Audience::Topic(t)) => self.topics.contains_key(t),
+            None => false,
         };
         if !held_here {
             return Check::Deliver;
@@ -136,11 +136,11 @@ impl Worker {
 
     /// Tell the JSON connections of `channel` whether what they missed could be delivered.
     pub(super) fn notify(&self, channel: &str, ok: bool) {
-        let Some(to) = target(channel) else { return };
-        let text = format::recovered(channel, ok);
+        let Some(to) = Audience::of(channel).map(Target::Members) else { return };
+        let text = json::recovered(channel, ok);
         let t = self.table();
         each_member(&t.conns, &t.users, &t.topics, to, |_, c| {
-            if c.json {
+            if c.encoding == Encoding::NativeJson {
                 let _ = c.offer(&c.encode(&text), self.max_frames, self.max_bytes, false);
             }
         });

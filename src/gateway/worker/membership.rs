@@ -147,10 +147,10 @@ pub(super) fn each_member(
     mut f: impl FnMut(u64, &Arc<Conn>),
 ) {
     let ids = match to {
-        Target::All => return conns.iter().for_each(|(id, c)| f(*id, c)),
+        Target::Members(Audience::All) => return conns.iter().for_each(|(id, c)| f(*id, c)),
         Target::Conn(id) => return conns.get(&id).into_iter().for_each(|c| f(id, c)),
-        Target::User(u) => users.get(u),
-        Target::Topic(t) => topics.get(t),
+        Target::Members(Audience::User(u)) => users.get(u),
+        Target::Members(Audience::Topic(t)) => topics.get(t),
     };
     for id in ids.into_iter().flatten() {
         if let Some(c) = conns.get(id) {
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn binds_and_joins_edit_the_indexes_and_say_what_to_join() {
         let mut t = Table::default();
-        t.conns.insert(1, Arc::new(Conn::new(0, false, false, false)));
+        t.conns.insert(1, Arc::new(Conn::new(0, false, Encoding::Raw, false)));
         assert!(matches!(t.bind(2, Some("x")), Err(Refusal::NoConnection)));
         assert_eq!(t.bind(1, Some("x")).ok(), Some((Some(user_channel("x")), None)));
         assert_eq!(t.bind(1, Some("x")).ok(), Some((None, None)), "already x");

@@ -35,13 +35,13 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use tokio::sync::{mpsc, Notify};
 
-use super::format;
-use super::Wants;
 use crate::broker::{Broker, Message, Position, SubId, Subscription};
 use crate::cluster::{Answer, Change, Envelope, Request, DUMP_PAGE};
 use crate::history::{self, Page};
 use crate::metrics::GLOBAL;
-use crate::push::{topic_channel, user_channel, Audience, Push};
+use crate::protocol::native::push::{topic_channel, user_channel, Audience, Push};
+use crate::protocol::native::{json, Wants};
+use crate::protocol::Encoding;
 use crate::ws::{self, close};
 
 /// Warnings about events that cannot be decoded: at most one line per interval.
@@ -93,12 +93,11 @@ impl Pace {
     }
 }
 
-/// Whom a push is for.
+/// Whom a push is for: the members of a channel, or one connection (a push on a worker's own
+/// channel).
 enum Target<'a> {
-    All,
+    Members(Audience<'a>),
     Conn(u64),
-    User(&'a str),
-    Topic(&'a str),
 }
 
 /// One worker shard: its id, its connections, its connection counter, its broker subscription.
@@ -204,9 +203,9 @@ impl Worker {
 
     /// Add a connection who is `who`; once this returns, pushes to its user and topics reach it
     /// (the broker confirmed the subscriptions, or is down and renews them when it is back).
-    pub(super) async fn add(self: &Arc<Self>, wants: Wants, sse: bool, deflate: bool) -> (u64, Arc<Conn>) {
-        let id = self.next_id();
-        let conn = Arc::new(Conn::new(self.now(), sse, wants.json, deflate));
+    pub(super) async fn add(self: &Arc<Self>, id: u64, wants: Wants, sse: bool, deflate: bool) -> Arc<Conn> {
+        let encoding = if wants.json { Encoding::NativeJson } else { Encoding::Raw };
+        let conn = Arc::new(Conn::new(self.now(), sse, encoding, deflate));
         let Wants { who, recover, .. } = wants;
         let channels = broker_channels(who.uid.as_deref(), &who.channels);
         let uid: Option<Arc<str>> = who.uid.map(Into::into);
@@ -247,7 +246,7 @@ impl Worker {
                 }
             });
         }
-        (id, conn)
+        conn
     }
 
     /// Carry out a change to one of this worker's connections, asked for by a publisher.
@@ -406,7 +405,7 @@ impl Worker {
                             // but never silent.
                             if p.offset > last + 1 {
                                 let _ = c.offer(
-                                    &c.encode(&format::recovered(frames.channel, false)),
+                                    &c.encode(&json::recovered(frames.channel, false)),
                                     max_frames,
                                     max_bytes,
                                     false,
@@ -457,8 +456,8 @@ impl Worker {
         };
         let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
         let frames = Frames::new(channel, m.position.as_ref(), &push.content, self.compresses(&push.content));
-        if let Some(to) = target(channel) {
-            self.send(&frames, to, &push.exclude_uid);
+        if let Some(to) = Audience::of(channel) {
+            self.send(&frames, Target::Members(to), &push.exclude_uid);
             return;
         }
         let target = push.to_connection_id.as_deref().and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok());
@@ -502,26 +501,17 @@ impl Worker {
     }
 
     /// The next connection id (from 1, never reused while the worker lives).
-    fn next_id(&self) -> u64 {
+    pub(super) fn next_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Add a connection that gets no pushes (of a protocol that is not pushed to).
     pub(super) fn add_unlisted(&self, deflate: bool) -> (u64, Arc<Conn>) {
         let id = self.next_id();
-        let conn = Arc::new(Conn::new(self.now(), false, false, deflate));
+        let conn = Arc::new(Conn::new(self.now(), false, Encoding::Raw, deflate));
         self.table().unlisted.insert(id, conn.clone());
         (id, conn)
     }
-}
-
-/// Whom a push on `channel` is for, unless it is a worker's own channel.
-fn target(channel: &str) -> Option<Target<'_>> {
-    Some(match Audience::of(channel)? {
-        Audience::All => Target::All,
-        Audience::User(u) => Target::User(u),
-        Audience::Topic(t) => Target::Topic(t),
-    })
 }
 
 /// For benchmarks: a worker with `n` in-memory connections (no sockets); empty their queues with
@@ -531,7 +521,7 @@ pub fn bench_worker(n: usize, queue: usize) -> (Arc<Worker>, Vec<Arc<Conn>>) {
     let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
     let w = Arc::new(Worker::new("bench-0".into(), (queue, usize::MAX), None, broker, 0).0);
     let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-    let conns = (0..n).map(|_| rt.block_on(w.add(Wants::default(), false, false)).1).collect();
+    let conns = (0..n).map(|_| rt.block_on(w.add(w.next_id(), Wants::default(), false, false))).collect();
     (w, conns)
 }
 

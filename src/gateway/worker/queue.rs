@@ -13,22 +13,26 @@ pub struct Conn {
     pub(in crate::gateway) last_seen: AtomicU64,
     /// A Server-Sent Events stream rather than a WebSocket: it gets events, not frames.
     pub(in crate::gateway) sse: bool,
-    /// `format=json`: messages as JSON objects with their channel and position.
-    pub(in crate::gateway) json: bool,
+    /// How pushes are encoded for it (its protocol's, and the options it chose).
+    pub(in crate::gateway) encoding: Encoding,
     /// permessage-deflate was negotiated: pushes of at least the gateway's minimum size go
     /// compressed.
     pub(in crate::gateway) deflate: bool,
 }
 
-/// One push as each kind of connection gets it (WebSocket or SSE, raw or JSON), each encoded on
-/// first use (once per message per worker), then shared by every connection of that kind.
+/// Kinds of connection a push may be encoded for: each encoding, transport and compression.
+pub(super) const KINDS: usize = Encoding::COUNT * 4;
+
+/// One push as each kind of connection gets it (each [`Encoding`], WebSocket or SSE, compressed or
+/// not), each encoded on first use (once per message per worker), then shared by every
+/// connection of that kind.
 pub(in crate::gateway) struct Frames<'a> {
     pub(super) channel: &'a str,
     pub(super) position: Option<&'a Position>,
     content: &'a [u8],
     /// Compress for connections that negotiated it (the push is at least the minimum size).
     compress: bool,
-    encoded: [std::cell::OnceCell<Bytes>; 8],
+    encoded: [std::cell::OnceCell<Bytes>; KINDS],
 }
 
 impl<'a> Frames<'a> {
@@ -44,7 +48,7 @@ impl<'a> Frames<'a> {
     #[inline]
     pub(super) fn for_conn(&self, c: &Conn) -> &Bytes {
         let compress = self.compress && c.deflate;
-        self.encoded[c.sse as usize * 4 + c.json as usize * 2 + compress as usize]
+        self.encoded[c.kind(compress)]
             .get_or_init(|| c.encode_push(self.channel, self.position, self.content, compress))
     }
 }
@@ -77,11 +81,18 @@ pub(super) enum Offer {
 }
 
 impl Conn {
-    /// A connection last heard from at `now` (the worker's clock), of a transport (`sse`), a
-    /// message format (`json`), compressed or not (`deflate`), with nothing queued.
-    pub(super) fn new(now: u64, sse: bool, json: bool, deflate: bool) -> Conn {
+    /// A connection last heard from at `now` (the worker's clock), of a transport (`sse`), an
+    /// encoding, compressed or not (`deflate`), with nothing queued.
+    pub(super) fn new(now: u64, sse: bool, encoding: Encoding, deflate: bool) -> Conn {
         let (wake, close_code, last_seen) = (Notify::new(), AtomicU16::new(0), AtomicU64::new(now));
-        Conn { queue: Mutex::default(), wake, close_code, last_seen, sse, json, deflate }
+        Conn { queue: Mutex::default(), wake, close_code, last_seen, sse, encoding, deflate }
+    }
+
+    /// Which kind of connection this is for a push compressed or not (`compress`): a place in
+    /// [`Frames`], below [`KINDS`].
+    #[inline]
+    pub(super) fn kind(&self, compress: bool) -> usize {
+        self.encoding as usize * 4 + self.sse as usize * 2 + compress as usize
     }
 
     /// `text` as one frame (or event) of this connection's transport.
@@ -105,9 +116,8 @@ impl Conn {
         }
     }
 
-    /// A push on `channel` (at `position`) as this connection gets it: raw, or JSON, compressed
-    /// when `compress`; a JSON event stream's event has the position as its id, so that
-    /// `EventSource` resumes from it.
+    /// A push on `channel` (at `position`) as this connection gets it, in its encoding,
+    /// compressed when `compress`; on an event stream with the id the encoding gives it.
     pub(super) fn encode_push(
         &self,
         channel: &str,
@@ -115,12 +125,9 @@ impl Conn {
         content: &[u8],
         compress: bool,
     ) -> Bytes {
-        if !self.json {
-            return self.encode_compressed(content, compress);
-        }
-        let text = format::push(channel, position, content);
-        match (self.sse, position) {
-            (true, Some(p)) => crate::sse::event_with_id(&text, Some(&format!("{channel}:{}:{}", p.epoch, p.offset))),
+        let (text, id) = self.encoding.push(channel, position, content);
+        match (self.sse, id) {
+            (true, Some(id)) => crate::sse::event_with_id(&text, Some(&id)),
             _ => self.encode_compressed(&text, compress),
         }
     }
@@ -262,7 +269,7 @@ mod tests {
     async fn connection() -> (Arc<Conn>, tokio::net::TcpStream) {
         let broker = Arc::new(crate::broker::memory::MemoryBroker::new(Arc::default(), ""));
         let w = Arc::new(Worker::new("test-0".into(), (1024, usize::MAX), None, broker, 0).0);
-        let (_, conn) = w.add(Wants::default(), false, false).await;
+        let conn = w.add(w.next_id(), Wants::default(), false, false).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let peer = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
         conn.attach(Arc::new(listener.accept().await.expect("accept").0));

@@ -26,7 +26,7 @@ pub(super) const MAX_HISTORY_FRAME_BYTES: usize = 32 << 20;
 /// Encoded history frames by (channel, epoch), then by (offset, kind of connection).
 #[derive(Default)]
 pub(super) struct HistoryFrames {
-    pub(super) frames: HashMap<(String, String), HashMap<(u64, u8), Bytes>>,
+    pub(super) frames: HashMap<(String, String), HashMap<(u64, usize), Bytes>>,
     pub(super) bytes: usize,
 }
 
@@ -40,7 +40,7 @@ impl Worker {
         &self,
         id: u64,
         conn: &Arc<Conn>,
-        r: &crate::gateway::Recover,
+        r: &crate::protocol::native::Recover,
         uid: Option<&str>,
         items: Option<Vec<(u64, Bytes)>>,
     ) -> bool {
@@ -64,7 +64,7 @@ impl Worker {
             }
             None => {
                 GLOBAL.recoveries_failed.fetch_add(1, Ordering::Relaxed);
-                if !self.feed(id, conn, &conn.encode(&format::recovered(&r.channel, false))) {
+                if !self.feed(id, conn, &conn.encode(&json::recovered(&r.channel, false))) {
                     return false;
                 }
             }
@@ -96,7 +96,7 @@ impl Worker {
                 continue;
             }
             if ok {
-                let _ = conn.offer(&conn.encode(&format::recovered(&r.channel, true)), usize::MAX, usize::MAX, false);
+                let _ = conn.offer(&conn.encode(&json::recovered(&r.channel, true)), usize::MAX, usize::MAX, false);
             }
             // Live messages up to `has` that are still on their way to the worker (the history
             // had them first) are dropped for the client until the worker is past them.
@@ -179,7 +179,7 @@ impl Worker {
                 continue;
             }
             let compress = self.compresses(&push.content) && conn.deflate;
-            let kind = conn.sse as u8 * 4 + conn.json as u8 * 2 + compress as u8;
+            let kind = conn.kind(compress);
             let frame = of_range.entry((*offset, kind)).or_insert_with(|| {
                 let p = Position { offset: *offset, epoch: epoch.clone() };
                 let f = conn.encode_push(channel, Some(&p), &push.content, compress);
@@ -265,8 +265,9 @@ mod tests {
     }
 
     fn recovering(w: &Worker, epoch: &str, offset: u64, uid: Option<&str>) -> Wants {
-        let recover = vec![crate::gateway::Recover { channel: "broadcast".into(), epoch: epoch.into(), offset }];
-        let who = crate::token::Identity { uid: uid.map(Into::into), channels: Vec::new() };
+        let recover =
+            vec![crate::protocol::native::Recover { channel: "broadcast".into(), epoch: epoch.into(), offset }];
+        let who = crate::protocol::native::token::Identity { uid: uid.map(Into::into), channels: Vec::new() };
         assert!(w.table().recovering.is_empty());
         Wants { who, json: true, recover }
     }
@@ -284,7 +285,7 @@ mod tests {
         }
         // A client that saw 3 comes back; 9 and 10 come live before its history is read (held),
         // and the history has them too: each is delivered once, after 4..8.
-        let (_, conn) = w.add(recovering(&w, &epoch, 3, None), false, false).await;
+        let conn = w.add(w.next_id(), recovering(&w, &epoch, 3, None), false, false).await;
         for i in 9..=10 {
             let m = published(&broker, "broadcast", &format!("m{i}"), &[]).await;
             w.receive(m);
@@ -298,7 +299,7 @@ mod tests {
         // The history is ahead of the worker (12 and 13 are still on their way to it): they are
         // recovered, then dropped for this client when they arrive live, and only then does the
         // recovery end.
-        let (_, late) = w.add(recovering(&w, &epoch, 11, Some("bob")), false, false).await;
+        let late = w.add(w.next_id(), recovering(&w, &epoch, 11, Some("bob")), false, false).await;
         let ahead =
             [published(&broker, "broadcast", "m12", &[]).await, published(&broker, "broadcast", "m13", &["bob"]).await];
         let (got, _) = offsets(&until_recovered(&late).await);
@@ -323,7 +324,7 @@ mod tests {
         for i in 2..=90 {
             w.receive(published(&broker, "broadcast", &format!("m{i}"), &[]).await);
         }
-        let (_, conn) = w.add(recovering(&w, &epoch, 1, None), false, false).await;
+        let conn = w.add(w.next_id(), recovering(&w, &epoch, 1, None), false, false).await;
         let mut got = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !got.iter().any(|m: &serde_json::Value| m.get("recovered").is_some()) {

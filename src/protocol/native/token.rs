@@ -2,7 +2,7 @@
 //! (`sub`, the user id) and which topics it joins at once (`channels`). HS256 with a shared secret,
 //! or RS256 / ES256 with a public key; `exp` and `nbf` are honoured when present, with no leeway
 //! beyond [`LEEWAY`]. With a longest lifetime set (`--token-max-age`), a token must have `exp`, no
-//! further than that from now. Names are checked like every user and topic name ([`crate::push::valid_name`]).
+//! further than that from now. Names are checked like every user and topic name ([`crate::protocol::native::push::valid_name`]).
 
 use std::time::Duration;
 
@@ -123,13 +123,13 @@ impl Verifier {
             }
         }
         if let Some(uid) = &sub {
-            crate::push::check_name("sub", uid).map_err(TokenError::BadClaim)?;
+            crate::protocol::native::push::check_name("sub", uid).map_err(TokenError::BadClaim)?;
         }
         if channels.len() > MAX_TOKEN_CHANNELS {
             return Err(TokenError::BadClaim(format!("channels names more than {MAX_TOKEN_CHANNELS} topics")));
         }
         for c in &channels {
-            crate::push::check_name("channels", c).map_err(TokenError::BadClaim)?;
+            crate::protocol::native::push::check_name("channels", c).map_err(TokenError::BadClaim)?;
         }
         let mut channels = channels;
         channels.sort();
