@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, Message};
+use crate::io::lock;
 
 /// The start of the names of the channels nodes use among themselves (never pushes to clients).
 pub const INTERNAL: &str = "pushwire:";
@@ -318,10 +319,6 @@ impl Drop for Forget<'_> {
     fn drop(&mut self) {
         lock(self.0).remove(&self.1);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

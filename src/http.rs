@@ -57,6 +57,26 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
+/// `/healthz` of a node whose work needs its broker: 200 while the link is up, 503 otherwise.
+pub fn health(broker_up: bool) -> Reply {
+    match broker_up {
+        true => text(StatusCode::OK, "ok\n"),
+        false => text(StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n"),
+    }
+}
+
+/// `/metrics` of a node on a broker (`(connected, reconnects)`), serving `tls` if any: the
+/// process's counters, the link's state, the certificate's expiry and the node's own `gauges`.
+pub fn metrics(broker: (bool, u64), tls: Option<&crate::tls::Tls>, gauges: &[(&str, &str, u64)]) -> Reply {
+    let mut all = gauges.to_vec();
+    all.extend([
+        ("broker_connected", "1 when the broker link is up", broker.0 as u64),
+        ("broker_reconnects", "broker link re-establishments", broker.1),
+        crate::tls::expiry_metric(tls),
+    ]);
+    reply(StatusCode::OK, "text/plain; version=0.0.4", crate::metrics::render(&all))
+}
+
 /// What a response body may be: whole ([`Reply`]) or [`Streamed`], or either of them.
 pub trait Body:
     hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
@@ -76,7 +96,7 @@ impl Slot {
     /// Stop counting the connection of `req` towards the cap.
     pub fn release<T>(req: &Request<T>) {
         if let Some(Slot(s)) = req.extensions().get::<Slot>() {
-            s.lock().unwrap_or_else(|e| e.into_inner()).take();
+            crate::io::lock(s).take();
         }
     }
 }

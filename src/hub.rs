@@ -211,7 +211,7 @@ impl Hub {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug; the state is still consistent enough to
         // keep serving, so recover the guard rather than take the whole server down.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::io::lock(&self.state)
     }
 
     /// Register a client; its messages go to `sink`.

@@ -9,6 +9,13 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 
+/// `m` locked; a panic elsewhere while it was held does not make its data unusable here (every
+/// lock of the crate guards data that stays consistent between statements).
+#[inline]
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Most frames handed to the kernel in one vectored write.
 pub const MAX_IOVECS: usize = 64;
 

@@ -19,7 +19,7 @@ impl LogEvery {
 
     /// `Some(n)` when a line may be logged now, `n` being how many were held back since the last.
     pub fn ready(&self) -> Option<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = crate::io::lock(&self.state);
         let now = Instant::now();
         match st.0 {
             Some(last) if now.duration_since(last) < self.interval => {

@@ -182,9 +182,7 @@ impl PublishRequest {
             (Some(w), Some(c)) if w.is_empty() || c.is_empty() => {
                 bad("to_worker_id and to_connection_id must not be empty".into())
             }
-            (Some(w), Some(_)) if !crate::protocol::native::push::is_worker_id(w) => {
-                bad(format!("to_worker_id {w:?} does not name a worker (NODE-N, as in the welcome line)"))
-            }
+            (Some(w), Some(_)) => check_worker(w, false).map(|()| r),
             (Some(_), None) | (None, Some(_)) => bad("to_worker_id and to_connection_id go together".into()),
             _ => Ok(r),
         }
@@ -247,17 +245,11 @@ impl Publisher {
                 h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
                 r
             }
-            (&Method::GET, "/healthz") => match self.broker.is_connected() {
-                true => reply(StatusCode::OK, "ok\n"),
-                false => reply(StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n"),
-            },
-            (&Method::GET, "/metrics") => reply(
-                StatusCode::OK,
-                crate::metrics::render(&[
-                    ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
-                    ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
-                    crate::tls::expiry_metric(self.cfg.tls.as_deref()),
-                ]),
+            (&Method::GET, "/healthz") => crate::http::health(self.broker.is_connected()),
+            (&Method::GET, "/metrics") => crate::http::metrics(
+                (self.broker.is_connected(), self.broker.reconnects()),
+                self.cfg.tls.as_deref(),
+                &[],
             ),
             (&Method::GET | &Method::POST, "/") => {
                 let json = wants_json(&req);
@@ -496,11 +488,7 @@ impl Publisher {
             }
             _ => {
                 let (w, c) = (field("to_worker_id")?, field("to_connection_id")?);
-                if !crate::protocol::native::push::is_worker_id(w) || !w.contains('-') {
-                    return Err(PublishError::BadRequest(format!(
-                        "to_worker_id {w:?} does not name a pushwire worker (NODE-N, as in the welcome line)"
-                    )));
-                }
+                check_worker(w, true)?;
                 let conn = c.trim().parse::<u64>().map_err(|_| {
                     PublishError::BadRequest(format!("to_connection_id {c:?} is not a connection number"))
                 })?;
@@ -543,6 +531,18 @@ pub const MAX_BODY_BEFORE_KEY: usize = 4096;
 fn form_key(form: &[u8], whole: bool) -> Option<String> {
     let end = if whole { form.len() } else { form.iter().rposition(|&b| b == b'&')? };
     form_urlencoded::parse(&form[..end]).find(|(k, _)| k == "key").map(|(_, v)| v.into_owned())
+}
+
+/// Whether `to_worker_id` names a worker: a pushwire worker (`NODE-N`, as in the welcome line),
+/// or, unless `pushwire` (a request only pushwire's workers answer), a PHP worker's number.
+fn check_worker(w: &str, pushwire: bool) -> Result<(), PublishError> {
+    let kind = if pushwire { "pushwire worker" } else { "worker" };
+    match crate::protocol::native::push::is_worker_id(w) && (!pushwire || w.contains('-')) {
+        true => Ok(()),
+        false => Err(PublishError::BadRequest(format!(
+            "to_worker_id {w:?} does not name a {kind} (NODE-N, as in the welcome line)"
+        ))),
+    }
 }
 
 /// Read a form of `wanted` fields (plus `key`), each at most once.

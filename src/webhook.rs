@@ -94,7 +94,7 @@ impl Webhooks {
 
     /// Queue `e`; the oldest queued event makes room when the queue is full.
     pub fn send(&self, e: Event) {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = crate::io::lock(&self.queue);
         if q.len() >= QUEUE {
             q.pop_front();
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -109,7 +109,7 @@ impl Webhooks {
 async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, secret: Option<String>) {
     loop {
         let batch: Vec<Event> = {
-            let mut q = h.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = crate::io::lock(&h.queue);
             let n = q.len().min(MAX_BATCH);
             q.drain(..n).collect()
         };

@@ -177,7 +177,7 @@ impl JetStream {
         }
         let subject = format!("{}{name}", self.store);
         let turn = {
-            let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut turns = crate::io::lock(&self.turns);
             if turns.len() >= MAX_REMEMBERED {
                 turns.retain(|_, t| std::sync::Arc::strong_count(t) > 1);
             }
@@ -191,7 +191,7 @@ impl JetStream {
                 let most = Duration::from_micros(500) * attempt.min(20);
                 tokio::time::sleep(most.mul_f64(f64::from(r[0]) / 255.0)).await;
             }
-            let cached = self.last.lock().unwrap_or_else(|e| e.into_inner()).get(&subject).cloned();
+            let cached = crate::io::lock(&self.last).get(&subject).cloned();
             let last = match cached {
                 Some(l) => l,
                 None => self.read_last(&subject).await?,
@@ -207,7 +207,7 @@ impl JetStream {
                 Err(e) => Err(e),
             };
             let lost_stream = {
-                let mut remembered = self.last.lock().unwrap_or_else(|e| e.into_inner());
+                let mut remembered = crate::io::lock(&self.last);
                 match acked {
                     Ok(ack) => {
                         if remembered.len() >= MAX_REMEMBERED {

@@ -149,7 +149,7 @@ impl<C: Client> Broker for Managed<C> {
             if !self.is_connected() {
                 return Err(BrokerError::Unavailable(self.name.clone()));
             }
-            let hold = *self.state.hold_until.lock().unwrap_or_else(|e| e.into_inner());
+            let hold = *crate::io::lock(&self.state.hold_until);
             if let Some(until) = hold {
                 tokio::time::sleep_until(until).await;
             }
@@ -342,7 +342,7 @@ impl<C: Client> Task<C> {
         if self.ever_up {
             self.state.reconnects.fetch_add(1, Ordering::Relaxed);
             let until = Instant::now() + self.cfg.settle;
-            *self.state.hold_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+            *crate::io::lock(&self.state.hold_until) = Some(until);
         }
         self.ever_up = true;
         self.state.up.store(true, Ordering::Release);

@@ -71,7 +71,7 @@ impl Broker for MemoryBroker {
     }
 
     fn join(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
-        let mut joins = self.joins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut joins = crate::io::lock(&self.joins);
         let mut new = Vec::new();
         for c in channels {
             let name = self.name(&c);
@@ -90,7 +90,7 @@ impl Broker for MemoryBroker {
     }
 
     fn leave(&self, id: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()> {
-        let mut joins = self.joins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut joins = crate::io::lock(&self.joins);
         let mut gone = Vec::new();
         for c in channels {
             // Counted also before its join (below zero), which then holds nothing.

@@ -31,6 +31,7 @@ use super::jetstream::{self, JetStream};
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
 use super::{Keep, LinkConfig, Message, Page, Position};
 use crate::history::HistoryConfig;
+use crate::io::lock;
 
 /// How much later than publishers a subscriber leaves a server in lame-duck mode.
 pub const LAME_DUCK_SUBSCRIBER_DELAY: Duration = Duration::from_millis(1500);
@@ -190,7 +191,7 @@ pub async fn open(
     tokio::spawn(async move {
         while let Some(m) = markers.next().await {
             let n = std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse::<u64>().ok());
-            if let Some(done) = n.and_then(|n| locked(&w).remove(&n)) {
+            if let Some(done) = n.and_then(|n| lock(&w).remove(&n)) {
                 let _ = done.send(());
             }
         }
@@ -249,7 +250,7 @@ impl Nats {
     async fn round_trip(&self) -> Result<(), String> {
         let n = self.next_marker.fetch_add(1, Ordering::Relaxed);
         let (done, wait) = oneshot::channel();
-        locked(&self.waiting).insert(n, done);
+        lock(&self.waiting).insert(n, done);
         // Forget the marker however this ends, a caller's timeout included: the map stays bounded.
         let _forget = Forget(&self.waiting, n);
         self.client.publish(self.inbox.clone(), Bytes::from(n.to_string())).await.map_err(|e| e.to_string())?;
@@ -257,17 +258,12 @@ impl Nats {
     }
 }
 
-/// `m` locked; a panic elsewhere while it was held does not make its data unusable here.
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Removes a marker from the waiting map when dropped.
 struct Forget<'a>(&'a Mutex<HashMap<u64, oneshot::Sender<()>>>, u64);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        locked(self.0).remove(&self.1);
+        lock(self.0).remove(&self.1);
     }
 }
 
@@ -296,7 +292,7 @@ impl Client for Nats {
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
         Box::pin(async move {
             for c in channels {
-                if locked(&self.subs).contains_key(&c) {
+                if lock(&self.subs).contains_key(&c) {
                     continue; // async-nats renews its subscriptions after a reconnection
                 }
                 let mut sub = self.client.subscribe(self.subject(&c)).await.map_err(|e| e.to_string())?;
@@ -311,7 +307,7 @@ impl Client for Nats {
                         }
                     }
                 });
-                locked(&self.subs).insert(c, forward);
+                lock(&self.subs).insert(c, forward);
             }
             // The server has the subscriptions once a marker sent after them comes back.
             self.round_trip().await
@@ -319,7 +315,7 @@ impl Client for Nats {
     }
 
     fn unsubscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
-        let mut subs = locked(&self.subs);
+        let mut subs = lock(&self.subs);
         for c in channels {
             // Dropping the subscriber (with its task) unsubscribes on the server.
             if let Some(task) = subs.remove(&c) {

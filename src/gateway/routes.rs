@@ -42,17 +42,18 @@ impl Gateway {
         match (req.method(), req.uri().path(), upgrade) {
             (&Method::GET, _, true) => self.upgrade(req),
             (&Method::GET, "/", false) => text(StatusCode::OK, "text/html; charset=utf-8", crate::page::INDEX),
-            (&Method::GET, "/healthz", _) => self.health(),
+            (&Method::GET, "/healthz", _) => crate::http::health(self.broker.is_connected()),
             (&Method::GET, "/metrics", _) => {
                 let workers: u64 = self.workers.iter().map(|w| w.connections() as u64).sum();
-                let body = crate::metrics::render(&[
-                    ("ws_connections", "open WebSocket connections", self.connections() as u64),
-                    ("ws_registered", "connections in worker tables", workers),
-                    ("broker_connected", "1 when the broker link is up", self.broker.is_connected() as u64),
-                    ("broker_reconnects", "broker link re-establishments", self.broker.reconnects()),
-                    crate::tls::expiry_metric(self.cfg.tls.as_deref()),
-                ]);
-                text(StatusCode::OK, "text/plain; version=0.0.4", body)
+                let broker = (self.broker.is_connected(), self.broker.reconnects());
+                crate::http::metrics(
+                    broker,
+                    self.cfg.tls.as_deref(),
+                    &[
+                        ("ws_connections", "open WebSocket connections", self.connections() as u64),
+                        ("ws_registered", "connections in worker tables", workers),
+                    ],
+                )
             }
             (&Method::GET, _, false) => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
             _ => {
@@ -83,13 +84,5 @@ impl Gateway {
             }
         }
         r
-    }
-
-    fn health(&self) -> Response<Full<Bytes>> {
-        if self.broker.is_connected() {
-            text(StatusCode::OK, "text/plain", "ok\n")
-        } else {
-            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "broker unreachable\n")
-        }
     }
 }

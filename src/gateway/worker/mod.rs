@@ -178,7 +178,7 @@ impl Worker {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        crate::io::lock(&self.table)
     }
 
     /// Whether a message of `content` goes compressed to connections that negotiated compression.

@@ -134,7 +134,7 @@ impl Conn {
 
     #[inline]
     pub(super) fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        crate::io::lock(&self.queue)
     }
 
     /// Queue `frame` without waiting, within `max_frames` and `max_bytes`; with `direct`, leave

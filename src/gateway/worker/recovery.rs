@@ -110,7 +110,7 @@ impl Worker {
             }
             // The last recovery here is done: its frames are not kept for later ones.
             if t.recovering.is_empty() {
-                *self.history_frames.lock().unwrap_or_else(|e| e.into_inner()) = HistoryFrames::default();
+                *crate::io::lock(&self.history_frames) = HistoryFrames::default();
             }
             return true;
         }
@@ -163,7 +163,7 @@ impl Worker {
         items: &[(u64, Bytes)],
         uid: Option<&str>,
     ) -> Vec<Bytes> {
-        let mut cache = self.history_frames.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = crate::io::lock(&self.history_frames);
         if cache.bytes > MAX_HISTORY_FRAME_BYTES {
             *cache = HistoryFrames::default();
         }
