@@ -270,7 +270,7 @@ impl Hub {
                     _ => self.publish_as(&channels, &data, keep).filter(|_| node).map(|p| encode_position(&p)),
                 };
                 if let Some(answer) = answer {
-                    self.answer(id, answer.into());
+                    self.send_to(id, answer.into());
                 }
                 Ok(())
             }
@@ -390,7 +390,7 @@ impl Hub {
     }
 
     /// Send `data` to client `id` alone, as an event on [`POSITIONS`](crate::channel_ext::POSITIONS).
-    fn answer(&self, id: ClientId, data: Bytes) {
+    fn send_to(&self, id: ClientId, data: Bytes) {
         let mut st = self.lock();
         let name = Name::new(POSITIONS);
         let slow = st.clients.get(&id).is_some_and(|c| {

@@ -44,7 +44,7 @@ impl Gateway {
         let origin = h.get(header::ORIGIN).map(HeaderValue::as_bytes);
         let (wants, open) = match self.admit(origin, req.uri().query(), None, !echo) {
             Ok(admitted) => admitted,
-            Err(refusal) => return refusal.answer(),
+            Err(refusal) => return refusal.response(),
         };
         let accept = ws::accept_key(key.as_bytes());
         let deflate = self.deflate(h.get_all("sec-websocket-extensions").iter().filter_map(|v| v.to_str().ok()));
@@ -249,7 +249,7 @@ pub(super) enum Refusal {
 
 impl Refusal {
     /// The HTTP answer (counted as a refused connection).
-    pub(super) fn answer(self) -> Response<Full<Bytes>> {
+    pub(super) fn response(self) -> Response<Full<Bytes>> {
         GLOBAL.ws_connections_refused.fetch_add(1, Ordering::Relaxed);
         match self {
             Refusal::Origin(o) => text(StatusCode::FORBIDDEN, "text/plain", format!("origin {o:?} is not allowed\n")),

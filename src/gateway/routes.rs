@@ -27,7 +27,7 @@ impl Gateway {
             req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let mut r = match (req.method(), req.uri().path(), upgrade) {
             (&Method::GET, crate::sse::PATH, false) => self.events(&req),
-            _ => self.answer(req, upgrade).map(Either::Left),
+            _ => self.respond(req, upgrade).map(Either::Left),
         };
         // No keep-alive here: a browser would send its next request, an EventSource's say, on
         // the pooled connection, where only this HTTP stack listens; a fresh connection reaches
@@ -38,7 +38,7 @@ impl Gateway {
         r
     }
 
-    fn answer(self: &Arc<Self>, req: Request<Incoming>, upgrade: bool) -> Response<Full<Bytes>> {
+    fn respond(self: &Arc<Self>, req: Request<Incoming>, upgrade: bool) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path(), upgrade) {
             (&Method::GET, _, true) => self.upgrade(req),
             (&Method::GET, "/", false) => text(StatusCode::OK, "text/html; charset=utf-8", crate::page::INDEX),
@@ -71,7 +71,7 @@ impl Gateway {
         let last_event_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok());
         let (wants, open) = match self.admit(origin, req.uri().query(), last_event_id, true) {
             Ok(admitted) => admitted,
-            Err(refusal) => return refusal.answer().map(Either::Left),
+            Err(refusal) => return refusal.response().map(Either::Left),
         };
         // Counted as a connection from now on, no longer as an HTTP request (like an upgrade).
         crate::http::Slot::release(req);

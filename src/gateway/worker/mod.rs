@@ -117,7 +117,7 @@ pub struct Worker {
     /// (`None`: compression is off).
     compress_from: Option<usize>,
     /// The worker keeps up (see [`Pace`]): pushes are written to idle connections directly.
-    quiet: AtomicBool,
+    writes_directly: AtomicBool,
     /// History frames encoded for recovering connections, shared by those of the same range.
     history_frames: Mutex<HistoryFrames>,
 }
@@ -133,7 +133,7 @@ impl Worker {
     ) -> (Worker, mpsc::Receiver<Repaired>) {
         let (table, next_conn, epoch) = (Mutex::default(), AtomicU64::new(0), Instant::now());
         let (repairs, done) = mpsc::channel(64);
-        let quiet = AtomicBool::new(true);
+        let writes_directly = AtomicBool::new(true);
         let history_frames = Mutex::default();
         let w = Worker {
             control: crate::cluster::worker_channel(&id),
@@ -147,7 +147,7 @@ impl Worker {
             sub,
             repairs,
             compress_from,
-            quiet,
+            writes_directly,
             history_frames,
         };
         (w, done)
@@ -160,11 +160,11 @@ impl Worker {
         loop {
             tokio::select! {
                 m = sub.recv() => match m {
-                    Some(m) if m.channel == self.control.as_bytes() => self.answer(m.data),
+                    Some(m) if m.channel == self.control.as_bytes() => self.on_request(m.data),
                     Some(m) => {
                         let start = Instant::now();
                         let direct = pace.direct(start, !sub.rx.is_empty());
-                        self.quiet.store(direct, Ordering::Relaxed);
+                        self.writes_directly.store(direct, Ordering::Relaxed);
                         self.receive(m);
                         if direct {
                             pace.took(start.elapsed());
@@ -287,7 +287,7 @@ impl Worker {
     }
 
     /// Answer a publisher's request about one of this worker's connections.
-    pub(super) fn answer(self: &Arc<Self>, data: Bytes) {
+    pub(super) fn on_request(self: &Arc<Self>, data: Bytes) {
         let Some(env) = crate::cluster::decode::<Envelope>(&data) else {
             GLOBAL.bad_broker_messages.fetch_add(1, Ordering::Relaxed);
             return;
@@ -378,7 +378,7 @@ impl Worker {
         let (mut slow, mut direct) = (Vec::new(), Vec::new());
         let mut delivered = 0;
         let (max_frames, max_bytes) = (self.max_frames, self.max_bytes);
-        let quiet = self.quiet.load(Ordering::Relaxed);
+        let writes_directly = self.writes_directly.load(Ordering::Relaxed);
         let offer = |id: u64, c: &Arc<Conn>| {
             let skipped = skip.as_ref().is_some_and(|s| s.contains(&id));
             // A connection recovering this channel gets it after its history (none usually); a
@@ -419,7 +419,7 @@ impl Worker {
                 return;
             }
             let frame = frames.for_conn(c);
-            match c.offer(frame, max_frames, max_bytes, quiet) {
+            match c.offer(frame, max_frames, max_bytes, writes_directly) {
                 Offer::Queued => delivered += 1,
                 Offer::Direct => direct.push((c.clone(), frame.clone())),
                 Offer::Full => slow.push(id),
