@@ -14,6 +14,8 @@
 //! position of each of their publishes, and history pages for requests published to [`HISTORY`](crate::channel_ext::HISTORY);
 //! PHP clients see the seed's frames and nothing else.
 
+mod queues;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -26,6 +28,7 @@ use tokio::sync::mpsc;
 use crate::channel_ext::{decode_history_request, encode_page, encode_position, HISTORY, POSITIONS};
 use crate::history::{History, HistoryConfig, Page, Position, AS_THE_STORE};
 use crate::message::Message;
+use queues::{dispatch, unwatch};
 
 /// Identifies a hub client.
 pub type ClientId = u64;
@@ -430,88 +433,10 @@ impl Hub {
         self.cut_slow(&mut st, slow);
     }
 
-    fn watch(&self, id: ClientId, names: Vec<Name>) -> Result<(), HubError> {
-        let mut st = self.lock();
-        self.check_names(&st, id, &names)?;
-        for n in names {
-            if st.clients.get(&id).is_none_or(|c| c.watching.contains(&n)) {
-                continue;
-            }
-            self.check_queue_room(&st, &n)?;
-            let Some(c) = st.clients.get_mut(&id) else {
-                return Ok(());
-            };
-            c.watching.push(n.clone());
-            st.queues.entry(n.clone()).or_default().watchers.push(id);
-            dispatch(&mut st, &n, &self.stats);
-        }
-        Ok(())
-    }
-
-    fn enqueue(&self, names: &[Name], data: &Bytes) -> Result<(), HubError> {
-        let mut st = self.lock();
-        if let Some(n) = names.iter().find(|n| n.as_bytes().len() > self.limits.max_name_len) {
-            return Err(HubError::NameTooLong(n.as_bytes().len(), self.limits.max_name_len));
-        }
-        for n in names {
-            if st.queued_bytes + data.len() > self.limits.max_queued_bytes {
-                return Err(HubError::QueuesFull(st.queued_bytes));
-            }
-            self.check_queue_room(&st, n)?;
-            let q = st.queues.entry(n.clone()).or_default();
-            if q.items.len() >= self.limits.max_queue_items {
-                return Err(HubError::QueueFull(n.to_string_lossy(), q.items.len()));
-            }
-            q.items.push_back(data.clone());
-            st.queued_bytes += data.len();
-            dispatch(&mut st, n, &self.stats);
-        }
-        Ok(())
-    }
-
-    /// Whether `name` may hold a queue: an existing one, or a new one within `max_queues`.
-    fn check_queue_room(&self, st: &State, name: &Name) -> Result<(), HubError> {
-        if !st.queues.contains_key(name) && st.queues.len() >= self.limits.max_queues {
-            return Err(HubError::TooManyQueues(st.queues.len()));
-        }
-        Ok(())
-    }
-
     fn cut_slow(&self, st: &mut State, slow: Vec<ClientId>) {
         for id in slow {
             tracing::warn!(client = id, "channel client is not reading: queue full, disconnecting (slow consumer)");
             self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-            drop_client(st, id);
-        }
-    }
-}
-
-/// Hand queued items of `queue` to reserved watchers, one item per reservation.
-fn dispatch(st: &mut State, queue: &Name, stats: &HubStats) {
-    loop {
-        let State { queues, clients, queued_bytes, .. } = &mut *st;
-        let Some(q) = queues.get_mut(queue) else {
-            return;
-        };
-        if q.items.is_empty() {
-            return;
-        }
-        let Some(pos) = q.watchers.iter().position(|w| clients.get(w).is_some_and(|c| c.reserved)) else {
-            return;
-        };
-        // Rotate so that the next item prefers the next watcher.
-        let id = q.watchers.remove(pos);
-        q.watchers.push(id);
-        let Some(item) = q.items.pop_front() else {
-            return;
-        };
-        *queued_bytes -= item.len();
-        let Some(c) = clients.get_mut(&id) else {
-            return;
-        };
-        c.reserved = false;
-        if let Sent::SlowConsumer = c.send(&mut Outgoing::new(ServerKind::Queue, queue, &item, None)) {
-            stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
             drop_client(st, id);
         }
     }
@@ -546,23 +471,12 @@ fn drop_client(st: &mut State, id: ClientId) {
     }
 }
 
-/// Take client `id` off the watchers of queue `name`; a queue left with neither watchers nor
-/// items goes, so that names watched once do not fill `max_queues`.
-fn unwatch(st: &mut State, id: ClientId, name: &Name) {
-    if let Some(q) = st.queues.get_mut(name) {
-        q.watchers.retain(|w| *w != id);
-        if q.watchers.is_empty() && q.items.is_empty() {
-            st.queues.remove(name);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::channel_ext::{decode_page, decode_position};
 
-    fn local(hub: &Hub) -> (ClientId, mpsc::Receiver<Message>) {
+    pub(super) fn local(hub: &Hub) -> (ClientId, mpsc::Receiver<Message>) {
         let (tx, rx) = mpsc::channel(4);
         (hub.connect(Sink::Local(tx)), rx)
     }
@@ -668,30 +582,5 @@ mod tests {
         hub.handle(id, Request::Watch(vec![Name::new("r")])).unwrap();
         hub.handle(id, Request::Reserve).unwrap();
         hub.enqueue(&[Name::new("r")], &Bytes::from_static(b"123456789")).unwrap();
-    }
-
-    #[test]
-    fn queues_emptied_by_unwatch_go_and_leave_room_for_new_names() {
-        let hub = Hub::default();
-        let (id, _rx) = local(&hub);
-        for i in 0..20_000 {
-            let n = vec![Name::new(format!("q{i}"))];
-            hub.handle(id, Request::Watch(n.clone())).unwrap();
-            hub.handle(id, Request::Unwatch(n)).unwrap();
-        }
-        assert_eq!(hub.lock().queues.len(), 0, "no empty queue without a watcher is kept");
-        hub.handle(id, Request::Watch(vec![Name::new("new")])).unwrap();
-        hub.enqueue(&[Name::new("another")], &Bytes::from_static(b"x")).unwrap();
-        // A queue that still holds items stays after its watcher leaves; a name both watched
-        // and subscribed stays subscribed after the unwatch.
-        hub.handle(id, Request::Unwatch(vec![Name::new("new")])).unwrap();
-        assert_eq!(hub.lock().queues.len(), 1);
-        let (sub, mut rx) = local(&hub);
-        let both = Name::new("both");
-        hub.handle(sub, Request::Watch(vec![both.clone()])).unwrap();
-        hub.subscribe(sub, vec![both.clone()]).unwrap();
-        hub.handle(sub, Request::Unwatch(vec![both.clone()])).unwrap();
-        hub.publish(std::slice::from_ref(&both), &Bytes::from_static(b"hi"), None);
-        assert!(rx.try_recv().is_ok(), "still subscribed to the channel");
     }
 }
