@@ -10,7 +10,8 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
-use super::{client_frame, connect_one, frame, Http};
+use super::client::{client_frame, connect_one, frame};
+use super::publish::Http;
 
 /// Where the recoverers say they were: the last message before the backlog.
 #[derive(Clone)]
