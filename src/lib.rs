@@ -1,27 +1,29 @@
 //! pushwire: distributed WebSocket push, wire-compatible with Workerman's Channel.
 //!
 //! ```text
-//!   browsers ──ws──▶ gateway (4236) ── workers NODE-0, NODE-1 …
-//!                        ▲ subscribe(worker id, "broadcast")
-//!                        │
-//!                     broker ◀── channel server (2206, Workerman protocol) or in-process hub
-//!                        ▲ publish(worker id | "broadcast", data)
-//!                        │
-//!   curl/apps ──http──▶ publisher (4237)
+//!  publisher (4237) ── publish(channel, payload, keep) ──▶ broker (channel server 2206,
+//!                                                           Redis, NATS, memory)
+//!  gateway (4236), per worker:      push out ▼                      ▲ client message in
+//!    control   requests on the worker's control channel, presence heartbeats
+//!    engine    members of the channel, offsets and gaps, recovery, one frame per kind
+//!    protocol  native (the seed's, format=json, recover=, tokens) │ echo
+//!    transport per-connection bounded queue, WebSocket / SSE, deflate, TLS
+//!  browsers ◀── frames                                               ── messages ──▶
 //! ```
 //!
-//! Layout:
-//! - [`channel_proto`] (its own crate): frames and PHP values, no I/O.
-//! - [`hub`]: subscriptions, round-robin, queues; [`channel_server`] serves it over TCP/Unix.
-//! - [`broker`]: the [`Broker`](broker::Broker) trait and its backends: in-process, the channel
-//!   protocol (our own link loop), Redis and NATS (maintained client libraries under one managed
-//!   link); [`message`]: what travels through them.
-//! - [`gateway`]: WebSocket workers and fan-out; [`ws`]: the WebSocket wire format;
-//!   [`protocol`]: the client protocols a gateway speaks (the seed's, an echo for conformance).
-//! - [`publisher`]: the HTTP publish API; [`push`]: the seed's event payloads.
-//! - [`cli`]: flags and wiring; [`config`]: the TOML settings file; [`metrics`], [`io`]: small shared pieces.
+//! - Transport: [`ws`], [`deflate`], [`sse`], [`tls`], [`http`], [`io`]; the gateway's
+//!   connection queue, wire and handshake ([`gateway`]).
+//! - Engine: the gateway's workers ([`gateway`]): membership, continuity, recovery, fan-out.
+//! - Protocol: [`protocol`] (its `native` module holds the seed's payloads, JSON messages and
+//!   tokens).
+//! - Broker: [`broker`] (the trait, in-process, the Channel link, Redis, NATS), [`message`],
+//!   [`history`]; the Channel server: [`hub`], [`channel_server`], [`channel_ext`] and the
+//!   `channel_proto` crate (frames and PHP values, no I/O).
+//! - Control: [`cluster`] (what nodes say to each other), [`tracker`], [`webhook`], [`status`].
+//! - [`publisher`]: the HTTP publish API; [`cli`], [`config`]: flags, settings file and wiring;
+//!   [`metrics`], [`page`].
 //!
-//! See `docs/ARCHITECTURE.md` for the whole picture.
+//! `docs/ARCHITECTURE.md` shows the whole system on one screen.
 
 pub mod broker;
 pub mod channel_ext;
