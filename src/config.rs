@@ -48,9 +48,18 @@ pub struct Setting {
 pub struct File {
     path: String,
     sections: BTreeMap<String, Vec<Setting>>,
+    /// The Pusher apps (`[[apps]]`), for the gateway, the publisher and standalone.
+    pub apps: Vec<crate::protocol::pusher::App>,
 }
 
-type Raw = BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<Value>>>>;
+type Raw = BTreeMap<Spanned<String>, Spanned<Value>>;
+
+/// The file's `[[apps]]`.
+#[derive(serde::Deserialize)]
+struct WithApps {
+    #[serde(default)]
+    apps: Vec<crate::protocol::pusher::App>,
+}
 
 impl File {
     /// Read and parse `path`: TOML syntax, and only the known sections.
@@ -63,25 +72,41 @@ impl File {
     pub fn parse(path: &str, text: &str) -> Result<File, ConfigError> {
         let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
         let at = |offset: usize, msg: String| ConfigError::At { file: path.to_owned(), line: line_of(offset), msg };
-        let raw: Raw = toml::from_str(text).map_err(|e| {
+        let toml_error = |e: toml::de::Error| {
             let msg = e.message().to_owned();
             at(e.span().map_or(0, |s| s.start), msg)
-        })?;
+        };
+        let raw: Raw = toml::from_str(text).map_err(toml_error)?;
+        let apps = toml::from_str::<WithApps>(text).map_err(toml_error)?.apps;
+        for app in &apps {
+            let line = text.find(&format!("\"{}\"", app.id)).unwrap_or(0);
+            app.check().map_err(|e| at(line, e))?;
+        }
         let mut sections = BTreeMap::new();
         for (name, table) in raw {
+            if name.get_ref() == "apps" {
+                continue;
+            }
             if !SECTIONS.contains(&name.get_ref().as_str()) {
-                let msg = format!("unknown section [{}] (sections: {})", name.get_ref(), SECTIONS.join(", "));
+                let msg = format!("unknown section [{}] (sections: {}, [[apps]])", name.get_ref(), SECTIONS.join(", "));
                 return Err(at(name.span().start, msg));
             }
+            let span = table.span();
+            let Value::Table(table) = table.into_inner() else {
+                return Err(at(span.start, format!("[{}] must be a table of settings", name.get_ref())));
+            };
+            // Lines of the keys: found after the section's header.
             let mut settings: Vec<Setting> = table
-                .into_inner()
                 .into_iter()
-                .map(|(k, v)| Setting { line: line_of(k.span().start), key: k.into_inner(), value: v.into_inner() })
+                .map(|(k, v)| {
+                    let offset = text[span.start.min(text.len())..].find(&k).map_or(span.start, |o| span.start + o);
+                    Setting { line: line_of(offset), key: k, value: v }
+                })
                 .collect();
             settings.sort_by_key(|s| s.line);
             sections.insert(name.into_inner(), settings);
         }
-        Ok(File { path: path.to_owned(), sections })
+        Ok(File { path: path.to_owned(), sections, apps })
     }
 
     /// The flags that the file's `[section]` adds to a command line of `cmd` (the subcommand),

@@ -189,6 +189,7 @@ const SECRET_HOW: &str =
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     crate::io::raise_fd_limit();
     let shutdown = shutdown_signal();
+    let config = cli.config.as_deref();
     match cli.command {
         Command::CheckConfig { file } => print!("{}", check_config(&file)?),
         Command::Status { publisher, publish_key } => {
@@ -214,7 +215,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(a) => {
             let listener = bind_tcp(&a.listen, "gateway").await?;
             // A gateway reads history but stores none: its publishes are answers and heartbeats.
-            let cfg = GatewayConfig { tls: a.tls.load()?, ..a.opts.config()? };
+            let apps = a.apps.load(config)?;
+            let cfg = GatewayConfig { tls: a.tls.load()?, apps, ..a.opts.config()? };
             let gw = Gateway::start(a.broker.open(HistoryConfig::OFF, true).await?, cfg)?;
             gw.serve(listener, shutdown()).await;
         }
@@ -227,7 +229,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 BrokerUrl::Channel { .. } => Some(crate::history::AS_THE_STORE),
                 _ => a.history.config().keep(),
             };
-            let cfg = PublisherConfig { tls: a.tls.load()?, keep, ..a.opts.config() };
+            let cfg = PublisherConfig { tls: a.tls.load()?, keep, apps: a.apps.load(config)?, ..a.opts.config() };
             Publisher::new(a.broker.open(a.history.config(), false).await?, cfg)?.serve(listener, shutdown()).await;
         }
         Command::Standalone(a) => {
@@ -242,8 +244,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let hub = Arc::new(Hub::new(a.channel.limits(), a.history.config()));
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
             let tls = a.tls.load()?;
-            let gw = Gateway::start(broker.clone(), GatewayConfig { tls: tls.clone(), ..a.gateway.config()? })?;
-            let cfg = PublisherConfig { tls, keep: a.history.config().keep(), ..a.publisher.config() };
+            let apps = a.apps.load(config)?;
+            let gw = Gateway::start(
+                broker.clone(),
+                GatewayConfig { tls: tls.clone(), apps: apps.clone(), ..a.gateway.config()? },
+            )?;
+            let cfg = PublisherConfig { tls, keep: a.history.config().keep(), apps, ..a.publisher.config() };
             let publisher = Publisher::new(broker, cfg)?;
             // The publisher gets a thread and runtime of its own, so that a publish is never
             // queued behind the thousands of connection tasks a broadcast wakes.

@@ -138,6 +138,30 @@ pub struct GatewayArgs {
     pub broker: BrokerOpts,
     #[command(flatten)]
     pub opts: GatewayOpts,
+    #[command(flatten)]
+    pub apps: AppsOpts,
+}
+
+/// The Pusher apps served, besides the config file's `[[apps]]`.
+#[derive(Debug, Args)]
+pub struct AppsOpts {
+    /// A Pusher app, ID:KEY:SECRET (client events on): pusher-js connects to /app/KEY on the
+    /// gateway, the Pusher SDKs call /apps/ID on the publisher. More apps, and their settings,
+    /// go in the config file's [[apps]].
+    #[arg(long = "app", env = "PUSHWIRE_APP", hide_env_values = true, value_parser = crate::protocol::pusher::App::parse_flag)]
+    pub app: Option<crate::protocol::pusher::App>,
+}
+
+impl AppsOpts {
+    /// The apps of the flag and of the config file at `config`.
+    pub(super) fn load(&self, config: Option<&std::path::Path>) -> anyhow::Result<Arc<crate::protocol::pusher::Apps>> {
+        let mut list = match config {
+            Some(path) => crate::config::File::read(path)?.apps,
+            None => Vec::new(),
+        };
+        list.extend(self.app.clone());
+        Ok(Arc::new(crate::protocol::pusher::Apps::new(list).map_err(anyhow::Error::msg)?))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +284,8 @@ pub struct PublisherArgs {
     pub opts: PublisherOpts,
     #[command(flatten)]
     pub history: HistoryOpts,
+    #[command(flatten)]
+    pub apps: AppsOpts,
 }
 
 #[derive(Debug, Args)]
@@ -314,6 +340,8 @@ pub struct StandaloneArgs {
     pub tls: TlsOpts,
     #[command(flatten)]
     pub history: HistoryOpts,
+    #[command(flatten)]
+    pub apps: AppsOpts,
 }
 
 /// `--insecure` for the roles that have nothing else to flatten it into.
@@ -399,6 +427,7 @@ impl PublisherOpts {
             offline_delay: self.offline_delay,
             tls: None,
             keep: None,
+            apps: Arc::default(),
         }
     }
 }

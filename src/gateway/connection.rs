@@ -11,30 +11,35 @@ use bytes::{Bytes, BytesMut};
 use super::handshake::Opening;
 use super::wire::Wire;
 use super::{Conn, GatewayConfig, Worker};
+use crate::history::Keep;
 use crate::metrics::GLOBAL;
 use crate::protocol::native::{self, Wants};
-use crate::protocol::Protocol;
+use crate::protocol::{BoxFuture, Engine, Held, Protocol};
 use crate::ws::{self, close, ClientFrame};
 
 /// Serve one WebSocket connection of protocol `P` until it closes or is closed; `head` (the
 /// handshake's answer, when the fast path left it to this task) goes out in one write with the
 /// welcome.
 ///
-/// `wants` is boxed (and absent for a seed client), and so are the worker's add and remove: this
-/// future lives as long as the connection, and every byte of it counts with a hundred thousand
-/// idle clients.
+/// The session is the protocol's (for a seed client, nothing), and the worker's add and remove
+/// and the handling of client messages are boxed: this future lives as long as the connection,
+/// and every byte of it counts with a hundred thousand idle clients.
 pub(super) async fn serve<P: Protocol>(
     mut wire: Wire,
     head: Option<Box<Opening>>,
     mut buf: BytesMut,
     worker: &Arc<Worker>,
     cfg: &GatewayConfig,
-    wants: Option<Box<Wants>>,
+    mut session: P::Session,
     deflate: bool,
 ) {
-    let (id, conn, welcome) = match P::PUSHED {
-        true => Box::pin(open(worker, wants, false, deflate)).await,
-        false => {
+    let (id, conn, welcome) = match P::HELD {
+        Held::Native => Box::pin(open(worker, P::wants(&mut session), false, deflate)).await,
+        Held::Joiner(encoding) => {
+            let id = worker.next_id();
+            (id, worker.add_joiner(id, encoding, deflate), Bytes::new())
+        }
+        Held::Unlisted => {
             let (id, conn) = worker.add_unlisted(deflate);
             (id, conn, Bytes::new())
         }
@@ -42,6 +47,12 @@ pub(super) async fn serve<P: Protocol>(
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
     let mut out = VecDeque::from([Opening::then(head, welcome)]);
     out.retain(|f| !f.is_empty());
+    let mut closing: Option<(u16, String)> = None;
+    if P::HELD != Held::Native {
+        let mut ctx = Session { worker, conn: &conn, id, out: &mut out, closing: None };
+        P::welcome(&mut session, &mut ctx);
+        closing = ctx.closing;
+    }
     if let Wire::Tcp(s) = &wire {
         conn.attach(s.clone());
     }
@@ -49,21 +60,32 @@ pub(super) async fn serve<P: Protocol>(
     if P::READS {
         reader = reader.keeping();
     }
-    let closing: Option<(u16, &str)> = 'conn: loop {
+    let mut inbox = VecDeque::new();
+    while closing.is_none() {
         if !out.is_empty() {
             if !wire.flush(&mut out, cfg.write_timeout).await {
-                break None;
+                break;
             }
             conn.written();
         }
-        match on_frames::<P>(&mut reader, &mut buf, cfg.max_client_frame, worker, &conn, &mut out) {
+        match on_frames(&mut reader, &mut buf, cfg.max_client_frame, &conn, &mut out, &mut inbox) {
             Ok(()) => {}
-            Err(Ok(code)) => break 'conn Some((code, "")),
+            Err(Ok(code)) => {
+                closing = Some((code, String::new()));
+                break;
+            }
             Err(Err(e)) => {
                 GLOBAL.bad_client_frames.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(worker = %worker.id, connection = id, "closing: {e}");
-                break 'conn Some((e.code(), "bad frame"));
+                closing = Some((e.code(), "bad frame".into()));
+                break;
             }
+        }
+        if !inbox.is_empty() {
+            let mut ctx = Session { worker, conn: &conn, id, out: &mut out, closing: None };
+            Box::pin(handle::<P>(&mut session, &mut ctx, &mut inbox)).await;
+            closing = ctx.closing;
+            continue;
         }
         if !out.is_empty() {
             continue;
@@ -73,38 +95,52 @@ pub(super) async fn serve<P: Protocol>(
         tokio::select! {
             () = conn.wake.notified() => match conn.close_code.load(Ordering::Acquire) {
                 0 => conn.take(&mut out),
-                close::POLICY => break Some((close::POLICY, "slow consumer")),
-                close::GOING_AWAY => break Some((close::GOING_AWAY, "going away")),
-                code => break Some((code, "")),
+                close::POLICY => closing = Some((close::POLICY, "slow consumer".into())),
+                close::GOING_AWAY => closing = Some((close::GOING_AWAY, "going away".into())),
+                code => closing = Some((code, String::new())),
             },
             r = wire.read(&mut buf) => match r {
-                Ok(0) => break None,
+                Ok(0) => break,
                 Ok(_) => conn.last_seen.store(worker.now(), Ordering::Relaxed),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => break None,
+                Err(_) => break,
             },
         }
-    };
+    }
     Box::pin(worker.remove(id)).await;
     let remainder = conn.detach();
     if let Some((code, reason)) = closing {
+        // What the protocol said before closing (a refusal's reason) goes out first.
+        if !out.is_empty() && remainder.is_none() {
+            let _ = Box::pin(wire.flush(&mut out, cfg.write_timeout)).await;
+        }
         // Boxed: a future awaited once, at the end, need not take room in every idle connection.
-        Box::pin(wire.close(remainder, ws::close_frame(code, reason))).await;
+        Box::pin(wire.close(remainder, ws::close_frame(code, &reason))).await;
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
 }
 
-/// Act on every whole frame in `buf`: a ping is answered, and a whole message handed to the
-/// protocol, whose replies go out compressed as `worker`'s pushes are (when negotiated); what the
-/// task writes goes after whatever the worker left queued (the rest of a frame it wrote in part,
-/// above all: nothing may land inside it). Ends at a client's close (its code) or a bad frame.
-fn on_frames<P: Protocol>(
+/// Hand each whole message of `inbox` to the protocol, in order, until one closes the connection.
+async fn handle<P: Protocol>(session: &mut P::Session, ctx: &mut Session<'_>, inbox: &mut VecDeque<(bool, Bytes)>) {
+    while let Some((text, data)) = inbox.pop_front() {
+        ctx.conn.take(ctx.out);
+        P::on_message(session, ctx, text, data).await;
+        if ctx.closing.is_some() {
+            return inbox.clear();
+        }
+    }
+}
+
+/// Act on every whole frame in `buf`: a ping is answered (after whatever the worker left queued:
+/// the rest of a frame it wrote in part, above all, nothing may land inside it), and a whole
+/// message kept in `inbox` for the protocol. Ends at a client's close (its code) or a bad frame.
+fn on_frames(
     reader: &mut ws::Reader,
     buf: &mut BytesMut,
     max_frame: usize,
-    worker: &Worker,
     conn: &Conn,
     out: &mut VecDeque<Bytes>,
+    inbox: &mut VecDeque<(bool, Bytes)>,
 ) -> Result<(), Result<u16, ws::WsError>> {
     loop {
         match reader.parse(buf, max_frame) {
@@ -113,17 +149,53 @@ fn on_frames<P: Protocol>(
                 conn.take(out);
                 out.push_back(ws::pong(&p))
             }
-            Ok(Some(ClientFrame::Message { text, data })) => {
-                conn.take(out);
-                P::on_message(text, data, &mut |text, payload| {
-                    let opcode = if text { ws::TEXT } else { ws::BINARY };
-                    out.push_back(conn.encode_message(opcode, payload, conn.deflate && worker.compresses(payload)))
-                });
-            }
+            Ok(Some(ClientFrame::Message { text, data })) => inbox.push_back((text, data)),
             Ok(Some(ClientFrame::Close(code))) => return Err(Ok(code.unwrap_or(close::NORMAL))),
             Ok(Some(ClientFrame::Data | ClientFrame::Pong)) => {}
             Err(e) => return Err(Err(e)),
         }
+    }
+}
+
+/// One connection as its protocol sees the engine while it handles a message: replies go out
+/// compressed as the worker's pushes are (when negotiated), after what the worker queued.
+struct Session<'a> {
+    worker: &'a Arc<Worker>,
+    conn: &'a Arc<Conn>,
+    id: u64,
+    out: &'a mut VecDeque<Bytes>,
+    closing: Option<(u16, String)>,
+}
+
+impl Engine for Session<'_> {
+    fn send(&mut self, text: bool, payload: &[u8]) {
+        let opcode = if text { ws::TEXT } else { ws::BINARY };
+        let compress = self.conn.deflate && self.worker.compresses(payload);
+        self.out.push_back(self.conn.encode_message(opcode, payload, compress));
+    }
+
+    fn close(&mut self, code: u16, reason: &str) {
+        self.closing = Some((code, reason.to_owned()));
+    }
+
+    fn socket(&self) -> (&str, u64) {
+        (&self.worker.id, self.id)
+    }
+
+    fn join<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(self.worker.join(self.id, channel))
+    }
+
+    fn leave<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(self.worker.leave(self.id, channel))
+    }
+
+    fn publish<'a>(&'a mut self, channel: &'a str, data: Bytes, keep: Option<Keep>) -> BoxFuture<'a, bool> {
+        Box::pin(async move { self.worker.publish(channel, data, keep).await })
+    }
+
+    fn last<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, Option<Bytes>> {
+        Box::pin(self.worker.last(channel))
     }
 }
 
@@ -222,9 +294,8 @@ mod tests {
             socket.readable().await.expect("readable");
             let _ = socket.try_read_buf(&mut buf);
         }
-        let (mut reader, mut out) = (ws::Reader::new(false), VecDeque::new());
-        on_frames::<crate::protocol::Native>(&mut reader, &mut buf, 1 << 20, &worker, &conn, &mut out)
-            .expect("a ping is no reason to close");
+        let (mut reader, mut out, mut inbox) = (ws::Reader::new(false), VecDeque::new(), VecDeque::new());
+        on_frames(&mut reader, &mut buf, 1 << 20, &conn, &mut out, &mut inbox).expect("a ping is no reason to close");
 
         let read = tokio::spawn(async move {
             let push = server_frame(&mut client).await;

@@ -24,7 +24,15 @@ use crate::http::reply as text;
 use crate::metrics::GLOBAL;
 use crate::protocol::native::token::TokenError;
 use crate::protocol::native::Wants;
+use crate::protocol::pusher::{self, Pusher};
 use crate::protocol::{echo::Echo, Native};
+
+/// The protocol a WebSocket client gets, chosen by the path of its upgrade.
+enum Choice {
+    Native,
+    Echo,
+    Pusher(Box<pusher::Session>),
+}
 use crate::ws;
 
 impl Gateway {
@@ -40,9 +48,9 @@ impl Gateway {
             r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
             return r;
         }
-        let echo = self.is_echo(req.uri().path());
+        let choice = self.choose(req.uri().path(), req.uri().query());
         let origin = h.get(header::ORIGIN).map(HeaderValue::as_bytes);
-        let (wants, open) = match self.admit(origin, req.uri().query(), None, !echo) {
+        let (wants, open) = match self.admit(origin, req.uri().query(), None, matches!(choice, Choice::Native)) {
             Ok(admitted) => admitted,
             Err(refusal) => return refusal.response(),
         };
@@ -65,9 +73,10 @@ impl Gateway {
                     Err(_) => return tracing::error!("websocket upgrade gave an unexpected stream type"),
                 },
             };
-            match echo {
-                true => open.run::<Echo>(wire, None, leftover, wants, deflate).await,
-                false => open.run::<Native>(wire, None, leftover, wants, deflate).await,
+            match choice {
+                Choice::Echo => open.run::<Echo>(wire, None, leftover, (), deflate).await,
+                Choice::Native => open.run::<Native>(wire, None, leftover, wants, deflate).await,
+                Choice::Pusher(s) => open.run::<Pusher>(wire, None, leftover, s, deflate).await,
             }
         });
         let mut r = Response::new(Full::new(Bytes::new()));
@@ -84,10 +93,19 @@ impl Gateway {
         r
     }
 
-    /// Whether WebSocket clients on `path` get the echo protocol (`--echo-path`); on every other
-    /// path they get the native one.
-    fn is_echo(&self, path: &str) -> bool {
-        self.cfg.echo_path.as_deref() == Some(path)
+    /// The protocol of a WebSocket client on `path` asking with `query`: echo on `--echo-path`,
+    /// Pusher on `/app/KEY` when the gateway serves apps, native on every other path.
+    fn choose(&self, path: &str, query: Option<&str>) -> Choice {
+        if self.cfg.echo_path.as_deref() == Some(path) {
+            return Choice::Echo;
+        }
+        match path.strip_prefix("/app/") {
+            Some(key) if !self.cfg.apps.is_empty() => {
+                let app = self.cfg.apps.by_key(key).cloned();
+                Choice::Pusher(Box::new(pusher::Session::admit(app, query)))
+            }
+            _ => Choice::Native,
+        }
     }
 
     /// Whether a client whose `Sec-WebSocket-Extensions` headers are `headers` gets
@@ -176,8 +194,9 @@ impl Gateway {
         // Refusals (origin, token, the connection limit) are answered, with the reason, by the
         // HTTP path.
         let last_event_id = get("last-event-id").filter(|_| sse).and_then(|v| std::str::from_utf8(v).ok());
-        let echo = !sse && self.is_echo(path);
-        let Ok((wants, open)) = self.admit(origin, query, last_event_id, !echo) else { return Some(stream) };
+        let choice = if sse { Choice::Native } else { self.choose(path, query) };
+        let native = matches!(choice, Choice::Native);
+        let Ok((wants, open)) = self.admit(origin, query, last_event_id, native) else { return Some(stream) };
         let offers = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"));
         let deflate = !sse && self.deflate(offers.filter_map(|h| std::str::from_utf8(h.value).ok()));
         let opening = match key {
@@ -192,10 +211,15 @@ impl Gateway {
             // A task of its own, sized for the connection alone, not for this HTTP accept path.
             let opening = Some(Box::new(opening));
             let wire = Wire::Tcp(Arc::new(stream));
-            match (sse, echo) {
+            match (sse, choice) {
                 (true, _) => tokio::spawn(open.run_sse(wire, opening, wants)),
-                (false, true) => tokio::spawn(open.run::<Echo>(wire, opening, BytesMut::new(), wants, deflate)),
-                (false, false) => tokio::spawn(open.run::<Native>(wire, opening, BytesMut::new(), wants, deflate)),
+                (false, Choice::Echo) => tokio::spawn(open.run::<Echo>(wire, opening, BytesMut::new(), (), deflate)),
+                (false, Choice::Native) => {
+                    tokio::spawn(open.run::<Native>(wire, opening, BytesMut::new(), wants, deflate))
+                }
+                (false, Choice::Pusher(s)) => {
+                    tokio::spawn(open.run::<Pusher>(wire, opening, BytesMut::new(), s, deflate))
+                }
             };
         }
         None

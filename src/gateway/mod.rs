@@ -89,6 +89,8 @@ pub struct GatewayConfig {
     /// The path on which WebSocket clients get the echo protocol (a conformance endpoint); off
     /// when `None`.
     pub echo_path: Option<String>,
+    /// The Pusher apps served on `/app/KEY` (none: the native protocol on every path).
+    pub apps: Arc<crate::protocol::pusher::Apps>,
 }
 
 impl Default for GatewayConfig {
@@ -110,6 +112,7 @@ impl Default for GatewayConfig {
             compression: None,
             tls: None,
             echo_path: None,
+            apps: Arc::default(),
         }
     }
 }
@@ -260,11 +263,11 @@ impl OpenGuard {
         wire: wire::Wire,
         head: Option<Box<handshake::Opening>>,
         leftover: BytesMut,
-        wants: Option<Box<Wants>>,
+        session: P::Session,
         deflate: bool,
     ) {
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);
-        connection::serve::<P>(wire, head, leftover, &self.next_worker(), &self.0.cfg, wants, deflate).await;
+        connection::serve::<P>(wire, head, leftover, &self.next_worker(), &self.0.cfg, session, deflate).await;
     }
 
     /// Serve an event stream on the next worker (`head`: its response head, when still to be

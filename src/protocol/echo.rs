@@ -6,29 +6,18 @@
 
 use bytes::Bytes;
 
-use super::Protocol;
+use super::{BoxFuture, Engine, Held, Protocol};
 
 /// See the module documentation.
 pub struct Echo;
 
 impl Protocol for Echo {
     const READS: bool = true;
-    const PUSHED: bool = false;
+    const HELD: Held = Held::Unlisted;
+    type Session = ();
 
-    fn on_message(text: bool, data: Bytes, reply: &mut dyn FnMut(bool, &[u8])) {
-        reply(text, &data);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_message_comes_back_as_it_came() {
-        let mut got = Vec::new();
-        Echo::on_message(true, Bytes::from_static(b"hi"), &mut |t, d| got.push((t, d.to_vec())));
-        Echo::on_message(false, Bytes::from_static(&[0, 255]), &mut |t, d| got.push((t, d.to_vec())));
-        assert_eq!(got, [(true, b"hi".to_vec()), (false, vec![0, 255])]);
+    fn on_message<'a>(_: &'a mut (), engine: &'a mut dyn Engine, text: bool, data: Bytes) -> BoxFuture<'a, ()> {
+        engine.send(text, &data);
+        Box::pin(std::future::ready(()))
     }
 }

@@ -24,6 +24,7 @@ use crate::cluster::{self, Asker};
 use crate::metrics::GLOBAL;
 use crate::protocol::native::push::{check_name, Audience, Push};
 
+mod pusher;
 mod request;
 pub use request::*;
 
@@ -47,6 +48,8 @@ pub struct PublisherConfig {
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// How publishes to channels that keep history are kept (`None`: history is off).
     pub keep: Option<crate::broker::Keep>,
+    /// The Pusher apps whose HTTP API is served under `/apps/` (none: not served).
+    pub apps: Arc<crate::protocol::pusher::Apps>,
 }
 
 impl Default for PublisherConfig {
@@ -60,6 +63,7 @@ impl Default for PublisherConfig {
             offline_delay: std::time::Duration::from_secs(5),
             tls: None,
             keep: crate::history::HistoryConfig::default().keep(),
+            apps: Arc::default(),
         }
     }
 }
@@ -136,6 +140,9 @@ impl Publisher {
                 h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
                 h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
                 r
+            }
+            (_, path) if path.starts_with("/apps/") && !self.cfg.apps.is_empty() => {
+                return self.pusher_api(req).await;
             }
             (&Method::GET, "/healthz") => crate::http::health(self.broker.is_connected()),
             (&Method::GET, "/metrics") => crate::http::metrics(

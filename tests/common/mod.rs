@@ -66,6 +66,13 @@ impl From<&Addr> for Addr {
         a.clone()
     }
 }
+impl Addr {
+    /// The port of a `HOST:PORT` address.
+    pub fn port(&self) -> u16 {
+        self.0.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).expect("HOST:PORT")
+    }
+}
+
 impl std::fmt::Display for Addr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)

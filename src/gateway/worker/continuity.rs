@@ -139,7 +139,9 @@ impl Worker {
         let Some(to) = Audience::of(channel).map(Target::Members) else { return };
         let text = json::recovered(channel, ok);
         let t = self.table();
-        each_member(&t.conns, &t.users, &t.topics, to, |_, c| {
+        let ix =
+            Indexes { conns: &t.conns, users: &t.users, topics: &t.topics, joiners: &t.joiners, channels: &t.channels };
+        each_member(ix, to, |_, c| {
             if c.encoding == Encoding::NativeJson {
                 let _ = c.offer(&c.encode(&text), self.max_frames, self.max_bytes, false);
             }

@@ -10,6 +10,8 @@ use super::*;
 pub(super) struct Who {
     pub(super) uid: Option<Arc<str>>,
     pub(super) topics: Vec<Arc<str>>,
+    /// Broker channels joined by the connection's protocol (a Pusher subscription).
+    pub(super) channels: Vec<Arc<str>>,
 }
 
 /// Most topics one connection may be in.
@@ -77,9 +79,36 @@ impl Table {
         Ok((None, Some(topic_channel(topic))))
     }
 
+    /// Add connection `id` (one of the joiners) to broker channel `channel`; whether it was not
+    /// in it already. A channel's first member here is joined on the broker by the caller.
+    pub(super) fn join_channel(&mut self, id: u64, channel: &str) -> bool {
+        if !self.joiners.contains_key(&id) {
+            return false;
+        }
+        let e = self.who.entry(id).or_default();
+        if e.channels.iter().any(|c| &**c == channel) {
+            return false;
+        }
+        let channel: Arc<str> = channel.into();
+        e.channels.push(channel.clone());
+        add_member(&mut self.channels, &channel, id);
+        true
+    }
+
+    /// Take connection `id` out of broker channel `channel`; whether it was in it.
+    pub(super) fn leave_channel(&mut self, id: u64, channel: &str) -> bool {
+        let Some(e) = self.who.get_mut(&id) else { return false };
+        let Some(i) = e.channels.iter().position(|c| &**c == channel) else { return false };
+        e.channels.swap_remove(i);
+        if remove_member(&mut self.channels, channel, id).is_some() {
+            self.seen.remove(channel.as_bytes());
+        }
+        true
+    }
+
     /// Forget connection `id` and who it was.
     pub(super) fn unlink(&mut self, id: u64) -> Option<Who> {
-        if self.conns.remove(&id).is_none() {
+        if self.conns.remove(&id).is_none() && self.joiners.remove(&id).is_none() {
             self.unlisted.remove(&id);
         }
         self.recovering.remove(&id);
@@ -89,6 +118,11 @@ impl Table {
         }
         for t in &e.topics {
             self.unindex(true, t, id);
+        }
+        for c in &e.channels {
+            if remove_member(&mut self.channels, c, id).is_some() {
+                self.seen.remove(c.as_bytes());
+            }
         }
         Some(e)
     }
@@ -138,19 +172,23 @@ pub(super) fn remove_member(index: &mut HashMap<Arc<str>, HashSet<u64>>, name: &
     index.remove_entry(name).map(|(name, _)| name)
 }
 
+/// The indexes a push is looked up in.
+pub(super) struct Indexes<'a> {
+    pub(super) conns: &'a HashMap<u64, Arc<Conn>>,
+    pub(super) users: &'a HashMap<Arc<str>, HashSet<u64>>,
+    pub(super) topics: &'a HashMap<Arc<str>, HashSet<u64>>,
+    pub(super) joiners: &'a HashMap<u64, Arc<Conn>>,
+    pub(super) channels: &'a HashMap<Arc<str>, HashSet<u64>>,
+}
+
 /// Call `f` for each connection `to` names, found through the indexes.
-pub(super) fn each_member(
-    conns: &HashMap<u64, Arc<Conn>>,
-    users: &HashMap<Arc<str>, HashSet<u64>>,
-    topics: &HashMap<Arc<str>, HashSet<u64>>,
-    to: Target<'_>,
-    mut f: impl FnMut(u64, &Arc<Conn>),
-) {
-    let ids = match to {
-        Target::Members(Audience::All) => return conns.iter().for_each(|(id, c)| f(*id, c)),
-        Target::Conn(id) => return conns.get(&id).into_iter().for_each(|c| f(id, c)),
-        Target::Members(Audience::User(u)) => users.get(u),
-        Target::Members(Audience::Topic(t)) => topics.get(t),
+pub(super) fn each_member(ix: Indexes<'_>, to: Target<'_>, mut f: impl FnMut(u64, &Arc<Conn>)) {
+    let (ids, conns) = match to {
+        Target::Members(Audience::All) => return ix.conns.iter().for_each(|(id, c)| f(*id, c)),
+        Target::Conn(id) => return ix.conns.get(&id).into_iter().for_each(|c| f(id, c)),
+        Target::Members(Audience::User(u)) => (ix.users.get(u), ix.conns),
+        Target::Members(Audience::Topic(t)) => (ix.topics.get(t), ix.conns),
+        Target::Channel(c) => (ix.channels.get(c), ix.joiners),
     };
     for id in ids.into_iter().flatten() {
         if let Some(c) = conns.get(id) {

@@ -41,7 +41,7 @@ use crate::history::{self, Page};
 use crate::metrics::GLOBAL;
 use crate::protocol::native::push::{topic_channel, user_channel, Audience, Push};
 use crate::protocol::native::{json, Wants};
-use crate::protocol::Encoding;
+use crate::protocol::{pusher, Encoding};
 use crate::ws::{self, close};
 
 /// Warnings about events that cannot be decoded: at most one line per interval.
@@ -54,6 +54,10 @@ struct Table {
     conns: HashMap<u64, Arc<Conn>>,
     /// Connections of protocols that get no pushes: pinged, swept and closed like the others.
     unlisted: HashMap<u64, Arc<Conn>>,
+    /// Connections pushed to only through the broker channels their protocol joins (Pusher's).
+    joiners: HashMap<u64, Arc<Conn>>,
+    /// Broker channel → its joiners here.
+    channels: HashMap<Arc<str>, HashSet<u64>>,
     who: HashMap<u64, Who>,
     users: HashMap<Arc<str>, HashSet<u64>>,
     topics: HashMap<Arc<str>, HashSet<u64>>,
@@ -93,11 +97,12 @@ impl Pace {
     }
 }
 
-/// Whom a push is for: the members of a channel, or one connection (a push on a worker's own
-/// channel).
+/// Whom a push is for: the members of a native channel, one connection (a push on a worker's own
+/// channel), or the joiners of a protocol's channel.
 enum Target<'a> {
     Members(Audience<'a>),
     Conn(u64),
+    Channel(&'a str),
 }
 
 /// One worker shard: its id, its connections, its connection counter, its broker subscription.
@@ -120,6 +125,8 @@ pub struct Worker {
     writes_directly: AtomicBool,
     /// History frames encoded for recovering connections, shared by those of the same range.
     history_frames: Mutex<HistoryFrames>,
+    /// This worker's number in Pusher `socket_id`s.
+    socket_number: u64,
 }
 
 impl Worker {
@@ -137,6 +144,7 @@ impl Worker {
         let history_frames = Mutex::default();
         let w = Worker {
             control: crate::cluster::worker_channel(&id),
+            socket_number: pusher::worker_number(&id),
             id,
             table,
             next_conn,
@@ -225,7 +233,7 @@ impl Worker {
                 t.recovering.insert(id, held.collect());
             }
             if uid.is_some() || !topics.is_empty() {
-                t.who.insert(id, Who { uid: uid.clone(), topics });
+                t.who.insert(id, Who { uid: uid.clone(), topics, channels: Vec::new() });
             }
         }
         if !channels.is_empty() {
@@ -351,10 +359,12 @@ impl Worker {
         (t.users.len(), t.topics.len())
     }
 
-    /// Forget connection `id` (if still known) and leave its user's and topics' channels.
+    /// Forget connection `id` (if still known) and leave its user's, topics' and protocol's
+    /// channels.
     pub(super) async fn remove(&self, id: u64) {
         let Some(w) = self.table().unlink(id) else { return };
-        let channels = broker_channels(w.uid.as_deref(), &w.topics);
+        let mut channels = broker_channels(w.uid.as_deref(), &w.topics);
+        channels.extend(w.channels.iter().map(|c| c.to_string()));
         if !channels.is_empty() {
             let _ = self.broker.leave(self.sub, channels).await;
         }
@@ -363,18 +373,21 @@ impl Worker {
     /// Number of open connections.
     pub fn connections(&self) -> usize {
         let t = self.table();
-        t.conns.len() + t.unlisted.len()
+        t.conns.len() + t.unlisted.len() + t.joiners.len()
     }
 
-    /// Queue `frame` to the connections `to` names, except those of the users in `exclude`;
-    /// returns deliveries.
-    fn send(&self, frames: &Frames<'_>, to: Target<'_>, exclude: &[Vec<u8>]) -> usize {
+    /// Queue `frame` to the connections `to` names, except those of the users in `exclude` and
+    /// connection `exclude_conn`; returns deliveries.
+    fn send(&self, frames: &Frames<'_>, to: Target<'_>, exclude: &[Vec<u8>], exclude_conn: Option<u64>) -> usize {
         let mut table = self.table();
-        let Table { conns, users, topics, recovering, .. } = &mut *table;
+        let Table { conns, users, topics, recovering, joiners, channels, .. } = &mut *table;
         // The connections of the excluded users (none in the common case: nothing to look up).
-        let skip: Option<HashSet<u64>> = (!exclude.is_empty()).then(|| {
+        let mut skip: Option<HashSet<u64>> = (!exclude.is_empty()).then(|| {
             exclude.iter().filter_map(|u| users.get(std::str::from_utf8(u).ok()?)).flatten().copied().collect()
         });
+        if let Some(id) = exclude_conn {
+            skip.get_or_insert_with(HashSet::new).insert(id);
+        }
         let (mut slow, mut direct) = (Vec::new(), Vec::new());
         let mut delivered = 0;
         let (max_frames, max_bytes) = (self.max_frames, self.max_bytes);
@@ -425,7 +438,7 @@ impl Worker {
                 Offer::Full => slow.push(id),
             }
         };
-        each_member(conns, users, topics, to, offer);
+        each_member(Indexes { conns, users, topics, joiners, channels }, to, offer);
         for id in slow {
             self.cut_slow(&mut table, id);
         }
@@ -443,6 +456,9 @@ impl Worker {
     /// Carry out one message from the broker.
     pub fn handle(&self, m: Message) {
         GLOBAL.broker_messages.fetch_add(1, Ordering::Relaxed);
+        if m.channel.starts_with(pusher::NAMESPACE.as_bytes()) {
+            return self.handle_joined(&m);
+        }
         let push = match Push::decode(&m.data) {
             Ok(p) => p,
             Err(e) => {
@@ -457,11 +473,11 @@ impl Worker {
         let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
         let frames = Frames::new(channel, m.position.as_ref(), &push.content, self.compresses(&push.content));
         if let Some(to) = Audience::of(channel) {
-            self.send(&frames, Target::Members(to), &push.exclude_uid);
+            self.send(&frames, Target::Members(to), &push.exclude_uid, None);
             return;
         }
         let target = push.to_connection_id.as_deref().and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok());
-        let delivered = target.map_or(0, |id| self.send(&frames, Target::Conn(id), &[]));
+        let delivered = target.map_or(0, |id| self.send(&frames, Target::Conn(id), &[], None));
         if delivered == 0 {
             GLOBAL.undeliverable.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
@@ -472,6 +488,19 @@ impl Worker {
         }
     }
 
+    /// Carry out a message on a protocol's channel (Pusher's): its event to the channel's
+    /// joiners here, except the socket it names.
+    fn handle_joined(&self, m: &Message) {
+        let Some((exclude, event)) = pusher::read_payload(&m.data) else {
+            GLOBAL.bad_broker_messages.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let exclude = exclude.filter(|(worker, _)| *worker == self.socket_number).map(|(_, id)| id);
+        let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
+        let frames = Frames::new(channel, m.position.as_ref(), event, self.compresses(event));
+        self.send(&frames, Target::Channel(channel), &[], exclude);
+    }
+
     /// Ping every connection; close those silent for longer than `dead_after`.
     pub(super) fn sweep(&self, dead_after: Duration) {
         let now = self.now();
@@ -479,7 +508,7 @@ impl Worker {
         let keep = |_: &u64, c: &mut Arc<Conn>| {
             // An SSE client never writes: a dead one shows as a full queue (a slow consumer).
             if !c.sse && now.saturating_sub(c.last_seen.load(Ordering::Relaxed)) > dead_after.as_millis() as u64 {
-                c.close(close::GOING_AWAY);
+                c.close(c.encoding.dead_close_code());
                 return false;
             }
             // A client whose queue is full gets no ping; the next push decides its fate.
@@ -489,13 +518,14 @@ impl Worker {
         let mut t = self.table();
         t.conns.retain(keep);
         t.unlisted.retain(keep);
+        t.joiners.retain(keep);
     }
 
     /// Close every connection with `code`.
     pub(super) fn close_all(&self, code: u16) {
         let mut t = self.table();
-        let Table { conns, unlisted, .. } = &mut *t;
-        for (_, c) in conns.drain().chain(unlisted.drain()) {
+        let Table { conns, unlisted, joiners, .. } = &mut *t;
+        for (_, c) in conns.drain().chain(unlisted.drain()).chain(joiners.drain()) {
             c.close(code);
         }
     }
@@ -503,6 +533,51 @@ impl Worker {
     /// The next connection id (from 1, never reused while the worker lives).
     pub(super) fn next_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Add connection `id`, pushed to only through the broker channels it joins
+    /// ([`Worker::join`]), with `encoding`.
+    pub(super) fn add_joiner(&self, id: u64, encoding: Encoding, deflate: bool) -> Arc<Conn> {
+        let conn = Arc::new(Conn::new(self.now(), false, encoding, deflate));
+        self.table().joiners.insert(id, conn.clone());
+        conn
+    }
+
+    /// Connection `id` (a joiner) joins broker channel `channel`; once this returns, pushes on
+    /// it reach the connection (the broker confirmed, or is down and renews it when back).
+    /// Whether it joined (false: not a joiner here, or in the channel already).
+    pub async fn join(&self, id: u64, channel: &str) -> bool {
+        if !self.table().join_channel(id, channel) {
+            return false;
+        }
+        if let Err(e) = self.broker.join(self.sub, vec![channel.to_owned()]).await {
+            tracing::warn!(worker = %self.id, connection = id, "join not confirmed: {e}");
+        }
+        true
+    }
+
+    /// Connection `id` leaves broker channel `channel`; whether it was in it.
+    pub async fn leave(&self, id: u64, channel: &str) -> bool {
+        if !self.table().leave_channel(id, channel) {
+            return false;
+        }
+        let _ = self.broker.leave(self.sub, vec![channel.to_owned()]).await;
+        true
+    }
+
+    /// Publish on the broker for one of this worker's connections; whether the broker took it.
+    pub async fn publish(&self, channel: &str, data: Bytes, keep: Option<history::Keep>) -> bool {
+        self.broker.publish(channel, data, keep).await.is_ok()
+    }
+
+    /// The latest message kept on `channel`, if the broker keeps any.
+    pub async fn last(&self, channel: &str) -> Option<Bytes> {
+        let page = self.broker.history(channel, 0, 1).await.ok()?;
+        match page.items.last() {
+            Some((offset, data)) if *offset == page.offset => Some(data.clone()),
+            _ if page.offset == 0 => None,
+            _ => self.broker.history(channel, page.offset - 1, 1).await.ok()?.items.pop().map(|(_, d)| d),
+        }
     }
 
     /// Add a connection that gets no pushes (of a protocol that is not pushed to).

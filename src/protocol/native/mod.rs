@@ -14,17 +14,26 @@ use bytes::Bytes;
 
 use self::push::Audience;
 use self::token::Identity;
-use super::Protocol;
+use super::{BoxFuture, Engine, Held, Protocol};
 
-/// The seed's protocol. What it sends is built by the gateway (welcome line or JSON welcome,
-/// pushes encoded once per kind of connection).
+/// The seed's protocol: its connections are held by the engine with their user and topics, and
+/// get the welcome line (or JSON) from [`welcome`].
 pub struct Native;
 
 impl Protocol for Native {
     const READS: bool = false;
-    const PUSHED: bool = true;
+    const HELD: Held = Held::Native;
+    /// What the connection asked for; `None` for a seed client (boxed: it travels in the
+    /// connection's long-lived task).
+    type Session = Option<Box<Wants>>;
 
-    fn on_message(_: bool, _: Bytes, _: &mut dyn FnMut(bool, &[u8])) {}
+    fn wants(session: &mut Self::Session) -> Option<Box<Wants>> {
+        session.take()
+    }
+
+    fn on_message<'a>(_: &'a mut Self::Session, _: &'a mut dyn Engine, _: bool, _: Bytes) -> BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// The first message of a connection: the seed's line, or JSON with `format=json`.

@@ -1,0 +1,240 @@
+//! One Pusher connection: its app and `socket_id`, the channels it is subscribed to, and what
+//! each message it sends does (`pusher:ping`, `pusher:subscribe`, `pusher:unsubscribe`, client
+//! events). Refusals are `pusher:error` events and leave the connection open; only what the
+//! protocol makes fatal (an unknown app, an unsupported version) closes it, with its code.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::channel::{self, Kind};
+use super::{broker_channel, event_json, payload, read_payload, sign, socket_id, App};
+use crate::protocol::Engine;
+
+/// Close codes and error codes of the protocol.
+pub mod code {
+    /// Unknown app key.
+    pub const NO_APP: u16 = 4001;
+    /// Over the app's connection quota.
+    pub const OVER_QUOTA: u16 = 4004;
+    /// Unsupported protocol version.
+    pub const VERSION: u16 = 4007;
+    /// Unauthorized (a bad subscription signature).
+    pub const UNAUTHORIZED: u16 = 4009;
+    /// No pong in time.
+    pub const NO_PONG: u16 = 4201;
+    /// A message the server cannot use.
+    pub const BAD_MESSAGE: u16 = 4300;
+    /// Client events over the rate limit.
+    pub const RATE: u16 = 4301;
+}
+
+/// Protocol versions served (Java and .NET clients say 5; pusher-js 7).
+const VERSIONS: std::ops::RangeInclusive<u32> = 5..=7;
+
+/// One channel the connection is subscribed to.
+struct Subscribed {
+    name: Box<str>,
+    kind: Kind,
+}
+
+/// See the module documentation.
+pub struct Session {
+    app: Option<Arc<App>>,
+    /// Why the connection is refused (sent as `pusher:error`, then closed with the code).
+    refused: Option<(u16, String)>,
+    socket_id: String,
+    channels: Vec<Subscribed>,
+    /// Client events sent in the current second, and when that second began.
+    events: (u32, Option<Instant>),
+}
+
+/// A client's message: `{"event", "channel"?, "data"?}`.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    event: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    channel: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// `pusher:subscribe`'s data.
+#[derive(Deserialize)]
+struct Subscribe {
+    channel: String,
+    #[serde(default)]
+    auth: Option<String>,
+}
+
+impl Session {
+    /// A connection to `/app/KEY` asking with `query`, for `app` (`None`: no app has that key).
+    pub fn admit(app: Option<Arc<App>>, query: Option<&str>) -> Session {
+        let version = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == "protocol")
+            .map(|(_, v)| v.parse::<u32>().ok());
+        let refused = match (&app, version) {
+            (None, _) => Some((code::NO_APP, "Application does not exist".into())),
+            (_, Some(v)) if !v.is_some_and(|v| VERSIONS.contains(&v)) => {
+                Some((code::VERSION, "Unsupported protocol version".into()))
+            }
+            _ => None,
+        };
+        Session { app, refused, socket_id: String::new(), channels: Vec::new(), events: (0, None) }
+    }
+
+    /// `pusher:connection_established`, or the error that refuses the connection.
+    pub fn welcome(&mut self, engine: &mut dyn Engine) {
+        let (worker, id) = engine.socket();
+        self.socket_id = socket_id(worker, id);
+        match (&self.refused, &self.app) {
+            (Some((code, message)), _) => {
+                let (code, message) = (*code, message.clone());
+                error(engine, Some(code), &message);
+                engine.close(code, &message);
+            }
+            (None, Some(app)) => {
+                let data = serde_json::json!({"socket_id": self.socket_id, "activity_timeout": app.activity_timeout});
+                send(engine, "pusher:connection_established", None, &data.to_string());
+            }
+            (None, None) => engine.close(code::NO_APP, "Application does not exist"),
+        }
+    }
+
+    /// Act on one message from the client.
+    pub async fn on_message(&mut self, engine: &mut dyn Engine, text: bool, data: Bytes) {
+        let Some(app) = self.app.clone() else { return };
+        let parsed = text.then(|| serde_json::from_slice::<Message<'_>>(&data).ok()).flatten();
+        let Some(m) = parsed else {
+            return error(
+                engine,
+                Some(code::BAD_MESSAGE),
+                "Messages are JSON text: {\"event\", \"channel\", \"data\"}",
+            );
+        };
+        match &*m.event {
+            "pusher:ping" => send(engine, "pusher:pong", None, "{}"),
+            "pusher:pong" => {}
+            "pusher:subscribe" => match m.data.and_then(|d| serde_json::from_str::<Subscribe>(d.get()).ok()) {
+                Some(s) => self.subscribe(&app, engine, s).await,
+                None => error(engine, Some(code::BAD_MESSAGE), "pusher:subscribe needs data with a channel"),
+            },
+            "pusher:unsubscribe" => {
+                let channel = m.data.and_then(|d| serde_json::from_str::<Subscribe>(d.get()).ok()).map(|s| s.channel);
+                if let Some(i) = channel.and_then(|c| self.channels.iter().position(|s| *s.name == *c)) {
+                    let gone = self.channels.swap_remove(i);
+                    engine.leave(&broker_channel(&app.id, &gone.name)).await;
+                }
+            }
+            e if e.starts_with("client-") => {
+                let channel = m.channel.as_deref().unwrap_or_default();
+                let data = m.data.map_or("null", RawValue::get);
+                self.client_event(&app, engine, e, channel, data).await
+            }
+            // Other events (a newer client's) are not for this server: ignored, as Pusher does.
+            _ => {}
+        }
+    }
+
+    async fn subscribe(&mut self, app: &App, engine: &mut dyn Engine, s: Subscribe) {
+        let name = s.channel;
+        if let Err(e) = channel::check(&name) {
+            return error(engine, Some(code::BAD_MESSAGE), &e);
+        }
+        if self.channels.iter().any(|c| *c.name == *name) {
+            return send(engine, "pusher_internal:subscription_succeeded", Some(&name), "{}");
+        }
+        if self.channels.len() >= app.max_channels_per_connection {
+            let limit = app.max_channels_per_connection;
+            return error(engine, Some(code::BAD_MESSAGE), &format!("At most {limit} channels per connection"));
+        }
+        let kind = Kind::of(&name);
+        if kind.user || kind.presence {
+            // Served in a later step: refused plainly rather than half done.
+            return subscription_error(engine, &name, 501, "This channel type is not served yet");
+        }
+        if kind.private {
+            let string = format!("{}:{name}", self.socket_id);
+            if !sign::authorizes(app, string.as_bytes(), s.auth.as_deref().unwrap_or_default()) {
+                let message = format!("Invalid signature: expected HMAC SHA256 hex digest of {string}");
+                return error(engine, Some(code::UNAUTHORIZED), &message);
+            }
+        }
+        engine.join(&broker_channel(&app.id, &name)).await;
+        send(engine, "pusher_internal:subscription_succeeded", Some(&name), "{}");
+        if kind.cache {
+            let last = engine.last(&broker_channel(&app.id, &name)).await;
+            match last.as_deref().and_then(read_payload) {
+                Some((_, event)) => engine.send(true, event),
+                None => {
+                    let miss = serde_json::json!({"event": "pusher:cache_miss", "channel": name});
+                    engine.send(true, miss.to_string().as_bytes())
+                }
+            }
+        }
+        self.channels.push(Subscribed { name: name.into(), kind });
+    }
+
+    async fn client_event(&mut self, app: &App, engine: &mut dyn Engine, event: &str, channel: &str, data: &str) {
+        if !app.client_events {
+            return error(engine, Some(code::BAD_MESSAGE), "Client events are not enabled for this app");
+        }
+        let Some(sub) = self.channels.iter().find(|c| *c.name == *channel) else {
+            return error(engine, Some(code::BAD_MESSAGE), &format!("Not subscribed to {channel:?}"));
+        };
+        if !sub.kind.takes_client_events() {
+            return error(engine, Some(code::BAD_MESSAGE), "Client events go on private and presence channels only");
+        }
+        if !channel::is_client_event(event) {
+            return error(
+                engine,
+                Some(code::BAD_MESSAGE),
+                "Client event names start with client- (at most 200 characters)",
+            );
+        }
+        if data.len() > app.max_event_payload {
+            return error(engine, Some(code::BAD_MESSAGE), &format!("Event data over {} bytes", app.max_event_payload));
+        }
+        let now = Instant::now();
+        match self.events {
+            (n, Some(start)) if now.duration_since(start).as_secs() < 1 => {
+                if n >= app.client_event_rate {
+                    return error(engine, Some(code::RATE), "Client event rate limit reached");
+                }
+                self.events.0 = n + 1;
+            }
+            _ => self.events = (1, Some(now)),
+        }
+        let Ok(data) = RawValue::from_string(data.to_owned()) else { return };
+        let json = event_json(event, channel, &data, None);
+        let to = broker_channel(&app.id, channel);
+        if !engine.publish(&to, payload(Some(&self.socket_id), &json), None).await {
+            error(engine, Some(code::BAD_MESSAGE), "The event could not be relayed: the broker is unreachable");
+        }
+    }
+}
+
+/// Send `{"event":E,"channel"?:C,"data":D}` with `data` a string holding `data`.
+fn send(engine: &mut dyn Engine, event: &str, channel: Option<&str>, data: &str) {
+    let mut m = serde_json::json!({"event": event, "data": data});
+    if let Some(c) = channel {
+        m["channel"] = c.into();
+    }
+    engine.send(true, m.to_string().as_bytes());
+}
+
+/// `pusher:error` with `code` (a number or null) and `message`, its data an object as Pusher's.
+fn error(engine: &mut dyn Engine, code: Option<u16>, message: &str) {
+    let m = serde_json::json!({"event": "pusher:error", "data": {"code": code, "message": message}});
+    engine.send(true, m.to_string().as_bytes());
+}
+
+/// `pusher:subscription_error` on `channel`, with an HTTP-like `status`.
+fn subscription_error(engine: &mut dyn Engine, channel: &str, status: u16, message: &str) {
+    let data = serde_json::json!({"type": "AuthError", "error": message, "status": status});
+    send(engine, "pusher:subscription_error", Some(channel), &data.to_string());
+}

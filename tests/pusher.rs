@@ -1,0 +1,83 @@
+//! The Pusher Channels protocol with the libraries applications use (`tests/pusher/*.mjs`:
+//! pusher-js as the client, the `pusher` server SDK for Node), against standalone and against a
+//! cluster of two gateways over the channel server, each client on its own gateway.
+
+mod common;
+
+use common::*;
+
+const APP: (&str, &str, &str) = ("7", "app-key", "app-secret");
+
+/// Run `script` with Node in tests/pusher with `args`; its output, or a panic with it when it
+/// fails. Missing libraries skip the test under plain `cargo test` (`./scripts/test` installs
+/// them) and fail it under the full suite.
+async fn node(script: &str, args: &[String]) -> Option<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pusher");
+    if !dir.join("node_modules/pusher-js").exists() || !have(&["node"], false) {
+        assert!(std::env::var_os(ALL_TESTS).is_none(), "{ALL_TESTS} is set and tests/pusher/node_modules is missing");
+        eprintln!("skipped: run `npm ci --prefix tests/pusher` (./scripts/test does)");
+        return None;
+    }
+    let run = tokio::process::Command::new("node").arg(script).args(args).current_dir(&dir).kill_on_drop(true).output();
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(120), run).await.expect("in time").expect("node runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    Some(text)
+}
+
+fn app_flag() -> String {
+    format!("{}:{}:{}", APP.0, APP.1, APP.2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_and_the_node_sdk_on_standalone() {
+    let (ws, http, ch) = (free_port(), free_port(), free_port());
+    let _node = Proc::start(
+        &[
+            "standalone",
+            "--ws-listen",
+            &format!("127.0.0.1:{ws}"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+            "--channel-listen",
+            &format!("127.0.0.1:{ch}"),
+            "--app",
+            &app_flag(),
+        ],
+        &[ws, http],
+    )
+    .await;
+    let args = [ws.to_string(), http.to_string(), APP.0.into(), APP.1.into(), APP.2.into()];
+    if let Some(out) = node("basic.mjs", &args).await {
+        assert!(out.contains("all passed"), "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_and_the_node_sdk_across_two_gateways() {
+    let app = app_flag();
+    let cluster = Cluster::start_with(None, &["--app", &app], &["--app", &app]).await;
+    let args = [
+        cluster.gateways[0].port().to_string(),
+        cluster.publishers[0].port().to_string(),
+        APP.0.into(),
+        APP.1.into(),
+        APP.2.into(),
+        cluster.gateways[1].port().to_string(),
+    ];
+    if let Some(out) = node("basic.mjs", &args).await {
+        assert!(out.contains("all passed"), "{out}");
+    }
+}
+
+/// Without apps, `/app/KEY` is a path like any other: a seed client there gets the native
+/// welcome line.
+#[tokio::test]
+async fn without_apps_the_native_protocol_is_on_every_path() {
+    let (_p, _c, w, _h) = standalone(&[]).await;
+    let url = format!("ws://127.0.0.1:{w}/app/some-key?protocol=7");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("handshake");
+    let welcome = next_text(&mut ws).await.expect("welcome");
+    assert!(welcome.starts_with("workerID:") && welcome.ends_with(" connected\n"), "{welcome:?}");
+}

@@ -1,0 +1,159 @@
+// Pusher protocol against a running pushwire, with the libraries applications use: pusher-js
+// (the browser/Node client) and the `pusher` server SDK for Node.
+//   node basic.mjs WS_PORT HTTP_PORT APP_ID APP_KEY APP_SECRET [WS_PORT_B]
+// (WS_PORT_B: the gateway of the second client, to check delivery across gateways.)
+// Prints one line per check; exits 1 at the first failure (with what was seen), 0 when all pass.
+import Pusher from "pusher-js";
+import PusherServer from "pusher";
+
+const [wsPort, httpPort, appId, key, secret, wsPortB] = process.argv.slice(2);
+const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port: httpPort, useTLS: false });
+const WAIT = 10_000;
+
+function check(ok, what, seen) {
+  if (!ok) {
+    console.log(`FAIL ${what}${seen === undefined ? "" : `: ${JSON.stringify(seen)}`}`);
+    process.exit(1);
+  }
+  console.log(`ok ${what}`);
+}
+
+function within(ms, what, promise) {
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms)),
+  ]);
+}
+
+function client(appKey = key, port = wsPort) {
+  return new Pusher(appKey, {
+    cluster: "local",
+    wsHost: "127.0.0.1",
+    wsPort: Number(port),
+    forceTLS: false,
+    enabledTransports: ["ws"],
+    disableStats: true,
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => {
+        callback(null, server.authorizeChannel(socketId, channelName));
+      },
+    },
+  });
+}
+
+function connected(c) {
+  return within(WAIT, "connected", new Promise((resolve, reject) => {
+    c.connection.bind("connected", () => resolve(c.connection.socket_id));
+    c.connection.bind("failed", () => reject(new Error("failed")));
+  }));
+}
+
+function subscribed(c, name) {
+  const ch = c.subscribe(name);
+  return within(WAIT, `subscribed to ${name}`, new Promise((resolve, reject) => {
+    ch.bind("pusher:subscription_succeeded", () => resolve(ch));
+    ch.bind("pusher:subscription_error", (e) => reject(new Error(JSON.stringify(e))));
+  }));
+}
+
+// Events `ch` gets, in order, until one named `last`.
+function until(ch, last) {
+  const got = [];
+  return within(WAIT, `until ${last}`, new Promise((resolve) => {
+    ch.bind_global((event, data) => {
+      if (event.startsWith("pusher")) return;
+      got.push([event, data]);
+      if (event === last) resolve(got);
+    });
+  }));
+}
+
+// Connection and socket id.
+const a = client();
+const b = client(key, wsPortB ?? wsPort);
+const [sa, sb] = await Promise.all([connected(a), connected(b)]);
+check(/^\d+\.\d+$/.test(sa) && sa !== sb, "socket_id is NUMBER.NUMBER and unique", [sa, sb]);
+
+// A public channel: an event from the server SDK reaches each subscriber once, data parsed.
+const [na, nb] = await Promise.all([subscribed(a, "news"), subscribed(b, "news")]);
+let ga = until(na, "end"), gb = until(nb, "end");
+await server.trigger("news", "greet", { hi: 1 });
+await server.trigger("news", "end", {});
+check(JSON.stringify(await ga) === JSON.stringify([["greet", { hi: 1 }], ["end", {}]]), "public event reaches a", await ga);
+check(JSON.stringify(await gb) === JSON.stringify([["greet", { hi: 1 }], ["end", {}]]), "public event reaches b", await gb);
+
+// socket_id leaves that one socket out.
+ga = until(na, "end2"); gb = until(nb, "end2");
+await server.trigger("news", "not-for-a", { x: 1 }, { socket_id: sa });
+await server.trigger("news", "end2", {});
+check(JSON.stringify(await ga) === JSON.stringify([["end2", {}]]), "socket_id excluded a", await ga);
+check((await gb).length === 2, "b got the event a was excluded from", await gb);
+
+// A batch, and an event to several channels at once.
+const [ma] = [await subscribed(a, "more")];
+ga = until(ma, "b2");
+await server.triggerBatch([{ channel: "more", name: "b1", data: "1" }, { channel: "more", name: "b2", data: "2" }]);
+check(JSON.stringify(await ga) === JSON.stringify([["b1", 1], ["b2", 2]]), "batch events in order", await ga);
+ga = until(ma, "multi");
+const gn = until(na, "multi");
+await server.trigger(["news", "more"], "multi", "both");
+check((await ga).length === 1 && (await gn).length === 1, "one event to two channels", [await ga, await gn]);
+
+// Private channel: authorized by the SDK's signature; client events go to the others only.
+const [pa, pb] = await Promise.all([subscribed(a, "private-chat"), subscribed(b, "private-chat")]);
+ga = until(pa, "mark"); gb = until(pb, "mark");
+check(pa.trigger("client-typing", { who: "a" }), "pusher-js accepted the client event");
+await new Promise((r) => setTimeout(r, 50));
+await server.trigger("private-chat", "mark", {});
+check(JSON.stringify(await gb) === JSON.stringify([["client-typing", { who: "a" }], ["mark", {}]]), "client event reached b", await gb);
+check(JSON.stringify(await ga) === JSON.stringify([["mark", {}]]), "client event not echoed to a", await ga);
+
+// A private subscription with a bad signature is refused; the socket stays up.
+const bad = new Pusher(key, {
+  cluster: "local", wsHost: "127.0.0.1", wsPort: Number(wsPort), forceTLS: false, enabledTransports: ["ws"],
+  disableStats: true,
+  channelAuthorization: { customHandler: (_, cb) => cb(null, { auth: `${key}:${"0".repeat(64)}` }) },
+});
+await connected(bad);
+const refused = within(WAIT, "refusal", new Promise((resolve) => {
+  bad.connection.bind("error", (e) => resolve(e));
+}));
+bad.subscribe("private-chat");
+const err = await refused;
+check(err?.data?.code === 4009, "bad signature: pusher:error 4009", err);
+check(bad.connection.state === "connected", "the refused socket stays connected", bad.connection.state);
+
+// Cache channels: the last event for a new subscriber; a miss when there is none.
+await server.trigger("cache-weather", "now", { t: 21 });
+const cached = new Promise((resolve) => {
+  const ch = a.subscribe("cache-weather");
+  ch.bind("now", (d) => resolve(d));
+});
+check(JSON.stringify(await within(WAIT, "cached event", cached)) === JSON.stringify({ t: 21 }), "cache channel replays the last event");
+const miss = new Promise((resolve) => {
+  const ch = a.subscribe("cache-empty");
+  ch.bind("pusher:cache_miss", () => resolve(true));
+});
+check(await within(WAIT, "cache miss", miss), "cache channel without an event: pusher:cache_miss");
+
+// An unknown key: the connection is refused with 4001 and not retried.
+const stranger = client("no-such-key");
+const failed = await within(WAIT, "refusal of an unknown key", new Promise((resolve) => {
+  stranger.connection.bind("error", (e) => resolve(e));
+}));
+check(failed?.error?.data?.code === 4001, "unknown app key: pusher:error 4001", failed);
+await within(WAIT, "no retry after 4001", new Promise((resolve) => {
+  const done = () => (["disconnected", "failed"].includes(stranger.connection.state) ? resolve() : setTimeout(done, 20));
+  done();
+}));
+check(true, "unknown app key: the client gives up");
+
+// The HTTP API refuses a bad signature.
+const wrong = new PusherServer({ appId, key, secret: "not-the-secret", host: "127.0.0.1", port: httpPort, useTLS: false });
+let status = 0;
+try { await wrong.trigger("news", "x", {}); } catch (e) { status = e.status; }
+check(status === 401, "HTTP API: wrong secret answered 401", status);
+
+for (const c of [a, b, bad, stranger]) c.disconnect();
+console.log("all passed");
+process.exit(0);
