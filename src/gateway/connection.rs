@@ -30,11 +30,11 @@ pub(super) async fn serve<P: Protocol>(
     mut buf: BytesMut,
     worker: &Arc<Worker>,
     cfg: &GatewayConfig,
-    mut session: P::Session,
+    (wants, mut session): (Option<Box<Wants>>, P::Session),
     deflate: bool,
 ) {
     let (id, conn, welcome) = match P::HELD {
-        Held::Native => Box::pin(open(worker, P::wants(&mut session), false, deflate)).await,
+        Held::Native => Box::pin(open(worker, wants, false, deflate)).await,
         Held::Joiner(encoding) => {
             let id = worker.next_id();
             (id, worker.add_joiner(id, encoding, deflate), Bytes::new())
@@ -47,11 +47,13 @@ pub(super) async fn serve<P: Protocol>(
     tracing::debug!(worker = %worker.id, connection = id, "client connected");
     let mut out = VecDeque::from([Opening::then(head, welcome)]);
     out.retain(|f| !f.is_empty());
-    let mut closing: Option<(u16, String)> = None;
     if P::HELD != Held::Native {
         let mut ctx = Session { worker, conn: &conn, id, out: &mut out, closing: None };
         P::welcome(&mut session, &mut ctx);
-        closing = ctx.closing;
+        // A refusal: what the protocol said goes out, then the close.
+        if let Some((code, _)) = ctx.closing {
+            conn.close(code);
+        }
     }
     if let Wire::Tcp(s) = &wire {
         conn.attach(s.clone());
@@ -60,32 +62,29 @@ pub(super) async fn serve<P: Protocol>(
     if P::READS {
         reader = reader.keeping();
     }
-    let mut inbox = VecDeque::new();
-    while closing.is_none() {
+    let closing: Option<(u16, Box<str>)> = 'conn: loop {
         if !out.is_empty() {
             if !wire.flush(&mut out, cfg.write_timeout).await {
-                break;
+                break None;
             }
             conn.written();
         }
-        match on_frames(&mut reader, &mut buf, cfg.max_client_frame, &conn, &mut out, &mut inbox) {
-            Ok(()) => {}
-            Err(Ok(code)) => {
-                closing = Some((code, String::new()));
-                break;
+        match on_frames(&mut reader, &mut buf, cfg.max_client_frame, &conn, &mut out) {
+            Ok(None) => {}
+            // One message at a time: the frames after it wait in `buf` until it is handled.
+            Ok(Some((text, data))) => {
+                if let Some(close) = Box::pin(handle::<P>(&mut session, worker, &conn, id, &mut out, text, data)).await
+                {
+                    break 'conn Some(close);
+                }
+                continue;
             }
+            Err(Ok(code)) => break 'conn Some((code, "".into())),
             Err(Err(e)) => {
                 GLOBAL.bad_client_frames.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(worker = %worker.id, connection = id, "closing: {e}");
-                closing = Some((e.code(), "bad frame".into()));
-                break;
+                break 'conn Some((e.code(), "bad frame".into()));
             }
-        }
-        if !inbox.is_empty() {
-            let mut ctx = Session { worker, conn: &conn, id, out: &mut out, closing: None };
-            Box::pin(handle::<P>(&mut session, &mut ctx, &mut inbox)).await;
-            closing = ctx.closing;
-            continue;
         }
         if !out.is_empty() {
             continue;
@@ -95,61 +94,70 @@ pub(super) async fn serve<P: Protocol>(
         tokio::select! {
             () = conn.wake.notified() => match conn.close_code.load(Ordering::Acquire) {
                 0 => conn.take(&mut out),
-                close::POLICY => closing = Some((close::POLICY, "slow consumer".into())),
-                close::GOING_AWAY => closing = Some((close::GOING_AWAY, "going away".into())),
-                code => closing = Some((code, String::new())),
+                close::POLICY => break Some((close::POLICY, "slow consumer".into())),
+                close::GOING_AWAY => break Some((close::GOING_AWAY, "going away".into())),
+                code => break Some((code, "".into())),
             },
             r = wire.read(&mut buf) => match r {
-                Ok(0) => break,
+                Ok(0) => break None,
                 Ok(_) => conn.last_seen.store(worker.now(), Ordering::Relaxed),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => break,
+                Err(_) => break None,
             },
         }
-    }
+    };
     Box::pin(worker.remove(id)).await;
     let remainder = conn.detach();
     if let Some((code, reason)) = closing {
-        // What the protocol said before closing (a refusal's reason) goes out first.
-        if !out.is_empty() && remainder.is_none() {
-            let _ = Box::pin(wire.flush(&mut out, cfg.write_timeout)).await;
-        }
         // Boxed: a future awaited once, at the end, need not take room in every idle connection.
-        Box::pin(wire.close(remainder, ws::close_frame(code, &reason))).await;
+        // What the protocol said last (a refusal's reason) goes out before the close.
+        Box::pin(async move {
+            if !out.is_empty() && remainder.is_none() {
+                wire.flush(&mut out, cfg.write_timeout).await;
+            }
+            wire.close(remainder, ws::close_frame(code, &reason)).await
+        })
+        .await;
     }
     tracing::debug!(worker = %worker.id, connection = id, "client gone");
 }
 
-/// Hand each whole message of `inbox` to the protocol, in order, until one closes the connection.
-async fn handle<P: Protocol>(session: &mut P::Session, ctx: &mut Session<'_>, inbox: &mut VecDeque<(bool, Bytes)>) {
-    while let Some((text, data)) = inbox.pop_front() {
-        ctx.conn.take(ctx.out);
-        P::on_message(session, ctx, text, data).await;
-        if ctx.closing.is_some() {
-            return inbox.clear();
-        }
-    }
+/// Hand a whole client message to the protocol; whether it closes the connection (its code and
+/// reason). What it sends goes after whatever the worker queued.
+async fn handle<P: Protocol>(
+    session: &mut P::Session,
+    worker: &Arc<Worker>,
+    conn: &Arc<Conn>,
+    id: u64,
+    out: &mut VecDeque<Bytes>,
+    text: bool,
+    data: Bytes,
+) -> Option<(u16, Box<str>)> {
+    conn.take(out);
+    let mut ctx = Session { worker, conn, id, out, closing: None };
+    P::on_message(session, &mut ctx, text, data).await;
+    ctx.closing
 }
 
-/// Act on every whole frame in `buf`: a ping is answered (after whatever the worker left queued:
-/// the rest of a frame it wrote in part, above all, nothing may land inside it), and a whole
-/// message kept in `inbox` for the protocol. Ends at a client's close (its code) or a bad frame.
+/// Act on the whole frames in `buf` up to the first whole message, which is returned (for a
+/// protocol that reads them): a ping is answered (after whatever the worker left queued: the
+/// rest of a frame it wrote in part, above all, nothing may land inside it). Ends at a client's
+/// close (its code) or a bad frame.
 fn on_frames(
     reader: &mut ws::Reader,
     buf: &mut BytesMut,
     max_frame: usize,
     conn: &Conn,
     out: &mut VecDeque<Bytes>,
-    inbox: &mut VecDeque<(bool, Bytes)>,
-) -> Result<(), Result<u16, ws::WsError>> {
+) -> Result<Option<(bool, Bytes)>, Result<u16, ws::WsError>> {
     loop {
         match reader.parse(buf, max_frame) {
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(None),
             Ok(Some(ClientFrame::Ping(p))) => {
                 conn.take(out);
                 out.push_back(ws::pong(&p))
             }
-            Ok(Some(ClientFrame::Message { text, data })) => inbox.push_back((text, data)),
+            Ok(Some(ClientFrame::Message { text, data })) => return Ok(Some((text, data))),
             Ok(Some(ClientFrame::Close(code))) => return Err(Ok(code.unwrap_or(close::NORMAL))),
             Ok(Some(ClientFrame::Data | ClientFrame::Pong)) => {}
             Err(e) => return Err(Err(e)),
@@ -164,7 +172,7 @@ struct Session<'a> {
     conn: &'a Arc<Conn>,
     id: u64,
     out: &'a mut VecDeque<Bytes>,
-    closing: Option<(u16, String)>,
+    closing: Option<(u16, Box<str>)>,
 }
 
 impl Engine for Session<'_> {
@@ -175,7 +183,7 @@ impl Engine for Session<'_> {
     }
 
     fn close(&mut self, code: u16, reason: &str) {
-        self.closing = Some((code, reason.to_owned()));
+        self.closing = Some((code, reason.into()));
     }
 
     fn socket(&self) -> (&str, u64) {
@@ -294,8 +302,8 @@ mod tests {
             socket.readable().await.expect("readable");
             let _ = socket.try_read_buf(&mut buf);
         }
-        let (mut reader, mut out, mut inbox) = (ws::Reader::new(false), VecDeque::new(), VecDeque::new());
-        on_frames(&mut reader, &mut buf, 1 << 20, &conn, &mut out, &mut inbox).expect("a ping is no reason to close");
+        let (mut reader, mut out) = (ws::Reader::new(false), VecDeque::new());
+        on_frames(&mut reader, &mut buf, 1 << 20, &conn, &mut out).expect("a ping is no reason to close");
 
         let read = tokio::spawn(async move {
             let push = server_frame(&mut client).await;

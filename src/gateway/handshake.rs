@@ -74,9 +74,9 @@ impl Gateway {
                 },
             };
             match choice {
-                Choice::Echo => open.run::<Echo>(wire, None, leftover, (), deflate).await,
-                Choice::Native => open.run::<Native>(wire, None, leftover, wants, deflate).await,
-                Choice::Pusher(s) => open.run::<Pusher>(wire, None, leftover, s, deflate).await,
+                Choice::Echo => open.run::<Echo>(wire, None, leftover, (None, ()), deflate).await,
+                Choice::Native => open.run::<Native>(wire, None, leftover, (wants, ()), deflate).await,
+                Choice::Pusher(s) => open.run::<Pusher>(wire, None, leftover, (None, s), deflate).await,
             }
         });
         let mut r = Response::new(Full::new(Bytes::new()));
@@ -213,12 +213,14 @@ impl Gateway {
             let wire = Wire::Tcp(Arc::new(stream));
             match (sse, choice) {
                 (true, _) => tokio::spawn(open.run_sse(wire, opening, wants)),
-                (false, Choice::Echo) => tokio::spawn(open.run::<Echo>(wire, opening, BytesMut::new(), (), deflate)),
+                (false, Choice::Echo) => {
+                    tokio::spawn(open.run::<Echo>(wire, opening, BytesMut::new(), (None, ()), deflate))
+                }
                 (false, Choice::Native) => {
-                    tokio::spawn(open.run::<Native>(wire, opening, BytesMut::new(), wants, deflate))
+                    tokio::spawn(open.run::<Native>(wire, opening, BytesMut::new(), (wants, ()), deflate))
                 }
                 (false, Choice::Pusher(s)) => {
-                    tokio::spawn(open.run::<Pusher>(wire, opening, BytesMut::new(), s, deflate))
+                    tokio::spawn(open.run::<Pusher>(wire, opening, BytesMut::new(), (None, s), deflate))
                 }
             };
         }

@@ -263,7 +263,7 @@ impl OpenGuard {
         wire: wire::Wire,
         head: Option<Box<handshake::Opening>>,
         leftover: BytesMut,
-        session: P::Session,
+        session: (Option<Box<Wants>>, P::Session),
         deflate: bool,
     ) {
         GLOBAL.ws_connections_total.fetch_add(1, Ordering::Relaxed);

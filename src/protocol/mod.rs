@@ -111,11 +111,6 @@ pub trait Protocol: Send + Sync + 'static {
     /// What the protocol keeps for one connection, from its admission on.
     type Session: Send + 'static;
 
-    /// What the native protocol's connection asked for (the others: nothing).
-    fn wants(_: &mut Self::Session) -> Option<Box<native::Wants>> {
-        None
-    }
-
     /// What to send (or do) once the connection has its place in the engine.
     fn welcome(_: &mut Self::Session, _: &mut dyn Engine) {}
 

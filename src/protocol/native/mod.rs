@@ -23,13 +23,8 @@ pub struct Native;
 impl Protocol for Native {
     const READS: bool = false;
     const HELD: Held = Held::Native;
-    /// What the connection asked for; `None` for a seed client (boxed: it travels in the
-    /// connection's long-lived task).
-    type Session = Option<Box<Wants>>;
-
-    fn wants(session: &mut Self::Session) -> Option<Box<Wants>> {
-        session.take()
-    }
+    /// Nothing: what the connection asked for ([`Wants`]) goes to the engine when it opens.
+    type Session = ();
 
     fn on_message<'a>(_: &'a mut Self::Session, _: &'a mut dyn Engine, _: bool, _: Bytes) -> BoxFuture<'a, ()> {
         Box::pin(std::future::ready(()))
