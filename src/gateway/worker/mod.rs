@@ -14,9 +14,11 @@
 //! gets what it missed from history, merged at the seam with the live messages held meanwhile.
 //!
 //! Parts: [`queue`] (a connection's bounded queue and the direct write), [`membership`] (indexes,
-//! edits, changes), [`continuity`] (offsets, gaps, history reads), [`recovery`] (`recover=`).
+//! edits, changes), [`continuity`] (offsets, gaps, history reads), [`recovery`] (`recover=`),
+//! [`joined`] (connections a protocol joins to broker channels: Pusher's).
 
 mod continuity;
+mod joined;
 mod membership;
 mod queue;
 mod recovery;
@@ -488,19 +490,6 @@ impl Worker {
         }
     }
 
-    /// Carry out a message on a protocol's channel (Pusher's): its event to the channel's
-    /// joiners here, except the socket it names.
-    fn handle_joined(&self, m: &Message) {
-        let Some((exclude, event)) = pusher::read_payload(&m.data) else {
-            GLOBAL.bad_broker_messages.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let exclude = exclude.filter(|(worker, _)| *worker == self.socket_number).map(|(_, id)| id);
-        let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
-        let frames = Frames::new(channel, m.position.as_ref(), event, self.compresses(event));
-        self.send(&frames, Target::Channel(channel), &[], exclude);
-    }
-
     /// Ping every connection; close those silent for longer than `dead_after`.
     pub(super) fn sweep(&self, dead_after: Duration) {
         let now = self.now();
@@ -533,51 +522,6 @@ impl Worker {
     /// The next connection id (from 1, never reused while the worker lives).
     pub(super) fn next_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Add connection `id`, pushed to only through the broker channels it joins
-    /// ([`Worker::join`]), with `encoding`.
-    pub(super) fn add_joiner(&self, id: u64, encoding: Encoding, deflate: bool) -> Arc<Conn> {
-        let conn = Arc::new(Conn::new(self.now(), false, encoding, deflate));
-        self.table().joiners.insert(id, conn.clone());
-        conn
-    }
-
-    /// Connection `id` (a joiner) joins broker channel `channel`; once this returns, pushes on
-    /// it reach the connection (the broker confirmed, or is down and renews it when back).
-    /// Whether it joined (false: not a joiner here, or in the channel already).
-    pub async fn join(&self, id: u64, channel: &str) -> bool {
-        if !self.table().join_channel(id, channel) {
-            return false;
-        }
-        if let Err(e) = self.broker.join(self.sub, vec![channel.to_owned()]).await {
-            tracing::warn!(worker = %self.id, connection = id, "join not confirmed: {e}");
-        }
-        true
-    }
-
-    /// Connection `id` leaves broker channel `channel`; whether it was in it.
-    pub async fn leave(&self, id: u64, channel: &str) -> bool {
-        if !self.table().leave_channel(id, channel) {
-            return false;
-        }
-        let _ = self.broker.leave(self.sub, vec![channel.to_owned()]).await;
-        true
-    }
-
-    /// Publish on the broker for one of this worker's connections; whether the broker took it.
-    pub async fn publish(&self, channel: &str, data: Bytes, keep: Option<history::Keep>) -> bool {
-        self.broker.publish(channel, data, keep).await.is_ok()
-    }
-
-    /// The latest message kept on `channel`, if the broker keeps any.
-    pub async fn last(&self, channel: &str) -> Option<Bytes> {
-        let page = self.broker.history(channel, 0, 1).await.ok()?;
-        match page.items.last() {
-            Some((offset, data)) if *offset == page.offset => Some(data.clone()),
-            _ if page.offset == 0 => None,
-            _ => self.broker.history(channel, page.offset - 1, 1).await.ok()?.items.pop().map(|(_, d)| d),
-        }
     }
 
     /// Add a connection that gets no pushes (of a protocol that is not pushed to).

@@ -1,0 +1,66 @@
+//! Connections pushed to only through the broker channels their protocol joins (a Pusher
+//! subscription): added, joined and left by their connection's task, and the fan-out of a message
+//! on such a channel (one frame for every joiner here but the socket it leaves out). Also what a
+//! protocol asks of the broker for its connections: publishes and the latest kept message.
+
+use super::*;
+
+impl Worker {
+    /// Add connection `id`, pushed to only through the broker channels it joins
+    /// ([`Worker::join`]), with `encoding`.
+    pub(in crate::gateway) fn add_joiner(&self, id: u64, encoding: Encoding, deflate: bool) -> Arc<Conn> {
+        let conn = Arc::new(Conn::new(self.now(), false, encoding, deflate));
+        self.table().joiners.insert(id, conn.clone());
+        conn
+    }
+
+    /// Connection `id` (a joiner) joins broker channel `channel`; once this returns, pushes on
+    /// it reach the connection (the broker confirmed, or is down and renews it when back).
+    /// Whether it joined (false: not a joiner here, or in the channel already).
+    pub async fn join(&self, id: u64, channel: &str) -> bool {
+        if !self.table().join_channel(id, channel) {
+            return false;
+        }
+        if let Err(e) = self.broker.join(self.sub, vec![channel.to_owned()]).await {
+            tracing::warn!(worker = %self.id, connection = id, "join not confirmed: {e}");
+        }
+        true
+    }
+
+    /// Connection `id` leaves broker channel `channel`; whether it was in it.
+    pub async fn leave(&self, id: u64, channel: &str) -> bool {
+        if !self.table().leave_channel(id, channel) {
+            return false;
+        }
+        let _ = self.broker.leave(self.sub, vec![channel.to_owned()]).await;
+        true
+    }
+
+    /// Publish on the broker for one of this worker's connections; whether the broker took it.
+    pub async fn publish(&self, channel: &str, data: Bytes, keep: Option<history::Keep>) -> bool {
+        self.broker.publish(channel, data, keep).await.is_ok()
+    }
+
+    /// The latest message kept on `channel`, if the broker keeps any.
+    pub async fn last(&self, channel: &str) -> Option<Bytes> {
+        let page = self.broker.history(channel, 0, 1).await.ok()?;
+        match page.items.last() {
+            Some((offset, data)) if *offset == page.offset => Some(data.clone()),
+            _ if page.offset == 0 => None,
+            _ => self.broker.history(channel, page.offset - 1, 1).await.ok()?.items.pop().map(|(_, d)| d),
+        }
+    }
+
+    /// Carry out a message on a protocol's channel (Pusher's): its event to the channel's
+    /// joiners here, except the socket it names.
+    pub(super) fn handle_joined(&self, m: &Message) {
+        let Some((exclude, event)) = pusher::read_payload(&m.data) else {
+            GLOBAL.bad_broker_messages.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let exclude = exclude.filter(|(worker, _)| *worker == self.socket_number).map(|(_, id)| id);
+        let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
+        let frames = Frames::new(channel, m.position.as_ref(), event, self.compresses(event));
+        self.send(&frames, Target::Channel(channel), &[], exclude);
+    }
+}
