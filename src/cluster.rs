@@ -86,7 +86,13 @@ pub enum Request {
     Hello,
     /// A page of the worker's users (or topics) after `after`, for a presence tracker.
     Dump { topics: bool, after: String },
+    /// The protocol channels (broker channels a protocol joins: Pusher's) starting with
+    /// `prefix` that have subscribers on the gateway, with how many (up to [`MAX_CHANNELS`]).
+    Channels { prefix: String },
 }
+
+/// Channels in one answer to [`Request::Channels`].
+pub const MAX_CHANNELS: usize = 10_000;
 
 /// A user or topic that arrived on (`up`) or left a worker: the `seq`-th change there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +141,9 @@ pub struct Answer {
     /// For a dump: the number of the worker's latest change when the page was taken.
     #[serde(default)]
     pub seq: u64,
+    /// For [`Request::Channels`]: channel → subscriptions.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub channels: std::collections::BTreeMap<String, u64>,
 }
 
 /// What a gateway says about itself every `lease / 3`.

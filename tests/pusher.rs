@@ -1,6 +1,7 @@
 //! The Pusher Channels protocol with the libraries applications use (`tests/pusher/*.mjs`:
-//! pusher-js as the client, the `pusher` server SDK for Node), against standalone and against a
-//! cluster of two gateways over the channel server, each client on its own gateway.
+//! pusher-js as the client, the `pusher` server SDK for Node; `tests/pusher/sdk.py`: the `pusher`
+//! SDK from PyPI with a raw WebSocket client), against standalone and against a cluster of two
+//! gateways over the channel server, each client on its own gateway.
 
 mod common;
 
@@ -23,6 +24,25 @@ async fn node(script: &str, args: &[String]) -> Option<String> {
         tokio::time::timeout(std::time::Duration::from_secs(120), run).await.expect("in time").expect("node runs");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{script} failed:\n{text}");
+    Some(text)
+}
+
+/// Run `tests/pusher/sdk.py` with `args`; its output (skipped like [`node`] when the SDK is
+/// missing).
+async fn python(args: &[String]) -> Option<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pusher");
+    let present = std::process::Command::new("python3").args(["-c", "import pusher, websockets"]).output();
+    if !present.is_ok_and(|o| o.status.success()) {
+        assert!(std::env::var_os(ALL_TESTS).is_none(), "{ALL_TESTS} is set and the pusher PyPI package is missing");
+        eprintln!("skipped: pip install pusher==3.3.4 websockets==13.1 (./scripts/test does)");
+        return None;
+    }
+    let run =
+        tokio::process::Command::new("python3").arg("sdk.py").args(args).current_dir(&dir).kill_on_drop(true).output();
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(120), run).await.expect("in time").expect("python runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "sdk.py failed:\n{text}");
     Some(text)
 }
 
@@ -50,6 +70,9 @@ async fn pusher_js_and_the_node_sdk_on_standalone() {
     .await;
     let args = [ws.to_string(), http.to_string(), APP.0.into(), APP.1.into(), APP.2.into()];
     if let Some(out) = node("basic.mjs", &args).await {
+        assert!(out.contains("all passed"), "{out}");
+    }
+    if let Some(out) = python(&args).await {
         assert!(out.contains("all passed"), "{out}");
     }
 }

@@ -123,6 +123,13 @@ impl Gateway {
                     self.workers.iter().map(|w| w.topic_members(channel, &mut uids, MAX_PRESENCE_UIDS)).sum();
                 Answer { ok: true, connections: n as u64, uids: uids.into_iter().collect(), ..Answer::default() }
             }
+            Request::Channels { prefix } => {
+                let mut channels = std::collections::BTreeMap::new();
+                for w in &self.workers {
+                    w.joined_channels(prefix, &mut channels, crate::cluster::MAX_CHANNELS);
+                }
+                Answer { ok: true, channels, ..Answer::default() }
+            }
             _ => Answer::default(),
         }
     }

@@ -104,8 +104,64 @@ impl Publisher {
                 }
                 Ok(serde_json::json!({}))
             }
+            (&Method::GET, "channels") => {
+                let prefix = param(&query, "filter_by_prefix").unwrap_or_default();
+                let info = Info::parse(param(&query, "info"))?;
+                if info.user_count && !prefix.starts_with("presence-") {
+                    return Err(ApiError::bad("info=user_count needs filter_by_prefix=presence-"));
+                }
+                let counts = self.subscriptions(&app, prefix).await?;
+                let channels: serde_json::Map<String, serde_json::Value> =
+                    counts.into_iter().map(|(name, n)| (name, info.attributes(n, 0))).collect();
+                Ok(serde_json::json!({ "channels": channels }))
+            }
+            (&Method::GET, rest) if rest.starts_with("channels/") => {
+                let rest = &rest["channels/".len()..];
+                let (name, users) = match rest.strip_suffix("/users") {
+                    Some(name) => (name, true),
+                    None => (rest, false),
+                };
+                let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy().into_owned();
+                channel::check(&name).map_err(ApiError::bad)?;
+                let kind = channel::Kind::of(&name);
+                if users {
+                    if !kind.presence {
+                        return Err(ApiError::bad("users are listed for presence channels only"));
+                    }
+                    // Presence channels are not served yet: nobody is in one.
+                    return Ok(serde_json::json!({ "users": [] }));
+                }
+                let info = Info::parse(param(&query, "info"))?;
+                if info.user_count && !kind.presence {
+                    return Err(ApiError::bad("user_count is for presence channels"));
+                }
+                let n = self.subscriptions(&app, &name).await?.get(&name).copied().unwrap_or(0);
+                let mut body = info.attributes(n, 0);
+                body["occupied"] = (n > 0).into();
+                Ok(body)
+            }
             _ => Err(ApiError(StatusCode::NOT_FOUND, format!("no such resource: {method} {path}"))),
         }
+    }
+
+    /// App `app`'s channels starting with `prefix` that have subscribers anywhere, with how
+    /// many (every live gateway asked).
+    async fn subscriptions(
+        &self,
+        app: &App,
+        prefix: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>, ApiError> {
+        let namespace = pusher::broker_channel(&app.id, "");
+        let req = crate::cluster::Request::Channels { prefix: format!("{namespace}{prefix}") };
+        let answers =
+            self.asker.ask_all(req).await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        let mut all = std::collections::BTreeMap::new();
+        for (name, n) in answers.into_iter().flat_map(|a| a.channels) {
+            if let Some(c) = name.strip_prefix(&namespace) {
+                *all.entry(c.to_owned()).or_default() += n;
+            }
+        }
+        Ok(all)
     }
 
     /// Publish `event` to each of its channels.
@@ -140,6 +196,45 @@ impl Publisher {
             Ok(Err(e)) => Err(ApiError::bad(format!("request body: {e}"))),
             Ok(Ok(c)) => Ok(c.to_bytes()),
         }
+    }
+}
+
+/// The value of query parameter `name`.
+fn param<'q>(query: &'q [(String, String)], name: &str) -> Option<&'q str> {
+    query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// The attributes a channel query asks for (`info=user_count,subscription_count`).
+#[derive(Default)]
+struct Info {
+    user_count: bool,
+    subscription_count: bool,
+}
+
+impl Info {
+    fn parse(info: Option<&str>) -> Result<Info, ApiError> {
+        let mut i = Info::default();
+        for a in info.unwrap_or_default().split(',').filter(|a| !a.is_empty()) {
+            match a {
+                "user_count" => i.user_count = true,
+                "subscription_count" => i.subscription_count = true,
+                "cache" => {}
+                other => return Err(ApiError::bad(format!("unknown info attribute {other:?}"))),
+            }
+        }
+        Ok(i)
+    }
+
+    /// A channel's attributes: `subscriptions` connections, `users` distinct users.
+    fn attributes(&self, subscriptions: u64, users: u64) -> serde_json::Value {
+        let mut v = serde_json::json!({});
+        if self.subscription_count {
+            v["subscription_count"] = subscriptions.into();
+        }
+        if self.user_count {
+            v["user_count"] = users.into();
+        }
+        v
     }
 }
 

@@ -148,6 +148,20 @@ await within(WAIT, "no retry after 4001", new Promise((resolve) => {
 }));
 check(true, "unknown app key: the client gives up");
 
+// Channel queries count subscriptions on every gateway.
+const list = await (await server.get({ path: "/channels", params: { info: "subscription_count" } })).json();
+check(list.channels?.news?.subscription_count === 2 && list.channels?.["private-chat"]?.subscription_count === 2,
+  "GET /channels: occupied channels with their subscriptions", list);
+const some = await (await server.get({ path: "/channels", params: { filter_by_prefix: "private-" } })).json();
+check(JSON.stringify(Object.keys(some.channels)) === JSON.stringify(["private-chat"]), "GET /channels?filter_by_prefix", some);
+const one = await (await server.get({ path: "/channels/news", params: { info: "subscription_count" } })).json();
+check(one.occupied === true && one.subscription_count === 2, "GET /channels/news", one);
+const none = await (await server.get({ path: "/channels/nobody-here" })).json();
+check(none.occupied === false, "GET /channels/C of an empty channel: not occupied", none);
+let refusedStatus = 0;
+try { await server.get({ path: "/channels", params: { info: "user_count" } }); } catch (e) { refusedStatus = e.status; }
+check(refusedStatus === 400, "user_count without filter_by_prefix=presence-: 400", refusedStatus);
+
 // The HTTP API refuses a bad signature.
 const wrong = new PusherServer({ appId, key, secret: "not-the-secret", host: "127.0.0.1", port: httpPort, useTLS: false });
 let status = 0;

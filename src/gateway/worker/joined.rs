@@ -63,4 +63,16 @@ impl Worker {
         let frames = Frames::new(channel, m.position.as_ref(), event, self.compresses(event));
         self.send(&frames, Target::Channel(channel), &[], exclude);
     }
+
+    /// Add the channels joined here that start with `prefix` to `out`, each with its joiners
+    /// here, up to `cap` channels in all.
+    pub fn joined_channels(&self, prefix: &str, out: &mut std::collections::BTreeMap<String, u64>, cap: usize) {
+        let t = self.table();
+        for (name, ids) in t.channels.iter().filter(|(n, _)| n.starts_with(prefix)) {
+            if out.len() >= cap && !out.contains_key(&**name) {
+                continue;
+            }
+            *out.entry(name.to_string()).or_default() += ids.len() as u64;
+        }
+    }
 }
