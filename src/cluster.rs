@@ -89,6 +89,9 @@ pub enum Request {
     /// The protocol channels (broker channels a protocol joins: Pusher's) starting with
     /// `prefix` that have subscribers on the gateway, with how many (up to [`MAX_CHANNELS`]).
     Channels { prefix: String },
+    /// The members of protocol channel `channel` on the gateway (Pusher presence): each user
+    /// once, with its `user_info` (up to [`MAX_CHANNELS`]).
+    Members { channel: String },
 }
 
 /// Channels in one answer to [`Request::Channels`].
@@ -144,6 +147,9 @@ pub struct Answer {
     /// For [`Request::Channels`]: channel → subscriptions.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub channels: std::collections::BTreeMap<String, u64>,
+    /// For [`Request::Members`]: user id → its `user_info` (JSON).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub members: std::collections::BTreeMap<String, String>,
 }
 
 /// What a gateway says about itself every `lease / 3`.

@@ -106,6 +106,13 @@ pub(super) async fn serve<P: Protocol>(
             },
         }
     };
+    if P::HELD != Held::Native {
+        Box::pin(async {
+            let mut ctx = Session { worker, conn: &conn, id, out: &mut out, closing: None };
+            P::on_close(&mut session, &mut ctx).await
+        })
+        .await;
+    }
     Box::pin(worker.remove(id)).await;
     let remainder = conn.detach();
     if let Some((code, reason)) = closing {
@@ -190,8 +197,15 @@ impl Engine for Session<'_> {
         (&self.worker.id, self.id)
     }
 
-    fn join<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(self.worker.join(self.id, channel))
+    fn join<'a>(&'a mut self, channel: &'a str, member: Option<(&'a str, &'a str)>) -> BoxFuture<'a, bool> {
+        Box::pin(self.worker.join(self.id, channel, member))
+    }
+
+    fn members<'a>(
+        &'a mut self,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Option<std::collections::BTreeMap<String, String>>> {
+        Box::pin(self.worker.members(channel))
     }
 
     fn leave<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, bool> {

@@ -181,6 +181,14 @@ impl Gateway {
             workers.push(worker);
         }
         tracing::info!(node_id = %node_id, workers = cfg.workers, "gateway workers started");
+        // Pusher presence asks every gateway for a channel's members.
+        if !cfg.apps.is_empty() {
+            let asker = crate::cluster::Asker::start(broker.clone(), &node_id)
+                .map_err(|source| GatewayError::Subscribe { worker: node_id.clone(), source })?;
+            for w in &workers {
+                w.set_asker(asker.clone());
+            }
+        }
         let nodes = broker
             .subscribe(vec![crate::cluster::NODES.to_owned()])
             .map_err(|source| GatewayError::Subscribe { worker: node_id.clone(), source })?;

@@ -130,6 +130,13 @@ impl Gateway {
                 }
                 Answer { ok: true, channels, ..Answer::default() }
             }
+            Request::Members { channel } => {
+                let mut members = std::collections::BTreeMap::new();
+                for w in &self.workers {
+                    w.local_members(channel, &mut members, crate::cluster::MAX_CHANNELS);
+                }
+                Answer { ok: true, members, ..Answer::default() }
+            }
             _ => Answer::default(),
         }
     }

@@ -88,9 +88,14 @@ pub trait Engine: Send {
     fn close(&mut self, code: u16, reason: &str);
     /// The connection's worker and number: together, unique in the cluster.
     fn socket(&self) -> (&str, u64);
-    /// Join broker channel `channel`: pushes on it reach this connection once this resolves.
-    /// False when it had joined already.
-    fn join<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, bool>;
+    /// Join broker channel `channel` (as `member`, a user id and its info, on a channel with
+    /// members): pushes on it reach this connection once this resolves. False when it had
+    /// joined already.
+    fn join<'a>(&'a mut self, channel: &'a str, member: Option<(&'a str, &'a str)>) -> BoxFuture<'a, bool>;
+    /// The members of `channel` on every gateway, each user once with its info (`None`: they
+    /// could not be asked).
+    fn members<'a>(&'a mut self, channel: &'a str)
+        -> BoxFuture<'a, Option<std::collections::BTreeMap<String, String>>>;
     /// Leave broker channel `channel`; false when it was not in it.
     fn leave<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, bool>;
     /// Publish on the broker; whether the broker took it.
@@ -113,6 +118,11 @@ pub trait Protocol: Send + Sync + 'static {
 
     /// What to send (or do) once the connection has its place in the engine.
     fn welcome(_: &mut Self::Session, _: &mut dyn Engine) {}
+
+    /// What to do when the connection ends (before the engine forgets it).
+    fn on_close<'a>(_: &'a mut Self::Session, _: &'a mut dyn Engine) -> BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
 
     /// What to do with a client's whole message (`text`: a text message, valid UTF-8).
     fn on_message<'a>(

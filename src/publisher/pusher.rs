@@ -111,8 +111,14 @@ impl Publisher {
                     return Err(ApiError::bad("info=user_count needs filter_by_prefix=presence-"));
                 }
                 let counts = self.subscriptions(&app, prefix).await?;
-                let channels: serde_json::Map<String, serde_json::Value> =
-                    counts.into_iter().map(|(name, n)| (name, info.attributes(n, 0))).collect();
+                let mut channels = serde_json::Map::new();
+                for (name, n) in counts {
+                    let users = match info.user_count {
+                        true => self.members(&app, &name).await?.len() as u64,
+                        false => 0,
+                    };
+                    channels.insert(name, info.attributes(n, users));
+                }
                 Ok(serde_json::json!({ "channels": channels }))
             }
             (&Method::GET, rest) if rest.starts_with("channels/") => {
@@ -128,20 +134,38 @@ impl Publisher {
                     if !kind.presence {
                         return Err(ApiError::bad("users are listed for presence channels only"));
                     }
-                    // Presence channels are not served yet: nobody is in one.
-                    return Ok(serde_json::json!({ "users": [] }));
+                    let users: Vec<_> = self
+                        .members(&app, &name)
+                        .await?
+                        .into_keys()
+                        .map(|id| serde_json::json!({ "id": id }))
+                        .collect();
+                    return Ok(serde_json::json!({ "users": users }));
                 }
                 let info = Info::parse(param(&query, "info"))?;
                 if info.user_count && !kind.presence {
                     return Err(ApiError::bad("user_count is for presence channels"));
                 }
                 let n = self.subscriptions(&app, &name).await?.get(&name).copied().unwrap_or(0);
-                let mut body = info.attributes(n, 0);
+                let users = match info.user_count {
+                    true => self.members(&app, &name).await?.len() as u64,
+                    false => 0,
+                };
+                let mut body = info.attributes(n, users);
                 body["occupied"] = (n > 0).into();
                 Ok(body)
             }
             _ => Err(ApiError(StatusCode::NOT_FOUND, format!("no such resource: {method} {path}"))),
         }
+    }
+
+    /// The members of app `app`'s presence channel `channel` on every live gateway: user id →
+    /// `user_info`.
+    async fn members(&self, app: &App, channel: &str) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+        let req = crate::cluster::Request::Members { channel: pusher::broker_channel(&app.id, channel) };
+        let answers =
+            self.asker.ask_all(req).await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        Ok(answers.into_iter().flat_map(|a| a.members).collect())
     }
 
     /// App `app`'s channels starting with `prefix` that have subscribers anywhere, with how

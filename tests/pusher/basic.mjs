@@ -25,7 +25,7 @@ function within(ms, what, promise) {
   ]);
 }
 
-function client(appKey = key, port = wsPort) {
+function client(appKey = key, port = wsPort, user = undefined) {
   return new Pusher(appKey, {
     cluster: "local",
     wsHost: "127.0.0.1",
@@ -35,7 +35,7 @@ function client(appKey = key, port = wsPort) {
     disableStats: true,
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) => {
-        callback(null, server.authorizeChannel(socketId, channelName));
+        callback(null, server.authorizeChannel(socketId, channelName, user));
       },
     },
   });
@@ -167,6 +167,52 @@ const wrong = new PusherServer({ appId, key, secret: "not-the-secret", host: "12
 let status = 0;
 try { await wrong.trigger("news", "x", {}); } catch (e) { status = e.status; }
 check(status === 401, "HTTP API: wrong secret answered 401", status);
+
+// Presence: members across gateways, a user with two sockets counted once, member_added and
+// member_removed to the others, client events with the sender's user_id.
+const u1 = { user_id: "u1", user_info: { name: "Ann" } };
+const u2 = { user_id: 2, user_info: { name: "Bob" } };
+const pa1 = client(key, wsPort, u1), pb2 = client(key, wsPortB ?? wsPort, u2);
+await Promise.all([connected(pa1), connected(pb2)]);
+const ra = await subscribed(pa1, "presence-room");
+check(ra.members.count === 1 && ra.members.me.id === "u1" && ra.members.me.info.name === "Ann", "presence: alone at first", ra.members);
+const added = within(WAIT, "member_added", new Promise((resolve) => ra.bind("pusher:member_added", (m) => resolve(m))));
+const rb = await subscribed(pb2, "presence-room");
+const ids = []; rb.members.each((m) => ids.push(m.id));
+check(rb.members.count === 2 && JSON.stringify(ids.sort()) === JSON.stringify(["2", "u1"]), "presence: both members, numeric user_id as a string", ids);
+const m2 = await added;
+check(m2.id === "2" && m2.info.name === "Bob", "presence: member_added to the member already there", m2);
+const users = await (await server.get({ path: "/channels/presence-room/users" })).json();
+check(JSON.stringify(users.users.map((u) => u.id).sort()) === JSON.stringify(["2", "u1"]), "GET /channels/C/users", users);
+const pc = await (await server.get({ path: "/channels", params: { filter_by_prefix: "presence-", info: "user_count" } })).json();
+check(pc.channels?.["presence-room"]?.user_count === 2, "GET /channels?filter_by_prefix=presence-&info=user_count", pc);
+// A second socket of u1: counted once, no member_added, and no member_removed when it goes.
+const seen = [];
+rb.bind("pusher:member_added", (m) => seen.push(["added", m.id]));
+rb.bind("pusher:member_removed", (m) => seen.push(["removed", m.id]));
+const pa1b = client(key, wsPort, u1);
+await connected(pa1b);
+const second = await subscribed(pa1b, "presence-room");
+check(second.members.count === 2, "presence: a second socket of a user counts once", second.members.count);
+pa1b.disconnect();
+let marks = until(rb, "mark-p");
+await new Promise((r) => setTimeout(r, 300));
+await server.trigger("presence-room", "mark-p", {});
+await marks;
+check(seen.length === 0, "presence: the second socket of u1 came and went without member_added or member_removed", seen);
+// Client events on a presence channel carry the sender's user_id.
+const whisper = within(WAIT, "client event with user_id", new Promise((resolve) => {
+  rb.bind("client-hello", (data, meta) => resolve([data, meta]));
+}));
+ra.trigger("client-hello", { x: 1 });
+const [wdata, wmeta] = await whisper;
+check(wdata.x === 1 && wmeta?.user_id === "u1", "presence: client event with the sender's user_id", [wdata, wmeta]);
+// u1's last socket leaves: member_removed to the others.
+const removed = within(WAIT, "member_removed", new Promise((resolve) => rb.bind("pusher:member_removed", (m) => resolve(m))));
+pa1.disconnect();
+check((await removed).id === "u1", "presence: member_removed when the user's last socket leaves");
+check(rb.members.count === 1, "presence: one member left", rb.members.count);
+pb2.disconnect();
 
 for (const c of [a, b, bad, stranger]) c.disconnect();
 console.log("all passed");

@@ -17,9 +17,16 @@ impl Worker {
     /// Connection `id` (a joiner) joins broker channel `channel`; once this returns, pushes on
     /// it reach the connection (the broker confirmed, or is down and renews it when back).
     /// Whether it joined (false: not a joiner here, or in the channel already).
-    pub async fn join(&self, id: u64, channel: &str) -> bool {
-        if !self.table().join_channel(id, channel) {
-            return false;
+    pub async fn join(&self, id: u64, channel: &str, member: Option<(&str, &str)>) -> bool {
+        {
+            let mut t = self.table();
+            if !t.join_channel(id, channel) {
+                return false;
+            }
+            if let Some((user, info)) = member {
+                let key: Arc<str> = channel.into();
+                t.members.entry(key).or_default().insert(id, (user.into(), info.into()));
+            }
         }
         if let Err(e) = self.broker.join(self.sub, vec![channel.to_owned()]).await {
             tracing::warn!(worker = %self.id, connection = id, "join not confirmed: {e}");
@@ -74,5 +81,38 @@ impl Worker {
             }
             *out.entry(name.to_string()).or_default() += ids.len() as u64;
         }
+    }
+
+    /// The members of `channel` here, each user once with its info, added to `out` (up to `cap`
+    /// users in all).
+    pub fn local_members(&self, channel: &str, out: &mut std::collections::BTreeMap<String, String>, cap: usize) {
+        let t = self.table();
+        for (user, info) in t.members.get(channel).into_iter().flat_map(HashMap::values) {
+            if out.len() >= cap && !out.contains_key(&**user) {
+                continue;
+            }
+            out.entry(user.to_string()).or_insert_with(|| info.to_string());
+        }
+    }
+
+    /// Use `asker` to ask every gateway (see [`Worker::members`]).
+    pub(in crate::gateway) fn set_asker(&self, asker: Arc<crate::cluster::Asker>) {
+        let _ = self.asker.set(asker);
+    }
+
+    /// The members of `channel` on every live gateway, each user once (`None`: the gateways
+    /// could not be asked).
+    pub async fn members(&self, channel: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        let asker = self.asker.get()?;
+        let answers = asker.ask_all(crate::cluster::Request::Members { channel: channel.to_owned() }).await.ok()?;
+        let mut all = std::collections::BTreeMap::new();
+        if answers.is_empty() {
+            // This gateway's own heartbeat not heard yet: at least what is here.
+            self.local_members(channel, &mut all, crate::cluster::MAX_CHANNELS);
+        }
+        for (user, info) in answers.into_iter().flat_map(|a| a.members) {
+            all.entry(user).or_insert(info);
+        }
+        Some(all)
     }
 }

@@ -100,6 +100,7 @@ impl Table {
         let Some(e) = self.who.get_mut(&id) else { return false };
         let Some(i) = e.channels.iter().position(|c| &**c == channel) else { return false };
         e.channels.swap_remove(i);
+        forget_member(&mut self.members, channel, id);
         if remove_member(&mut self.channels, channel, id).is_some() {
             self.seen.remove(channel.as_bytes());
         }
@@ -120,6 +121,7 @@ impl Table {
             self.unindex(true, t, id);
         }
         for c in &e.channels {
+            forget_member(&mut self.members, c, id);
             if remove_member(&mut self.channels, c, id).is_some() {
                 self.seen.remove(c.as_bytes());
             }
@@ -152,6 +154,19 @@ impl Table {
             self.changes.pop_front();
         }
         self.changes.push_back(Change { seq: self.seq, up, topic, name: name.to_string() });
+    }
+}
+
+/// A member of a presence channel: its user id and `user_info` (JSON).
+pub(super) type Member = (Arc<str>, Arc<str>);
+
+/// Forget connection `id` as a member of `channel`.
+fn forget_member(members: &mut HashMap<Arc<str>, HashMap<u64, Member>>, channel: &str, id: u64) {
+    if let Some(m) = members.get_mut(channel) {
+        m.remove(&id);
+        if m.is_empty() {
+            members.remove(channel);
+        }
     }
 }
 

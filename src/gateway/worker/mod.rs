@@ -60,6 +60,9 @@ struct Table {
     joiners: HashMap<u64, Arc<Conn>>,
     /// Broker channel → its joiners here.
     channels: HashMap<Arc<str>, HashSet<u64>>,
+    /// Broker channel → the joiners here that joined as a member (Pusher presence): connection
+    /// → (user id, user info as JSON).
+    members: HashMap<Arc<str>, HashMap<u64, Member>>,
     who: HashMap<u64, Who>,
     users: HashMap<Arc<str>, HashSet<u64>>,
     topics: HashMap<Arc<str>, HashSet<u64>>,
@@ -129,6 +132,9 @@ pub struct Worker {
     history_frames: Mutex<HistoryFrames>,
     /// This worker's number in Pusher `socket_id`s.
     socket_number: u64,
+    /// Asks every gateway (the members of a presence channel), once the gateway serves a
+    /// protocol that needs it.
+    asker: std::sync::OnceLock<Arc<crate::cluster::Asker>>,
 }
 
 impl Worker {
@@ -147,6 +153,7 @@ impl Worker {
         let w = Worker {
             control: crate::cluster::worker_channel(&id),
             socket_number: pusher::worker_number(&id),
+            asker: std::sync::OnceLock::new(),
             id,
             table,
             next_conn,

@@ -121,6 +121,10 @@ impl Protocol for Pusher {
         session.welcome(engine)
     }
 
+    fn on_close<'a>(session: &'a mut Self::Session, engine: &'a mut dyn Engine) -> BoxFuture<'a, ()> {
+        Box::pin(session.close(engine))
+    }
+
     fn on_message<'a>(
         session: &'a mut Self::Session,
         engine: &'a mut dyn Engine,

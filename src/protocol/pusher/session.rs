@@ -39,7 +39,12 @@ const VERSIONS: std::ops::RangeInclusive<u32> = 5..=7;
 struct Subscribed {
     name: Box<str>,
     kind: Kind,
+    /// On a presence channel, the user it joined as.
+    user_id: Option<Box<str>>,
 }
+
+/// Longest presence `user_id`.
+const MAX_USER_ID: usize = 128;
 
 /// See the module documentation.
 pub struct Session {
@@ -69,6 +74,16 @@ struct Subscribe {
     channel: String,
     #[serde(default)]
     auth: Option<String>,
+    #[serde(default)]
+    channel_data: Option<String>,
+}
+
+/// A presence subscription's `channel_data`: `user_id` (a string or a number) and `user_info`.
+#[derive(Deserialize)]
+struct ChannelData<'a> {
+    user_id: serde_json::Value,
+    #[serde(default, borrow)]
+    user_info: Option<&'a RawValue>,
 }
 
 impl Session {
@@ -127,7 +142,7 @@ impl Session {
                 let channel = m.data.and_then(|d| serde_json::from_str::<Subscribe>(d.get()).ok()).map(|s| s.channel);
                 if let Some(i) = channel.and_then(|c| self.channels.iter().position(|s| *s.name == *c)) {
                     let gone = self.channels.swap_remove(i);
-                    engine.leave(&broker_channel(&app.id, &gone.name)).await;
+                    leave(&app, engine, gone).await;
                 }
             }
             e if e.starts_with("client-") => {
@@ -153,19 +168,61 @@ impl Session {
             return error(engine, Some(code::BAD_MESSAGE), &format!("At most {limit} channels per connection"));
         }
         let kind = Kind::of(&name);
-        if kind.user || kind.presence {
+        if kind.user {
             // Served in a later step: refused plainly rather than half done.
             return subscription_error(engine, &name, 501, "This channel type is not served yet");
         }
+        let channel_data = s.channel_data.as_deref().filter(|_| kind.presence);
+        if kind.presence && channel_data.is_none() {
+            return error(engine, Some(code::UNAUTHORIZED), "A presence subscription needs channel_data");
+        }
         if kind.private {
-            let string = format!("{}:{name}", self.socket_id);
+            let string = match channel_data {
+                Some(data) => format!("{}:{name}:{data}", self.socket_id),
+                None => format!("{}:{name}", self.socket_id),
+            };
             if !sign::authorizes(app, string.as_bytes(), s.auth.as_deref().unwrap_or_default()) {
                 let message = format!("Invalid signature: expected HMAC SHA256 hex digest of {string}");
                 return error(engine, Some(code::UNAUTHORIZED), &message);
             }
         }
-        engine.join(&broker_channel(&app.id, &name)).await;
-        send(engine, "pusher_internal:subscription_succeeded", Some(&name), "{}");
+        let to = broker_channel(&app.id, &name);
+        let mut user_id = None;
+        match channel_data {
+            None => {
+                engine.join(&to, None).await;
+                send(engine, "pusher_internal:subscription_succeeded", Some(&name), "{}");
+            }
+            Some(data) => {
+                let Some((id, info)) = member(app, data) else {
+                    let limit = app.max_user_info;
+                    let message = format!("channel_data needs a user_id (at most {MAX_USER_ID} characters) and a user_info of at most {limit} bytes");
+                    return error(engine, Some(code::BAD_MESSAGE), &message);
+                };
+                let Some(mut members) = engine.members(&to).await else {
+                    return subscription_error(engine, &name, 503, "The members could not be counted: try again");
+                };
+                let known = members.contains_key(&id);
+                if !known && members.len() >= app.max_presence_members {
+                    let limit = app.max_presence_members;
+                    return subscription_error(
+                        engine,
+                        &name,
+                        403,
+                        &format!("Presence channels hold at most {limit} members"),
+                    );
+                }
+                engine.join(&to, Some((&id, &info))).await;
+                members.insert(id.clone(), info.clone());
+                send(engine, "pusher_internal:subscription_succeeded", Some(&name), &presence_data(&members));
+                if !known {
+                    let added = member_event(&id, Some(&info));
+                    let json = event_json("pusher_internal:member_added", &name, &added, None);
+                    engine.publish(&to, payload(Some(&self.socket_id), &json), None).await;
+                }
+                user_id = Some(id.into_boxed_str());
+            }
+        }
         if kind.cache {
             let last = engine.last(&broker_channel(&app.id, &name)).await;
             match last.as_deref().and_then(read_payload) {
@@ -176,7 +233,16 @@ impl Session {
                 }
             }
         }
-        self.channels.push(Subscribed { name: name.into(), kind });
+        self.channels.push(Subscribed { name: name.into(), kind, user_id });
+    }
+
+    /// Leave every channel (the connection ends): the members it was the last socket of are
+    /// removed for the others.
+    pub async fn close(&mut self, engine: &mut dyn Engine) {
+        let Some(app) = self.app.clone() else { return };
+        for s in std::mem::take(&mut self.channels) {
+            leave(&app, engine, s).await;
+        }
     }
 
     async fn client_event(&mut self, app: &App, engine: &mut dyn Engine, event: &str, channel: &str, data: &str) {
@@ -210,12 +276,63 @@ impl Session {
             _ => self.events = (1, Some(now)),
         }
         let Ok(data) = RawValue::from_string(data.to_owned()) else { return };
-        let json = event_json(event, channel, &data, None);
+        let json = event_json(event, channel, &data, sub.user_id.as_deref());
         let to = broker_channel(&app.id, channel);
         if !engine.publish(&to, payload(Some(&self.socket_id), &json), None).await {
             error(engine, Some(code::BAD_MESSAGE), "The event could not be relayed: the broker is unreachable");
         }
     }
+}
+
+/// Leave channel `s`; on a presence channel, its user's `member_removed` for the others when no
+/// socket of that user is left in it anywhere.
+async fn leave(app: &App, engine: &mut dyn Engine, s: Subscribed) {
+    let to = broker_channel(&app.id, &s.name);
+    engine.leave(&to).await;
+    let Some(user) = s.user_id else { return };
+    if engine.members(&to).await.is_some_and(|m| !m.contains_key(&*user)) {
+        let json = event_json("pusher_internal:member_removed", &s.name, &member_event(&user, None), None);
+        engine.publish(&to, payload(None, &json), None).await;
+    }
+}
+
+/// The member a presence subscription's `channel_data` names: its user id (a number becomes its
+/// digits) and `user_info` JSON (`null` when absent), within the app's limits.
+fn member(app: &App, channel_data: &str) -> Option<(String, String)> {
+    let d: ChannelData<'_> = serde_json::from_str(channel_data).ok()?;
+    let id = match d.user_id {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    let info = d.user_info.map_or("null", RawValue::get).to_owned();
+    (!id.is_empty() && id.len() <= MAX_USER_ID && info.len() <= app.max_user_info).then_some((id, info))
+}
+
+/// `member_added` / `member_removed` data: a string holding `{"user_id", "user_info"?}`.
+fn member_event(id: &str, info: Option<&str>) -> Box<RawValue> {
+    let mut text = serde_json::json!({ "user_id": id }).to_string();
+    if let Some(info) = info {
+        text.truncate(text.len() - 1);
+        text.push_str(&format!(",\"user_info\":{info}}}"));
+    }
+    RawValue::from_string(serde_json::to_string(&text).unwrap_or_default()).expect("a JSON string")
+}
+
+/// `subscription_succeeded` data of a presence channel: `{"presence":{"ids","hash","count"}}`.
+fn presence_data(members: &std::collections::BTreeMap<String, String>) -> String {
+    let mut hash = String::from("{");
+    for (i, (id, info)) in members.iter().enumerate() {
+        if i > 0 {
+            hash.push(',');
+        }
+        hash.push_str(&serde_json::to_string(id).unwrap_or_default());
+        hash.push(':');
+        hash.push_str(info);
+    }
+    hash.push('}');
+    let ids = serde_json::to_string(&members.keys().collect::<Vec<_>>()).unwrap_or_default();
+    format!("{{\"presence\":{{\"ids\":{ids},\"hash\":{hash},\"count\":{}}}}}", members.len())
 }
 
 /// Send `{"event":E,"channel"?:C,"data":D}` with `data` a string holding `data`.
