@@ -141,7 +141,7 @@ impl Publisher {
                 h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
                 r
             }
-            (_, path) if path.starts_with("/apps/") && !self.cfg.apps.is_empty() => {
+            (_, path) if (path.starts_with("/apps/") || path.starts_with("/users/")) && !self.cfg.apps.is_empty() => {
                 return self.pusher_api(req).await;
             }
             (&Method::GET, "/healthz") => crate::http::health(self.broker.is_connected()),

@@ -65,14 +65,23 @@ impl Publisher {
 
     async fn api(&self, req: Request<Incoming>) -> Result<serde_json::Value, ApiError> {
         let path = req.uri().path().to_owned();
-        let Some((app_id, rest)) = path.strip_prefix("/apps/").and_then(|p| p.split_once('/')) else {
-            return Err(ApiError(StatusCode::NOT_FOUND, format!("no such resource: {path}")));
-        };
-        let Some(app) = self.cfg.apps.by_id(app_id).cloned() else {
-            return Err(ApiError(StatusCode::NOT_FOUND, format!("no app with id {app_id:?}")));
-        };
         let query: Vec<(String, String)> =
             form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes()).into_owned().collect();
+        // `/apps/ID/...`; and `/users/...`, which the Python SDK's terminate_user_connections
+        // calls without the app (it is the app of the auth_key).
+        let (app, rest) = match path.strip_prefix("/apps/").and_then(|p| p.split_once('/')) {
+            Some((id, rest)) => match self.cfg.apps.by_id(id) {
+                Some(app) => (app.clone(), rest),
+                None => return Err(ApiError(StatusCode::NOT_FOUND, format!("no app with id {id:?}"))),
+            },
+            None => match (path.strip_prefix('/').filter(|p| p.starts_with("users/")), param(&query, "auth_key")) {
+                (Some(rest), Some(key)) => match self.cfg.apps.by_key(key) {
+                    Some(app) => (app.clone(), rest),
+                    None => return Err(ApiError(StatusCode::UNAUTHORIZED, "unknown auth_key".into())),
+                },
+                _ => return Err(ApiError(StatusCode::NOT_FOUND, format!("no such resource: {path}"))),
+            },
+        };
         // The key is checked before any body is read: a stranger's body is never taken in.
         let key = query.iter().find(|(k, _)| k == "auth_key").map(|(_, v)| v.as_str());
         if !key.is_some_and(|k| sign::same(k, &app.key)) {
@@ -102,6 +111,16 @@ impl Publisher {
                 for event in &batch.batch {
                     self.trigger(&app, event).await?;
                 }
+                Ok(serde_json::json!({}))
+            }
+            (&Method::POST, rest) if rest.starts_with("users/") && rest.ends_with("/terminate_connections") => {
+                let user = &rest["users/".len()..rest.len() - "/terminate_connections".len()];
+                let user = percent_encoding::percent_decode_str(user).decode_utf8_lossy().into_owned();
+                channel::check(&format!("{}{user}", channel::USER_PREFIX)).map_err(ApiError::bad)?;
+                self.broker
+                    .publish(&pusher::user_channel(&app.id, &user), pusher::terminate_payload(), None)
+                    .await
+                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
                 Ok(serde_json::json!({}))
             }
             (&Method::GET, "channels") => {

@@ -38,6 +38,11 @@ function client(appKey = key, port = wsPort, user = undefined) {
         callback(null, server.authorizeChannel(socketId, channelName, user));
       },
     },
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) => {
+        callback(null, server.authenticateUser(socketId, { id: "signed-9", user_info: { name: "Nine" } }));
+      },
+    },
   });
 }
 
@@ -213,6 +218,26 @@ pa1.disconnect();
 check((await removed).id === "u1", "presence: member_removed when the user's last socket leaves");
 check(rb.members.count === 1, "presence: one member left", rb.members.count);
 pb2.disconnect();
+
+// User authentication: sign in, get what is sent to the user, and be terminated.
+const s9 = client(key, wsPortB ?? wsPort);
+await connected(s9);
+s9.signin();
+await within(WAIT, "signin", s9.user.signinDonePromise);
+check(s9.user.user_data?.id === "signed-9", "signin: pusher:signin_success", s9.user.user_data);
+await within(WAIT, "user channel", new Promise((resolve) => {
+  const wait = () => (s9.user.serverToUserChannel?.subscribed ? resolve() : setTimeout(wait, 20));
+  wait();
+}));
+const note = within(WAIT, "sendToUser", new Promise((resolve) => s9.user.bind("note", (d) => resolve(d))));
+await server.sendToUser("signed-9", "note", { for: "nine" });
+check((await note).for === "nine", "sendToUser reaches the signed-in socket");
+const gone = within(WAIT, "terminated", new Promise((resolve) => {
+  s9.connection.bind("state_change", ({ current }) => { if (current !== "connected") resolve(current); });
+}));
+await server.terminateUserConnections("signed-9");
+check(["disconnected", "unavailable", "failed", "connecting"].includes(await gone), "terminateUserConnections closes the user's socket");
+s9.disconnect();
 
 for (const c of [a, b, bad, stranger]) c.disconnect();
 console.log("all passed");

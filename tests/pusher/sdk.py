@@ -69,6 +69,30 @@ async def main():
         b1, b2 = json.loads(await asyncio.wait_for(ws.recv(), 10)), json.loads(await asyncio.wait_for(ws.recv(), 10))
         check((b1["event"], b2["event"]) == ("b1", "b2"), "trigger_batch in order", (b1, b2))
 
+    # Sign-in through the SDK's signature; send_to_user; a stranger refused the user's channel;
+    # terminate_user_connections (the SDK calls /users/ID/terminate_connections, without the app).
+    async with websockets.connect(url) as ws, websockets.connect(url) as other:
+        socket_id = json.loads((await recv(ws, "pusher:connection_established"))["data"])["socket_id"]
+        await recv(other, "pusher:connection_established")
+        signed = sdk.authenticate_user(socket_id, {"id": "py-7", "user_info": {"n": 1}})
+        await ws.send(json.dumps({"event": "pusher:signin", "data": signed}))
+        ok = await recv(ws, "pusher:signin_success")
+        check(json.loads(ok["data"]["user_data"])["id"] == "py-7", "signin with the SDK's signature", ok)
+        await other.send(json.dumps({"event": "pusher:subscribe", "data": {"auth": "", "channel": "#server-to-user-py-7"}}))
+        refused = await recv(other, "pusher:subscription_error")
+        check(refused["channel"] == "#server-to-user-py-7", "another socket is refused the user's channel", refused)
+        await asyncio.to_thread(sdk.send_to_user, "py-7", "note", {"to": "py-7"})
+        note = await recv(ws, "note")
+        check(note["channel"] == "#server-to-user-py-7", "send_to_user reaches the signed-in socket", note)
+        await asyncio.to_thread(sdk.terminate_user_connections, "py-7")
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        except websockets.ConnectionClosed as e:
+            check(e.rcvd is not None and e.rcvd.code == 4009, "terminate_user_connections closes it with 4009", e.rcvd)
+        await other.send(json.dumps({"event": "pusher:ping", "data": {}}))
+        check((await recv(other, "pusher:pong"))["event"] == "pusher:pong", "the other socket stays")
+
     wrong = pusher.Pusher(app_id=app_id, key=key, secret="wrong", host="127.0.0.1", port=int(http_port), ssl=False)
     try:
         wrong.trigger("py-news", "x", {})

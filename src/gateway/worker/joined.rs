@@ -61,6 +61,9 @@ impl Worker {
     /// Carry out a message on a protocol's channel (Pusher's): its event to the channel's
     /// joiners here, except the socket it names.
     pub(super) fn handle_joined(&self, m: &Message) {
+        if pusher::is_terminate(&m.data) {
+            return self.close_channel(&m.channel, pusher::session::code::UNAUTHORIZED);
+        }
         let Some((exclude, event)) = pusher::read_payload(&m.data) else {
             GLOBAL.bad_broker_messages.fetch_add(1, Ordering::Relaxed);
             return;
@@ -114,5 +117,14 @@ impl Worker {
             all.entry(user).or_insert(info);
         }
         Some(all)
+    }
+
+    /// Close every joiner of `channel` here with `code`.
+    fn close_channel(&self, channel: &[u8], code: u16) {
+        let t = self.table();
+        let Some(ids) = std::str::from_utf8(channel).ok().and_then(|c| t.channels.get(c)) else { return };
+        for c in ids.iter().filter_map(|id| t.joiners.get(id)) {
+            c.close(code);
+        }
     }
 }

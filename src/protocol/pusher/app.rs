@@ -17,6 +17,9 @@ pub struct App {
     /// Clients may send `client-*` events on private and presence channels.
     #[serde(default)]
     pub client_events: bool,
+    /// Clients may sign in as a user (`pusher:signin`), and get what is sent to that user.
+    #[serde(default = "defaults::yes")]
+    pub user_authentication: bool,
     /// Client events one connection may send per second (more get `pusher:error` 4301).
     #[serde(default = "defaults::client_event_rate")]
     pub client_event_rate: u32,
@@ -57,6 +60,9 @@ pub struct Webhook {
 }
 
 mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
     pub fn client_event_rate() -> u32 {
         10
     }
@@ -88,6 +94,7 @@ impl App {
             key: key.into(),
             secret: secret.into(),
             client_events: false,
+            user_authentication: true,
             client_event_rate: defaults::client_event_rate(),
             max_connections: 0,
             max_event_payload: defaults::max_event_payload(),

@@ -28,6 +28,11 @@ use crate::history::Keep;
 /// The start of every broker channel of the Pusher protocol.
 pub const NAMESPACE: &str = "pusher:";
 
+/// The broker channel of the sockets signed in as `user` in app `app` (`#server-to-user-USER`).
+pub fn user_channel(app: &str, user: &str) -> String {
+    broker_channel(app, &format!("{}{user}", channel::USER_PREFIX))
+}
+
 /// The broker channel of app `app`'s channel `channel`.
 pub fn broker_channel(app: &str, channel: &str) -> String {
     format!("{NAMESPACE}{app}:{channel}")
@@ -77,6 +82,20 @@ pub fn payload(exclude: Option<&str>, event: &[u8]) -> Bytes {
 
 /// A socket as (worker number, connection id).
 pub type Socket = (u64, u64);
+
+/// What a payload that closes the sockets of a user's channel says instead of an event's
+/// exclusion (`terminate_connections`).
+const TERMINATE: &str = "!terminate";
+
+/// The broker payload that closes every socket signed in as the user whose channel it goes to.
+pub fn terminate_payload() -> Bytes {
+    payload(Some(TERMINATE), b"")
+}
+
+/// Whether `data` is a [`terminate_payload`].
+pub fn is_terminate(data: &[u8]) -> bool {
+    data == &terminate_payload()[..]
+}
 
 /// Read a broker payload made by [`payload`]: the excluded socket, and the event.
 pub fn read_payload(data: &[u8]) -> Option<(Option<Socket>, &[u8])> {

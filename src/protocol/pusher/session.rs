@@ -55,6 +55,21 @@ pub struct Session {
     channels: Vec<Subscribed>,
     /// Client events sent in the current second, and when that second began.
     events: (u32, Option<Instant>),
+    /// The user the connection signed in as (`pusher:signin`).
+    user: Option<Box<str>>,
+}
+
+/// `pusher:signin`'s data.
+#[derive(Deserialize)]
+struct Signin {
+    auth: String,
+    user_data: String,
+}
+
+/// A sign-in's `user_data`: at least the user's `id`.
+#[derive(Deserialize)]
+struct UserData {
+    id: String,
 }
 
 /// A client's message: `{"event", "channel"?, "data"?}`.
@@ -99,7 +114,7 @@ impl Session {
             }
             _ => None,
         };
-        Session { app, refused, socket_id: String::new(), channels: Vec::new(), events: (0, None) }
+        Session { app, refused, socket_id: String::new(), channels: Vec::new(), events: (0, None), user: None }
     }
 
     /// `pusher:connection_established`, or the error that refuses the connection.
@@ -138,6 +153,10 @@ impl Session {
                 Some(s) => self.subscribe(&app, engine, s).await,
                 None => error(engine, Some(code::BAD_MESSAGE), "pusher:subscribe needs data with a channel"),
             },
+            "pusher:signin" => match m.data.and_then(|d| serde_json::from_str::<Signin>(d.get()).ok()) {
+                Some(s) => self.signin(&app, engine, s).await,
+                None => error(engine, Some(code::BAD_MESSAGE), "pusher:signin needs data with auth and user_data"),
+            },
             "pusher:unsubscribe" => {
                 let channel = m.data.and_then(|d| serde_json::from_str::<Subscribe>(d.get()).ok()).map(|s| s.channel);
                 if let Some(i) = channel.and_then(|c| self.channels.iter().position(|s| *s.name == *c)) {
@@ -169,8 +188,12 @@ impl Session {
         }
         let kind = Kind::of(&name);
         if kind.user {
-            // Served in a later step: refused plainly rather than half done.
-            return subscription_error(engine, &name, 501, "This channel type is not served yet");
+            // The socket is in its user's channel from its sign-in on; only that user's may ask.
+            let mine = self.user.as_deref().is_some_and(|u| name.strip_prefix(channel::USER_PREFIX) == Some(u));
+            return match mine {
+                true => send(engine, "pusher_internal:subscription_succeeded", Some(&name), "{}"),
+                false => subscription_error(engine, &name, 403, "Only a socket signed in as this user may subscribe"),
+            };
         }
         let channel_data = s.channel_data.as_deref().filter(|_| kind.presence);
         if kind.presence && channel_data.is_none() {
@@ -234,6 +257,36 @@ impl Session {
             }
         }
         self.channels.push(Subscribed { name: name.into(), kind, user_id });
+    }
+
+    /// `pusher:signin`: the user data signed for this socket; the socket joins its user's channel.
+    async fn signin(&mut self, app: &App, engine: &mut dyn Engine, s: Signin) {
+        if !app.user_authentication {
+            return error(engine, Some(code::BAD_MESSAGE), "User authentication is not enabled for this app");
+        }
+        let string = format!("{}::user::{}", self.socket_id, s.user_data);
+        if !sign::authorizes(app, string.as_bytes(), &s.auth) {
+            let message = format!("Invalid signature: expected HMAC SHA256 hex digest of {string}");
+            return error(engine, Some(code::UNAUTHORIZED), &message);
+        }
+        let Some(user) = serde_json::from_str::<UserData>(&s.user_data).ok().map(|u| u.id) else {
+            return error(engine, Some(code::BAD_MESSAGE), "user_data needs an id");
+        };
+        if channel::check(&format!("{}{user}", channel::USER_PREFIX)).is_err() {
+            return error(engine, Some(code::BAD_MESSAGE), "The user id may use A-Z a-z 0-9 _ - = @ , . ; only");
+        }
+        match self.user.as_deref() {
+            Some(u) if u != user => {
+                return error(engine, Some(code::UNAUTHORIZED), "This socket is signed in as another user");
+            }
+            Some(_) => {}
+            None => {
+                engine.join(&super::user_channel(&app.id, &user), None).await;
+                self.user = Some(user.into_boxed_str());
+            }
+        }
+        let m = serde_json::json!({"event": "pusher:signin_success", "data": {"user_data": s.user_data}});
+        engine.send(true, m.to_string().as_bytes());
     }
 
     /// Leave every channel (the connection ends): the members it was the last socket of are
