@@ -1,5 +1,5 @@
 //! The Pusher Channels protocol with the libraries applications use (`tests/pusher/*.mjs`:
-//! pusher-js as the client, the `pusher` server SDK for Node; `tests/pusher/sdk.py`: the `pusher`
+//! pusher-js and Laravel Echo as clients, the `pusher` server SDK for Node; `tests/pusher/sdk.py`: the `pusher`
 //! SDK from PyPI with a raw WebSocket client), against standalone and against a cluster of two
 //! gateways over the channel server, each client on its own gateway.
 
@@ -69,8 +69,10 @@ async fn pusher_js_and_the_node_sdk_on_standalone() {
     )
     .await;
     let args = [ws.to_string(), http.to_string(), APP.0.into(), APP.1.into(), APP.2.into()];
-    if let Some(out) = node("basic.mjs", &args).await {
-        assert!(out.contains("all passed"), "{out}");
+    for script in ["basic.mjs", "echo.mjs"] {
+        if let Some(out) = node(script, &args).await {
+            assert!(out.contains("all passed"), "{out}");
+        }
     }
     if let Some(out) = python(&args).await {
         assert!(out.contains("all passed"), "{out}");
@@ -89,8 +91,10 @@ async fn pusher_js_and_the_node_sdk_across_two_gateways() {
         APP.2.into(),
         cluster.gateways[1].port().to_string(),
     ];
-    if let Some(out) = node("basic.mjs", &args).await {
-        assert!(out.contains("all passed"), "{out}");
+    for script in ["basic.mjs", "echo.mjs"] {
+        if let Some(out) = node(script, &args).await {
+            assert!(out.contains("all passed"), "{out}");
+        }
     }
 }
 
