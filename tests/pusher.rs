@@ -79,10 +79,10 @@ async fn pusher_js_and_the_node_sdk_on_standalone() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pusher_js_and_the_node_sdk_across_two_gateways() {
+/// The scripts against two gateways and a publisher on `broker` (`None`: a channel server).
+async fn across_two_gateways(broker: Option<String>) {
     let app = app_flag();
-    let cluster = Cluster::start_with(None, &["--app", &app], &["--app", &app]).await;
+    let cluster = Cluster::start_with(broker, &["--app", &app], &["--app", &app]).await;
     let args = [
         cluster.gateways[0].port().to_string(),
         cluster.publishers[0].port().to_string(),
@@ -96,6 +96,23 @@ async fn pusher_js_and_the_node_sdk_across_two_gateways() {
             assert!(out.contains("all passed"), "{out}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_and_the_node_sdk_across_two_gateways() {
+    across_two_gateways(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_and_the_node_sdk_on_redis() {
+    let Some((_redis, url)) = redis_broker().await else { return };
+    across_two_gateways(Some(url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_and_the_node_sdk_on_nats() {
+    let Some((_nats, url)) = nats_broker().await else { return };
+    across_two_gateways(Some(url)).await;
 }
 
 /// Without apps, `/app/KEY` is a path like any other: a seed client there gets the native
