@@ -125,3 +125,48 @@ async fn without_apps_the_native_protocol_is_on_every_path() {
     let welcome = next_text(&mut ws).await.expect("welcome");
     assert!(welcome.starts_with("workerID:") && welcome.ends_with(" connected\n"), "{welcome:?}");
 }
+
+/// The next JSON message of a raw Pusher client, or the code of the close that came instead.
+async fn next(ws: &mut Ws) -> Result<serde_json::Value, Option<u16>> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("in time").expect("open") {
+            Ok(Message::Text(t)) => return Ok(serde_json::from_str(&t).expect("json")),
+            Ok(Message::Close(frame)) => return Err(frame.map(|f| u16::from(f.code))),
+            Ok(_) => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Apps from the config file's `[[apps]]`, with their settings: an app over its
+/// `max-connections` refuses the next connection with `pusher:error` 4004 and closes it with 4004;
+/// a connection that goes frees its slot.
+#[tokio::test]
+async fn apps_from_the_config_file_and_the_connection_quota() {
+    let file = std::env::temp_dir().join(format!("pushwire-apps-{}-{}.toml", std::process::id(), free_port()));
+    std::fs::write(&file, "[[apps]]\nid = \"9\"\nkey = \"quota-key\"\nsecret = \"s\"\nmax-connections = 1\n")
+        .expect("write");
+    let config = file.to_string_lossy().into_owned();
+    let (_p, _c, w, _h) = standalone(&["--config", &config]).await;
+    let url = format!("ws://127.0.0.1:{w}/app/quota-key?protocol=7");
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.expect("handshake");
+    assert_eq!(next(&mut first).await.expect("welcome")["event"], "pusher:connection_established");
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.expect("handshake");
+    let refusal = next(&mut second).await.expect("pusher:error first");
+    assert_eq!((refusal["event"].as_str(), refusal["data"]["code"].as_u64()), (Some("pusher:error"), Some(4004)));
+    assert_eq!(next(&mut second).await.expect_err("then the close"), Some(4004));
+    drop(first);
+    // The slot comes back once the first connection's task has ended.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (mut again, _) = tokio_tungstenite::connect_async(&url).await.expect("handshake");
+        match next(&mut again).await {
+            Ok(m) if m["event"] == "pusher:connection_established" => break,
+            _ => assert!(tokio::time::Instant::now() < deadline, "the slot was never freed"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(file);
+}

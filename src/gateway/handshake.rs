@@ -101,8 +101,7 @@ impl Gateway {
         }
         match path.strip_prefix("/app/") {
             Some(key) if !self.cfg.apps.is_empty() => {
-                let app = self.cfg.apps.by_key(key).cloned();
-                Choice::Pusher(Box::new(pusher::Session::admit(app, query)))
+                Choice::Pusher(Box::new(pusher::Session::admit(&self.cfg.apps, key, query)))
             }
             _ => Choice::Native,
         }

@@ -3,6 +3,7 @@
 //! channels: their broker channels are named `pusher:ID:CHANNEL`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -143,11 +144,23 @@ impl App {
     }
 }
 
-/// The apps a node serves, by key (clients) and by id (the HTTP API).
+/// The apps a node serves, by key (clients) and by id (the HTTP API), with each app's open
+/// connections on this node.
 #[derive(Debug, Default)]
 pub struct Apps {
     by_key: HashMap<String, Arc<App>>,
     by_id: HashMap<String, Arc<App>>,
+    open: HashMap<String, Arc<AtomicUsize>>,
+}
+
+/// One of an app's connection slots on this node, held for the connection's life.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Apps {
@@ -163,6 +176,7 @@ impl Apps {
             if apps.by_key.insert(app.key.clone(), app.clone()).is_some() {
                 return Err(format!("two apps have the key {:?}", app.key));
             }
+            apps.open.insert(app.id.clone(), Arc::default());
         }
         Ok(apps)
     }
@@ -181,6 +195,14 @@ impl Apps {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<App>> {
         self.by_id.values()
+    }
+
+    /// A connection slot of `app` on this node, unless it has `max_connections` open already.
+    pub fn slot(&self, app: &App) -> Option<Slot> {
+        let open = self.open.get(&app.id)?.clone();
+        let n = open.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(open);
+        (app.max_connections == 0 || n < app.max_connections).then_some(slot)
     }
 }
 

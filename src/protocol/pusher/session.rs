@@ -57,6 +57,8 @@ pub struct Session {
     events: (u32, Option<Instant>),
     /// The user the connection signed in as (`pusher:signin`).
     user: Option<Box<str>>,
+    /// Its place under the app's `max_connections`.
+    _slot: Option<super::app::Slot>,
 }
 
 /// `pusher:signin`'s data.
@@ -102,19 +104,25 @@ struct ChannelData<'a> {
 }
 
 impl Session {
-    /// A connection to `/app/KEY` asking with `query`, for `app` (`None`: no app has that key).
-    pub fn admit(app: Option<Arc<App>>, query: Option<&str>) -> Session {
+    /// A connection to `/app/KEY` asking with `query`, for the app of that key among `apps`.
+    pub fn admit(apps: &super::Apps, key: &str, query: Option<&str>) -> Session {
+        let app = apps.by_key(key).cloned();
+        let slot = app.as_ref().and_then(|a| apps.slot(a));
         let version = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .find(|(k, _)| k == "protocol")
             .map(|(_, v)| v.parse::<u32>().ok());
         let refused = match (&app, version) {
             (None, _) => Some((code::NO_APP, "Application does not exist".into())),
+            (Some(_), _) if slot.is_none() => {
+                Some((code::OVER_QUOTA, "Application is over its connection quota".into()))
+            }
             (_, Some(v)) if !v.is_some_and(|v| VERSIONS.contains(&v)) => {
                 Some((code::VERSION, "Unsupported protocol version".into()))
             }
             _ => None,
         };
-        Session { app, refused, socket_id: String::new(), channels: Vec::new(), events: (0, None), user: None }
+        let (socket_id, channels, events) = (String::new(), Vec::new(), (0, None));
+        Session { app, refused, socket_id, channels, events, user: None, _slot: slot }
     }
 
     /// `pusher:connection_established`, or the error that refuses the connection.
