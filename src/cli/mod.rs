@@ -216,8 +216,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = bind_tcp(&a.listen, "gateway").await?;
             // A gateway reads history but stores none: its publishes are answers and heartbeats.
             let apps = a.apps.load(config)?;
-            let cfg = GatewayConfig { tls: a.tls.load()?, apps, ..a.opts.config()? };
-            let gw = Gateway::start(a.broker.open(HistoryConfig::OFF, true).await?, cfg)?;
+            let broker = a.broker.open(HistoryConfig::OFF, true).await?;
+            let api = match a.apps.pusher_api && !apps.is_empty() {
+                true => {
+                    Some(Publisher::new(broker.clone(), PublisherConfig { apps: apps.clone(), ..a.apps.api_config() })?)
+                }
+                false => None,
+            };
+            let cfg = GatewayConfig { tls: a.tls.load()?, apps, api, ..a.opts.config()? };
+            let gw = Gateway::start(broker, cfg)?;
             gw.serve(listener, shutdown()).await;
         }
         Command::Publisher(a) => {
@@ -245,12 +252,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
             let tls = a.tls.load()?;
             let apps = a.apps.load(config)?;
-            let gw = Gateway::start(
-                broker.clone(),
-                GatewayConfig { tls: tls.clone(), apps: apps.clone(), ..a.gateway.config()? },
-            )?;
-            let cfg = PublisherConfig { tls, keep: a.history.config().keep(), apps, ..a.publisher.config() };
-            let publisher = Publisher::new(broker, cfg)?;
+            let cfg =
+                PublisherConfig { tls: tls.clone(), keep: a.history.config().keep(), apps, ..a.publisher.config() };
+            let publisher = Publisher::new(broker.clone(), cfg)?;
+            // Pusher's clients and backends reach one host and port: the API on the WebSocket port too.
+            let (apps, api) = (publisher.apps(), Some(publisher.clone()));
+            let api = api.filter(|_| !apps.is_empty());
+            let gw = Gateway::start(broker, GatewayConfig { tls, apps, api, ..a.gateway.config()? })?;
             // The publisher gets a thread and runtime of its own, so that a publish is never
             // queued behind the thousands of connection tasks a broadcast wakes.
             let (http, stop) = (http.into_std()?, shutdown());

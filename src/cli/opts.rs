@@ -150,9 +150,18 @@ pub struct AppsOpts {
     /// go in the config file's [[apps]].
     #[arg(long = "app", env = "PUSHWIRE_APP", hide_env_values = true, value_parser = crate::protocol::pusher::App::parse_flag)]
     pub app: Option<crate::protocol::pusher::App>,
+    /// On a gateway: serve the apps' Pusher HTTP API (/apps/ID/...) on its port too, so that
+    /// clients and backends use one host and port (standalone always does).
+    #[arg(long)]
+    pub pusher_api: bool,
 }
 
 impl AppsOpts {
+    /// The settings of a Pusher API served by a gateway: no native publishing in it.
+    pub(super) fn api_config(&self) -> PublisherConfig {
+        PublisherConfig { keep: None, ..PublisherConfig::default() }
+    }
+
     /// The apps of the flag and of the config file at `config`.
     pub(super) fn load(&self, config: Option<&std::path::Path>) -> anyhow::Result<Arc<crate::protocol::pusher::Apps>> {
         let mut list = match config {

@@ -91,6 +91,9 @@ pub struct GatewayConfig {
     pub echo_path: Option<String>,
     /// The Pusher apps served on `/app/KEY` (none: the native protocol on every path).
     pub apps: Arc<crate::protocol::pusher::Apps>,
+    /// Serves the Pusher HTTP API (`/apps/...`) on the WebSocket port too, as Reverb, Soketi
+    /// and Sockudo do (one host and port for clients and backend).
+    pub api: Option<Arc<crate::publisher::Publisher>>,
 }
 
 impl Default for GatewayConfig {
@@ -113,6 +116,7 @@ impl Default for GatewayConfig {
             tls: None,
             echo_path: None,
             apps: Arc::default(),
+            api: None,
         }
     }
 }
@@ -212,9 +216,16 @@ impl Gateway {
     /// Serve HTTP and WebSocket on `listener` until `shutdown`; then close every client with 1001.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let gw = self.clone();
-        let handler = move |req| {
+        let handler = move |req: hyper::Request<hyper::body::Incoming>| {
             let gw = gw.clone();
-            async move { gw.route(req) }
+            async move {
+                match &gw.cfg.api {
+                    Some(api) if crate::publisher::is_pusher_api(req.uri().path()) => {
+                        api.pusher_request(req).await.map(http_body_util::Either::Left)
+                    }
+                    _ => gw.route(req),
+                }
+            }
         };
         // The fast handshake reads the request from the socket, which TLS leaves to rustls.
         let (gw, tls) = (self.clone(), self.cfg.tls.clone());

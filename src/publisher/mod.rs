@@ -122,6 +122,11 @@ impl Publisher {
     }
 
     /// Serve HTTP on `listener` until `shutdown`; requests in flight then get a few seconds to end.
+    /// The Pusher apps it serves.
+    pub fn apps(&self) -> Arc<crate::protocol::pusher::Apps> {
+        self.cfg.apps.clone()
+    }
+
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let (max, tls) = (self.cfg.max_connections, self.cfg.tls.clone());
         let handler = move |req| {
@@ -141,7 +146,7 @@ impl Publisher {
                 h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
                 r
             }
-            (_, path) if (path.starts_with("/apps/") || path.starts_with("/users/")) && !self.cfg.apps.is_empty() => {
+            (_, path) if is_pusher_api(path) && !self.cfg.apps.is_empty() => {
                 return self.pusher_api(req).await;
             }
             (&Method::GET, "/healthz") => crate::http::health(self.broker.is_connected()),
@@ -411,6 +416,17 @@ impl Publisher {
             }
         }
     }
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+/// Whether `path` is one of the Pusher HTTP API's.
+pub fn is_pusher_api(path: &str) -> bool {
+    path.starts_with("/apps/") || path.starts_with("/users/")
 }
 
 /// The paths of [`Publisher::cluster_request`].

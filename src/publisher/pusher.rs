@@ -55,6 +55,12 @@ struct Batch<'a> {
 }
 
 impl Publisher {
+    /// Answer a request of the Pusher HTTP API (see [`super::is_pusher_api`]), for a gateway that
+    /// serves it on its own port.
+    pub async fn pusher_request(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        self.pusher_api(req).await
+    }
+
     /// Answer a request under `/apps/`.
     pub(super) async fn pusher_api(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match self.api(req).await {

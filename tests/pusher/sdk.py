@@ -69,6 +69,11 @@ async def main():
         b1, b2 = json.loads(await asyncio.wait_for(ws.recv(), 10)), json.loads(await asyncio.wait_for(ws.recv(), 10))
         check((b1["event"], b2["event"]) == ("b1", "b2"), "trigger_batch in order", (b1, b2))
 
+        # Standalone serves the HTTP API on the WebSocket port too: one host and port.
+        same_port = pusher.Pusher(app_id=app_id, key=key, secret=secret, host="127.0.0.1", port=int(ws_port), ssl=False)
+        await asyncio.to_thread(same_port.trigger, "py-news", "via-ws-port", {})
+        check((await recv(ws, "via-ws-port"))["channel"] == "py-news", "the HTTP API on the WebSocket port")
+
     # Sign-in through the SDK's signature; send_to_user; a stranger refused the user's channel;
     # terminate_user_connections (the SDK calls /users/ID/terminate_connections, without the app).
     async with websockets.connect(url) as ws, websockets.connect(url) as other:
