@@ -77,6 +77,10 @@ pub(super) async fn serve<P: Protocol>(
                 {
                     break 'conn Some(close);
                 }
+                // Nothing more waiting: let the read buffer go rather than hold it while idle.
+                if buf.is_empty() {
+                    buf = BytesMut::new();
+                }
                 continue;
             }
             Err(Ok(code)) => break 'conn Some((code, "".into())),

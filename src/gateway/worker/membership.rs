@@ -90,6 +90,7 @@ impl Table {
             return false;
         }
         let channel: Arc<str> = channel.into();
+        e.channels.reserve_exact(1);
         e.channels.push(channel.clone());
         add_member(&mut self.channels, &channel, id);
         true

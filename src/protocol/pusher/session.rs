@@ -50,8 +50,7 @@ const MAX_USER_ID: usize = 128;
 pub struct Session {
     app: Option<Arc<App>>,
     /// Why the connection is refused (sent as `pusher:error`, then closed with the code).
-    refused: Option<(u16, String)>,
-    socket_id: String,
+    refused: Option<(u16, &'static str)>,
     channels: Vec<Subscribed>,
     /// Client events sent in the current second, and when that second began.
     events: (u32, Option<Instant>),
@@ -112,31 +111,27 @@ impl Session {
             .find(|(k, _)| k == "protocol")
             .map(|(_, v)| v.parse::<u32>().ok());
         let refused = match (&app, version) {
-            (None, _) => Some((code::NO_APP, "Application does not exist".into())),
+            (None, _) => Some((code::NO_APP, "Application does not exist")),
             (Some(_), _) if slot.is_none() => {
                 Some((code::OVER_QUOTA, "Application is over its connection quota".into()))
             }
             (_, Some(v)) if !v.is_some_and(|v| VERSIONS.contains(&v)) => {
-                Some((code::VERSION, "Unsupported protocol version".into()))
+                Some((code::VERSION, "Unsupported protocol version"))
             }
             _ => None,
         };
-        let (socket_id, channels, events) = (String::new(), Vec::new(), (0, None));
-        Session { app, refused, socket_id, channels, events, user: None, _slot: slot }
+        Session { app, refused, channels: Vec::new(), events: (0, None), user: None, _slot: slot }
     }
 
     /// `pusher:connection_established`, or the error that refuses the connection.
     pub fn welcome(&mut self, engine: &mut dyn Engine) {
-        let (worker, id) = engine.socket();
-        self.socket_id = socket_id(worker, id);
-        match (&self.refused, &self.app) {
+        match (self.refused, &self.app) {
             (Some((code, message)), _) => {
-                let (code, message) = (*code, message.clone());
-                error(engine, Some(code), &message);
-                engine.close(code, &message);
+                error(engine, Some(code), message);
+                engine.close(code, message);
             }
             (None, Some(app)) => {
-                let data = serde_json::json!({"socket_id": self.socket_id, "activity_timeout": app.activity_timeout});
+                let data = serde_json::json!({"socket_id": me(engine), "activity_timeout": app.activity_timeout});
                 send(engine, "pusher:connection_established", None, &data.to_string());
             }
             (None, None) => engine.close(code::NO_APP, "Application does not exist"),
@@ -209,8 +204,8 @@ impl Session {
         }
         if kind.private {
             let string = match channel_data {
-                Some(data) => format!("{}:{name}:{data}", self.socket_id),
-                None => format!("{}:{name}", self.socket_id),
+                Some(data) => format!("{}:{name}:{data}", me(engine)),
+                None => format!("{}:{name}", me(engine)),
             };
             if !sign::authorizes(app, string.as_bytes(), s.auth.as_deref().unwrap_or_default()) {
                 let message = format!("Invalid signature: expected HMAC SHA256 hex digest of {string}");
@@ -249,7 +244,7 @@ impl Session {
                 if !known {
                     let added = member_event(&id, Some(&info));
                     let json = event_json("pusher_internal:member_added", &name, &added, None);
-                    engine.publish(&to, payload(Some(&self.socket_id), &json), None).await;
+                    engine.publish(&to, payload(Some(&me(engine)), &json), None).await;
                 }
                 user_id = Some(id.into_boxed_str());
             }
@@ -264,6 +259,8 @@ impl Session {
                 }
             }
         }
+        // Grown one at a time: most connections hold a channel or two.
+        self.channels.reserve_exact(1);
         self.channels.push(Subscribed { name: name.into(), kind, user_id });
     }
 
@@ -272,7 +269,7 @@ impl Session {
         if !app.user_authentication {
             return error(engine, Some(code::BAD_MESSAGE), "User authentication is not enabled for this app");
         }
-        let string = format!("{}::user::{}", self.socket_id, s.user_data);
+        let string = format!("{}::user::{}", me(engine), s.user_data);
         if !sign::authorizes(app, string.as_bytes(), &s.auth) {
             let message = format!("Invalid signature: expected HMAC SHA256 hex digest of {string}");
             return error(engine, Some(code::UNAUTHORIZED), &message);
@@ -339,10 +336,16 @@ impl Session {
         let Ok(data) = RawValue::from_string(data.to_owned()) else { return };
         let json = event_json(event, channel, &data, sub.user_id.as_deref());
         let to = broker_channel(&app.id, channel);
-        if !engine.publish(&to, payload(Some(&self.socket_id), &json), None).await {
+        if !engine.publish(&to, payload(Some(&me(engine)), &json), None).await {
             error(engine, Some(code::BAD_MESSAGE), "The event could not be relayed: the broker is unreachable");
         }
     }
+}
+
+/// The connection's `socket_id`.
+fn me(engine: &dyn Engine) -> String {
+    let (worker, id) = engine.socket();
+    socket_id(worker, id)
 }
 
 /// Leave channel `s`; on a presence channel, its user's `member_removed` for the others when no
