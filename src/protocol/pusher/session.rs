@@ -112,9 +112,7 @@ impl Session {
             .map(|(_, v)| v.parse::<u32>().ok());
         let refused = match (&app, version) {
             (None, _) => Some((code::NO_APP, "Application does not exist")),
-            (Some(_), _) if slot.is_none() => {
-                Some((code::OVER_QUOTA, "Application is over its connection quota".into()))
-            }
+            (Some(_), _) if slot.is_none() => Some((code::OVER_QUOTA, "Application is over its connection quota")),
             (_, Some(v)) if !v.is_some_and(|v| VERSIONS.contains(&v)) => {
                 Some((code::VERSION, "Unsupported protocol version"))
             }
