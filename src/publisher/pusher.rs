@@ -42,9 +42,9 @@ struct Event<'a> {
     channels: Option<Vec<String>>,
     #[serde(default)]
     socket_id: Option<String>,
-    /// Attributes of the channels to answer with; not answered yet (the answer is `{}`).
-    #[serde(default, rename = "info")]
-    _info: Option<String>,
+    /// Attributes of its channels to answer with (`user_count`, `subscription_count`).
+    #[serde(default)]
+    info: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -103,7 +103,7 @@ impl Publisher {
                 let event: Event<'_> =
                     serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("body: {e}")))?;
                 self.trigger(&app, &event).await?;
-                Ok(serde_json::json!({}))
+                self.event_info(&app, &event).await
             }
             (&Method::POST, "batch_events") => {
                 let batch: Batch<'_> =
@@ -117,7 +117,17 @@ impl Publisher {
                 for event in &batch.batch {
                     self.trigger(&app, event).await?;
                 }
-                Ok(serde_json::json!({}))
+                if batch.batch.iter().all(|e| e.info.is_none()) {
+                    return Ok(serde_json::json!({}));
+                }
+                let mut items = Vec::new();
+                for event in &batch.batch {
+                    let mut info = self.event_info(&app, event).await?;
+                    // An item's attributes: those of its one channel.
+                    let one = event.channel.as_deref().and_then(|c| info["channels"].get_mut(c).map(std::mem::take));
+                    items.push(one.unwrap_or_else(|| serde_json::json!({})));
+                }
+                Ok(serde_json::json!({ "batch": items }))
             }
             (&Method::POST, rest) if rest.starts_with("users/") && rest.ends_with("/terminate_connections") => {
                 let user = &rest["users/".len()..rest.len() - "/terminate_connections".len()];
@@ -182,6 +192,28 @@ impl Publisher {
             }
             _ => Err(ApiError(StatusCode::NOT_FOUND, format!("no such resource: {method} {path}"))),
         }
+    }
+
+    /// What an event's `info` asks for, of each of its channels: `{}` without `info`, else
+    /// `{"channels": {NAME: {ATTRIBUTE: N}}}`.
+    async fn event_info(&self, app: &App, event: &Event<'_>) -> Result<serde_json::Value, ApiError> {
+        let Some(info) = event.info.as_deref() else { return Ok(serde_json::json!({})) };
+        let info = Info::parse(Some(info))?;
+        let counts = if info.subscription_count { self.subscriptions(app, "").await? } else { Default::default() };
+        let mut channels = serde_json::Map::new();
+        for c in check_event(app, event)? {
+            let presence = channel::Kind::of(c).presence;
+            let users = match info.user_count && presence {
+                true => self.members(app, c).await?.len() as u64,
+                false => 0,
+            };
+            let only = Info {
+                user_count: info.user_count && presence,
+                subscription_count: info.subscription_count && !presence,
+            };
+            channels.insert(c.to_owned(), only.attributes(counts.get(c).copied().unwrap_or(0), users));
+        }
+        Ok(serde_json::json!({ "channels": channels }))
     }
 
     /// The members of app `app`'s presence channel `channel` on every live gateway: user id →

@@ -103,6 +103,9 @@ ga = until(ma, "multi");
 const gn = until(na, "multi");
 await server.trigger(["news", "more"], "multi", "both");
 check((await ga).length === 1 && (await gn).length === 1, "one event to two channels", [await ga, await gn]);
+const withInfo = await (await server.trigger(["news", "more"], "counted", {}, { info: "subscription_count" })).json();
+check(withInfo.channels?.news?.subscription_count === 2 && withInfo.channels?.more?.subscription_count === 1,
+  "trigger with info: each channel's subscriptions", withInfo);
 
 // Private channel: authorized by the SDK's signature; client events go to the others only.
 const [pa, pb] = await Promise.all([subscribed(a, "private-chat"), subscribed(b, "private-chat")]);
