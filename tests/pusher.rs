@@ -83,6 +83,18 @@ async fn pusher_js_and_the_node_sdk_on_standalone() {
 async fn across_two_gateways(broker: Option<String>) {
     let app = app_flag();
     let cluster = Cluster::start_with(broker, &["--app", &app], &["--app", &app]).await;
+    // Counts and members come from the gateways the publishers know: wait until the first
+    // publisher has heard from both (as the native /presence tests do).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_get(&cluster.publishers[0], "/cluster").await;
+        let known: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if known["gateways"].as_array().is_some_and(|g| g.len() == 2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the publisher never heard from both gateways: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let args = [
         cluster.gateways[0].port().to_string(),
         cluster.publishers[0].port().to_string(),

@@ -235,6 +235,10 @@ await within(WAIT, "user channel", new Promise((resolve) => {
 const note = within(WAIT, "sendToUser", new Promise((resolve) => s9.user.bind("note", (d) => resolve(d))));
 await server.sendToUser("signed-9", "note", { for: "nine" });
 check((await note).for === "nine", "sendToUser reaches the signed-in socket");
+// A signed-in socket joins a presence channel as its user, with no channel_data.
+const asUser = await subscribed(s9, "presence-signed");
+check(asUser.members.count === 1 && asUser.members.me?.id === "signed-9" && asUser.members.me?.info?.name === "Nine",
+  "presence after sign-in: the member is the signed-in user", asUser.members);
 const gone = within(WAIT, "terminated", new Promise((resolve) => {
   s9.connection.bind("state_change", ({ current }) => { if (current !== "connected") resolve(current); });
 }));

@@ -54,8 +54,8 @@ pub struct Session {
     channels: Vec<Subscribed>,
     /// Client events sent in the current second, and when that second began.
     events: (u32, Option<Instant>),
-    /// The user the connection signed in as (`pusher:signin`).
-    user: Option<Box<str>>,
+    /// The user the connection signed in as (`pusher:signin`): its id and `user_info` (JSON).
+    user: Option<(Box<str>, Box<str>)>,
     /// Its place under the app's `max_connections`.
     _slot: Option<super::app::Slot>,
 }
@@ -69,8 +69,10 @@ struct Signin {
 
 /// A sign-in's `user_data`: at least the user's `id`.
 #[derive(Deserialize)]
-struct UserData {
+struct UserData<'a> {
     id: String,
+    #[serde(default, borrow)]
+    user_info: Option<&'a RawValue>,
 }
 
 /// A client's message: `{"event", "channel"?, "data"?}`.
@@ -190,16 +192,35 @@ impl Session {
         let kind = Kind::of(&name);
         if kind.user {
             // The socket is in its user's channel from its sign-in on; only that user's may ask.
-            let mine = self.user.as_deref().is_some_and(|u| name.strip_prefix(channel::USER_PREFIX) == Some(u));
+            let mine = self.user.as_ref().is_some_and(|(u, _)| name.strip_prefix(channel::USER_PREFIX) == Some(u));
             return match mine {
                 true => send(engine, "pusher_internal:subscription_succeeded", Some(&name), "{}"),
                 false => subscription_error(engine, &name, 403, "Only a socket signed in as this user may subscribe"),
             };
         }
         let channel_data = s.channel_data.as_deref().filter(|_| kind.presence);
-        if kind.presence && channel_data.is_none() {
-            return error(engine, Some(code::UNAUTHORIZED), "A presence subscription needs channel_data");
-        }
+        // A presence member: as channel_data says, or (without it) the signed-in user.
+        let member = match (kind.presence, channel_data, &self.user) {
+            (false, ..) => None,
+            (true, Some(data), _) => match member(app, data) {
+                Some(m) => Some(m),
+                None => {
+                    let limit = app.max_user_info;
+                    let message = format!(
+                        "channel_data needs a user_id (at most {MAX_USER_ID} characters) and a user_info of at most {limit} bytes"
+                    );
+                    return error(engine, Some(code::BAD_MESSAGE), &message);
+                }
+            },
+            (true, None, Some((id, info))) => Some((id.to_string(), info.to_string())),
+            (true, None, None) => {
+                return error(
+                    engine,
+                    Some(code::UNAUTHORIZED),
+                    "A presence subscription needs channel_data or a sign-in",
+                );
+            }
+        };
         if kind.private {
             let string = match channel_data {
                 Some(data) => format!("{}:{name}:{data}", me(engine)),
@@ -212,17 +233,12 @@ impl Session {
         }
         let to = broker_channel(&app.id, &name);
         let mut user_id = None;
-        match channel_data {
+        match member {
             None => {
                 engine.join(&to, None).await;
                 send(engine, "pusher_internal:subscription_succeeded", Some(&name), "{}");
             }
-            Some(data) => {
-                let Some((id, info)) = member(app, data) else {
-                    let limit = app.max_user_info;
-                    let message = format!("channel_data needs a user_id (at most {MAX_USER_ID} characters) and a user_info of at most {limit} bytes");
-                    return error(engine, Some(code::BAD_MESSAGE), &message);
-                };
+            Some((id, info)) => {
                 let Some(mut members) = engine.members(&to).await else {
                     return subscription_error(engine, &name, 503, "The members could not be counted: try again");
                 };
@@ -272,20 +288,28 @@ impl Session {
             let message = format!("Invalid signature: expected HMAC SHA256 hex digest of {string}");
             return error(engine, Some(code::UNAUTHORIZED), &message);
         }
-        let Some(user) = serde_json::from_str::<UserData>(&s.user_data).ok().map(|u| u.id) else {
-            return error(engine, Some(code::BAD_MESSAGE), "user_data needs an id");
+        let Some((user, info)) = serde_json::from_str::<UserData<'_>>(&s.user_data)
+            .ok()
+            .map(|u| (u.id, u.user_info.map_or("null", RawValue::get).to_owned()))
+            .filter(|(_, info)| info.len() <= app.max_user_info)
+        else {
+            return error(
+                engine,
+                Some(code::BAD_MESSAGE),
+                "user_data needs an id (and a user_info within the app's limit)",
+            );
         };
         if channel::check(&format!("{}{user}", channel::USER_PREFIX)).is_err() {
             return error(engine, Some(code::BAD_MESSAGE), "The user id may use A-Z a-z 0-9 _ - = @ , . ; only");
         }
-        match self.user.as_deref() {
-            Some(u) if u != user => {
+        match self.user.as_ref() {
+            Some((u, _)) if **u != *user => {
                 return error(engine, Some(code::UNAUTHORIZED), "This socket is signed in as another user");
             }
             Some(_) => {}
             None => {
                 engine.join(&super::user_channel(&app.id, &user), None).await;
-                self.user = Some(user.into_boxed_str());
+                self.user = Some((user.into_boxed_str(), info.into_boxed_str()));
             }
         }
         let m = serde_json::json!({"event": "pusher:signin_success", "data": {"user_data": s.user_data}});
