@@ -182,3 +182,43 @@ async fn apps_from_the_config_file_and_the_connection_quota() {
     }
     let _ = std::fs::remove_file(file);
 }
+
+/// Bad input from a Pusher client gets `pusher:error` and changes nothing else: a message that
+/// is not JSON, a subscribe without a channel, a bad channel name, a client event on a public
+/// channel, and more channels than the app allows; the socket stays up through all of them and
+/// the app's limits hold.
+#[tokio::test]
+async fn bad_client_messages_get_errors_and_the_socket_stays() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let file = std::env::temp_dir().join(format!("pushwire-apps-{}-{}.toml", std::process::id(), free_port()));
+    let app =
+        "[[apps]]\nid = \"3\"\nkey = \"k3\"\nsecret = \"s3\"\nclient-events = true\nmax-channels-per-connection = 2\n";
+    std::fs::write(&file, app).expect("write");
+    let config = file.to_string_lossy().into_owned();
+    let (_p, _c, w, _h) = standalone(&["--config", &config]).await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{w}/app/k3?protocol=7")).await.expect("handshake");
+    assert_eq!(next(&mut ws).await.expect("welcome")["event"], "pusher:connection_established");
+    let expect_error = async |ws: &mut Ws, sent: &str, code: Option<u64>| {
+        ws.send(Message::text(sent)).await.expect("send");
+        let m = next(ws).await.expect("an answer, not a close");
+        assert_eq!((m["event"].as_str(), m["data"]["code"].as_u64()), (Some("pusher:error"), code), "{sent}: {m}");
+    };
+    expect_error(&mut ws, "not json", Some(4300)).await;
+    expect_error(&mut ws, r#"{"event":"pusher:subscribe","data":{}}"#, Some(4300)).await;
+    expect_error(&mut ws, r#"{"event":"pusher:subscribe","data":{"channel":"a b"}}"#, Some(4300)).await;
+    for c in ["one", "two"] {
+        ws.send(Message::text(format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{c}"}}}}"#)))
+            .await
+            .expect("send");
+        assert_eq!(next(&mut ws).await.expect("answer")["event"], "pusher_internal:subscription_succeeded");
+    }
+    expect_error(&mut ws, r#"{"event":"pusher:subscribe","data":{"channel":"three"}}"#, Some(4300)).await;
+    expect_error(&mut ws, r#"{"event":"client-x","channel":"one","data":{}}"#, Some(4300)).await;
+    expect_error(&mut ws, r#"{"event":"client-x","channel":"private-not-mine","data":{}}"#, Some(4300)).await;
+    // Still up: a ping is answered.
+    ws.send(Message::text(r#"{"event":"pusher:ping","data":{}}"#)).await.expect("send");
+    assert_eq!(next(&mut ws).await.expect("pong")["event"], "pusher:pong");
+    let _ = std::fs::remove_file(file);
+}
