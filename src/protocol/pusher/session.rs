@@ -441,3 +441,40 @@ fn subscription_error(engine: &mut dyn Engine, channel: &str, status: u16, messa
     let data = serde_json::json!({"type": "AuthError", "error": message, "status": status});
     send(engine, "pusher:subscription_error", Some(channel), &data.to_string());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_shapes() {
+        let app = App::new("1", "k", "s");
+        assert_eq!(
+            member(&app, r#"{"user_id":10,"user_info":{"name":"Mr. Channels"}}"#),
+            Some(("10".into(), r#"{"name":"Mr. Channels"}"#.into()))
+        );
+        assert_eq!(
+            member(&app, r#"{"user_id": "u1"}"#),
+            Some(("u1".into(), "null".into())),
+            "Python's separators, no info"
+        );
+        assert_eq!(member(&app, r#"{"user_id":""}"#), None);
+        assert_eq!(member(&app, &format!(r#"{{"user_id":"{}"}}"#, "x".repeat(129))), None, "user_id over 128");
+        let big = format!(r#"{{"user_id":"u","user_info":"{}"}}"#, "x".repeat(1100));
+        assert_eq!(member(&app, &big), None, "user_info over the app's limit");
+        let mut members = std::collections::BTreeMap::new();
+        members.insert("u1".to_string(), r#"{"name":"A"}"#.to_string());
+        members.insert("2".to_string(), "null".to_string());
+        let data = presence_data(&members);
+        assert_eq!(data, r#"{"presence":{"ids":["2","u1"],"hash":{"2":null,"u1":{"name":"A"}},"count":2}}"#);
+        assert!(serde_json::from_str::<serde_json::Value>(&data).is_ok());
+        // member_added/removed data is a string holding the JSON (as Pusher sends it).
+        let added = member_event("u1", Some(r#"{"name":"A"}"#));
+        assert_eq!(
+            serde_json::from_str::<String>(added.get()).unwrap(),
+            r#"{"user_id":"u1","user_info":{"name":"A"}}"#
+        );
+        let removed = member_event("u1", None);
+        assert_eq!(serde_json::from_str::<String>(removed.get()).unwrap(), r#"{"user_id":"u1"}"#);
+    }
+}
