@@ -218,9 +218,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let apps = a.apps.load(config)?;
             let broker = a.broker.open(HistoryConfig::OFF, true).await?;
             let api = match a.apps.pusher_api && !apps.is_empty() {
-                true => {
-                    Some(Publisher::new(broker.clone(), PublisherConfig { apps: apps.clone(), ..a.apps.api_config() })?)
-                }
+                true => Some(Publisher::new(
+                    broker.clone(),
+                    PublisherConfig { apps: apps.clone(), keep: None, ..PublisherConfig::default() },
+                )?),
                 false => None,
             };
             let cfg = GatewayConfig { tls: a.tls.load()?, apps, api, ..a.opts.config()? };

@@ -157,11 +157,6 @@ pub struct AppsOpts {
 }
 
 impl AppsOpts {
-    /// The settings of a Pusher API served by a gateway: no native publishing in it.
-    pub(super) fn api_config(&self) -> PublisherConfig {
-        PublisherConfig { keep: None, ..PublisherConfig::default() }
-    }
-
     /// The apps of the flag and of the config file at `config`.
     pub(super) fn load(&self, config: Option<&std::path::Path>) -> anyhow::Result<Arc<crate::protocol::pusher::Apps>> {
         let mut list = match config {

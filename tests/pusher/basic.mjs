@@ -5,25 +5,7 @@
 // Prints one line per check; exits 1 at the first failure (with what was seen), 0 when all pass.
 import Pusher from "pusher-js";
 import PusherServer from "pusher";
-
-const [wsPort, httpPort, appId, key, secret, wsPortB] = process.argv.slice(2);
-const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port: httpPort, useTLS: false });
-const WAIT = 10_000;
-
-function check(ok, what, seen) {
-  if (!ok) {
-    console.log(`FAIL ${what}${seen === undefined ? "" : `: ${JSON.stringify(seen)}`}`);
-    process.exit(1);
-  }
-  console.log(`ok ${what}`);
-}
-
-function within(ms, what, promise) {
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms)),
-  ]);
-}
+import { WAIT, appId, check, httpPort, key, secret, server, within, wsPort, wsPortB } from "./common.mjs";
 
 function client(appKey = key, port = wsPort, user = undefined) {
   return new Pusher(appKey, {

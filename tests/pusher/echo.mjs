@@ -3,23 +3,9 @@
 //   node echo.mjs WS_PORT HTTP_PORT APP_ID APP_KEY APP_SECRET [WS_PORT_B]
 import Echo from "laravel-echo";
 import Pusher from "pusher-js";
-import PusherServer from "pusher";
+import { WAIT, check, key, server, within as withinMs, wsPort, wsPortB } from "./common.mjs";
 
-const [wsPort, httpPort, appId, key, secret, wsPortB] = process.argv.slice(2);
-const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port: httpPort, useTLS: false });
-const WAIT = 10_000;
-
-function check(ok, what, seen) {
-  if (!ok) {
-    console.log(`FAIL ${what}${seen === undefined ? "" : `: ${JSON.stringify(seen)}`}`);
-    process.exit(1);
-  }
-  console.log(`ok ${what}`);
-}
-
-function within(what, promise) {
-  return Promise.race([promise, new Promise((_, no) => setTimeout(() => no(new Error(`timed out: ${what}`)), WAIT))]);
-}
+const within = (what, promise) => withinMs(WAIT, what, promise);
 
 // Echo as Laravel's broadcasting docs configure it for Reverb or Pusher, pointed at pushwire;
 // the authorizer signs as the app's /broadcasting/auth would for `user`.

@@ -391,18 +391,15 @@ impl Worker {
         let mut table = self.table();
         let Table { conns, users, topics, recovering, joiners, channels, .. } = &mut *table;
         // The connections of the excluded users (none in the common case: nothing to look up).
-        let mut skip: Option<HashSet<u64>> = (!exclude.is_empty()).then(|| {
+        let skip: Option<HashSet<u64>> = (!exclude.is_empty()).then(|| {
             exclude.iter().filter_map(|u| users.get(std::str::from_utf8(u).ok()?)).flatten().copied().collect()
         });
-        if let Some(id) = exclude_conn {
-            skip.get_or_insert_with(HashSet::new).insert(id);
-        }
         let (mut slow, mut direct) = (Vec::new(), Vec::new());
         let mut delivered = 0;
         let (max_frames, max_bytes) = (self.max_frames, self.max_bytes);
         let writes_directly = self.writes_directly.load(Ordering::Relaxed);
         let offer = |id: u64, c: &Arc<Conn>| {
-            let skipped = skip.as_ref().is_some_and(|s| s.contains(&id));
+            let skipped = exclude_conn == Some(id) || skip.as_ref().is_some_and(|s| s.contains(&id));
             // A connection recovering this channel gets it after its history (none usually); a
             // message not for it still tells where the worker is.
             if let (false, Some(p)) = (recovering.is_empty(), frames.position) {

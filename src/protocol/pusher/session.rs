@@ -397,28 +397,33 @@ fn member(app: &App, channel_data: &str) -> Option<(String, String)> {
 
 /// `member_added` / `member_removed` data: a string holding `{"user_id", "user_info"?}`.
 fn member_event(id: &str, info: Option<&str>) -> Box<RawValue> {
-    let mut text = serde_json::json!({ "user_id": id }).to_string();
-    if let Some(info) = info {
-        text.truncate(text.len() - 1);
-        text.push_str(&format!(",\"user_info\":{info}}}"));
+    #[derive(serde::Serialize)]
+    struct Member<'a> {
+        user_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user_info: Option<&'a RawValue>,
     }
+    // `info` was checked as JSON when the member joined.
+    let user_info = info.and_then(|i| serde_json::from_str::<&RawValue>(i).ok());
+    let text = serde_json::to_string(&Member { user_id: id, user_info }).unwrap_or_default();
     RawValue::from_string(serde_json::to_string(&text).unwrap_or_default()).expect("a JSON string")
 }
 
 /// `subscription_succeeded` data of a presence channel: `{"presence":{"ids","hash","count"}}`.
 fn presence_data(members: &std::collections::BTreeMap<String, String>) -> String {
-    let mut hash = String::from("{");
-    for (i, (id, info)) in members.iter().enumerate() {
-        if i > 0 {
-            hash.push(',');
-        }
-        hash.push_str(&serde_json::to_string(id).unwrap_or_default());
-        hash.push(':');
-        hash.push_str(info);
+    #[derive(serde::Serialize)]
+    struct Data<'a> {
+        presence: Presence<'a>,
     }
-    hash.push('}');
-    let ids = serde_json::to_string(&members.keys().collect::<Vec<_>>()).unwrap_or_default();
-    format!("{{\"presence\":{{\"ids\":{ids},\"hash\":{hash},\"count\":{}}}}}", members.len())
+    #[derive(serde::Serialize)]
+    struct Presence<'a> {
+        ids: Vec<&'a str>,
+        hash: std::collections::BTreeMap<&'a str, &'a RawValue>,
+        count: usize,
+    }
+    let hash = members.iter().filter_map(|(id, info)| Some((id.as_str(), serde_json::from_str(info).ok()?))).collect();
+    let presence = Presence { ids: members.keys().map(String::as_str).collect(), hash, count: members.len() };
+    serde_json::to_string(&Data { presence }).unwrap_or_default()
 }
 
 /// Send `{"event":E,"channel"?:C,"data":D}` with `data` a string holding `data`.
