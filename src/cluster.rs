@@ -84,8 +84,8 @@ pub enum Request {
     Presence { channel: String },
     /// Send a heartbeat now (a publisher that has just started wants to know the gateways).
     Hello,
-    /// A page of the worker's users (or topics) after `after`, for a presence tracker.
-    Dump { topics: bool, after: String },
+    /// A page of the worker's names of one kind after `after`, for a presence tracker.
+    Dump { kind: Kind, after: String },
     /// The protocol channels (broker channels a protocol joins: Pusher's) starting with
     /// `prefix` that have subscribers on the gateway, with how many (up to [`MAX_CHANNELS`]).
     Channels { prefix: String },
@@ -97,12 +97,36 @@ pub enum Request {
 /// Channels in one answer to [`Request::Channels`].
 pub const MAX_CHANNELS: usize = 10_000;
 
-/// A user or topic that arrived on (`up`) or left a worker: the `seq`-th change there.
+/// What a name a worker holds names: the presence trackers follow all four.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A native user (with a connection here).
+    User,
+    /// A native topic.
+    Topic,
+    /// A protocol's broker channel (Pusher's `pusher:APP:CHANNEL`) with a subscriber here.
+    Channel,
+    /// A presence member: [`member_key`] of its broker channel and user id.
+    Member,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::User, Kind::Topic, Kind::Channel, Kind::Member];
+}
+
+/// The name of presence member `user` of broker channel `channel` (a channel name holds no
+/// newline).
+pub fn member_key(channel: &str, user: &str) -> String {
+    format!("{channel}\n{user}")
+}
+
+/// A name of one kind that arrived on (`up`) or left a worker: the `seq`-th change there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub seq: u64,
     pub up: bool,
-    pub topic: bool,
+    pub kind: Kind,
     pub name: String,
 }
 

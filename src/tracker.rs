@@ -1,11 +1,14 @@
-//! The presence tracker behind webhooks (a publisher started with `--webhook`): it follows every
-//! gateway worker's users and topics from the changes the workers report on `pushwire:cluster`
-//! (see [`crate::cluster`]), and turns cluster-wide transitions into events:
+//! The presence tracker behind webhooks (a publisher started with `--webhook`, or with
+//! `--app-webhooks` for Pusher apps): it follows every gateway worker's users, topics, Pusher
+//! channels and presence members from the changes the workers report on `pushwire:cluster` (see
+//! [`crate::cluster`]), and turns cluster-wide transitions into events:
 //!
 //! - `user_online` / `channel_occupied` when the first connection of a user / topic appears
-//!   anywhere;
+//!   anywhere; a Pusher app's `channel_occupied` / `member_added` likewise;
 //! - `user_offline` / `channel_vacated` when the last one is gone and `--offline-delay` has passed
-//!   with none anywhere: a page reload (gone, back within the delay) sends nothing.
+//!   with none anywhere: a page reload (gone, back within the delay) sends nothing; a Pusher
+//!   app's `channel_vacated` / `member_removed` likewise, after at most [`PUSHER_DELAY`] (Pusher
+//!   waits up to 3 s).
 //!
 //! A worker whose changes show a gap (lost on the way, or more than it keeps) is asked for all its
 //! users and topics again, page by page, by a task of its own: a gateway that is slow to answer
@@ -20,7 +23,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster::{Asker, Change, Report, Request};
+use crate::cluster::{Asker, Change, Kind, Report, Request};
+use crate::protocol::pusher::{self, hooks};
 use crate::webhook::{Event, Webhooks};
 
 /// Reports buffered for the tracker before it counts as lagging (and resynchronises).
@@ -28,8 +32,20 @@ const REPORT_QUEUE: usize = 16_384;
 /// Workers first seen this soon after the tracker starts are taken in without events.
 const INITIAL_SYNC: Duration = Duration::from_secs(3);
 
-/// A user (`false`) or topic (`true`) and its name.
-type Key = (bool, String);
+/// A name and what it names.
+type Key = (Kind, String);
+
+/// The longest wait before a Pusher channel counts as vacated, or a member as removed.
+pub const PUSHER_DELAY: Duration = Duration::from_secs(3);
+
+/// Where events go.
+#[derive(Default)]
+pub struct Sinks {
+    /// Users and topics (`--webhook`).
+    pub native: Option<Arc<Webhooks>>,
+    /// Pusher apps' channels and members.
+    pub apps: Option<Arc<hooks::Hooks>>,
+}
 
 /// Changes held for a worker while it is asked for all it holds, before it is asked again
 /// instead.
@@ -53,7 +69,7 @@ struct WorkerView {
 
 struct Tracker {
     asker: Arc<Asker>,
-    hooks: Arc<Webhooks>,
+    sinks: Sinks,
     delay: Duration,
     started: Instant,
     workers: HashMap<String, WorkerView>,
@@ -68,7 +84,7 @@ struct Tracker {
 }
 
 /// Start tracking presence through `asker`, sending events to `hooks`.
-pub fn spawn(asker: Arc<Asker>, hooks: Arc<Webhooks>, offline_delay: Duration) {
+pub fn spawn(asker: Arc<Asker>, sinks: Sinks, offline_delay: Duration) {
     let reports = asker.reports(REPORT_QUEUE);
     // Unbounded, but holds at most one answer per worker: one question per worker at a time.
     let (dumps, dumped) = tokio::sync::mpsc::unbounded_channel();
@@ -76,7 +92,7 @@ pub fn spawn(asker: Arc<Asker>, hooks: Arc<Webhooks>, offline_delay: Duration) {
         resyncing: HashMap::new(),
         dumps,
         asker,
-        hooks,
+        sinks,
         delay: offline_delay,
         started: Instant::now(),
         workers: HashMap::new(),
@@ -149,7 +165,7 @@ impl Tracker {
                 break;
             }
             view.seq = c.seq;
-            let key = (c.topic, c.name);
+            let key = (c.kind, c.name);
             let changed = if c.up { view.names.insert(key.clone()) } else { view.names.remove(&key) };
             if changed {
                 edits.push((c.up, key));
@@ -228,19 +244,35 @@ impl Tracker {
             *n -= 1;
             if *n == 0 {
                 self.holders.remove(&key);
-                self.pending.insert(key, Instant::now() + self.delay);
+                let delay = match key.0 {
+                    Kind::User | Kind::Topic => self.delay,
+                    Kind::Channel | Kind::Member => self.delay.min(PUSHER_DELAY),
+                };
+                self.pending.insert(key, Instant::now() + delay);
             }
         }
     }
 
-    fn announce(&self, up: bool, (topic, name): &Key) {
-        let e = match (topic, up) {
-            (false, true) => Event::user("user_online", name),
-            (false, false) => Event::user("user_offline", name),
-            (true, true) => Event::channel("channel_occupied", name),
-            (true, false) => Event::channel("channel_vacated", name),
-        };
-        self.hooks.send(e);
+    fn announce(&self, up: bool, (kind, name): &Key) {
+        let (native, apps) = (&self.sinks.native, &self.sinks.apps);
+        match (kind, up, native, apps) {
+            (Kind::User, true, Some(h), _) => h.send(&Event::user("user_online", name)),
+            (Kind::User, false, Some(h), _) => h.send(&Event::user("user_offline", name)),
+            (Kind::Topic, true, Some(h), _) => h.send(&Event::channel("channel_occupied", name)),
+            (Kind::Topic, false, Some(h), _) => h.send(&Event::channel("channel_vacated", name)),
+            (Kind::Channel, up, _, Some(h)) => {
+                let Some((app, channel)) = pusher::app_channel(name) else { return };
+                let event = if up { "channel_occupied" } else { "channel_vacated" };
+                h.send(app, &hooks::Event::new(event, channel));
+            }
+            (Kind::Member, up, _, Some(h)) => {
+                let Some((channel, user)) = name.split_once('\n') else { return };
+                let Some((app, channel)) = pusher::app_channel(channel) else { return };
+                let event = if up { "member_added" } else { "member_removed" };
+                h.send(app, &hooks::Event { user_id: Some(user), ..hooks::Event::new(event, channel) });
+            }
+            _ => {}
+        }
     }
 
     fn tick(&mut self) {
@@ -268,10 +300,10 @@ impl Tracker {
 async fn dump(asker: &Asker, worker: String) -> Dumped {
     let mut names = HashSet::new();
     let mut seq = None;
-    for topics in [false, true] {
+    for kind in Kind::ALL {
         let mut after = String::new();
         loop {
-            let req = Request::Dump { topics, after: after.clone() };
+            let req = Request::Dump { kind, after: after.clone() };
             let Ok(mut answers) = asker.ask(&crate::cluster::worker_channel(&worker), req, 1).await else {
                 return Dumped::Failed(worker);
             };
@@ -285,7 +317,7 @@ async fn dump(asker: &Asker, worker: String) -> Dumped {
             if let Some(last) = page.uids.last() {
                 after = last.clone();
             }
-            names.extend(page.uids.into_iter().map(|n| (topics, n)));
+            names.extend(page.uids.into_iter().map(|n| (kind, n)));
             if !full {
                 break;
             }

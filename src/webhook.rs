@@ -1,9 +1,13 @@
-//! Webhooks: presence events POSTed as JSON to `--webhook URL`, in order, one request at a time,
-//! each request carrying every event queued meanwhile (`{"time_ms": T, "events": [...]}`, at most
-//! [`MAX_BATCH`]), signed (`X-Pushwire-Signature: sha256=HEX`, an HMAC-SHA256 of the body with
-//! `--webhook-secret`), retried with growing backoff: a backlog built while the endpoint was down
-//! drains in a few requests once it is back. The queue is bounded: when it is full the oldest
-//! event is dropped and counted.
+//! Webhooks: events POSTed as JSON to one URL, in order, one request at a time, each request
+//! carrying every event queued meanwhile (`{"time_ms": T, "events": [...]}`, at most
+//! [`MAX_BATCH`]), signed, retried with growing backoff: a backlog built while the endpoint was
+//! down drains in a few requests once it is back. The queue is bounded: when it is full the
+//! oldest event is dropped and counted.
+//!
+//! Two signatures ([`Signing`]): pushwire's presence webhooks (`--webhook URL`) carry
+//! `X-Pushwire-Signature: sha256=HEX`, an HMAC-SHA256 of the body with `--webhook-secret`;
+//! Pusher apps' carry `X-Pusher-Key` and `X-Pusher-Signature` (the hex HMAC with the app's
+//! secret), and are retried for about five minutes, as Pusher's.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +19,7 @@ use hmac::{Hmac, Mac};
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 /// Events waiting to be sent before the oldest is dropped.
@@ -23,6 +28,8 @@ pub const QUEUE: usize = 10_000;
 pub const MAX_BATCH: usize = 100;
 /// Attempts per request before its events are given up.
 pub const ATTEMPTS: u32 = 6;
+/// Attempts for a Pusher app's request: about five minutes with the backoff's 8 s ceiling.
+pub const PUSHER_ATTEMPTS: u32 = 42;
 /// How long one attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -30,7 +37,20 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Serialize)]
 struct Batch<'a> {
     time_ms: u64,
-    events: &'a [Event],
+    events: &'a [Box<RawValue>],
+}
+
+/// How requests are signed.
+#[derive(Debug, Clone)]
+pub enum Signing {
+    None,
+    /// `X-Pushwire-Signature: sha256=HEX`.
+    Pushwire(String),
+    /// `X-Pusher-Key: KEY` and `X-Pusher-Signature: HEX`.
+    Pusher {
+        key: String,
+        secret: String,
+    },
 }
 
 /// One presence event.
@@ -70,7 +90,7 @@ pub struct Stats {
 
 /// The sending side of one webhook URL.
 pub struct Webhooks {
-    queue: Mutex<VecDeque<Event>>,
+    queue: Mutex<VecDeque<Box<RawValue>>>,
     wake: Notify,
     pub stats: Stats,
 }
@@ -81,19 +101,20 @@ type HttpClient = hyper_util::client::legacy::Client<
 >;
 
 impl Webhooks {
-    /// Start sending to `url`, signing with `secret` when given.
-    pub fn spawn(url: hyper::Uri, secret: Option<String>) -> Arc<Webhooks> {
+    /// Start sending to `url`, signing as `signing` says.
+    pub fn spawn(url: hyper::Uri, signing: Signing) -> Arc<Webhooks> {
         let hooks = Arc::new(Webhooks { queue: Mutex::default(), wake: Notify::new(), stats: Stats::default() });
         let https =
             hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
         let client: HttpClient =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
-        tokio::spawn(run(hooks.clone(), client, url, secret));
+        tokio::spawn(run(hooks.clone(), client, url, signing));
         hooks
     }
 
     /// Queue `e`; the oldest queued event makes room when the queue is full.
-    pub fn send(&self, e: Event) {
+    pub fn send(&self, e: &impl Serialize) {
+        let Ok(e) = serde_json::value::to_raw_value(e) else { return };
         let mut q = crate::io::lock(&self.queue);
         if q.len() >= QUEUE {
             q.pop_front();
@@ -106,9 +127,10 @@ impl Webhooks {
 }
 
 /// Send what is queued, for as long as the process runs.
-async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, secret: Option<String>) {
+async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, signing: Signing) {
+    let attempts = if matches!(signing, Signing::Pusher { .. }) { PUSHER_ATTEMPTS } else { ATTEMPTS };
     loop {
-        let batch: Vec<Event> = {
+        let batch: Vec<Box<RawValue>> = {
             let mut q = crate::io::lock(&h.queue);
             let n = q.len().min(MAX_BATCH);
             q.drain(..n).collect()
@@ -120,15 +142,15 @@ async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, secret: Opti
         let body = Bytes::from(serde_json::to_vec(&Batch { time_ms: now_ms(), events: &batch }).unwrap_or_default());
         let mut backoff = Duration::from_millis(250);
         let mut delivered = false;
-        for attempt in 1..=ATTEMPTS {
-            match post(&client, &url, secret.as_deref(), body.clone()).await {
+        for attempt in 1..=attempts {
+            match post(&client, &url, &signing, body.clone()).await {
                 Ok(()) => {
                     delivered = true;
                     break;
                 }
                 Err(e) => {
                     tracing::debug!(attempt, events = batch.len(), "webhook not delivered: {e}");
-                    if attempt < ATTEMPTS {
+                    if attempt < attempts {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(8));
                     }
@@ -140,26 +162,33 @@ async fn run(h: Arc<Webhooks>, client: HttpClient, url: hyper::Uri, secret: Opti
             h.stats.sent.fetch_add(n, Ordering::Relaxed);
         } else {
             h.stats.failed.fetch_add(n, Ordering::Relaxed);
-            tracing::warn!(events = n, attempts = ATTEMPTS, "webhook given up");
+            tracing::warn!(events = n, attempts, "webhook given up");
         }
     }
 }
 
-/// The signature header's value for `body`.
-pub fn signature(secret: &str, body: &[u8]) -> String {
+/// Lowercase hex of HMAC-SHA256(`secret`, `message`).
+pub fn hmac_hex(secret: &str, message: &[u8]) -> String {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
-    mac.update(body);
-    let digest = mac.finalize().into_bytes();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={hex}")
+    mac.update(message);
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn post(client: &HttpClient, url: &hyper::Uri, secret: Option<&str>, body: Bytes) -> Result<(), String> {
+/// The `X-Pushwire-Signature` value for `body`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    format!("sha256={}", hmac_hex(secret, body))
+}
+
+async fn post(client: &HttpClient, url: &hyper::Uri, signing: &Signing, body: Bytes) -> Result<(), String> {
     let mut req = hyper::Request::post(url.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header("user-agent", "pushwire");
-    if let Some(s) = secret {
-        req = req.header("x-pushwire-signature", signature(s, &body));
+    match signing {
+        Signing::None => {}
+        Signing::Pushwire(s) => req = req.header("x-pushwire-signature", signature(s, &body)),
+        Signing::Pusher { key, secret } => {
+            req = req.header("x-pusher-key", key.as_str()).header("x-pusher-signature", hmac_hex(secret, &body))
+        }
     }
     let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req))
@@ -231,9 +260,9 @@ mod tests {
     #[tokio::test]
     async fn a_backlog_goes_in_a_few_requests_in_order() {
         let (url, mut rx) = receiver(2).await;
-        let hooks = Webhooks::spawn(url, None);
+        let hooks = Webhooks::spawn(url, Signing::None);
         for i in 0..250 {
-            hooks.send(Event::user("user_online", &i.to_string()));
+            hooks.send(&Event::user("user_online", &i.to_string()));
         }
         let mut got = Vec::new();
         let mut requests = 0;

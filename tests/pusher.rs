@@ -79,22 +79,26 @@ async fn pusher_js_and_the_node_sdk_on_standalone() {
     }
 }
 
-/// The scripts against two gateways and a publisher on `broker` (`None`: a channel server).
-async fn across_two_gateways(broker: Option<String>) {
-    let app = app_flag();
-    let cluster = Cluster::start_with(broker, &["--app", &app], &["--app", &app]).await;
-    // Counts and members come from the gateways the publishers know: wait until the first
-    // publisher has heard from both (as the native /presence tests do).
+/// Counts and members come from the gateways the publishers know: wait until the first publisher
+/// has heard from both (as the native /presence tests do).
+async fn heard_from_both(cluster: &Cluster) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (_, body) = http_get(&cluster.publishers[0], "/cluster").await;
         let known: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         if known["gateways"].as_array().is_some_and(|g| g.len() == 2) {
-            break;
+            return;
         }
         assert!(tokio::time::Instant::now() < deadline, "the publisher never heard from both gateways: {body}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// The scripts against two gateways and a publisher on `broker` (`None`: a channel server).
+async fn across_two_gateways(broker: Option<String>) {
+    let app = app_flag();
+    let cluster = Cluster::start_with(broker, &["--app", &app], &["--app", &app]).await;
+    heard_from_both(&cluster).await;
     let args = [
         cluster.gateways[0].port().to_string(),
         cluster.publishers[0].port().to_string(),
@@ -220,5 +224,67 @@ async fn bad_client_messages_get_errors_and_the_socket_stays() {
     // Still up: a ping is answered.
     ws.send(Message::text(r#"{"event":"pusher:ping","data":{}}"#)).await.expect("send");
     assert_eq!(next(&mut ws).await.expect("pong")["event"], "pusher:pong");
+    let _ = std::fs::remove_file(file);
+}
+
+/// A config file with the test app, client events on, and a webhook to `127.0.0.1:hook_port`
+/// for every event.
+fn hooks_config(hook_port: u16) -> std::path::PathBuf {
+    let file = std::env::temp_dir().join(format!("pushwire-hooks-{}-{hook_port}.toml", std::process::id()));
+    let (id, key, secret) = APP;
+    let app = format!(
+        "[[apps]]\nid = \"{id}\"\nkey = \"{key}\"\nsecret = \"{secret}\"\nclient-events = true\n\
+         webhooks = [{{ url = \"http://127.0.0.1:{hook_port}/hook\" }}]\n"
+    );
+    std::fs::write(&file, app).expect("write");
+    file
+}
+
+/// Webhooks on standalone, checked by the Node SDK: channel_occupied and member_added once
+/// for a user on two sockets, client_event, cache_miss, then channel_vacated and
+/// member_removed once when everyone leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_on_standalone() {
+    let hook = free_port();
+    let file = hooks_config(hook);
+    let config = file.to_string_lossy().into_owned();
+    let (_p, _c, ws, http) = standalone(&["--config", &config, "--offline-delay", "300ms"]).await;
+    let (id, key, secret) = APP;
+    let args = [ws, http].map(|p| p.to_string());
+    let args = [&args[..], &[id.into(), key.into(), secret.into(), ws.to_string(), hook.to_string()]].concat();
+    if let Some(out) = node("hooks.mjs", &args).await {
+        assert!(out.contains("all passed"), "{out}");
+    }
+    let _ = std::fs::remove_file(file);
+}
+
+/// Webhooks across two gateways (the tracker in the publisher started with `--app-webhooks`),
+/// then one gateway killed with -9 while members are on it: a member that was only there is
+/// removed for the clients on the other gateway and by webhook once its lease ends; a user
+/// still on a live gateway stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_and_a_killed_gateway_across_two_gateways() {
+    let hook = free_port();
+    let file = hooks_config(hook);
+    let config = file.to_string_lossy().into_owned();
+    let gateway = ["--config", &config, "--presence-lease", "3s"];
+    let publisher = ["--config", &config, "--app-webhooks", "--offline-delay", "300ms"];
+    let cluster = Cluster::start_with(None, &gateway, &publisher).await;
+    heard_from_both(&cluster).await;
+    let (id, key, secret) = APP;
+    // procs: the channel server, then the gateways.
+    let args = [
+        cluster.gateways[0].port().to_string(),
+        cluster.publishers[0].port().to_string(),
+        id.into(),
+        key.into(),
+        secret.into(),
+        cluster.gateways[1].port().to_string(),
+        hook.to_string(),
+        cluster.procs[2].pid().to_string(),
+    ];
+    if let Some(out) = node("hooks.mjs", &args).await {
+        assert!(out.contains("all passed"), "{out}");
+    }
     let _ = std::fs::remove_file(file);
 }

@@ -253,8 +253,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let broker: Arc<dyn broker::Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone(), ""));
             let tls = a.tls.load()?;
             let apps = a.apps.load(config)?;
-            let cfg =
-                PublisherConfig { tls: tls.clone(), keep: a.history.config().keep(), apps, ..a.publisher.config() };
+            let cfg = PublisherConfig {
+                tls: tls.clone(),
+                keep: a.history.config().keep(),
+                apps,
+                app_webhooks: true,
+                ..a.publisher.config()
+            };
             let publisher = Publisher::new(broker.clone(), cfg)?;
             // Pusher's clients and backends reach one host and port: the API on the WebSocket port too.
             let (apps, api) = (publisher.apps(), Some(publisher.clone()));

@@ -313,9 +313,15 @@ pub struct PublisherOpts {
     /// Sign webhook bodies: X-Pushwire-Signature: sha256=HMAC-SHA256(body) in hex.
     #[arg(long, env = "PUSHWIRE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
-    /// A user (topic) with no connection anywhere for this long is offline (vacated).
+    /// A user (topic) with no connection anywhere for this long is offline (vacated); a Pusher
+    /// channel is vacated, and a member removed, after this or 3 s, whichever is shorter.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub offline_delay: Duration,
+    /// Send the Pusher apps' webhooks channel_occupied, channel_vacated, member_added and
+    /// member_removed (gateways send client_event and cache_miss). Give it to one publisher;
+    /// standalone always sends them.
+    #[arg(long)]
+    pub app_webhooks: bool,
 }
 
 #[derive(Debug, Args)]
@@ -432,6 +438,7 @@ impl PublisherOpts {
             tls: None,
             keep: None,
             apps: Arc::default(),
+            app_webhooks: self.app_webhooks,
         }
     }
 }

@@ -186,11 +186,16 @@ impl Gateway {
         }
         tracing::info!(node_id = %node_id, workers = cfg.workers, "gateway workers started");
         // Pusher presence asks every gateway for a channel's members.
-        if !cfg.apps.is_empty() {
-            let asker = crate::cluster::Asker::start(broker.clone(), &node_id)
-                .map_err(|source| GatewayError::Subscribe { worker: node_id.clone(), source })?;
-            for w in &workers {
-                w.set_asker(asker.clone());
+        let asker = match cfg.apps.is_empty() {
+            true => None,
+            false => Some(
+                crate::cluster::Asker::start(broker.clone(), &node_id)
+                    .map_err(|source| GatewayError::Subscribe { worker: node_id.clone(), source })?,
+            ),
+        };
+        for w in &workers {
+            if let Some(a) = &asker {
+                w.set_asker(a.clone());
             }
         }
         let nodes = broker
@@ -205,6 +210,9 @@ impl Gateway {
             open: AtomicUsize::new(0),
         });
         tokio::spawn(presence::run(Arc::downgrade(&gw), nodes));
+        if let Some(asker) = asker {
+            tokio::spawn(presence::watch_peers(Arc::downgrade(&gw), asker));
+        }
         Ok(gw)
     }
 

@@ -13,6 +13,33 @@ use crate::broker::Subscription;
 use crate::cluster::{decode, encode, Answer, Envelope, Heartbeat, Report, Request, CLUSTER, MAX_PRESENCE_UIDS};
 use crate::metrics::GLOBAL;
 
+/// How often a gateway with Pusher apps looks for gateways that were lost.
+const PEERS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Until the gateway is gone: when a gateway drops out of the live ones (its lease ran out),
+/// each worker tells its presence joiners which members went with it. Not while this gateway's
+/// own heartbeat is unheard (its broker link is down: every other gateway looks lost).
+pub(super) async fn watch_peers(gw: Weak<Gateway>, asker: Arc<crate::cluster::Asker>) {
+    let mut tick = tokio::time::interval(PEERS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut live = BTreeSet::new();
+    loop {
+        tick.tick().await;
+        let Some(gw) = gw.upgrade() else { return };
+        let now: BTreeSet<String> = asker.alive().into_iter().map(|hb| hb.node).collect();
+        if !now.contains(&gw.node_id) {
+            continue;
+        }
+        let lost = live.difference(&now).next().is_some();
+        live = now;
+        if lost {
+            for w in &gw.workers {
+                w.reconcile_members().await;
+            }
+        }
+    }
+}
+
 /// Run until the gateway is gone.
 pub(super) async fn run(gw: Weak<Gateway>, mut nodes: Subscription) {
     let Some(lease) = gw.upgrade().map(|g| g.cfg.lease) else { return };

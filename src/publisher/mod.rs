@@ -23,6 +23,8 @@ use crate::broker::{Broker, BrokerError, Position};
 use crate::cluster::{self, Asker};
 use crate::metrics::GLOBAL;
 use crate::protocol::native::push::{check_name, Audience, Push};
+use crate::protocol::pusher::hooks;
+use crate::webhook::{Signing, Webhooks};
 
 mod pusher;
 mod request;
@@ -50,6 +52,8 @@ pub struct PublisherConfig {
     pub keep: Option<crate::broker::Keep>,
     /// The Pusher apps whose HTTP API is served under `/apps/` (none: not served).
     pub apps: Arc<crate::protocol::pusher::Apps>,
+    /// Send the apps' channel and member webhooks (`--app-webhooks`; one publisher should).
+    pub app_webhooks: bool,
 }
 
 impl Default for PublisherConfig {
@@ -64,6 +68,7 @@ impl Default for PublisherConfig {
             tls: None,
             keep: crate::history::HistoryConfig::default().keep(),
             apps: Arc::default(),
+            app_webhooks: false,
         }
     }
 }
@@ -114,9 +119,13 @@ type Fields = std::collections::HashMap<String, String>;
 impl Publisher {
     pub fn new(broker: Arc<dyn Broker>, cfg: PublisherConfig) -> Result<Arc<Publisher>, BrokerError> {
         let asker = Asker::start(broker.clone(), &crate::io::random_hex(6))?;
-        if let Some((url, secret)) = &cfg.webhook {
-            let hooks = crate::webhook::Webhooks::spawn(url.clone(), secret.clone());
-            crate::tracker::spawn(asker.clone(), hooks, cfg.offline_delay);
+        let native = cfg.webhook.as_ref().map(|(url, secret)| {
+            let signing = secret.clone().map_or(Signing::None, Signing::Pushwire);
+            Webhooks::spawn(url.clone(), signing)
+        });
+        let apps = cfg.app_webhooks.then(|| hooks::Hooks::spawn(&cfg.apps, &hooks::TRACKED)).flatten();
+        if native.is_some() || apps.is_some() {
+            crate::tracker::spawn(asker.clone(), crate::tracker::Sinks { native, apps }, cfg.offline_delay);
         }
         Ok(Arc::new(Publisher { broker, cfg, asker }))
     }

@@ -5,43 +5,9 @@
 // Prints one line per check; exits 1 at the first failure (with what was seen), 0 when all pass.
 import Pusher from "pusher-js";
 import PusherServer from "pusher";
-import { WAIT, appId, check, httpPort, key, secret, server, within, wsPort, wsPortB } from "./common.mjs";
-
-function client(appKey = key, port = wsPort, user = undefined) {
-  return new Pusher(appKey, {
-    cluster: "local",
-    wsHost: "127.0.0.1",
-    wsPort: Number(port),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    disableStats: true,
-    channelAuthorization: {
-      customHandler: ({ socketId, channelName }, callback) => {
-        callback(null, server.authorizeChannel(socketId, channelName, user));
-      },
-    },
-    userAuthentication: {
-      customHandler: ({ socketId }, callback) => {
-        callback(null, server.authenticateUser(socketId, { id: "signed-9", user_info: { name: "Nine" } }));
-      },
-    },
-  });
-}
-
-function connected(c) {
-  return within(WAIT, "connected", new Promise((resolve, reject) => {
-    c.connection.bind("connected", () => resolve(c.connection.socket_id));
-    c.connection.bind("failed", () => reject(new Error("failed")));
-  }));
-}
-
-function subscribed(c, name) {
-  const ch = c.subscribe(name);
-  return within(WAIT, `subscribed to ${name}`, new Promise((resolve, reject) => {
-    ch.bind("pusher:subscription_succeeded", () => resolve(ch));
-    ch.bind("pusher:subscription_error", (e) => reject(new Error(JSON.stringify(e))));
-  }));
-}
+import {
+  WAIT, appId, check, client, connected, httpPort, key, secret, server, subscribed, within, wsPort, wsPortB,
+} from "./common.mjs";
 
 // Events `ch` gets, in order, until one named `last`.
 function until(ch, last) {

@@ -1,8 +1,10 @@
-// What the Pusher test scripts share: their arguments, the server SDK, and checks with deadlines.
-//   node SCRIPT WS_PORT HTTP_PORT APP_ID APP_KEY APP_SECRET [WS_PORT_B]
+// What the Pusher test scripts share: their arguments, the server SDK, pusher-js clients, and
+// checks with deadlines.
+//   node SCRIPT WS_PORT HTTP_PORT APP_ID APP_KEY APP_SECRET [WS_PORT_B [MORE...]]
+import Pusher from "pusher-js";
 import PusherServer from "pusher";
 
-export const [wsPort, httpPort, appId, key, secret, wsPortB] = process.argv.slice(2);
+export const [wsPort, httpPort, appId, key, secret, wsPortB, ...more] = process.argv.slice(2);
 export const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port: httpPort, useTLS: false });
 export const WAIT = 10_000;
 
@@ -21,4 +23,43 @@ export function within(ms, what, promise) {
     promise,
     new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms)),
   ]);
+}
+
+// A pusher-js client of app `appKey` on gateway `port`; `user`: its presence channel_data.
+export function client(appKey = key, port = wsPort, user = undefined) {
+  return new Pusher(appKey, {
+    cluster: "local",
+    wsHost: "127.0.0.1",
+    wsPort: Number(port),
+    forceTLS: false,
+    enabledTransports: ["ws"],
+    disableStats: true,
+    channelAuthorization: {
+      customHandler: ({ socketId, channelName }, callback) => {
+        callback(null, server.authorizeChannel(socketId, channelName, user));
+      },
+    },
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) => {
+        callback(null, server.authenticateUser(socketId, { id: "signed-9", user_info: { name: "Nine" } }));
+      },
+    },
+  });
+}
+
+// The socket_id, once `c` is connected.
+export function connected(c) {
+  return within(WAIT, "connected", new Promise((resolve, reject) => {
+    c.connection.bind("connected", () => resolve(c.connection.socket_id));
+    c.connection.bind("failed", () => reject(new Error("failed")));
+  }));
+}
+
+// The channel, once `c` is subscribed to `name`.
+export function subscribed(c, name) {
+  const ch = c.subscribe(name);
+  return within(WAIT, `subscribed to ${name}`, new Promise((resolve, reject) => {
+    ch.bind("pusher:subscription_succeeded", () => resolve(ch));
+    ch.bind("pusher:subscription_error", (e) => reject(new Error(JSON.stringify(e))));
+  }));
 }

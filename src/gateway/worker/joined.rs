@@ -5,6 +5,9 @@
 
 use super::*;
 
+/// Presence channels whose users a worker follows (see [`Table::known`]).
+const MAX_KNOWN: usize = 100_000;
+
 impl Worker {
     /// Add connection `id`, pushed to only through the broker channels it joins
     /// ([`Worker::join`]), with `encoding`.
@@ -24,8 +27,7 @@ impl Worker {
                 return false;
             }
             if let Some((user, info)) = member {
-                let key: Arc<str> = channel.into();
-                t.members.entry(key).or_default().insert(id, (user.into(), info.into()));
+                t.add_presence(channel, id, (user.into(), info.into()));
             }
         }
         if let Err(e) = self.broker.join(self.sub, vec![channel.to_owned()]).await {
@@ -70,6 +72,14 @@ impl Worker {
         };
         let exclude = exclude.filter(|(worker, _)| *worker == self.socket_number).map(|(_, id)| id);
         let channel = std::str::from_utf8(&m.channel).unwrap_or_default();
+        if let Some((added, user)) = pusher::session::member_change(event) {
+            if let Some(users) = self.table().known.get_mut(channel) {
+                match added {
+                    true => users.insert(user.into()),
+                    false => users.remove(&*user),
+                };
+            }
+        }
         let frames = Frames::new(channel, m.position.as_ref(), event, self.compresses(event));
         self.send(&frames, Target::Channel(channel), &[], exclude);
     }
@@ -116,7 +126,36 @@ impl Worker {
         for (user, info) in answers.into_iter().flat_map(|a| a.members) {
             all.entry(user).or_insert(info);
         }
+        let mut t = self.table();
+        if t.known.len() >= MAX_KNOWN {
+            let Table { known, channels, .. } = &mut *t;
+            known.retain(|c, _| channels.contains_key(c));
+        }
+        if t.known.len() < MAX_KNOWN {
+            t.known.insert(channel.into(), all.keys().map(|u| Arc::from(u.as_str())).collect());
+        }
         Some(all)
+    }
+
+    /// A gateway was lost: the users of each presence channel here that no live gateway holds
+    /// any more get `member_removed` to this worker's joiners (every gateway tells its own).
+    pub(in crate::gateway) async fn reconcile_members(&self) {
+        let channels: Vec<Arc<str>> = {
+            let mut t = self.table();
+            let Table { known, channels, .. } = &mut *t;
+            known.retain(|c, _| channels.contains_key(c));
+            known.keys().cloned().collect()
+        };
+        for channel in channels {
+            let before = self.table().known.get(&channel).cloned().unwrap_or_default();
+            let Some(now) = self.members(&channel).await else { continue };
+            let Some((_, name)) = pusher::app_channel(&channel) else { continue };
+            for user in before.iter().filter(|u| !now.contains_key(&***u)) {
+                let event = pusher::session::member_removed(name, user);
+                let frames = Frames::new(&channel, None, &event, self.compresses(&event));
+                self.send(&frames, Target::Channel(&channel), &[], None);
+            }
+        }
     }
 
     /// Close every joiner of `channel` here with `code`.

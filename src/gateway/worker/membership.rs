@@ -41,10 +41,10 @@ impl Table {
         }
         let old = std::mem::replace(&mut e.uid, uid.map(Into::into));
         if let Some(u) = e.uid.clone() {
-            self.index(false, &u, id);
+            self.index(Kind::User, &u, id);
         }
         if let Some(o) = &old {
-            self.unindex(false, o, id);
+            self.unindex(Kind::User, o, id);
         }
         Ok((uid.map(user_channel), old.as_deref().map(user_channel)))
     }
@@ -63,7 +63,7 @@ impl Table {
         }
         let topic: Arc<str> = topic.into();
         e.topics.push(topic.clone());
-        self.index(true, &topic, id);
+        self.index(Kind::Topic, &topic, id);
         Ok((Some(topic_channel(&topic)), None))
     }
 
@@ -75,7 +75,7 @@ impl Table {
         let Some(e) = self.who.get_mut(&id) else { return Ok((None, None)) };
         let Some(i) = e.topics.iter().position(|t| &**t == topic) else { return Ok((None, None)) };
         e.topics.swap_remove(i);
-        self.unindex(true, topic, id);
+        self.unindex(Kind::Topic, topic, id);
         Ok((None, Some(topic_channel(topic))))
     }
 
@@ -92,8 +92,22 @@ impl Table {
         let channel: Arc<str> = channel.into();
         e.channels.reserve_exact(1);
         e.channels.push(channel.clone());
-        add_member(&mut self.channels, &channel, id);
+        if add_member(&mut self.channels, &channel, id) {
+            self.note(true, Kind::Channel, &channel);
+        }
         true
+    }
+
+    /// Record connection `id`, in broker channel `channel`, as presence member `member`; its
+    /// user's first connection there is a change to report.
+    pub(super) fn add_presence(&mut self, channel: &str, id: u64, member: Member) {
+        let user = member.0.clone();
+        let members = self.members.entry(channel.into()).or_default();
+        let first = !members.values().any(|(u, _)| *u == user);
+        members.insert(id, member);
+        if first {
+            self.note(true, Kind::Member, &member_key(channel, &user));
+        }
     }
 
     /// Take connection `id` out of broker channel `channel`; whether it was in it.
@@ -101,11 +115,29 @@ impl Table {
         let Some(e) = self.who.get_mut(&id) else { return false };
         let Some(i) = e.channels.iter().position(|c| &**c == channel) else { return false };
         e.channels.swap_remove(i);
-        forget_member(&mut self.members, channel, id);
-        if remove_member(&mut self.channels, channel, id).is_some() {
-            self.seen.remove(channel.as_bytes());
-        }
+        self.forget_channel(channel, id);
         true
+    }
+
+    /// Take connection `id` out of broker channel `channel`'s indexes and members; a member's
+    /// last connection, and the channel's last here, are changes to report.
+    fn forget_channel(&mut self, channel: &str, id: u64) {
+        if let Some(m) = self.members.get_mut(channel) {
+            if let Some((user, _)) = m.remove(&id) {
+                let last = !m.values().any(|(u, _)| *u == user);
+                if m.is_empty() {
+                    self.members.remove(channel);
+                }
+                if last {
+                    self.note(false, Kind::Member, &member_key(channel, &user));
+                }
+            }
+        }
+        if let Some(name) = remove_member(&mut self.channels, channel, id) {
+            self.seen.remove(channel.as_bytes());
+            self.known.remove(channel);
+            self.note(false, Kind::Channel, &name);
+        }
     }
 
     /// Forget connection `id` and who it was.
@@ -116,60 +148,47 @@ impl Table {
         self.recovering.remove(&id);
         let e = self.who.remove(&id)?;
         if let Some(u) = &e.uid {
-            self.unindex(false, u, id);
+            self.unindex(Kind::User, u, id);
         }
         for t in &e.topics {
-            self.unindex(true, t, id);
+            self.unindex(Kind::Topic, t, id);
         }
         for c in &e.channels {
-            forget_member(&mut self.members, c, id);
-            if remove_member(&mut self.channels, c, id).is_some() {
-                self.seen.remove(c.as_bytes());
-            }
+            self.forget_channel(c, id);
         }
         Some(e)
     }
 
     /// Put connection `id` under user (or topic) `name`; the first one is a change to report.
-    pub(super) fn index(&mut self, topic: bool, name: &Arc<str>, id: u64) {
-        let index = if topic { &mut self.topics } else { &mut self.users };
+    pub(super) fn index(&mut self, kind: Kind, name: &Arc<str>, id: u64) {
+        let index = if kind == Kind::Topic { &mut self.topics } else { &mut self.users };
         if add_member(index, name, id) {
-            self.note(true, topic, name);
+            self.note(true, kind, name);
         }
     }
 
     /// Take connection `id` from under user (or topic) `name`; the last one is a change to report.
-    pub(super) fn unindex(&mut self, topic: bool, name: &str, id: u64) {
-        let index = if topic { &mut self.topics } else { &mut self.users };
+    pub(super) fn unindex(&mut self, kind: Kind, name: &str, id: u64) {
+        let index = if kind == Kind::Topic { &mut self.topics } else { &mut self.users };
         if let Some(name) = remove_member(index, name, id) {
-            let channel = if topic { topic_channel(&name) } else { user_channel(&name) };
+            let channel = if kind == Kind::Topic { topic_channel(&name) } else { user_channel(&name) };
             self.seen.remove(channel.as_bytes());
-            self.note(false, topic, &name);
+            self.note(false, kind, &name);
         }
     }
 
-    /// Record that user or topic `name` arrived on (`up`) or left this worker.
-    pub(super) fn note(&mut self, up: bool, topic: bool, name: &Arc<str>) {
+    /// Record that `name` (of `kind`) arrived on (`up`) or left this worker.
+    pub(super) fn note(&mut self, up: bool, kind: Kind, name: &str) {
         self.seq += 1;
         if self.changes.len() >= MAX_CHANGES {
             self.changes.pop_front();
         }
-        self.changes.push_back(Change { seq: self.seq, up, topic, name: name.to_string() });
+        self.changes.push_back(Change { seq: self.seq, up, kind, name: name.to_string() });
     }
 }
 
 /// A member of a presence channel: its user id and `user_info` (JSON).
 pub(super) type Member = (Arc<str>, Arc<str>);
-
-/// Forget connection `id` as a member of `channel`.
-fn forget_member(members: &mut HashMap<Arc<str>, HashMap<u64, Member>>, channel: &str, id: u64) {
-    if let Some(m) = members.get_mut(channel) {
-        m.remove(&id);
-        if m.is_empty() {
-            members.remove(channel);
-        }
-    }
-}
 
 /// Add `id` under `name`; whether it is the first there.
 pub(super) fn add_member(index: &mut HashMap<Arc<str>, HashSet<u64>>, name: &Arc<str>, id: u64) -> bool {

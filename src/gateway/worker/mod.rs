@@ -38,7 +38,7 @@ use bytes::{Buf, Bytes};
 use tokio::sync::{mpsc, Notify};
 
 use crate::broker::{Broker, Message, Position, SubId, Subscription};
-use crate::cluster::{Answer, Change, Envelope, Request, DUMP_PAGE};
+use crate::cluster::{member_key, Answer, Change, Envelope, Kind, Request, DUMP_PAGE};
 use crate::history::{self, Page};
 use crate::metrics::GLOBAL;
 use crate::protocol::native::push::{topic_channel, user_channel, Audience, Push};
@@ -63,6 +63,10 @@ struct Table {
     /// Broker channel → the joiners here that joined as a member (Pusher presence): connection
     /// → (user id, user info as JSON).
     members: HashMap<Arc<str>, HashMap<u64, Member>>,
+    /// Presence broker channel → its users on every gateway, as last heard (asked when a socket
+    /// here joins, then followed through `member_added` / `member_removed`): what a gateway that
+    /// dies takes away is told to the joiners here ([`Worker::reconcile_members`]).
+    known: HashMap<Arc<str>, HashSet<Arc<str>>>,
     who: HashMap<u64, Who>,
     users: HashMap<Arc<str>, HashSet<u64>>,
     topics: HashMap<Arc<str>, HashSet<u64>>,
@@ -230,10 +234,10 @@ impl Worker {
         {
             let mut t = self.table();
             if let Some(u) = &uid {
-                t.index(false, u, id);
+                t.index(Kind::User, u, id);
             }
             for topic in &topics {
-                t.index(true, topic, id);
+                t.index(Kind::Topic, topic, id);
             }
             t.conns.insert(id, conn.clone());
             if !recover.is_empty() {
@@ -279,9 +283,9 @@ impl Worker {
                 },
                 Request::Join { conn, channel } => t.join(*conn, channel),
                 Request::Leave { conn, channel } => t.leave(*conn, channel),
-                Request::Dump { topics, after } => {
+                Request::Dump { kind, after } => {
                     drop(t);
-                    let (names, seq) = self.dump(*topics, after);
+                    let (names, seq) = self.dump(*kind, after);
                     return Answer { ok: true, uids: names, seq, ..Answer::default() };
                 }
                 _ => return Answer::default(),
@@ -351,12 +355,23 @@ impl Worker {
         self.table().reported
     }
 
-    /// One page of this worker's users (or topics), in order, after `after`; and the number of
-    /// the latest change.
-    pub(super) fn dump(&self, topics: bool, after: &str) -> (Vec<String>, u64) {
+    /// One page of this worker's names of `kind`, in order, after `after`; and the number of the
+    /// latest change.
+    pub(super) fn dump(&self, kind: Kind, after: &str) -> (Vec<String>, u64) {
         let t = self.table();
-        let keys: Vec<&Arc<str>> = if topics { t.topics.keys().collect() } else { t.users.keys().collect() };
-        let mut page: Vec<String> = keys.into_iter().filter(|k| &***k > after).map(|k| k.to_string()).collect();
+        let names: Vec<String> = match kind {
+            Kind::User => t.users.keys().map(|k| k.to_string()).collect(),
+            Kind::Topic => t.topics.keys().map(|k| k.to_string()).collect(),
+            Kind::Channel => t.channels.keys().map(|k| k.to_string()).collect(),
+            Kind::Member => {
+                let mut keys = HashSet::new();
+                for (channel, members) in &t.members {
+                    keys.extend(members.values().map(|(user, _)| member_key(channel, user)));
+                }
+                keys.into_iter().collect()
+            }
+        };
+        let mut page: Vec<String> = names.into_iter().filter(|k| k.as_str() > after).collect();
         page.sort_unstable();
         page.truncate(DUMP_PAGE);
         (page, t.seq)

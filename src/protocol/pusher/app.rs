@@ -151,6 +151,8 @@ pub struct Apps {
     by_key: HashMap<String, Arc<App>>,
     by_id: HashMap<String, Arc<App>>,
     open: HashMap<String, Arc<AtomicUsize>>,
+    /// The senders of the webhooks a gateway sends, started with its first connection.
+    gateway_hooks: std::sync::OnceLock<Option<Arc<super::hooks::Hooks>>>,
 }
 
 /// One of an app's connection slots on this node, held for the connection's life.
@@ -195,6 +197,12 @@ impl Apps {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<App>> {
         self.by_id.values()
+    }
+
+    /// The senders of the webhooks a gateway sends (`client_event`, `cache_miss`), if an app
+    /// has an endpoint for them; started on the first call.
+    pub fn gateway_hooks(&self) -> Option<Arc<super::hooks::Hooks>> {
+        self.gateway_hooks.get_or_init(|| super::hooks::Hooks::spawn(self, &super::hooks::GATEWAY)).clone()
     }
 
     /// A connection slot of `app` on this node, unless it has `max_connections` open already.

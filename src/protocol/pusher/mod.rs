@@ -10,10 +10,11 @@
 //! subscribers get; a `cache-` channel keeps its last event (history of one, for 30 minutes).
 //!
 //! Parts: [`app`] (apps and their settings), [`sign`] (signatures), [`channel`] (names and
-//! kinds), [`session`] (one connection).
+//! kinds), [`session`] (one connection), [`hooks`] (webhooks).
 
 pub mod app;
 pub mod channel;
+pub mod hooks;
 pub mod session;
 pub mod sign;
 
@@ -36,6 +37,11 @@ pub fn user_channel(app: &str, user: &str) -> String {
 /// The broker channel of app `app`'s channel `channel`.
 pub fn broker_channel(app: &str, channel: &str) -> String {
     format!("{NAMESPACE}{app}:{channel}")
+}
+
+/// The app and channel of a broker channel made by [`broker_channel`].
+pub fn app_channel(broker_channel: &str) -> Option<(&str, &str)> {
+    broker_channel.strip_prefix(NAMESPACE)?.split_once(':')
 }
 
 /// How long a cache channel's last event is kept.
@@ -174,5 +180,7 @@ mod tests {
         assert_eq!(event_json("e", "c", &data, None), br#"{"event":"e","channel":"c","data":"{\"a\":1}"}"#);
         assert_eq!(keep("cache-x"), Some(Keep { size: 1, ttl_ms: CACHE_TTL_MS }));
         assert_eq!(keep("private-x"), None);
+        assert_eq!(app_channel(&broker_channel("1", "presence-a:b")), Some(("1", "presence-a:b")));
+        assert_eq!(app_channel("user:x"), None);
     }
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::channel::{self, Kind};
+use super::hooks::{Event, Hooks};
 use super::{broker_channel, event_json, payload, read_payload, sign, socket_id, App};
 use crate::protocol::Engine;
 
@@ -58,6 +59,8 @@ pub struct Session {
     user: Option<(Box<str>, Box<str>)>,
     /// Its place under the app's `max_connections`.
     _slot: Option<super::app::Slot>,
+    /// Where the app's `client_event` and `cache_miss` webhooks go, if anywhere.
+    hooks: Option<Arc<Hooks>>,
 }
 
 /// `pusher:signin`'s data.
@@ -120,7 +123,8 @@ impl Session {
             }
             _ => None,
         };
-        Session { app, refused, channels: Vec::new(), events: (0, None), user: None, _slot: slot }
+        let hooks = apps.gateway_hooks().filter(|h| app.as_ref().is_some_and(|a| h.has(&a.id)));
+        Session { app, refused, channels: Vec::new(), events: (0, None), user: None, _slot: slot, hooks }
     }
 
     /// `pusher:connection_established`, or the error that refuses the connection.
@@ -269,7 +273,10 @@ impl Session {
                 Some((_, event)) => engine.send(true, event),
                 None => {
                     let miss = serde_json::json!({"event": "pusher:cache_miss", "channel": name});
-                    engine.send(true, miss.to_string().as_bytes())
+                    engine.send(true, miss.to_string().as_bytes());
+                    if let Some(h) = &self.hooks {
+                        h.cache_miss(&app.id, &name);
+                    }
                 }
             }
         }
@@ -355,11 +362,24 @@ impl Session {
             }
             _ => self.events = (1, Some(now)),
         }
-        let Ok(data) = RawValue::from_string(data.to_owned()) else { return };
-        let json = event_json(event, channel, &data, sub.user_id.as_deref());
+        let Ok(raw) = RawValue::from_string(data.to_owned()) else { return };
+        let json = event_json(event, channel, &raw, sub.user_id.as_deref());
         let to = broker_channel(&app.id, channel);
-        if !engine.publish(&to, payload(Some(&me(engine)), &json), None).await {
-            error(engine, Some(code::BAD_MESSAGE), "The event could not be relayed: the broker is unreachable");
+        let socket = me(engine);
+        if !engine.publish(&to, payload(Some(&socket), &json), None).await {
+            return error(engine, Some(code::BAD_MESSAGE), "The event could not be relayed: the broker is unreachable");
+        }
+        if let Some(h) = self.hooks.as_ref().filter(|h| h.wants(&app.id, "client_event")) {
+            // `data` as a string: a string's value, anything else its JSON.
+            let text = serde_json::from_str::<String>(data).unwrap_or_else(|_| data.to_owned());
+            let e = Event {
+                event: Some(event),
+                data: Some(&text),
+                socket_id: Some(&socket),
+                user_id: sub.user_id.as_deref(),
+                ..Event::new("client_event", channel)
+            };
+            h.send(&app.id, &e);
         }
     }
 }
@@ -377,9 +397,32 @@ async fn leave(app: &App, engine: &mut dyn Engine, s: Subscribed) {
     engine.leave(&to).await;
     let Some(user) = s.user_id else { return };
     if engine.members(&to).await.is_some_and(|m| !m.contains_key(&*user)) {
-        let json = event_json("pusher_internal:member_removed", &s.name, &member_event(&user, None), None);
-        engine.publish(&to, payload(None, &json), None).await;
+        engine.publish(&to, payload(None, &member_removed(&s.name, &user)), None).await;
     }
+}
+
+/// The event that tells a presence channel's subscribers that `user` left it.
+pub fn member_removed(channel: &str, user: &str) -> Vec<u8> {
+    event_json("pusher_internal:member_removed", channel, &member_event(user, None), None)
+}
+
+/// What a presence event (as [`event_json`] makes it) changes: a user added (`true`) or removed.
+pub fn member_change(event: &[u8]) -> Option<(bool, String)> {
+    let added = match event.strip_prefix(br#"{"event":"pusher_internal:member_"#)? {
+        e if e.starts_with(b"added\"") => true,
+        e if e.starts_with(b"removed\"") => false,
+        _ => return None,
+    };
+    #[derive(Deserialize)]
+    struct Outer {
+        data: String,
+    }
+    #[derive(Deserialize)]
+    struct Data {
+        user_id: String,
+    }
+    let outer: Outer = serde_json::from_slice(event).ok()?;
+    Some((added, serde_json::from_str::<Data>(&outer.data).ok()?.user_id))
 }
 
 /// The member a presence subscription's `channel_data` names: its user id (a number becomes its
@@ -479,6 +522,10 @@ mod tests {
             serde_json::from_str::<String>(added.get()).unwrap(),
             r#"{"user_id":"u1","user_info":{"name":"A"}}"#
         );
+        let json = event_json("pusher_internal:member_added", "presence-r", &added, None);
+        assert_eq!(member_change(&json), Some((true, "u1".to_owned())));
+        assert_eq!(member_change(&member_removed("presence-r", "u1")), Some((false, "u1".to_owned())));
+        assert_eq!(member_change(br#"{"event":"client-x","channel":"presence-r","data":{}}"#), None);
         let removed = member_event("u1", None);
         assert_eq!(serde_json::from_str::<String>(removed.get()).unwrap(), r#"{"user_id":"u1"}"#);
     }

@@ -2,12 +2,11 @@
 //! bytes the client sent), HTTP API requests (`auth_key`, `auth_timestamp`, `auth_version`,
 //! `body_md5`, `auth_signature`), and webhook bodies. Every comparison is in constant time.
 
-use hmac::{Hmac, Mac};
 use md5::Digest;
-use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::app::App;
+pub use crate::webhook::hmac_hex;
 
 /// How far `auth_timestamp` may be from now, in seconds.
 pub const MAX_CLOCK_SKEW: u64 = 600;
@@ -15,13 +14,6 @@ pub const MAX_CLOCK_SKEW: u64 = 600;
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Lowercase hex of HMAC-SHA256(`secret`, `message`).
-pub fn hmac_hex(secret: &str, message: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
-    mac.update(message);
-    hex(&mac.finalize().into_bytes())
 }
 
 /// Lowercase hex of the MD5 of `body`.
