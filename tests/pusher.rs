@@ -227,13 +227,13 @@ async fn bad_client_messages_get_errors_and_the_socket_stays() {
     let _ = std::fs::remove_file(file);
 }
 
-/// A config file with the test app, client events on, and a webhook to `127.0.0.1:hook_port`
+/// A config file with the test app, client events and subscription counts on, and a webhook to `127.0.0.1:hook_port`
 /// for every event.
 fn hooks_config(hook_port: u16) -> std::path::PathBuf {
     let file = std::env::temp_dir().join(format!("pushwire-hooks-{}-{hook_port}.toml", std::process::id()));
     let (id, key, secret) = APP;
     let app = format!(
-        "[[apps]]\nid = \"{id}\"\nkey = \"{key}\"\nsecret = \"{secret}\"\nclient-events = true\n\
+        "[[apps]]\nid = \"{id}\"\nkey = \"{key}\"\nsecret = \"{secret}\"\nclient-events = true\nsubscription-count = true\n\
          webhooks = [{{ url = \"http://127.0.0.1:{hook_port}/hook\" }}]\n"
     );
     std::fs::write(&file, app).expect("write");

@@ -223,6 +223,10 @@ impl Engine for Session<'_> {
     fn last<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(self.worker.last(channel))
     }
+
+    fn cluster(&self) -> Arc<dyn crate::protocol::Cluster> {
+        self.worker.clone()
+    }
 }
 
 /// Serve one Server-Sent Events stream (its response head in `head`, unless already written) until the client goes

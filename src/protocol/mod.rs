@@ -102,6 +102,18 @@ pub trait Engine: Send {
     fn publish<'a>(&'a mut self, channel: &'a str, data: Bytes, keep: Option<Keep>) -> BoxFuture<'a, bool>;
     /// The latest message kept on `channel`, if any.
     fn last<'a>(&'a mut self, channel: &'a str) -> BoxFuture<'a, Option<Bytes>>;
+    /// The engine's side that is not one connection's, for what a protocol does later (a
+    /// throttled announcement to a channel).
+    fn cluster(&self) -> std::sync::Arc<dyn Cluster>;
+}
+
+/// What a protocol may ask of the engine outside any one connection (a gateway worker).
+pub trait Cluster: Send + Sync {
+    /// The subscribers of broker channel `channel` on every live gateway (`None`: they could
+    /// not be asked).
+    fn subscribers<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Option<u64>>;
+    /// Publish on the broker; whether the broker took it.
+    fn publish<'a>(&'a self, channel: &'a str, data: Bytes, keep: Option<Keep>) -> BoxFuture<'a, bool>;
 }
 
 /// One client protocol, as the connection's task uses it (static dispatch: a connection pays

@@ -82,6 +82,21 @@ await arrives({ name: "cache_miss", channel: "cache-empty" });
 await arrives({ name: "channel_occupied", channel: "cache-empty" });
 check(true, "cache_miss");
 
+// Subscription counts (the app turned them on): to every subscriber, and by webhook.
+const counts = [];
+const [ka] = await Promise.all([subscribed(a, "counted"), subscribed(b, "counted")]);
+ka.bind("pusher:subscription_count", (d) => counts.push(d.subscription_count));
+const counted = (n) => within(WAIT, `subscription_count ${n}`, new Promise((resolve) => {
+  const look = () => (counts.includes(n) ? resolve() : setTimeout(look, 20));
+  look();
+}));
+await counted(2);
+await arrives({ name: "subscription_count", channel: "counted", subscription_count: 2 });
+b.unsubscribe("counted");
+await counted(1);
+await arrives({ name: "subscription_count", channel: "counted", subscription_count: 1 });
+check(counts.at(-1) === 1, "subscription_count to the subscribers and by webhook, as subscribers come and go", counts);
+
 if (killPid) {
   // The gateway of b and c is killed: u2 (only there) leaves, for a's client and the webhook;
   // u1 stays (a holds it) and the channel stays occupied.

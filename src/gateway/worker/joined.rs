@@ -158,6 +158,18 @@ impl Worker {
         }
     }
 
+    /// The joiners of `channel` on every live gateway (`None`: the gateways could not be asked).
+    pub async fn subscribers(&self, channel: &str) -> Option<u64> {
+        let asker = self.asker.get()?;
+        let req = crate::cluster::Request::Channels { prefix: channel.to_owned() };
+        let answers = asker.ask_all(req).await.ok()?;
+        if answers.is_empty() {
+            // This gateway's own heartbeat not heard yet: at least what is here.
+            return Some(self.table().channels.get(channel).map_or(0, |ids| ids.len() as u64));
+        }
+        Some(answers.iter().filter_map(|a| a.channels.get(channel)).sum())
+    }
+
     /// Close every joiner of `channel` here with `code`.
     fn close_channel(&self, channel: &[u8], code: u16) {
         let t = self.table();
@@ -165,5 +177,15 @@ impl Worker {
         for c in ids.iter().filter_map(|id| t.joiners.get(id)) {
             c.close(code);
         }
+    }
+}
+
+impl crate::protocol::Cluster for Worker {
+    fn subscribers<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Option<u64>> {
+        Box::pin(Worker::subscribers(self, channel))
+    }
+
+    fn publish<'a>(&'a self, channel: &'a str, data: Bytes, keep: Option<history::Keep>) -> BoxFuture<'a, bool> {
+        Box::pin(Worker::publish(self, channel, data, keep))
     }
 }

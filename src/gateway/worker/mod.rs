@@ -43,7 +43,7 @@ use crate::history::{self, Page};
 use crate::metrics::GLOBAL;
 use crate::protocol::native::push::{topic_channel, user_channel, Audience, Push};
 use crate::protocol::native::{json, Wants};
-use crate::protocol::{pusher, Encoding};
+use crate::protocol::{pusher, BoxFuture, Encoding};
 use crate::ws::{self, close};
 
 /// Warnings about events that cannot be decoded: at most one line per interval.

@@ -151,8 +151,30 @@ pub struct Apps {
     by_key: HashMap<String, Arc<App>>,
     by_id: HashMap<String, Arc<App>>,
     open: HashMap<String, Arc<AtomicUsize>>,
-    /// The senders of the webhooks a gateway sends, started with its first connection.
-    gateway_hooks: std::sync::OnceLock<Option<Arc<super::hooks::Hooks>>>,
+    /// What a gateway keeps for all its connections, from its first one on.
+    local: std::sync::OnceLock<Arc<Local>>,
+}
+
+/// What a gateway keeps for all its Pusher connections: the senders of the webhooks it sends
+/// (`client_event`, `cache_miss`, `subscription_count`), if an app has an endpoint for them, and
+/// the channels' last subscription counts.
+pub struct Local {
+    pub hooks: Option<Arc<super::hooks::Hooks>>,
+    pub counts: Arc<super::count::Counts>,
+}
+
+impl Local {
+    /// The subscribers of `app`'s channel `name` changed here (see [`super::count`]).
+    pub fn count_changed(&self, app: &App, engine: &dyn crate::protocol::Engine, name: &str) {
+        let to = super::broker_channel(&app.id, name);
+        super::count::changed(&self.counts, self.hooks.clone(), engine.cluster(), &app.id, name, &to);
+    }
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local").field("hooks", &self.hooks).finish_non_exhaustive()
+    }
 }
 
 /// One of an app's connection slots on this node, held for the connection's life.
@@ -199,10 +221,10 @@ impl Apps {
         self.by_id.values()
     }
 
-    /// The senders of the webhooks a gateway sends (`client_event`, `cache_miss`), if an app
-    /// has an endpoint for them; started on the first call.
-    pub fn gateway_hooks(&self) -> Option<Arc<super::hooks::Hooks>> {
-        self.gateway_hooks.get_or_init(|| super::hooks::Hooks::spawn(self, &super::hooks::GATEWAY)).clone()
+    /// What a gateway keeps for all its connections; its webhook senders start on the first call.
+    pub fn local(&self) -> Arc<Local> {
+        let hooks = || super::hooks::Hooks::spawn(self, &super::hooks::GATEWAY);
+        self.local.get_or_init(|| Arc::new(Local { hooks: hooks(), counts: Arc::default() })).clone()
     }
 
     /// A connection slot of `app` on this node, unless it has `max_connections` open already.

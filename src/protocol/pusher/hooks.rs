@@ -2,7 +2,8 @@
 //! [`Webhooks`] sender signed with the app's key and secret, which gets the events the endpoint
 //! asked for (all, when it names none). Who sends what: `channel_occupied`, `channel_vacated`,
 //! `member_added` and `member_removed` come from the presence tracker (one per cluster, see
-//! [`crate::tracker`]); `client_event` and `cache_miss` from the gateway that saw them.
+//! [`crate::tracker`]); `client_event`, `cache_miss` and `subscription_count` from the gateway
+//! that saw them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,7 @@ use crate::webhook::{Signing, Webhooks};
 /// The events the tracker sends (cluster-wide transitions).
 pub const TRACKED: [&str; 4] = ["channel_occupied", "channel_vacated", "member_added", "member_removed"];
 /// The events a gateway sends.
-pub const GATEWAY: [&str; 2] = ["client_event", "cache_miss"];
+pub const GATEWAY: [&str; 3] = ["client_event", "cache_miss", "subscription_count"];
 
 /// One webhook event, as Pusher sends it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -33,11 +34,13 @@ pub struct Event<'a> {
     pub data: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription_count: Option<u64>,
 }
 
 impl<'a> Event<'a> {
     pub fn new(name: &'static str, channel: &'a str) -> Event<'a> {
-        Event { name, channel, user_id: None, event: None, data: None, socket_id: None }
+        Event { name, channel, user_id: None, event: None, data: None, socket_id: None, subscription_count: None }
     }
 }
 
@@ -86,11 +89,6 @@ impl Hooks {
             }
         }
         (!out.is_empty()).then(|| Arc::new(Hooks { apps: out, misses: Mutex::default() }))
-    }
-
-    /// Whether app `app` has an endpoint here.
-    pub fn has(&self, app: &str) -> bool {
-        self.apps.contains_key(app)
     }
 
     /// Whether some endpoint of app `app` gets events named `name`.

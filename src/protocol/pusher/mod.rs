@@ -10,10 +10,11 @@
 //! subscribers get; a `cache-` channel keeps its last event (history of one, for 30 minutes).
 //!
 //! Parts: [`app`] (apps and their settings), [`sign`] (signatures), [`channel`] (names and
-//! kinds), [`session`] (one connection), [`hooks`] (webhooks).
+//! kinds), [`session`] (one connection), [`hooks`] (webhooks), [`count`] (subscription counts).
 
 pub mod app;
 pub mod channel;
+pub mod count;
 pub mod hooks;
 pub mod session;
 pub mod sign;

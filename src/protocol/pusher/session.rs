@@ -10,8 +10,9 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::app::Local;
 use super::channel::{self, Kind};
-use super::hooks::{Event, Hooks};
+use super::hooks::Event;
 use super::{broker_channel, event_json, payload, read_payload, sign, socket_id, App};
 use crate::protocol::Engine;
 
@@ -59,8 +60,8 @@ pub struct Session {
     user: Option<(Box<str>, Box<str>)>,
     /// Its place under the app's `max_connections`.
     _slot: Option<super::app::Slot>,
-    /// Where the app's `client_event` and `cache_miss` webhooks go, if anywhere.
-    hooks: Option<Arc<Hooks>>,
+    /// What the gateway keeps for all its connections (webhook senders, counts).
+    local: Arc<Local>,
 }
 
 /// `pusher:signin`'s data.
@@ -123,8 +124,8 @@ impl Session {
             }
             _ => None,
         };
-        let hooks = apps.gateway_hooks().filter(|h| app.as_ref().is_some_and(|a| h.has(&a.id)));
-        Session { app, refused, channels: Vec::new(), events: (0, None), user: None, _slot: slot, hooks }
+        let local = apps.local();
+        Session { app, refused, channels: Vec::new(), events: (0, None), user: None, _slot: slot, local }
     }
 
     /// `pusher:connection_established`, or the error that refuses the connection.
@@ -168,7 +169,7 @@ impl Session {
                 let channel = m.data.and_then(|d| serde_json::from_str::<Subscribe>(d.get()).ok()).map(|s| s.channel);
                 if let Some(i) = channel.and_then(|c| self.channels.iter().position(|s| *s.name == *c)) {
                     let gone = self.channels.swap_remove(i);
-                    leave(&app, engine, gone).await;
+                    leave(&app, &self.local, engine, gone).await;
                 }
             }
             e if e.starts_with("client-") => {
@@ -241,6 +242,9 @@ impl Session {
             None => {
                 engine.join(&to, None).await;
                 send(engine, "pusher_internal:subscription_succeeded", Some(&name), "{}");
+                if app.subscription_count {
+                    self.local.count_changed(app, engine, &name);
+                }
             }
             Some((id, info)) => {
                 let Some(mut members) = engine.members(&to).await else {
@@ -274,7 +278,7 @@ impl Session {
                 None => {
                     let miss = serde_json::json!({"event": "pusher:cache_miss", "channel": name});
                     engine.send(true, miss.to_string().as_bytes());
-                    if let Some(h) = &self.hooks {
+                    if let Some(h) = &self.local.hooks {
                         h.cache_miss(&app.id, &name);
                     }
                 }
@@ -328,7 +332,7 @@ impl Session {
     pub async fn close(&mut self, engine: &mut dyn Engine) {
         let Some(app) = self.app.clone() else { return };
         for s in std::mem::take(&mut self.channels) {
-            leave(&app, engine, s).await;
+            leave(&app, &self.local, engine, s).await;
         }
     }
 
@@ -369,7 +373,7 @@ impl Session {
         if !engine.publish(&to, payload(Some(&socket), &json), None).await {
             return error(engine, Some(code::BAD_MESSAGE), "The event could not be relayed: the broker is unreachable");
         }
-        if let Some(h) = self.hooks.as_ref().filter(|h| h.wants(&app.id, "client_event")) {
+        if let Some(h) = self.local.hooks.as_ref().filter(|h| h.wants(&app.id, "client_event")) {
             // `data` as a string: a string's value, anything else its JSON.
             let text = serde_json::from_str::<String>(data).unwrap_or_else(|_| data.to_owned());
             let e = Event {
@@ -392,9 +396,12 @@ fn me(engine: &dyn Engine) -> String {
 
 /// Leave channel `s`; on a presence channel, its user's `member_removed` for the others when no
 /// socket of that user is left in it anywhere.
-async fn leave(app: &App, engine: &mut dyn Engine, s: Subscribed) {
+async fn leave(app: &App, local: &Local, engine: &mut dyn Engine, s: Subscribed) {
     let to = broker_channel(&app.id, &s.name);
     engine.leave(&to).await;
+    if app.subscription_count && !s.kind.presence {
+        local.count_changed(app, engine, &s.name);
+    }
     let Some(user) = s.user_id else { return };
     if engine.members(&to).await.is_some_and(|m| !m.contains_key(&*user)) {
         engine.publish(&to, payload(None, &member_removed(&s.name, &user)), None).await;
