@@ -80,12 +80,15 @@ pub(crate) struct Conn {
     pub(crate) conn: String,
 }
 
+/// Connect a client to `gateway` at `path` and read its welcome; a Pusher client (`subscribe`)
+/// subscribes to that channel and waits until it is in.
 pub(crate) async fn connect_one(
     gateway: &str,
     path: &str,
     source: u8,
     compression: bool,
     tls: Option<&TlsConnector>,
+    subscribe: Option<&str>,
 ) -> anyhow::Result<Conn> {
     let addr: SocketAddr = tokio::net::lookup_host(gateway).await?.next().context("gateway address")?;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
@@ -114,6 +117,9 @@ pub(crate) async fn connect_one(
         bail!("handshake refused: {}", String::from_utf8_lossy(&buf[..head_end.min(80)]).lines().next().unwrap_or(""));
     }
     buf.advance(head_end);
+    if let Some(channel) = subscribe {
+        return pusher_subscribe(stream, buf, channel).await;
+    }
     loop {
         if let Some((_, payload)) = frame(&mut buf)? {
             let text = String::from_utf8_lossy(&payload);
@@ -129,6 +135,46 @@ pub(crate) async fn connect_one(
         if stream.read_buf(&mut buf).await? == 0 {
             bail!("gateway closed before the welcome line");
         }
+    }
+}
+
+/// After a Pusher client's handshake: its `socket_id` from `pusher:connection_established`, then
+/// a subscription to `channel`, once `pusher_internal:subscription_succeeded` came.
+async fn pusher_subscribe(mut stream: Stream, mut buf: BytesMut, channel: &str) -> anyhow::Result<Conn> {
+    let mut socket_id = None;
+    loop {
+        while let Some((op, payload)) = frame(&mut buf)? {
+            if op != 0x1 {
+                continue;
+            }
+            let m: serde_json::Value = serde_json::from_slice(&payload)?;
+            match m["event"].as_str() {
+                Some("pusher:connection_established") => {
+                    let data: serde_json::Value = serde_json::from_str(m["data"].as_str().unwrap_or_default())?;
+                    socket_id = data["socket_id"].as_str().map(str::to_owned);
+                    let sub = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}});
+                    stream.write_all(&client_frame(0x1, sub.to_string().as_bytes())).await?;
+                }
+                Some("pusher_internal:subscription_succeeded") => {
+                    let worker = socket_id.context("subscribed before connection_established")?;
+                    return Ok(Conn { stream, buf, worker, conn: String::new() });
+                }
+                Some("pusher:error") => bail!("pusher:error {}", m["data"]),
+                _ => {}
+            }
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            bail!("gateway closed before the subscription");
+        }
+    }
+}
+
+/// Where the content of a push starts: all of a seed push; a Pusher event's `data` string.
+fn content_of(payload: &[u8]) -> &[u8] {
+    const DATA: &[u8] = br#""data":""#;
+    match payload.first() {
+        Some(b'{') => payload.windows(DATA.len()).position(|w| w == DATA).map_or(&[], |i| &payload[i + DATA.len()..]),
+        _ => payload,
     }
 }
 
@@ -201,7 +247,11 @@ pub(crate) async fn receive(mut c: Conn, me: usize, user: Option<String>, stats:
                 0x1 | 0x2 => {}
                 _ => continue,
             }
-            let mut parts = payload[..].split(|b| *b == b':');
+            if payload.starts_with(br#"{"event":"pusher:ping""#) {
+                let _ = c.stream.write_all(&client_frame(0x1, br#"{"event":"pusher:pong","data":{}}"#)).await;
+                continue;
+            }
+            let mut parts = content_of(&payload).split(|b| *b == b':');
             let (Some(seq), Some(sent), Some(target)) = (parts.next(), parts.next(), parts.next()) else { continue };
             let num = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok());
             let (Some(seq), Some(sent)) = (num(seq), num(sent)) else { continue };
@@ -277,7 +327,9 @@ pub(crate) async fn connect_clients(
                     Ok(p) => p,
                     Err(e) => return eprintln!("client {i}: {e:#}"),
                 };
-                match connect_one(g, &path, 1 + (i / gateways.len()) as u8 % ips, compression, tls.as_ref()).await {
+                let channel = (args.protocol == Protocol::Pusher).then(|| pusher_channel(args.mode, i));
+                let source = 1 + (i / gateways.len()) as u8 % ips;
+                match connect_one(g, &path, source, compression, tls.as_ref(), channel.as_deref()).await {
                     Ok(c) => {
                         if let Ok(mut v) = conns.lock() {
                             v.push((i, c));

@@ -44,12 +44,28 @@ pub enum Mode {
     Idle,
 }
 
+/// The protocol the clients and publishes speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// The seed's: welcome line, `GET /?content=` and `to_worker_id`/`to_connection_id`.
+    Native,
+    /// Pusher Channels: clients on `/app/KEY` subscribed to `bench` (broadcast, idle) or to a
+    /// channel of their own, `c-I` (targeted); events by signed `POST /apps/ID/events`.
+    Pusher,
+}
+
 /// Settings of one run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// broadcast, targeted, uid or idle.
     #[arg(long, value_enum, default_value = "broadcast")]
     pub mode: Mode,
+    /// native or pusher (broadcast, targeted and idle; needs --app).
+    #[arg(long, value_enum, default_value = "native")]
+    pub protocol: Protocol,
+    /// The Pusher app, ID:KEY:SECRET.
+    #[arg(long, env = "PUSHWIRE_APP", hide_env_values = true)]
+    pub app: Option<String>,
     /// Gateway addresses (HOST:PORT or ws://HOST:PORT), clients spread over them.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:4236")]
     pub gateway: Vec<String>,
@@ -127,8 +143,13 @@ pub enum Payload {
     Json,
 }
 
-/// The connection URL path of client `i`: with a token naming its user in uid mode.
+/// The connection URL path of client `i`: with a token naming its user in uid mode, the app's
+/// for Pusher.
 fn client_path(args: &BenchArgs, i: usize) -> anyhow::Result<String> {
+    if args.protocol == Protocol::Pusher {
+        let app = PusherApp::parse(args.app.as_deref().context("--protocol pusher needs --app")?)?;
+        return Ok(format!("/app/{}?protocol=7&client=pushwire-bench&version=1.0", app.key));
+    }
     if args.mode != Mode::Uid {
         return Ok("/".into());
     }
@@ -246,8 +267,33 @@ pub fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The Pusher channel client `i` subscribes to.
+fn pusher_channel(mode: Mode, i: usize) -> String {
+    match mode {
+        Mode::Targeted => format!("c-{i}"),
+        _ => "bench".into(),
+    }
+}
+
+/// CPU time process `pid` has used (user and system), in ms (0 when it cannot be read). The
+/// kernel counts it in ticks of 1/100 s (USER_HZ) on Linux.
+pub fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the 3rd, utime the 14th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|f| f.parse().ok()).collect();
+    fields.iter().sum::<u64>() as f64 * 10.0
+}
+
 /// Run a benchmark and print (and optionally write) its results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let pusher = match args.protocol {
+        Protocol::Native => None,
+        Protocol::Pusher if args.mode == Mode::Uid || args.recoverers > 0 => {
+            bail!("--protocol pusher runs broadcast, targeted and idle, without recoverers")
+        }
+        Protocol::Pusher => Some(PusherApp::parse(args.app.as_deref().context("--protocol pusher needs --app")?)?),
+    };
     let (gateways, gateway_tls): (Vec<String>, Vec<bool>) = args.gateway.iter().map(|g| host_port(g)).unzip();
     let (publishers, publisher_tls): (Vec<String>, Vec<bool>) = args.publisher.iter().map(|p| host_port(p)).unzip();
     let tls = match &args.ca {
@@ -314,6 +360,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let errors = Arc::new(AtomicU64::new(0));
     let pub_hist = Arc::new(Mutex::new(histogram()));
     let publish_started = Instant::now();
+    let cpu_before: f64 = args.pid.iter().map(|p| cpu_ms(*p)).sum();
     // Progress on stderr.
     let progress = {
         let (stats, published) = (stats.clone(), published.clone());
@@ -365,7 +412,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 publishers.clone(),
                 args.clone(),
             );
-            let publisher_tls = publisher_tls.clone();
+            let (publisher_tls, pusher) = (publisher_tls.clone(), pusher.clone());
             let thread = std::thread::spawn(move || -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
@@ -387,6 +434,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         let (mode, size, payload, planned) = (args.mode, args.size, args.payload, planned as u64);
                         let tls = publisher_tls.clone();
                         let users = args.clients.div_ceil(args.devices.max(1)) as u64;
+                        let pusher = pusher.clone();
                         pubs.push(tokio::spawn(async move {
                             let mut http = Http::open(&host, tls.as_ref()).await?;
                             // The publishers' ticks are spread over the interval, so that a
@@ -422,7 +470,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         if let Some(t) = stats.sent_at.get(s as usize) {
                                             t.store(now, Relaxed);
                                         }
-                                        format!("content={}", form(&content(s, now, "b", size, payload)))
+                                        let c = content(s, now, "b", size, payload);
+                                        match &pusher {
+                                            Some(app) => Target::Pusher(app.event("bench", &c, now / 1_000_000)),
+                                            None => Target::Get(format!("content={}", form(&c))),
+                                        }
                                     }
                                     Mode::Uid => {
                                         rng ^= rng << 13;
@@ -430,10 +482,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         rng ^= rng << 17;
                                         let u = format!("u{}", rng % users);
                                         let s = seq.fetch_add(1, Relaxed);
-                                        format!(
-                                            "to_uid={u}&content={}",
-                                            form(&content(s, stats.now_us(), &u, size, payload))
-                                        )
+                                        let c = form(&content(s, stats.now_us(), &u, size, payload));
+                                        Target::Get(format!("to_uid={u}&content={c}"))
                                     }
                                     _ => {
                                         rng ^= rng << 13;
@@ -442,13 +492,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         let i = (rng % ids.len() as u64) as usize;
                                         let Some((worker, conn)) = &ids[i] else { continue };
                                         let s = seq.fetch_add(1, Relaxed);
-                                        let c = form(&content(s, stats.now_us(), &i.to_string(), size, payload));
-                                        format!("to_worker_id={worker}&to_connection_id={conn}&content={c}")
+                                        let now = stats.now_us();
+                                        let c = content(s, now, &i.to_string(), size, payload);
+                                        match &pusher {
+                                            Some(app) => {
+                                                Target::Pusher(app.event(&pusher_channel(mode, i), &c, now / 1_000_000))
+                                            }
+                                            None => Target::Get(format!(
+                                                "to_worker_id={worker}&to_connection_id={conn}&content={}",
+                                                form(&c)
+                                            )),
+                                        }
                                     }
                                 };
                                 let t0 = stats.now_us();
                                 stats.first_send.fetch_min(t0, Relaxed);
-                                match http.get(&format!("/?{target}{key}")).await {
+                                let answer = match &target {
+                                    Target::Get(query) => http.get(&format!("/?{query}{key}")).await,
+                                    Target::Pusher((path, body)) => http.post(path, body).await,
+                                };
+                                match answer {
                                     Ok(200) => {
                                         published.fetch_add(1, Relaxed);
                                         if let Ok(mut h) = pub_hist.lock() {
@@ -500,6 +563,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         })
         .collect();
     stats.drain(args.mode, share(local as u64)).await;
+    let cpu_used = args.pid.iter().map(|p| cpu_ms(*p)).sum::<f64>() - cpu_before;
     for f in finishing {
         f.await??;
     }
@@ -582,6 +646,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         publish_latency_ms: pcts(&pub_hist),
         fanout_ms: pcts(&fanout),
         rss,
+        cpu_ms: cpu_used,
+        cpu_us_per_delivery: cpu_used * 1000.0 / deliveries.max(1) as f64,
         recovery: recovery.map(|(times, messages, failed)| report::Recovery {
             clients: times.len() + failed,
             failed,

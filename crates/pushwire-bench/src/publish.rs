@@ -1,5 +1,6 @@
-//! The publishers' side: HTTP requests to the publisher API, and the content of each push
-//! (`SEQ:SENT_US:TARGET`, padded to `--size`).
+//! The publishers' side: HTTP requests to the publisher API (the seed's GET, or a signed Pusher
+//! `POST /apps/ID/events`), and the content of each push (`SEQ:SENT_US:TARGET`, padded to
+//! `--size`).
 
 use super::*;
 
@@ -27,6 +28,22 @@ impl Http {
     pub(crate) async fn get_body(&mut self, target: &str) -> anyhow::Result<(u16, BytesMut)> {
         let req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
         self.stream.write_all(req.as_bytes()).await?;
+        self.answer().await
+    }
+
+    /// POST JSON `body` to `target`; returns the status.
+    pub(crate) async fn post(&mut self, target: &str, body: &str) -> anyhow::Result<u16> {
+        let req = format!(
+            "POST {target} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.host,
+            body.len()
+        );
+        self.stream.write_all(req.as_bytes()).await?;
+        Ok(self.answer().await?.0)
+    }
+
+    /// The status and body of the answer to the request just sent.
+    async fn answer(&mut self) -> anyhow::Result<(u16, BytesMut)> {
         loop {
             if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
@@ -83,4 +100,75 @@ pub(crate) fn content(seq: u64, sent_us: u64, target: &str, size: usize, payload
     }
     c.truncate(size.max(prefix));
     c
+}
+
+/// One publish: the seed's query string, or a Pusher request's signed target and body.
+pub(crate) enum Target {
+    Get(String),
+    Pusher((String, String)),
+}
+
+/// A Pusher app (`--app ID:KEY:SECRET`), to sign HTTP API requests.
+#[derive(Debug, Clone)]
+pub(crate) struct PusherApp {
+    pub(crate) id: String,
+    pub(crate) key: String,
+    secret: String,
+}
+
+impl PusherApp {
+    pub(crate) fn parse(s: &str) -> anyhow::Result<PusherApp> {
+        let mut parts = s.splitn(3, ':');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(id), Some(key), Some(secret)) => {
+                Ok(PusherApp { id: id.into(), key: key.into(), secret: secret.into() })
+            }
+            _ => bail!("--app is ID:KEY:SECRET"),
+        }
+    }
+
+    /// The signed target and JSON body of an event `data` on `channel`
+    /// (`POST /apps/ID/events`, auth_version 1.0).
+    pub(crate) fn event(&self, channel: &str, data: &str, now_s: u64) -> (String, String) {
+        let body = serde_json::json!({ "name": "e", "channel": channel, "data": data }).to_string();
+        let path = format!("/apps/{}/events", self.id);
+        let query =
+            format!("auth_key={}&auth_timestamp={now_s}&auth_version=1.0&body_md5={}", self.key, md5_hex(&body));
+        let signature = self.sign(&format!("POST\n{path}\n{query}"));
+        (format!("{path}?{query}&auth_signature={signature}"), body)
+    }
+
+    fn sign(&self, string: &str) -> String {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.secret.as_bytes()).expect("any key length");
+        mac.update(string.as_bytes());
+        hex(&mac.finalize().into_bytes())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn md5_hex(body: &str) -> String {
+    use md5::Digest;
+    hex(&md5::Md5::digest(body.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pusher_signature_of_the_documented_request() {
+        // Pusher's HTTP API documentation: this body's digest, and the signature of this string.
+        let app = PusherApp::parse("3:278d425bdf160c739803:7ad3773142a6692b25b8").unwrap();
+        let body = r#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
+        assert_eq!(md5_hex(body), "ec365a775a4cd0599faeb73354201b6f");
+        let string = "POST\n/apps/3/events\nauth_key=278d425bdf160c739803&auth_timestamp=1353088179&auth_version=1.0&body_md5=ec365a775a4cd0599faeb73354201b6f";
+        assert_eq!(app.sign(string), "da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c");
+        let (target, _) = app.event("c", "d", 1);
+        assert!(target
+            .starts_with("/apps/3/events?auth_key=278d425bdf160c739803&auth_timestamp=1&auth_version=1.0&body_md5="));
+    }
 }

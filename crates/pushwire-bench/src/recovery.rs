@@ -53,7 +53,7 @@ pub async fn recover(
 ) -> anyhow::Result<(Duration, u64)> {
     let started = Instant::now();
     let path = format!("/?format=json&recover=broadcast:{}:{}", since.epoch, since.offset);
-    let mut c = connect_one(gateway, &path, source, false, tls).await?;
+    let mut c = connect_one(gateway, &path, source, false, tls, None).await?;
     let mut messages = 0;
     loop {
         while let Some((op, payload)) = frame(&mut c.buf)? {

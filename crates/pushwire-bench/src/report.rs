@@ -38,6 +38,10 @@ pub struct Summary {
     /// Broadcasts: send to arrival at the last client.
     pub fanout_ms: [f64; 5],
     pub rss: Vec<Rss>,
+    /// CPU time of the `--pid` processes from the first publish until deliveries drained, in
+    /// ms, and per delivery in µs.
+    pub cpu_ms: f64,
+    pub cpu_us_per_delivery: f64,
     pub recovery: Option<Recovery>,
 }
 
@@ -69,6 +73,9 @@ impl Summary {
             pct(&self.publish_latency_ms),
             pct(&self.fanout_ms),
         );
+        if !self.rss.is_empty() && self.deliveries > 0 {
+            let _ = write!(s, "\nserver CPU {:.0} ms, {:.2} µs per delivery", self.cpu_ms, self.cpu_us_per_delivery);
+        }
         for r in &self.rss {
             let _ = write!(
                 s,
@@ -115,7 +122,8 @@ impl Summary {
         format!(
             "{{\"mode\":\"{}\",\"clients\":{},\"connect_per_s\":{:.1},\"published\":{},\"publish_errors\":{},\
              \"publish_per_s\":{:.1},\"deliveries\":{},\"deliveries_per_s\":{:.1},\"wire_bytes_per_delivery\":{:.1},\"missing\":{},\"duplicates\":{},\
-             \"misdelivered\":{},\"latency_ms\":{},\"publish_latency_ms\":{},\"fanout_ms\":{},\"rss\":[{}]{}}}\n",
+             \"misdelivered\":{},\"latency_ms\":{},\"publish_latency_ms\":{},\"fanout_ms\":{},\"rss\":[{}],\
+             \"cpu_ms\":{:.1},\"cpu_us_per_delivery\":{:.3}{}}}\n",
             self.mode,
             self.clients,
             self.connect_per_s,
@@ -132,6 +140,8 @@ impl Summary {
             arr(&self.publish_latency_ms),
             arr(&self.fanout_ms),
             rss.join(","),
+            self.cpu_ms,
+            self.cpu_us_per_delivery,
             recovery
         )
     }
