@@ -79,6 +79,19 @@ const err = await refused;
 check(err?.data?.code === 4009, "bad signature: pusher:error 4009", err);
 check(bad.connection.state === "connected", "the refused socket stays connected", bad.connection.state);
 
+// An encrypted channel: the server SDK encrypts with the app's master key, pushwire relays the
+// ciphertext, pusher-js decrypts with the shared secret its authorization gave it (on the other
+// gateway too); client events are refused there.
+const [xa, xb] = await Promise.all([subscribed(a, "private-encrypted-vault"), subscribed(b, "private-encrypted-vault")]);
+const sealed = (ch) => within(WAIT, "decrypted event", new Promise((resolve) => ch.bind("sealed", (d) => resolve(d))));
+const [da, db] = [sealed(xa), sealed(xb)];
+await server.trigger("private-encrypted-vault", "sealed", { secret: "plain text" });
+check(JSON.stringify([await da, await db]) === JSON.stringify([{ secret: "plain text" }, { secret: "plain text" }]),
+  "private-encrypted: decrypted by both subscribers", [await da, await db]);
+const xerr = within(WAIT, "client event refused", new Promise((resolve) => a.connection.bind("error", (e) => resolve(e))));
+a.send_event("client-x", { x: 1 }, "private-encrypted-vault");
+check((await xerr)?.data?.code === 4300, "private-encrypted: client events refused", await xerr);
+
 // Cache channels: the last event for a new subscriber; a miss when there is none.
 await server.trigger("cache-weather", "now", { t: 21 });
 const cached = new Promise((resolve) => {
@@ -109,7 +122,8 @@ const list = await (await server.get({ path: "/channels", params: { info: "subsc
 check(list.channels?.news?.subscription_count === 2 && list.channels?.["private-chat"]?.subscription_count === 2,
   "GET /channels: occupied channels with their subscriptions", list);
 const some = await (await server.get({ path: "/channels", params: { filter_by_prefix: "private-" } })).json();
-check(JSON.stringify(Object.keys(some.channels)) === JSON.stringify(["private-chat"]), "GET /channels?filter_by_prefix", some);
+check(JSON.stringify(Object.keys(some.channels).sort()) === JSON.stringify(["private-chat", "private-encrypted-vault"]),
+  "GET /channels?filter_by_prefix", some);
 const one = await (await server.get({ path: "/channels/news", params: { info: "subscription_count" } })).json();
 check(one.occupied === true && one.subscription_count === 2, "GET /channels/news", one);
 const none = await (await server.get({ path: "/channels/nobody-here" })).json();

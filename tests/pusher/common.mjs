@@ -5,7 +5,11 @@ import Pusher from "pusher-js";
 import PusherServer from "pusher";
 
 export const [wsPort, httpPort, appId, key, secret, wsPortB, ...more] = process.argv.slice(2);
-export const server = new PusherServer({ appId, key, secret, host: "127.0.0.1", port: httpPort, useTLS: false });
+// The master key of encrypted channels (any 32 bytes; the server never has it).
+const encryptionMasterKeyBase64 = Buffer.alloc(32, 7).toString("base64");
+export const server = new PusherServer({
+  appId, key, secret, host: "127.0.0.1", port: httpPort, useTLS: false, encryptionMasterKeyBase64,
+});
 export const WAIT = 10_000;
 
 // Print the check; exit 1 at the first failure, with what was seen.
