@@ -233,7 +233,7 @@ fn hooks_config(hook_port: u16) -> std::path::PathBuf {
     let file = std::env::temp_dir().join(format!("pushwire-hooks-{}-{hook_port}.toml", std::process::id()));
     let (id, key, secret) = APP;
     let app = format!(
-        "[[apps]]\nid = \"{id}\"\nkey = \"{key}\"\nsecret = \"{secret}\"\nclient-events = true\nsubscription-count = true\n\
+        "[[apps]]\nid = \"{id}\"\nkey = \"{key}\"\nsecret = \"{secret}\"\nclient-events = true\nsubscription-count = true\nwatchlist-events = true\n\
          webhooks = [{{ url = \"http://127.0.0.1:{hook_port}/hook\" }}]\n"
     );
     std::fs::write(&file, app).expect("write");

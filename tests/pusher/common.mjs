@@ -29,8 +29,9 @@ export function within(ms, what, promise) {
   ]);
 }
 
-// A pusher-js client of app `appKey` on gateway `port`; `user`: its presence channel_data.
-export function client(appKey = key, port = wsPort, user = undefined) {
+// A pusher-js client of app `appKey` on gateway `port`; `user`: its presence channel_data;
+// `userData`: what it signs in as.
+export function client(appKey = key, port = wsPort, user = undefined, userData = { id: "signed-9", user_info: { name: "Nine" } }) {
   return new Pusher(appKey, {
     cluster: "local",
     wsHost: "127.0.0.1",
@@ -45,7 +46,7 @@ export function client(appKey = key, port = wsPort, user = undefined) {
     },
     userAuthentication: {
       customHandler: ({ socketId }, callback) => {
-        callback(null, server.authenticateUser(socketId, { id: "signed-9", user_info: { name: "Nine" } }));
+        callback(null, server.authenticateUser(socketId, userData));
       },
     },
   });

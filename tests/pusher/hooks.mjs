@@ -84,10 +84,11 @@ check(true, "cache_miss");
 
 // Subscription counts (the app turned them on): to every subscriber, and by webhook.
 const counts = [];
-const [ka] = await Promise.all([subscribed(a, "counted"), subscribed(b, "counted")]);
-ka.bind("pusher:subscription_count", (d) => counts.push(d.subscription_count));
+a.subscribe("counted").bind("pusher:subscription_count", (d) => counts.push(d.subscription_count));
+await Promise.all([subscribed(a, "counted"), subscribed(b, "counted")]);
+// Once the last count told is `n`.
 const counted = (n) => within(WAIT, `subscription_count ${n}`, new Promise((resolve) => {
-  const look = () => (counts.includes(n) ? resolve() : setTimeout(look, 20));
+  const look = () => (counts.at(-1) === n ? resolve() : setTimeout(look, 20));
   look();
 }));
 await counted(2);
@@ -95,7 +96,27 @@ await arrives({ name: "subscription_count", channel: "counted", subscription_cou
 b.unsubscribe("counted");
 await counted(1);
 await arrives({ name: "subscription_count", channel: "counted", subscription_count: 1 });
-check(counts.at(-1) === 1, "subscription_count to the subscribers and by webhook, as subscribers come and go", counts);
+check(true, "subscription_count to the subscribers and by webhook, as subscribers come and go");
+
+// Watchlist events: the watcher is told its users' state at sign-in, then each change, from
+// either gateway.
+const changes = [];
+const watcher = client(undefined, wsPort, undefined, { id: "watcher", watchlist: ["u7", "u8", "signed-9"] });
+await connected(watcher);
+for (const name of ["online", "offline"]) watcher.user.watchlist.bind(name, (e) => changes.push([name, ...e.user_ids].join(" ")));
+const told = (what) => within(WAIT, `watchlist ${what}`, new Promise((resolve) => {
+  const look = () => (changes.includes(what) ? resolve() : setTimeout(look, 20));
+  look();
+}));
+watcher.signin();
+await told("offline u7 u8 signed-9");
+const u7 = client(undefined, wsPortB, undefined, { id: "u7" });
+await connected(u7);
+u7.signin();
+await told("online u7");
+u7.disconnect();
+await told("offline u7");
+check(JSON.stringify(changes) === JSON.stringify(["offline u7 u8 signed-9", "online u7", "offline u7"]), "watchlist: state at sign-in, then online and offline", changes);
 
 if (killPid) {
   // The gateway of b and c is killed: u2 (only there) leaves, for a's client and the webhook;
@@ -103,9 +124,14 @@ if (killPid) {
   const removed = within(WAIT * 3, "member_removed to a", new Promise((resolve) => {
     pa.bind("pusher:member_removed", (m) => resolve(m.id));
   }));
+  // c also signs in (as signed-9), watched from a's gateway.
+  c.signin();
+  await told("online signed-9");
   process.kill(Number(killPid), "SIGKILL");
   check((await removed) === "u2", "a's client got member_removed for the member on the killed gateway");
   await arrives({ name: "member_removed", channel: "presence-room", user_id: "u2" }, WAIT * 3);
+  await told("offline signed-9");
+  check(true, "watchlist: a user signed in on the killed gateway went offline for the watcher");
   b.disconnect();
   c.disconnect();
   await marker("marker-1");

@@ -4,19 +4,37 @@
 
 use super::*;
 
-/// A keep-alive HTTP/1.1 client for one publisher.
+/// A keep-alive HTTP/1.1 client for one publisher (it connects again after an answer that says
+/// `Connection: close`, as Sockudo's HTTP API does to every request).
 pub(crate) struct Http {
     pub(crate) stream: Stream,
     pub(crate) host: String,
     pub(crate) buf: BytesMut,
+    tls: Option<TlsConnector>,
+    closed: bool,
 }
 
 impl Http {
     pub(crate) async fn open(host: &str, tls: Option<&TlsConnector>) -> anyhow::Result<Http> {
+        let stream = Http::connect(host, tls).await?;
+        let buf = BytesMut::with_capacity(1024);
+        Ok(Http { stream, host: host.to_owned(), buf, tls: tls.cloned(), closed: false })
+    }
+
+    async fn connect(host: &str, tls: Option<&TlsConnector>) -> anyhow::Result<Stream> {
         let tcp = TcpStream::connect(host).await.with_context(|| format!("publisher {host}"))?;
         tcp.set_nodelay(true)?;
-        let stream = Stream::over(tcp, host, tls).await.with_context(|| format!("publisher {host}"))?;
-        Ok(Http { stream, host: host.to_owned(), buf: BytesMut::with_capacity(1024) })
+        Stream::over(tcp, host, tls).await.with_context(|| format!("publisher {host}"))
+    }
+
+    /// Write a request, on a new connection if the last answer closed the old one.
+    async fn send(&mut self, req: &[u8]) -> anyhow::Result<()> {
+        if self.closed {
+            self.stream = Http::connect(&self.host, self.tls.as_ref()).await?;
+            self.buf.clear();
+            self.closed = false;
+        }
+        Ok(self.stream.write_all(req).await?)
     }
 
     /// GET `target`; returns the status.
@@ -27,7 +45,7 @@ impl Http {
     /// GET `target`: the status and the body.
     pub(crate) async fn get_body(&mut self, target: &str) -> anyhow::Result<(u16, BytesMut)> {
         let req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
-        self.stream.write_all(req.as_bytes()).await?;
+        self.send(req.as_bytes()).await?;
         self.answer().await
     }
 
@@ -38,7 +56,7 @@ impl Http {
             self.host,
             body.len()
         );
-        self.stream.write_all(req.as_bytes()).await?;
+        self.send(req.as_bytes()).await?;
         Ok(self.answer().await?.0)
     }
 
@@ -53,6 +71,7 @@ impl Http {
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .and_then(|v| v.trim().parse().ok())
                     .unwrap_or(0);
+                self.closed = head.lines().any(|l| l.starts_with("connection:") && l.contains("close"));
                 while self.buf.len() < i + 4 + len {
                     if self.stream.read_buf(&mut self.buf).await? == 0 {
                         bail!("publisher closed the connection");

@@ -138,8 +138,24 @@ impl Worker {
     }
 
     /// A gateway was lost: the users of each presence channel here that no live gateway holds
-    /// any more get `member_removed` to this worker's joiners (every gateway tells its own).
+    /// any more get `member_removed` to this worker's joiners, and the watched users signed in
+    /// nowhere any more `offline` to their watchers here (every gateway tells its own).
     pub(in crate::gateway) async fn reconcile_members(&self) {
+        let watched: Vec<Arc<str>> = {
+            let t = self.table();
+            let watchlist =
+                |c: &&Arc<str>| pusher::app_channel(c).is_some_and(|(_, n)| n.starts_with(pusher::watchlist::PREFIX));
+            t.channels.keys().filter(watchlist).cloned().collect()
+        };
+        for channel in watched {
+            let Some((app, name)) = pusher::app_channel(&channel) else { continue };
+            let user = &name[pusher::watchlist::PREFIX.len()..];
+            if self.subscribers(&pusher::user_channel(app, user)).await == Some(0) {
+                let event = pusher::watchlist::event(&[], &[user]);
+                let frames = Frames::new(&channel, None, &event, self.compresses(&event));
+                self.send(&frames, Target::Channel(&channel), &[], None);
+            }
+        }
         let channels: Vec<Arc<str>> = {
             let mut t = self.table();
             let Table { known, channels, .. } = &mut *t;

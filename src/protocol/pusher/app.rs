@@ -42,6 +42,9 @@ pub struct App {
     /// `pusher_internal:subscription_count` events to subscribers, and the webhook.
     #[serde(default)]
     pub subscription_count: bool,
+    /// Watchlist events to signed-in sockets whose `user_data` has a `watchlist`.
+    #[serde(default)]
+    pub watchlist_events: bool,
     /// The `activity_timeout` told to clients, in seconds.
     #[serde(default = "defaults::activity_timeout")]
     pub activity_timeout: u64,
@@ -103,6 +106,7 @@ impl App {
             max_presence_members: defaults::max_presence_members(),
             max_user_info: defaults::max_user_info(),
             subscription_count: false,
+            watchlist_events: false,
             activity_timeout: defaults::activity_timeout(),
             webhooks: Vec::new(),
         }

@@ -10,7 +10,8 @@
 //! subscribers get; a `cache-` channel keeps its last event (history of one, for 30 minutes).
 //!
 //! Parts: [`app`] (apps and their settings), [`sign`] (signatures), [`channel`] (names and
-//! kinds), [`session`] (one connection), [`hooks`] (webhooks), [`count`] (subscription counts).
+//! kinds), [`session`] (one connection), [`hooks`] (webhooks), [`count`] (subscription counts),
+//! [`watchlist`] (watchlist events).
 
 pub mod app;
 pub mod channel;
@@ -18,6 +19,7 @@ pub mod count;
 pub mod hooks;
 pub mod session;
 pub mod sign;
+pub mod watchlist;
 
 use bytes::Bytes;
 

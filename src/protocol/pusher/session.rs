@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use super::app::Local;
 use super::channel::{self, Kind};
 use super::hooks::Event;
+use super::watchlist;
 use super::{broker_channel, event_json, payload, read_payload, sign, socket_id, App};
 use crate::protocol::Engine;
 
@@ -71,12 +72,14 @@ struct Signin {
     user_data: String,
 }
 
-/// A sign-in's `user_data`: at least the user's `id`.
+/// A sign-in's `user_data`: at least the user's `id`; the users it watches, if any.
 #[derive(Deserialize)]
 struct UserData<'a> {
     id: String,
     #[serde(default, borrow)]
     user_info: Option<&'a RawValue>,
+    #[serde(default)]
+    watchlist: Vec<String>,
 }
 
 /// A client's message: `{"event", "channel"?, "data"?}`.
@@ -299,16 +302,16 @@ impl Session {
             let message = format!("Invalid signature: expected HMAC SHA256 hex digest of {string}");
             return error(engine, Some(code::UNAUTHORIZED), &message);
         }
-        let Some((user, info)) = serde_json::from_str::<UserData<'_>>(&s.user_data)
+        let Some((user, info, watchlist)) = serde_json::from_str::<UserData<'_>>(&s.user_data)
             .ok()
-            .map(|u| (u.id, u.user_info.map_or("null", RawValue::get).to_owned()))
-            .filter(|(_, info)| info.len() <= app.max_user_info)
+            .map(|u| (u.id, u.user_info.map_or("null", RawValue::get).to_owned(), u.watchlist))
+            .filter(|(_, info, w)| info.len() <= app.max_user_info && w.len() <= watchlist::MAX_WATCHLIST)
         else {
-            return error(
-                engine,
-                Some(code::BAD_MESSAGE),
-                "user_data needs an id (and a user_info within the app's limit)",
+            let message = format!(
+                "user_data needs an id (and a user_info within the app's limit, a watchlist of at most {} ids)",
+                watchlist::MAX_WATCHLIST
             );
+            return error(engine, Some(code::BAD_MESSAGE), &message);
         };
         if channel::check(&format!("{}{user}", channel::USER_PREFIX)).is_err() {
             return error(engine, Some(code::BAD_MESSAGE), "The user id may use A-Z a-z 0-9 _ - = @ , . ; only");
@@ -320,11 +323,24 @@ impl Session {
             Some(_) => {}
             None => {
                 engine.join(&super::user_channel(&app.id, &user), None).await;
+                if app.watchlist_events {
+                    watchlist::announce(engine.cluster(), &app.id, &user, true).await;
+                }
                 self.user = Some((user.into_boxed_str(), info.into_boxed_str()));
             }
         }
         let m = serde_json::json!({"event": "pusher:signin_success", "data": {"user_data": s.user_data}});
         engine.send(true, m.to_string().as_bytes());
+        if app.watchlist_events && !watchlist.is_empty() {
+            for u in &watchlist {
+                engine.join(&watchlist::channel(&app.id, u), None).await;
+            }
+            let cluster = engine.cluster();
+            if let Some(online) = watchlist::online(&*cluster, &app.id, &watchlist).await {
+                let offline: Vec<&str> = watchlist.iter().map(String::as_str).filter(|u| !online.contains(u)).collect();
+                engine.send(true, &watchlist::event(&online, &offline));
+            }
+        }
     }
 
     /// Leave every channel (the connection ends): the members it was the last socket of are
@@ -333,6 +349,10 @@ impl Session {
         let Some(app) = self.app.clone() else { return };
         for s in std::mem::take(&mut self.channels) {
             leave(&app, &self.local, engine, s).await;
+        }
+        if let Some((user, _)) = self.user.take().filter(|_| app.watchlist_events) {
+            engine.leave(&super::user_channel(&app.id, &user)).await;
+            watchlist::announce(engine.cluster(), &app.id, &user, false).await;
         }
     }
 
