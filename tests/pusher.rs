@@ -258,22 +258,20 @@ async fn webhooks_on_standalone() {
     let _ = std::fs::remove_file(file);
 }
 
-/// Webhooks across two gateways (the tracker in the publisher started with `--app-webhooks`),
-/// then one gateway killed with -9 while members are on it: a member that was only there is
-/// removed for the clients on the other gateway and by webhook once its lease ends; a user
-/// still on a live gateway stays.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhooks_and_a_killed_gateway_across_two_gateways() {
+/// The webhook script across two gateways on `broker` (`None`: a channel server), the tracker in
+/// the publisher started with `--app-webhooks`; with `kill`, the second gateway is killed with -9
+/// while members are on it.
+async fn hooks_across_two_gateways(broker: Option<String>, kill: bool) {
     let hook = free_port();
     let file = hooks_config(hook);
     let config = file.to_string_lossy().into_owned();
     let gateway = ["--config", &config, "--presence-lease", "3s"];
     let publisher = ["--config", &config, "--app-webhooks", "--offline-delay", "300ms"];
-    let cluster = Cluster::start_with(None, &gateway, &publisher).await;
+    let on_channel_server = broker.is_none();
+    let cluster = Cluster::start_with(broker, &gateway, &publisher).await;
     heard_from_both(&cluster).await;
     let (id, key, secret) = APP;
-    // procs: the channel server, then the gateways.
-    let args = [
+    let mut args = vec![
         cluster.gateways[0].port().to_string(),
         cluster.publishers[0].port().to_string(),
         id.into(),
@@ -281,10 +279,34 @@ async fn webhooks_and_a_killed_gateway_across_two_gateways() {
         secret.into(),
         cluster.gateways[1].port().to_string(),
         hook.to_string(),
-        cluster.procs[2].pid().to_string(),
     ];
+    if kill {
+        // procs: the channel server (when there is one), then the gateways.
+        args.push(cluster.procs[if on_channel_server { 2 } else { 1 }].pid().to_string());
+    }
     if let Some(out) = node("hooks.mjs", &args).await {
         assert!(out.contains("all passed"), "{out}");
     }
     let _ = std::fs::remove_file(file);
+}
+
+/// Webhooks across two gateways, then one gateway killed with -9 while members are on it: a
+/// member that was only there is removed for the clients on the other gateway and by webhook
+/// once its lease ends, a user signed in only there goes offline for its watchers; a user still
+/// on a live gateway stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_and_a_killed_gateway_across_two_gateways() {
+    hooks_across_two_gateways(None, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_and_a_killed_gateway_on_redis() {
+    let Some((_redis, url)) = redis_broker().await else { return };
+    hooks_across_two_gateways(Some(url), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_on_nats() {
+    let Some((_nats, url)) = nats_broker().await else { return };
+    hooks_across_two_gateways(Some(url), false).await;
 }

@@ -88,7 +88,7 @@ pub(crate) async fn connect_one(
     source: u8,
     compression: bool,
     tls: Option<&TlsConnector>,
-    subscribe: Option<&str>,
+    subscribe: Option<(&str, &PusherApp)>,
 ) -> anyhow::Result<Conn> {
     let addr: SocketAddr = tokio::net::lookup_host(gateway).await?.next().context("gateway address")?;
     let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
@@ -117,8 +117,8 @@ pub(crate) async fn connect_one(
         bail!("handshake refused: {}", String::from_utf8_lossy(&buf[..head_end.min(80)]).lines().next().unwrap_or(""));
     }
     buf.advance(head_end);
-    if let Some(channel) = subscribe {
-        return pusher_subscribe(stream, buf, channel).await;
+    if let Some((channel, app)) = subscribe {
+        return pusher_subscribe(stream, buf, channel, app).await;
     }
     loop {
         if let Some((_, payload)) = frame(&mut buf)? {
@@ -139,8 +139,14 @@ pub(crate) async fn connect_one(
 }
 
 /// After a Pusher client's handshake: its `socket_id` from `pusher:connection_established`, then
-/// a subscription to `channel`, once `pusher_internal:subscription_succeeded` came.
-async fn pusher_subscribe(mut stream: Stream, mut buf: BytesMut, channel: &str) -> anyhow::Result<Conn> {
+/// a subscription to `channel` (signed, for a private one), once
+/// `pusher_internal:subscription_succeeded` came.
+async fn pusher_subscribe(
+    mut stream: Stream,
+    mut buf: BytesMut,
+    channel: &str,
+    app: &PusherApp,
+) -> anyhow::Result<Conn> {
     let mut socket_id = None;
     loop {
         while let Some((op, payload)) = frame(&mut buf)? {
@@ -152,7 +158,10 @@ async fn pusher_subscribe(mut stream: Stream, mut buf: BytesMut, channel: &str) 
                 Some("pusher:connection_established") => {
                     let data: serde_json::Value = serde_json::from_str(m["data"].as_str().unwrap_or_default())?;
                     socket_id = data["socket_id"].as_str().map(str::to_owned);
-                    let sub = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}});
+                    let mut sub = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}});
+                    if let (true, Some(id)) = (channel.starts_with("private-"), &socket_id) {
+                        sub["data"]["auth"] = app.auth(id, channel).into();
+                    }
                     stream.write_all(&client_frame(0x1, sub.to_string().as_bytes())).await?;
                 }
                 Some("pusher_internal:subscription_succeeded") => {
@@ -220,11 +229,50 @@ pub(crate) fn raw_frame(buf: &mut BytesMut) -> anyhow::Result<Option<(u8, BytesM
     Ok(Some((b0, buf.split_to(len))))
 }
 
-/// A masked client frame (pong or close).
+/// A masked client frame (up to 64 KiB of payload).
 pub(crate) fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x80 | opcode, 0x80 | payload.len().min(125) as u8, 1, 2, 3, 4];
-    f.extend(payload.iter().take(125).enumerate().map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]));
+    let payload = &payload[..payload.len().min(u16::MAX as usize)];
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n @ 0..=125 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[1, 2, 3, 4]);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]));
     f
+}
+
+/// The channel of `--mode client-events`.
+pub(crate) const CLIENT_EVENTS_CHANNEL: &str = "private-bench";
+
+/// A client event carrying `content`.
+pub(crate) fn client_event(content: &str) -> String {
+    serde_json::json!({ "event": "client-e", "channel": CLIENT_EVENTS_CHANNEL, "data": content }).to_string()
+}
+
+/// A Pusher connection that sends client events (what it receives is read and dropped).
+pub(crate) struct Sender {
+    write: tokio::io::WriteHalf<Stream>,
+}
+
+impl Sender {
+    pub(crate) async fn open(gateway: &str, tls: Option<&TlsConnector>, app: &PusherApp) -> anyhow::Result<Sender> {
+        let path = format!("/app/{}?protocol=7&client=pushwire-bench&version=1.0", app.key);
+        let c = connect_one(gateway, &path, 1, false, tls, Some((CLIENT_EVENTS_CHANNEL, app))).await?;
+        let (mut read, write) = tokio::io::split(c.stream);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(read.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        Ok(Sender { write })
+    }
+
+    pub(crate) async fn send(&mut self, json: &str) -> anyhow::Result<()> {
+        Ok(self.write.write_all(&client_frame(0x1, json.as_bytes())).await?)
+    }
 }
 
 /// Read pushes until the connection ends (or the task is aborted at the end of the run); `me` is
@@ -328,8 +376,13 @@ pub(crate) async fn connect_clients(
                     Err(e) => return eprintln!("client {i}: {e:#}"),
                 };
                 let channel = (args.protocol == Protocol::Pusher).then(|| pusher_channel(args.mode, i));
+                let app = args.app.as_deref().map(PusherApp::parse).transpose();
+                let subscribe = match (&channel, &app) {
+                    (Some(c), Ok(Some(app))) => Some((c.as_str(), app)),
+                    _ => None,
+                };
                 let source = 1 + (i / gateways.len()) as u8 % ips;
-                match connect_one(g, &path, source, compression, tls.as_ref(), channel.as_deref()).await {
+                match connect_one(g, &path, source, compression, tls.as_ref(), subscribe).await {
                     Ok(c) => {
                         if let Ok(mut v) = conns.lock() {
                             v.push((i, c));

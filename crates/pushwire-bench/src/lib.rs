@@ -42,6 +42,9 @@ pub enum Mode {
     Targeted,
     Uid,
     Idle,
+    /// Pusher client events: `--inflight` sender connections send `client-e` on
+    /// `private-bench`, which every client subscribes to.
+    ClientEvents,
 }
 
 /// The protocol the clients and publishes speak.
@@ -57,10 +60,10 @@ pub enum Protocol {
 /// Settings of one run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// broadcast, targeted, uid or idle.
+    /// broadcast, targeted, uid, idle or client-events (Pusher).
     #[arg(long, value_enum, default_value = "broadcast")]
     pub mode: Mode,
-    /// native or pusher (broadcast, targeted and idle; needs --app).
+    /// native or pusher (broadcast, targeted, idle and client-events; needs --app).
     #[arg(long, value_enum, default_value = "native")]
     pub protocol: Protocol,
     /// The Pusher app, ID:KEY:SECRET.
@@ -209,7 +212,7 @@ impl Stats {
     /// clients.
     fn received_ok(&self, mode: Mode) -> u64 {
         match mode {
-            Mode::Broadcast => self.broadcasts_seen.load(Relaxed),
+            Mode::Broadcast | Mode::ClientEvents => self.broadcasts_seen.load(Relaxed),
             _ => self.targeted_received.load(Relaxed),
         }
     }
@@ -249,7 +252,7 @@ fn histogram() -> Histogram<u64> {
 /// targeted push once, a uid push once per connection of the user (counted over all clients).
 fn expected(args: &BenchArgs, published: u64, clients: u64) -> u64 {
     match args.mode {
-        Mode::Broadcast => published * clients,
+        Mode::Broadcast | Mode::ClientEvents => published * clients,
         Mode::Targeted => published,
         // Every connection of the user; the last user may have fewer.
         Mode::Uid => published * args.devices.max(1) as u64,
@@ -271,6 +274,7 @@ pub fn rss_kb(pid: u32) -> u64 {
 fn pusher_channel(mode: Mode, i: usize) -> String {
     match mode {
         Mode::Targeted => format!("c-{i}"),
+        Mode::ClientEvents => CLIENT_EVENTS_CHANNEL.into(),
         _ => "bench".into(),
     }
 }
@@ -288,9 +292,10 @@ pub fn cpu_ms(pid: u32) -> f64 {
 /// Run a benchmark and print (and optionally write) its results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pusher = match args.protocol {
+        Protocol::Native if args.mode == Mode::ClientEvents => bail!("--mode client-events needs --protocol pusher"),
         Protocol::Native => None,
         Protocol::Pusher if args.mode == Mode::Uid || args.recoverers > 0 => {
-            bail!("--protocol pusher runs broadcast, targeted and idle, without recoverers")
+            bail!("--protocol pusher runs broadcast, targeted, idle and client-events, without recoverers")
         }
         Protocol::Pusher => Some(PusherApp::parse(args.app.as_deref().context("--protocol pusher needs --app")?)?),
     };
@@ -307,8 +312,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("need at least one gateway, one publisher and one client");
     }
     let planned = match args.mode {
-        Mode::Broadcast if args.rate <= 0.0 => 1_000_000,
-        Mode::Broadcast => (args.rate * args.duration.as_secs_f64()).ceil() as usize,
+        Mode::Broadcast | Mode::ClientEvents if args.rate <= 0.0 => 1_000_000,
+        Mode::Broadcast | Mode::ClientEvents => (args.rate * args.duration.as_secs_f64()).ceil() as usize,
         _ => 0,
     };
     let stats = Arc::new(Stats::new(planned));
@@ -399,7 +404,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             tokio::time::sleep(args.duration).await;
             rss_held = args.pid.iter().map(|p| (*p, rss_kb(*p))).collect();
         }
-        Mode::Broadcast | Mode::Targeted | Mode::Uid => {
+        Mode::Broadcast | Mode::Targeted | Mode::Uid | Mode::ClientEvents => {
             // Publishers run on their own thread and runtime, so that thousands of receivers
             // waking at once never delay a publish (or its timestamp).
             let (stats, published, errors, pub_hist, ids, key, publishers, args) = (
@@ -413,6 +418,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.clone(),
             );
             let (publisher_tls, pusher) = (publisher_tls.clone(), pusher.clone());
+            let (gateways, gateway_tls) = (gateways.clone(), gateway_tls.clone());
             let thread = std::thread::spawn(move || -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
@@ -435,8 +441,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                         let tls = publisher_tls.clone();
                         let users = args.clients.div_ceil(args.devices.max(1)) as u64;
                         let pusher = pusher.clone();
+                        let (gateway, gateway_tls) = (gateways[w % gateways.len()].clone(), gateway_tls.clone());
                         pubs.push(tokio::spawn(async move {
                             let mut http = Http::open(&host, tls.as_ref()).await?;
+                            let mut sender = match (mode, &pusher) {
+                                (Mode::ClientEvents, Some(app)) => {
+                                    Some(Sender::open(&gateway, gateway_tls.as_ref(), app).await?)
+                                }
+                                _ => None,
+                            };
                             // The publishers' ticks are spread over the interval, so that a
                             // rate means evenly spaced publishes, not bursts of --inflight.
                             let inflight = args.inflight.max(1) as u32;
@@ -452,7 +465,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                     t.tick().await;
                                 }
                                 let target = match mode {
-                                    Mode::Broadcast => {
+                                    Mode::Broadcast | Mode::ClientEvents => {
                                         let s = seq.fetch_add(1, Relaxed);
                                         if s >= planned {
                                             break;
@@ -472,6 +485,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                         }
                                         let c = content(s, now, "b", size, payload);
                                         match &pusher {
+                                            _ if mode == Mode::ClientEvents => Target::Client(client_event(&c)),
                                             Some(app) => Target::Pusher(app.event("bench", &c, now / 1_000_000)),
                                             None => Target::Get(format!("content={}", form(&c))),
                                         }
@@ -510,6 +524,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                                 let answer = match &target {
                                     Target::Get(query) => http.get(&format!("/?{query}{key}")).await,
                                     Target::Pusher((path, body)) => http.post(path, body).await,
+                                    Target::Client(json) => match sender.as_mut() {
+                                        Some(s) => s.send(json).await.map(|()| 200),
+                                        None => Ok(0),
+                                    },
                                 };
                                 match answer {
                                     Ok(200) => {

@@ -125,6 +125,8 @@ pub(crate) fn content(seq: u64, sent_us: u64, target: &str, size: usize, payload
 pub(crate) enum Target {
     Get(String),
     Pusher((String, String)),
+    /// A client event, sent on a sender connection.
+    Client(String),
 }
 
 /// A Pusher app (`--app ID:KEY:SECRET`), to sign HTTP API requests.
@@ -155,6 +157,11 @@ impl PusherApp {
             format!("auth_key={}&auth_timestamp={now_s}&auth_version=1.0&body_md5={}", self.key, md5_hex(&body));
         let signature = self.sign(&format!("POST\n{path}\n{query}"));
         (format!("{path}?{query}&auth_signature={signature}"), body)
+    }
+
+    /// The `auth` of a subscription of `socket_id` to private channel `channel`.
+    pub(crate) fn auth(&self, socket_id: &str, channel: &str) -> String {
+        format!("{}:{}", self.key, self.sign(&format!("{socket_id}:{channel}")))
     }
 
     fn sign(&self, string: &str) -> String {
