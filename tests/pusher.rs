@@ -310,3 +310,50 @@ async fn webhooks_on_nats() {
     let Some((_nats, url)) = nats_broker().await else { return };
     hooks_across_two_gateways(Some(url), false).await;
 }
+
+/// The protocol's refusals before a connection is admitted, each as `pusher:error` with its code
+/// and then a close with the same code: a disabled app (4003), no `protocol` (4007), one that is
+/// not a number (4006), an unsupported one (4007), a gateway at its `--max-connections` (4100).
+/// A disabled app's HTTP API answers 403. A gateway that stops closes its Pusher clients with
+/// 4200 (reconnect now).
+#[tokio::test]
+async fn refusals_and_close_codes() {
+    let file = std::env::temp_dir().join(format!("pushwire-apps-{}-{}.toml", std::process::id(), free_port()));
+    let apps = "[[apps]]\nid = \"1\"\nkey = \"on\"\nsecret = \"s1\"\n\n\
+                [[apps]]\nid = \"2\"\nkey = \"off\"\nsecret = \"s2\"\nenabled = false\n";
+    std::fs::write(&file, apps).expect("write");
+    let config = file.to_string_lossy().into_owned();
+    let (mut node, _c, w, _h) = standalone(&["--config", &config]).await;
+    for (path, code) in [("off?protocol=7", 4003), ("on", 4007), ("on?protocol=seven", 4006), ("on?protocol=4", 4007)] {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{w}/app/{path}")).await.expect("handshake");
+        let refusal = next(&mut ws).await.expect("pusher:error first");
+        assert_eq!((refusal["event"].as_str(), refusal["data"]["code"].as_u64()), (Some("pusher:error"), Some(code)));
+        assert_eq!(next(&mut ws).await.expect_err("then the close"), Some(code as u16), "{path}");
+    }
+    // A signed event to the disabled app: 403.
+    let body = r#"{"name":"e","channel":"c","data":"x"}"#;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let md5 = pushwire::protocol::pusher::sign::md5_hex(body.as_bytes());
+    let query = format!("auth_key=off&auth_timestamp={now}&auth_version=1.0&body_md5={md5}");
+    let signature = pushwire::webhook::hmac_hex("s2", format!("POST\n/apps/2/events\n{query}").as_bytes());
+    let target = format!("/apps/2/events?{query}&auth_signature={signature}");
+    let (status, _) = http(w, "POST", &target, &[("content-type", "application/json")], body).await;
+    assert_eq!(status, 403, "a disabled app's API");
+    // A gateway at its connection limit: 4100 (over capacity, try later).
+    let (_full, _c, fw, _h) = standalone(&["--config", &config, "--max-connections", "1"]).await;
+    let url = format!("ws://127.0.0.1:{fw}/app/on?protocol=7");
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.expect("handshake");
+    assert_eq!(next(&mut first).await.expect("welcome")["event"], "pusher:connection_established");
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.expect("handshake");
+    assert_eq!(next(&mut second).await.expect("pusher:error first")["data"]["code"], 4100);
+    assert_eq!(next(&mut second).await.expect_err("then the close"), Some(4100));
+    // Stopping: 4200.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{w}/app/on?protocol=7")).await.expect("handshake");
+    assert_eq!(next(&mut ws).await.expect("welcome")["event"], "pusher:connection_established");
+    let stopping = tokio::spawn(async move { node.terminate().await });
+    assert_eq!(next(&mut ws).await.expect_err("closed"), Some(4200), "going away: reconnect now");
+    let _ = stopping.await;
+    let _ = std::fs::remove_file(file);
+}

@@ -28,7 +28,7 @@ use crate::protocol::pusher::{self, Pusher};
 use crate::protocol::{echo::Echo, Native};
 
 /// The protocol a WebSocket client gets, chosen by the path of its upgrade.
-enum Choice {
+pub(super) enum Choice {
     Native,
     Echo,
     Pusher(Box<pusher::Session>),
@@ -48,9 +48,9 @@ impl Gateway {
             r.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
             return r;
         }
-        let choice = self.choose(req.uri().path(), req.uri().query());
+        let mut choice = self.choose(req.uri().path(), req.uri().query());
         let origin = h.get(header::ORIGIN).map(HeaderValue::as_bytes);
-        let (wants, open) = match self.admit(origin, req.uri().query(), None, matches!(choice, Choice::Native)) {
+        let (wants, open) = match self.admit(origin, req.uri().query(), None, &mut choice) {
             Ok(admitted) => admitted,
             Err(refusal) => return refusal.response(),
         };
@@ -121,13 +121,23 @@ impl Gateway {
         origin: Option<&[u8]>,
         query: Option<&str>,
         last_event_id: Option<&str>,
-        native: bool,
+        choice: &mut Choice,
     ) -> Result<(Option<Box<Wants>>, OpenGuard), Refusal> {
         if !self.origin_allowed(origin) {
             return Err(Refusal::Origin(String::from_utf8_lossy(origin.unwrap_or_default()).into_owned()));
         }
-        let wants = if native { self.wants(query, last_event_id)? } else { None };
-        let open = self.open_slot().ok_or(Refusal::Full)?;
+        let wants = if matches!(choice, Choice::Native) { self.wants(query, last_event_id)? } else { None };
+        let open = match (self.open_slot(), choice) {
+            (Some(open), _) => open,
+            // A Pusher client is told in its protocol (4100: over capacity, try later), on a
+            // connection that ends as soon as it is told.
+            (None, Choice::Pusher(session)) => {
+                session.over_capacity();
+                self.open.fetch_add(1, Ordering::AcqRel);
+                OpenGuard(self.clone())
+            }
+            (None, _) => return Err(Refusal::Full),
+        };
         Ok((wants, open))
     }
 
@@ -193,9 +203,8 @@ impl Gateway {
         // Refusals (origin, token, the connection limit) are answered, with the reason, by the
         // HTTP path.
         let last_event_id = get("last-event-id").filter(|_| sse).and_then(|v| std::str::from_utf8(v).ok());
-        let choice = if sse { Choice::Native } else { self.choose(path, query) };
-        let native = matches!(choice, Choice::Native);
-        let Ok((wants, open)) = self.admit(origin, query, last_event_id, native) else { return Some(stream) };
+        let mut choice = if sse { Choice::Native } else { self.choose(path, query) };
+        let Ok((wants, open)) = self.admit(origin, query, last_event_id, &mut choice) else { return Some(stream) };
         let offers = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"));
         let deflate = !sse && self.deflate(offers.filter_map(|h| std::str::from_utf8(h.value).ok()));
         let opening = match key {

@@ -45,7 +45,6 @@ use crate::broker::{Broker, BrokerError};
 use crate::metrics::GLOBAL;
 use crate::protocol::native::push::BROADCAST;
 use crate::protocol::native::Wants;
-use crate::ws::close;
 
 /// Settings of a gateway node.
 #[derive(Debug, Clone)]
@@ -221,7 +220,8 @@ impl Gateway {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Serve HTTP and WebSocket on `listener` until `shutdown`; then close every client with 1001.
+    /// Serve HTTP and WebSocket on `listener` until `shutdown`; then close every client with 1001
+    /// (a Pusher client with 4200: reconnect now).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let gw = self.clone();
         let handler = move |req: hyper::Request<hyper::body::Incoming>| {
@@ -249,7 +249,7 @@ impl Gateway {
         };
         crate::http::serve_with("gateway", listener, tls, self.cfg.max_handshakes, handler, intercept, shutdown).await;
         for w in &self.workers {
-            w.close_all(close::GOING_AWAY);
+            w.close_all();
         }
         let deadline = Instant::now() + crate::http::SHUTDOWN_GRACE;
         while self.connections() > 0 && Instant::now() < deadline {

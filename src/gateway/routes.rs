@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
+use super::handshake::Choice;
 use super::wire::Wire;
 use super::Gateway;
 use crate::http::{reply as text, Streamed};
@@ -69,7 +70,7 @@ impl Gateway {
     fn events(self: &Arc<Self>, req: &Request<Incoming>) -> Answer {
         let origin = req.headers().get(header::ORIGIN).map(HeaderValue::as_bytes);
         let last_event_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok());
-        let (wants, open) = match self.admit(origin, req.uri().query(), last_event_id, true) {
+        let (wants, open) = match self.admit(origin, req.uri().query(), last_event_id, &mut Choice::Native) {
             Ok(admitted) => admitted,
             Err(refusal) => return refusal.response().map(Either::Left),
         };

@@ -46,6 +46,14 @@ impl Encoding {
         }
     }
 
+    /// The close code of a connection the server closes as it stops (Pusher's: reconnect now).
+    pub fn going_away_close_code(self) -> u16 {
+        match self {
+            Encoding::Pusher => pusher::session::code::RECONNECT,
+            _ => crate::ws::close::GOING_AWAY,
+        }
+    }
+
     /// The message a push on `channel` at `position` with `content` is for a client, and the id
     /// an event stream gives it (so that `EventSource` resumes from there), if any.
     pub fn push<'a>(

@@ -93,6 +93,9 @@ impl Publisher {
         if !key.is_some_and(|k| sign::same(k, &app.key)) {
             return Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong auth_key".into()));
         }
+        if !app.enabled {
+            return Err(ApiError(StatusCode::FORBIDDEN, "the app is disabled".into()));
+        }
         let method = req.method().clone();
         let body = self.read_body(req.into_body()).await?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());

@@ -529,12 +529,12 @@ impl Worker {
         t.joiners.retain(keep);
     }
 
-    /// Close every connection with `code`.
-    pub(super) fn close_all(&self, code: u16) {
+    /// Close every connection, as its protocol closes them when the server stops.
+    pub(super) fn close_all(&self) {
         let mut t = self.table();
         let Table { conns, unlisted, joiners, .. } = &mut *t;
         for (_, c) in conns.drain().chain(unlisted.drain()).chain(joiners.drain()) {
-            c.close(code);
+            c.close(c.encoding.going_away_close_code());
         }
     }
 

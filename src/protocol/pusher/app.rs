@@ -15,6 +15,9 @@ pub struct App {
     pub id: String,
     pub key: String,
     pub secret: String,
+    /// A disabled app refuses connections (4003) and API calls (403).
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
     /// Clients may send `client-*` events on private and presence channels.
     #[serde(default)]
     pub client_events: bool,
@@ -97,6 +100,7 @@ impl App {
             id: id.into(),
             key: key.into(),
             secret: secret.into(),
+            enabled: true,
             client_events: false,
             user_authentication: true,
             client_event_rate: defaults::client_event_rate(),

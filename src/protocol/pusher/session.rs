@@ -21,12 +21,20 @@ use crate::protocol::Engine;
 pub mod code {
     /// Unknown app key.
     pub const NO_APP: u16 = 4001;
+    /// The app is disabled.
+    pub const DISABLED: u16 = 4003;
     /// Over the app's connection quota.
     pub const OVER_QUOTA: u16 = 4004;
-    /// Unsupported protocol version.
+    /// A `protocol` that is not a number.
+    pub const VERSION_FORMAT: u16 = 4006;
+    /// Unsupported protocol version (or none given).
     pub const VERSION: u16 = 4007;
     /// Unauthorized (a bad subscription signature).
     pub const UNAUTHORIZED: u16 = 4009;
+    /// The server is over capacity: reconnect later.
+    pub const OVER_CAPACITY: u16 = 4100;
+    /// The server is going away: reconnect at once.
+    pub const RECONNECT: u16 = 4200;
     /// No pong in time.
     pub const NO_PONG: u16 = 4201;
     /// A message the server cannot use.
@@ -121,14 +129,20 @@ impl Session {
             .map(|(_, v)| v.parse::<u32>().ok());
         let refused = match (&app, version) {
             (None, _) => Some((code::NO_APP, "Application does not exist")),
+            (Some(a), _) if !a.enabled => Some((code::DISABLED, "Application is disabled")),
             (Some(_), _) if slot.is_none() => Some((code::OVER_QUOTA, "Application is over its connection quota")),
-            (_, Some(v)) if !v.is_some_and(|v| VERSIONS.contains(&v)) => {
-                Some((code::VERSION, "Unsupported protocol version"))
-            }
+            (_, None) => Some((code::VERSION, "No protocol version given (protocol=7)")),
+            (_, Some(None)) => Some((code::VERSION_FORMAT, "The protocol version is not a number")),
+            (_, Some(Some(v))) if !VERSIONS.contains(&v) => Some((code::VERSION, "Unsupported protocol version")),
             _ => None,
         };
         let local = apps.local();
         Session { app, refused, channels: Vec::new(), events: (0, None), user: None, _slot: slot, local }
+    }
+
+    /// Refuse the connection: the gateway is at its connection limit.
+    pub fn over_capacity(&mut self) {
+        self.refused = Some((code::OVER_CAPACITY, "Over capacity: try again later"));
     }
 
     /// `pusher:connection_established`, or the error that refuses the connection.
