@@ -7,25 +7,7 @@ mod common;
 
 use common::*;
 
-const APP: (&str, &str, &str) = ("7", "app-key", "app-secret");
-
-/// Run `script` with Node in tests/pusher with `args`; its output, or a panic with it when it
-/// fails. Missing libraries skip the test under plain `cargo test` (`./scripts/test` installs
-/// them) and fail it under the full suite.
-async fn node(script: &str, args: &[String]) -> Option<String> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pusher");
-    if !dir.join("node_modules/pusher-js").exists() || !have(&["node"], false) {
-        assert!(std::env::var_os(ALL_TESTS).is_none(), "{ALL_TESTS} is set and tests/pusher/node_modules is missing");
-        eprintln!("skipped: run `npm ci --prefix tests/pusher` (./scripts/test does)");
-        return None;
-    }
-    let run = tokio::process::Command::new("node").arg(script).args(args).current_dir(&dir).kill_on_drop(true).output();
-    let out =
-        tokio::time::timeout(std::time::Duration::from_secs(120), run).await.expect("in time").expect("node runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{script} failed:\n{text}");
-    Some(text)
-}
+const APP: (&str, &str, &str) = PUSHER_APP;
 
 /// Run `tests/pusher/sdk.py` with `args`; its output (skipped like [`node`] when the SDK is
 /// missing).
@@ -79,56 +61,21 @@ async fn pusher_js_and_the_node_sdk_on_standalone() {
     }
 }
 
-/// Counts and members come from the gateways the publishers know: wait until the first publisher
-/// has heard from both (as the native /presence tests do).
-async fn heard_from_both(cluster: &Cluster) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = http_get(&cluster.publishers[0], "/cluster").await;
-        let known: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        if known["gateways"].as_array().is_some_and(|g| g.len() == 2) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the publisher never heard from both gateways: {body}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
-/// The scripts against two gateways and a publisher on `broker` (`None`: a channel server).
-async fn across_two_gateways(broker: Option<String>) {
-    let app = app_flag();
-    let cluster = Cluster::start_with(broker, &["--app", &app], &["--app", &app]).await;
-    heard_from_both(&cluster).await;
-    let args = [
-        cluster.gateways[0].port().to_string(),
-        cluster.publishers[0].port().to_string(),
-        APP.0.into(),
-        APP.1.into(),
-        APP.2.into(),
-        cluster.gateways[1].port().to_string(),
-    ];
-    for script in ["basic.mjs", "echo.mjs"] {
-        if let Some(out) = node(script, &args).await {
-            assert!(out.contains("all passed"), "{out}");
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pusher_js_and_the_node_sdk_across_two_gateways() {
-    across_two_gateways(None).await;
+    pusher_across_two_gateways(None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pusher_js_and_the_node_sdk_on_redis() {
     let Some((_redis, url)) = redis_broker().await else { return };
-    across_two_gateways(Some(url)).await;
+    pusher_across_two_gateways(Some(url)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pusher_js_and_the_node_sdk_on_nats() {
     let Some((_nats, url)) = nats_broker().await else { return };
-    across_two_gateways(Some(url)).await;
+    pusher_across_two_gateways(Some(url)).await;
 }
 
 /// Without apps, `/app/KEY` is a path like any other: a seed client there gets the native

@@ -1,6 +1,7 @@
 //! The seed's cluster on a real Redis Cluster (three primaries, three replicas, on loopback):
 //! sharded pub/sub, and the loss of the primary that owns the broadcast channel's slot, ridden out
-//! by failover to its replica with no confirmed push lost.
+//! by failover to its replica with no confirmed push lost; users, history, and the Pusher
+//! protocol there.
 
 mod common;
 
@@ -195,6 +196,18 @@ async fn users_on_redis_cluster() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "no gateway holds carla: SUNSUBSCRIBEd");
+}
+
+/// The Pusher protocol on Redis Cluster: pusher-js, Laravel Echo and the Node SDK across two
+/// gateways (channels by interest, presence, cache channels kept in their channel's slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_on_redis_cluster() {
+    if !have(&["redis-server", "redis-cli"], false) {
+        return;
+    }
+    let rc = RedisCluster::start().await;
+    let seeds: Vec<String> = rc.nodes.iter().take(2).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+    pusher_across_two_gateways(Some(format!("redis-cluster://{}", seeds.join(",")))).await;
 }
 
 /// History on Redis Cluster: each channel's stream and offset live in its sharded channel's slot

@@ -765,3 +765,61 @@ pub async fn connect_with(gw: impl Into<Addr>, token: &str) -> Client {
     let (worker, conn) = parse_welcome(&next_text(&mut ws).await.expect("welcome line"));
     Client { ws, worker, conn }
 }
+
+/// Run `script` with Node in tests/pusher with `args`; its output, or a panic with it when it
+/// fails. Missing libraries skip the test under plain `cargo test` (`./scripts/test` installs
+/// them) and fail it under the full suite.
+pub async fn node(script: &str, args: &[String]) -> Option<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pusher");
+    if !dir.join("node_modules/pusher-js").exists() || !have(&["node"], false) {
+        assert!(std::env::var_os(ALL_TESTS).is_none(), "{ALL_TESTS} is set and tests/pusher/node_modules is missing");
+        eprintln!("skipped: run `npm ci --prefix tests/pusher` (./scripts/test does)");
+        return None;
+    }
+    let run = tokio::process::Command::new("node").arg(script).args(args).current_dir(&dir).kill_on_drop(true).output();
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(120), run).await.expect("in time").expect("node runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    Some(text)
+}
+
+/// Counts and members come from the gateways the publishers know: wait until the first publisher
+/// has heard from both (as the native /presence tests do).
+pub async fn heard_from_both(cluster: &Cluster) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_get(&cluster.publishers[0], "/cluster").await;
+        let known: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if known["gateways"].as_array().is_some_and(|g| g.len() == 2) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the publisher never heard from both gateways: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The Pusher app of the tests: id, key, secret.
+pub const PUSHER_APP: (&str, &str, &str) = ("7", "app-key", "app-secret");
+
+/// The Pusher test scripts (tests/pusher: pusher-js, Laravel Echo, the Node SDK) against two
+/// gateways and a publisher on `broker` (`None`: a channel server), with app [`PUSHER_APP`].
+pub async fn pusher_across_two_gateways(broker: Option<String>) {
+    let (id, key, secret) = PUSHER_APP;
+    let app = format!("{id}:{key}:{secret}");
+    let cluster = Cluster::start_with(broker, &["--app", &app], &["--app", &app]).await;
+    heard_from_both(&cluster).await;
+    let args = [
+        cluster.gateways[0].port().to_string(),
+        cluster.publishers[0].port().to_string(),
+        id.into(),
+        key.into(),
+        secret.into(),
+        cluster.gateways[1].port().to_string(),
+    ];
+    for script in ["basic.mjs", "echo.mjs"] {
+        if let Some(out) = node(script, &args).await {
+            assert!(out.contains("all passed"), "{out}");
+        }
+    }
+}
