@@ -262,7 +262,7 @@ async fn handle_frames(
         if matches!(req, Request::Publish { .. } | Request::PublishLoop { .. } | Request::Enqueue { .. }) {
             tokio::time::sleep_until(settled).await;
         }
-        hub.handle(id, req)?;
+        hub.handle_request(id, req).await?;
     }
     Ok(())
 }
@@ -275,7 +275,11 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
             use hyper::StatusCode;
             use std::sync::atomic::Ordering::Relaxed;
             match req.uri().path() {
-                "/healthz" => crate::http::text(StatusCode::OK, "ok\n"),
+                // A federated server is healthy while its backend link is up.
+                "/healthz" => match hub.backend_connected() {
+                    Some(false) => crate::http::text(StatusCode::SERVICE_UNAVAILABLE, "backend unreachable\n"),
+                    _ => crate::http::text(StatusCode::OK, "ok\n"),
+                },
                 "/metrics" => {
                     let s = &hub.stats;
                     let body = crate::metrics::render_with(
@@ -283,6 +287,11 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
                             ("channel_clients", "connected channel clients", hub.clients() as u64),
                             ("channel_channels", "channels with a subscriber", hub.channels() as u64),
                             ("channel_queues", "queues with a watcher or an item", hub.queues() as u64),
+                            (
+                                "channel_backend_up",
+                                "1 while the backend shared with other channel servers is reachable (0: down or none)",
+                                u64::from(hub.backend_connected() == Some(true)),
+                            ),
                         ],
                         &[
                             ("channel_publishes_total", "publish requests routed", s.published.load(Relaxed)),

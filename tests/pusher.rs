@@ -217,16 +217,8 @@ async fn hooks_across_two_gateways(broker: Option<String>, kill: bool) {
     let on_channel_server = broker.is_none();
     let cluster = Cluster::start_with(broker, &gateway, &publisher).await;
     heard_from_both(&cluster).await;
-    let (id, key, secret) = APP;
-    let mut args = vec![
-        cluster.gateways[0].port().to_string(),
-        cluster.publishers[0].port().to_string(),
-        id.into(),
-        key.into(),
-        secret.into(),
-        cluster.gateways[1].port().to_string(),
-        hook.to_string(),
-    ];
+    let mut args = pusher_script_args(&cluster);
+    args.push(hook.to_string());
     if kill {
         // procs: the channel server (when there is one), then the gateways.
         args.push(cluster.procs[if on_channel_server { 2 } else { 1 }].pid().to_string());

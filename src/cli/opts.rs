@@ -53,6 +53,39 @@ pub struct ChannelArgs {
     pub opts: ChannelOpts,
     #[command(flatten)]
     pub history: HistoryOpts,
+    /// Share a backend with other channel servers (redis://, redis-cluster://, nats://, ... as
+    /// --broker of the other roles): events published through any of them reach the
+    /// subscribers of all of them. The other --broker-* options apply.
+    #[arg(long)]
+    pub broker: Option<BrokerUrl>,
+    /// Prefix before channel names on the shared backend [default: "pushwire." on Redis and
+    /// NATS, as for the other roles, so pushwire nodes on that backend share the channels].
+    #[arg(long)]
+    pub broker_prefix: Option<String>,
+    /// PEM file of the certificate authorities to trust for TLS to the shared backend.
+    #[arg(long)]
+    pub broker_ca: Option<std::path::PathBuf>,
+    /// NATS credentials file for the shared backend.
+    #[arg(long)]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// File holding a NATS user nkey seed for the shared backend.
+    #[arg(long)]
+    pub nats_nkey: Option<std::path::PathBuf>,
+}
+
+impl ChannelArgs {
+    /// The backend shared with other channel servers, when `--broker` names one.
+    pub(super) async fn backend(&self) -> anyhow::Result<Option<Arc<dyn broker::Broker>>> {
+        let Some(url) = &self.broker else { return Ok(None) };
+        let opts = BrokerOpts {
+            broker: url.clone(),
+            broker_prefix: self.broker_prefix.clone(),
+            broker_ca: self.broker_ca.clone(),
+            nats_creds: self.nats_creds.clone(),
+            nats_nkey: self.nats_nkey.clone(),
+        };
+        Ok(Some(opts.open(self.history.config(), false).await?))
+    }
 }
 
 #[derive(Debug, Args)]

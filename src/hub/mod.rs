@@ -14,6 +14,7 @@
 //! position of each of their publishes, and history pages for requests published to [`HISTORY`](crate::channel_ext::HISTORY);
 //! PHP clients see the seed's frames and nothing else.
 
+mod federation;
 mod queues;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -136,6 +137,8 @@ pub struct Hub {
     state: Mutex<State>,
     limits: HubLimits,
     pub stats: HubStats,
+    /// The backend shared with other channel servers, when federated.
+    backend: std::sync::OnceLock<federation::Backend>,
 }
 
 enum Sent {
@@ -208,7 +211,7 @@ impl Hub {
     /// An empty hub that keeps `history`.
     pub fn new(limits: HubLimits, history: HistoryConfig) -> Hub {
         let state = State { history: history.enabled().then(|| History::new(history)), ..State::default() };
-        Hub { state: Mutex::new(state), limits, stats: HubStats::default() }
+        Hub { state: Mutex::new(state), limits, stats: HubStats::default(), backend: std::sync::OnceLock::new() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -229,7 +232,10 @@ impl Hub {
 
     /// Drop a client with all its subscriptions, watches and reservation.
     pub fn disconnect(&self, id: ClientId) {
-        drop_client(&mut self.lock(), id);
+        let names = drop_client(&mut self.lock(), id);
+        if let Some(b) = self.backend.get() {
+            b.leave(names);
+        }
     }
 
     /// Number of connected clients.
@@ -260,10 +266,7 @@ impl Hub {
                 self.subscribe(id, names)
             }
             Request::Unsubscribe(names) => {
-                let mut st = self.lock();
-                for n in names {
-                    unsubscribe(&mut st, id, &n);
-                }
+                self.unsubscribe(id, names);
                 Ok(())
             }
             Request::Publish { channels, data, keep } => {
@@ -322,17 +325,28 @@ impl Hub {
 
     /// Add client `id` to each channel.
     pub fn subscribe(&self, id: ClientId, names: Vec<Name>) -> Result<(), HubError> {
+        self.subscribe_new(id, names).map(drop)
+    }
+
+    /// Add client `id` to each channel; the channels it was not in yet.
+    fn subscribe_new(&self, id: ClientId, names: Vec<Name>) -> Result<Vec<Name>, HubError> {
         let mut st = self.lock();
         self.check_names(&st, id, &names)?;
+        let mut added = Vec::new();
         for n in names {
-            let Some(c) = st.clients.get_mut(&id) else {
-                return Ok(());
-            };
+            let Some(c) = st.clients.get_mut(&id) else { break };
             if c.names.insert(n.clone()) {
-                st.channels.entry(n).or_default().subscribers.push(id);
+                st.channels.entry(n.clone()).or_default().subscribers.push(id);
+                added.push(n);
             }
         }
-        Ok(())
+        Ok(added)
+    }
+
+    /// Take client `id` out of each channel; the channels it was in.
+    fn unsubscribe(&self, id: ClientId, names: Vec<Name>) -> Vec<Name> {
+        let mut st = self.lock();
+        names.into_iter().filter(|n| unsubscribe(&mut st, id, n)).collect()
     }
 
     /// [`Hub::publish`] for a client: kept as it says, or, when it does not say (PHP's clients
@@ -363,27 +377,38 @@ impl Hub {
             if i == 0 {
                 first.clone_from(&position);
             }
-            let Some(ch) = st.channels.get(name) else {
-                continue;
-            };
-            let mut out = Outgoing::new(ServerKind::Event, name, data, position.as_ref());
-            for id in &ch.subscribers {
-                let Some(c) = st.clients.get(id) else {
-                    continue;
-                };
-                match c.send(&mut out) {
-                    Sent::Ok => delivered += 1,
-                    Sent::Dropped => {
-                        self.stats.local_drops.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Sent::SlowConsumer => slow.push(*id),
-                }
-            }
+            delivered += self.fan_out(&st, name, data, position.as_ref(), &mut slow);
         }
         self.cut_slow(&mut st, slow);
         self.stats.published.fetch_add(1, Ordering::Relaxed);
-        self.stats.deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
+        self.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
         first
+    }
+
+    /// Send `data` (at `position`) to every subscriber of `name` here; how many took it. The
+    /// slow consumers are added to `slow`.
+    fn fan_out(
+        &self,
+        st: &State,
+        name: &Name,
+        data: &Bytes,
+        position: Option<&Position>,
+        slow: &mut Vec<ClientId>,
+    ) -> u64 {
+        let Some(ch) = st.channels.get(name) else { return 0 };
+        let mut out = Outgoing::new(ServerKind::Event, name, data, position);
+        let mut delivered = 0;
+        for id in &ch.subscribers {
+            let Some(c) = st.clients.get(id) else { continue };
+            match c.send(&mut out) {
+                Sent::Ok => delivered += 1,
+                Sent::Dropped => {
+                    self.stats.local_drops.fetch_add(1, Ordering::Relaxed);
+                }
+                Sent::SlowConsumer => slow.push(*id),
+            }
+        }
+        delivered
     }
 
     /// Messages of `channel` after offset `since` (at most `limit`); `None` without history.
@@ -442,21 +467,22 @@ impl Hub {
     }
 }
 
-fn unsubscribe(st: &mut State, id: ClientId, name: &Name) {
-    if let Some(c) = st.clients.get_mut(&id) {
-        c.names.remove(name);
-    }
+/// Take client `id` out of channel `name`; whether it was in it.
+fn unsubscribe(st: &mut State, id: ClientId, name: &Name) -> bool {
+    let was = st.clients.get_mut(&id).is_some_and(|c| c.names.remove(name));
     if let Some(ch) = st.channels.get_mut(name) {
         ch.subscribers.retain(|s| *s != id);
         if ch.subscribers.is_empty() {
             st.channels.remove(name);
         }
     }
+    was
 }
 
-fn drop_client(st: &mut State, id: ClientId) {
+/// Forget client `id`; the channels it was in.
+fn drop_client(st: &mut State, id: ClientId) -> HashSet<Name> {
     let Some(c) = st.clients.remove(&id) else {
-        return;
+        return HashSet::new();
     };
     for n in &c.names {
         if let Some(ch) = st.channels.get_mut(n) {
@@ -469,6 +495,7 @@ fn drop_client(st: &mut State, id: ClientId) {
     for n in &c.watching {
         unwatch(st, id, n);
     }
+    c.names
 }
 
 #[cfg(test)]

@@ -802,6 +802,15 @@ pub async fn heard_from_both(cluster: &Cluster) {
 /// The Pusher app of the tests: id, key, secret.
 pub const PUSHER_APP: (&str, &str, &str) = ("7", "app-key", "app-secret");
 
+/// The arguments of a Pusher test script on `cluster`: the first gateway, the first publisher,
+/// [`PUSHER_APP`], the second gateway.
+pub fn pusher_script_args(cluster: &Cluster) -> Vec<String> {
+    let (id, key, secret) = PUSHER_APP;
+    let (gateways, publisher) = (&cluster.gateways, cluster.publishers[0].port().to_string());
+    let [a, b] = [0, 1].map(|i| gateways[i].port().to_string());
+    vec![a, publisher, id.into(), key.into(), secret.into(), b]
+}
+
 /// The Pusher test scripts (tests/pusher: pusher-js, Laravel Echo, the Node SDK) against two
 /// gateways and a publisher on `broker` (`None`: a channel server), with app [`PUSHER_APP`].
 pub async fn pusher_across_two_gateways(broker: Option<String>) {
@@ -809,14 +818,7 @@ pub async fn pusher_across_two_gateways(broker: Option<String>) {
     let app = format!("{id}:{key}:{secret}");
     let cluster = Cluster::start_with(broker, &["--app", &app], &["--app", &app]).await;
     heard_from_both(&cluster).await;
-    let args = [
-        cluster.gateways[0].port().to_string(),
-        cluster.publishers[0].port().to_string(),
-        id.into(),
-        key.into(),
-        secret.into(),
-        cluster.gateways[1].port().to_string(),
-    ];
+    let args = pusher_script_args(&cluster);
     for script in ["basic.mjs", "echo.mjs"] {
         if let Some(out) = node(script, &args).await {
             assert!(out.contains("all passed"), "{out}");

@@ -29,16 +29,16 @@ export function within(ms, what, promise) {
   ]);
 }
 
+// The options that point pusher-js (and Echo) at gateway `port`.
+export function at(port) {
+  return { cluster: "local", wsHost: "127.0.0.1", wsPort: Number(port), forceTLS: false, enabledTransports: ["ws"], disableStats: true };
+}
+
 // A pusher-js client of app `appKey` on gateway `port`; `user`: its presence channel_data;
 // `userData`: what it signs in as.
 export function client(appKey = key, port = wsPort, user = undefined, userData = { id: "signed-9", user_info: { name: "Nine" } }) {
   return new Pusher(appKey, {
-    cluster: "local",
-    wsHost: "127.0.0.1",
-    wsPort: Number(port),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    disableStats: true,
+    ...at(port),
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) => {
         callback(null, server.authorizeChannel(socketId, channelName, user));

@@ -3,7 +3,7 @@
 //   node echo.mjs WS_PORT HTTP_PORT APP_ID APP_KEY APP_SECRET [WS_PORT_B]
 import Echo from "laravel-echo";
 import Pusher from "pusher-js";
-import { WAIT, check, key, server, within as withinMs, wsPort, wsPortB } from "./common.mjs";
+import { WAIT, at, check, key, server, within as withinMs, wsPort, wsPortB } from "./common.mjs";
 
 const within = (what, promise) => withinMs(WAIT, what, promise);
 
@@ -13,12 +13,7 @@ function echo(port, user) {
   return new Echo({
     broadcaster: "pusher",
     key,
-    cluster: "local",
-    wsHost: "127.0.0.1",
-    wsPort: Number(port),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    disableStats: true,
+    ...at(port),
     Pusher,
     authorizer: (channel) => ({
       authorize: (socketId, callback) => {
