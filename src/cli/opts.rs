@@ -55,36 +55,18 @@ pub struct ChannelArgs {
     pub history: HistoryOpts,
     /// Share a backend with other channel servers (redis://, redis-cluster://, nats://, ... as
     /// --broker of the other roles): events published through any of them reach the
-    /// subscribers of all of them. The other --broker-* options apply.
+    /// subscribers of all of them.
     #[arg(long)]
     pub broker: Option<BrokerUrl>,
-    /// Prefix before channel names on the shared backend [default: "pushwire." on Redis and
-    /// NATS, as for the other roles, so pushwire nodes on that backend share the channels].
-    #[arg(long)]
-    pub broker_prefix: Option<String>,
-    /// PEM file of the certificate authorities to trust for TLS to the shared backend.
-    #[arg(long)]
-    pub broker_ca: Option<std::path::PathBuf>,
-    /// NATS credentials file for the shared backend.
-    #[arg(long)]
-    pub nats_creds: Option<std::path::PathBuf>,
-    /// File holding a NATS user nkey seed for the shared backend.
-    #[arg(long)]
-    pub nats_nkey: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub link: LinkOpts,
 }
 
 impl ChannelArgs {
     /// The backend shared with other channel servers, when `--broker` names one.
     pub(super) async fn backend(&self) -> anyhow::Result<Option<Arc<dyn broker::Broker>>> {
         let Some(url) = &self.broker else { return Ok(None) };
-        let opts = BrokerOpts {
-            broker: url.clone(),
-            broker_prefix: self.broker_prefix.clone(),
-            broker_ca: self.broker_ca.clone(),
-            nats_creds: self.nats_creds.clone(),
-            nats_nkey: self.nats_nkey.clone(),
-        };
-        Ok(Some(opts.open(self.history.config(), false).await?))
+        Ok(Some(self.link.open(url, self.history.config(), false).await?))
     }
 }
 
@@ -128,6 +110,13 @@ pub struct BrokerOpts {
     /// (tls:// for TLS), memory.
     #[arg(long, default_value = "channel://127.0.0.1:2206")]
     pub broker: BrokerUrl,
+    #[command(flatten)]
+    pub link: LinkOpts,
+}
+
+/// How a node (or a channel server sharing a backend) talks to the broker it names.
+#[derive(Debug, Args)]
+pub struct LinkOpts {
     /// Prefix before channel names on the broker, so clusters can share one broker
     /// [default: none on channel://, "pushwire." on Redis and NATS].
     #[arg(long)]
@@ -147,6 +136,17 @@ pub struct BrokerOpts {
 impl BrokerOpts {
     /// Open the broker for a gateway (`gateway`) or a publisher whose publishes keep `history`.
     pub(super) async fn open(&self, history: HistoryConfig, gateway: bool) -> anyhow::Result<Arc<dyn broker::Broker>> {
+        self.link.open(&self.broker, history, gateway).await
+    }
+}
+
+impl LinkOpts {
+    async fn open(
+        &self,
+        url: &BrokerUrl,
+        history: HistoryConfig,
+        gateway: bool,
+    ) -> anyhow::Result<Arc<dyn broker::Broker>> {
         let opts = broker::BrokerOptions {
             gateway,
             prefix: self.broker_prefix.clone(),
@@ -155,7 +155,7 @@ impl BrokerOpts {
             nats_nkey: self.nats_nkey.clone(),
             history,
         };
-        Ok(broker::open(&self.broker, &opts, LinkConfig::default()).await?)
+        Ok(broker::open(url, &opts, LinkConfig::default()).await?)
     }
 }
 

@@ -21,7 +21,7 @@ use channel_proto::{Keep, Name, Request};
 
 use super::{ClientId, Hub, HubError};
 use crate::broker::{Broker, BrokerError, SubId, SUBSCRIPTION_CAPACITY};
-use crate::channel_ext::{decode_history_request, encode_page, encode_position, HISTORY, POSITIONS};
+use crate::channel_ext::{decode_history_request, encode_page, encode_position, HISTORY};
 use crate::history::AS_THE_STORE;
 
 /// The backend of a federated hub.
@@ -87,12 +87,7 @@ impl Hub {
         let Some(b) = self.backend.get() else { return self.handle(id, req) };
         match req {
             Request::Subscribe(mut names) => {
-                if let Some(i) = names.iter().position(|n| n.as_bytes() == POSITIONS.as_bytes()) {
-                    names.swap_remove(i);
-                    if let Some(c) = self.lock().clients.get_mut(&id) {
-                        c.positions = true;
-                    }
-                }
+                self.take_positions(id, &mut names);
                 let added = self.subscribe_new(id, names)?;
                 if !added.is_empty() {
                     let names = added.iter().map(broker_name).collect();

@@ -257,12 +257,7 @@ impl Hub {
     pub fn handle(&self, id: ClientId, req: Request) -> Result<(), HubError> {
         match req {
             Request::Subscribe(mut names) => {
-                if let Some(i) = names.iter().position(|n| n.as_bytes() == POSITIONS.as_bytes()) {
-                    names.swap_remove(i);
-                    if let Some(c) = self.lock().clients.get_mut(&id) {
-                        c.positions = true;
-                    }
-                }
+                self.take_positions(id, &mut names);
                 self.subscribe(id, names)
             }
             Request::Unsubscribe(names) => {
@@ -309,6 +304,17 @@ impl Hub {
                 Ok(())
             }
             Request::Auth(_) => Err(HubError::NotAllowed("auth after the first frame")),
+        }
+    }
+
+    /// A subscription to [`POSITIONS`] among `names` makes client `id` a pushwire node: taken out
+    /// of `names`, noted on the client.
+    fn take_positions(&self, id: ClientId, names: &mut Vec<Name>) {
+        if let Some(i) = names.iter().position(|n| n.as_bytes() == POSITIONS.as_bytes()) {
+            names.swap_remove(i);
+            if let Some(c) = self.lock().clients.get_mut(&id) {
+                c.positions = true;
+            }
         }
     }
 
