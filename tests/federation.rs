@@ -96,3 +96,39 @@ async fn seed_cluster_across_federated_servers() {
     assert_eq!(http_get(p, &target).await.0, 200);
     assert_eq!(next_text_within(&mut c.ws, Duration::from_secs(5)).await.as_deref(), Some("just-you"));
 }
+
+/// `--broker channel://A,B`: a gateway whose channel server is killed moves to the next one in
+/// its list and its client gets what is published after, through the other server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_moves_to_the_next_server_in_its_list() {
+    let Some((_redis, url)) = redis_broker().await else { return };
+    let (mut procs, [a, b]) = two_servers(&url).await;
+    let (g, p) = (free_port(), free_port());
+    let list = format!("channel://127.0.0.1:{a},127.0.0.1:{b}");
+    let _gw = Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{g}"), "--broker", &list], &[g]).await;
+    let _pb = Proc::start(
+        &["publisher", "--listen", &format!("127.0.0.1:{p}"), "--broker", &format!("channel://127.0.0.1:{b}")],
+        &[p],
+    )
+    .await;
+    for port in [g, p] {
+        wait_healthy(port).await;
+    }
+    let mut c = connect(g).await;
+    assert_eq!(http_get(p, "/?content=before").await.0, 200);
+    assert_eq!(next_text_within(&mut c.ws, Duration::from_secs(5)).await.as_deref(), Some("before"));
+    procs[0].kill();
+    // Published until one arrives: the gateway is on server B.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut n = 0;
+    let got = loop {
+        n += 1;
+        assert_eq!(http_get(p, &format!("/?content=after-{n}")).await.0, 200);
+        if let Some(m) = next_text_within(&mut c.ws, Duration::from_millis(200)).await {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the gateway never moved to server B");
+    };
+    assert!(got.starts_with("after-"), "{got}");
+    assert!(metric(g, "pushwire_broker_reconnects").await >= 1, "the gateway reconnected");
+}

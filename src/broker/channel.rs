@@ -15,18 +15,53 @@ use super::{Keep, Message, Position};
 use crate::channel_ext::{HISTORY, POSITIONS};
 use crate::io::{ListenAddr, Stream};
 
-/// Connects to a channel server.
+/// Connects to a channel server: the one it reached last, else the next of its addresses.
 pub struct ChannelTransport {
-    addr: ListenAddr,
+    addrs: Vec<ListenAddr>,
+    /// The address to try first.
+    current: std::sync::atomic::AtomicUsize,
     secret: Option<String>,
     prefix: String,
     ack: Name,
 }
 
 impl ChannelTransport {
-    pub fn new(addr: ListenAddr, secret: Option<String>, prefix: &str) -> ChannelTransport {
+    pub fn new(addrs: Vec<ListenAddr>, secret: Option<String>, prefix: &str) -> ChannelTransport {
         let ack = Name::new(format!("{prefix}pushwire:ack:{}", crate::io::random_hex(8)));
-        ChannelTransport { addr, secret, prefix: prefix.to_owned(), ack }
+        let current = std::sync::atomic::AtomicUsize::new(0);
+        ChannelTransport { addrs, current, secret, prefix: prefix.to_owned(), ack }
+    }
+
+    /// A stream to the first address that answers, from the current one on (each tried once);
+    /// the one that answered is tried first next time.
+    async fn reach(&self) -> std::io::Result<Box<dyn Stream>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let start = self.current.load(Relaxed);
+        let mut last = std::io::Error::other("no address");
+        for i in 0..self.addrs.len() {
+            let at = (start + i) % self.addrs.len();
+            // Moved on before trying: an attempt cut short (an address that never answers) makes
+            // the next one start further along.
+            self.current.store((at + 1) % self.addrs.len(), Relaxed);
+            let stream: std::io::Result<Box<dyn Stream>> = match &self.addrs[at] {
+                ListenAddr::Tcp(a) => match tokio::net::TcpStream::connect(a).await {
+                    Ok(s) => s.set_nodelay(true).map(|()| Box::new(s) as Box<dyn Stream>),
+                    Err(e) => Err(e),
+                },
+                ListenAddr::Unix(p) => tokio::net::UnixStream::connect(p).await.map(|s| Box::new(s) as Box<dyn Stream>),
+            };
+            match stream {
+                Ok(s) => {
+                    if at != start {
+                        tracing::warn!(server = %self.addrs[at], "channel link moved to the next server");
+                    }
+                    self.current.store(at, Relaxed);
+                    return Ok(s);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 }
 
@@ -53,14 +88,7 @@ impl Transport for ChannelTransport {
     type Writer = ChannelWriter;
 
     async fn connect(&self) -> std::io::Result<(ChannelReader, ChannelWriter)> {
-        let stream: Box<dyn Stream> = match &self.addr {
-            ListenAddr::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a).await?;
-                s.set_nodelay(true)?;
-                Box::new(s)
-            }
-            ListenAddr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
-        };
+        let stream = self.reach().await?;
         let (rd, wr) = tokio::io::split(stream);
         let prefix = self.prefix.clone();
         let mut w =

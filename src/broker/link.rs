@@ -98,6 +98,7 @@ impl Link {
             subs: Subscribers::default(),
             connected: connected.clone(),
             reconnects: reconnects.clone(),
+            sessions: 0,
         };
         tokio::spawn(task.run());
         Arc::new(Link { cmd, connected, reconnects, name, cfg })
@@ -192,7 +193,10 @@ struct Task<T> {
     rx: mpsc::Receiver<Command>,
     subs: Subscribers,
     connected: Arc<AtomicBool>,
+    /// Sessions verified after the first one, counted as each is verified.
     reconnects: Arc<AtomicU64>,
+    /// Sessions verified so far.
+    sessions: u64,
 }
 
 /// Why a session ended.
@@ -205,7 +209,6 @@ enum End {
 impl<T: Transport> Task<T> {
     async fn run(mut self) {
         let mut backoff = self.cfg.min_backoff;
-        let mut sessions = 0u64;
         let mut failures = 0u64;
         loop {
             let attempt = tokio::time::timeout(self.cfg.connect_timeout, self.transport.connect()).await;
@@ -216,10 +219,6 @@ impl<T: Transport> Task<T> {
                     // Only a session that worked resets the backoff: a server that accepts the
                     // connection and then drops it (full, wrong secret) is a failure like any other.
                     if verified {
-                        if sessions > 0 {
-                            self.reconnects.fetch_add(1, Ordering::Relaxed);
-                        }
-                        sessions += 1;
                         backoff = self.cfg.min_backoff;
                         failures = 0;
                     }
@@ -293,6 +292,10 @@ impl<T: Transport> Task<T> {
                         if !verified {
                             verified = true;
                             self.connected.store(true, Ordering::Release);
+                            if self.sessions > 0 {
+                                self.reconnects.fetch_add(1, Ordering::Relaxed);
+                            }
+                            self.sessions += 1;
                             tracing::info!(broker = %self.name, "broker link up");
                         }
                         if let Some((_, Some(done))) = pending.pop_front() {

@@ -184,8 +184,9 @@ impl Default for LinkConfig {
 pub enum BrokerUrl {
     /// In-process (`standalone`).
     Memory,
-    /// A channel server over TCP or a Unix socket, with an optional secret.
-    Channel { addr: ListenAddr, secret: Option<String> },
+    /// A channel server over TCP or a Unix socket, with an optional secret; with several
+    /// addresses (`channel://A,B,C`), the link moves to the next one when one is lost.
+    Channel { addrs: Vec<ListenAddr>, secret: Option<String> },
     /// A Redis server, Sentinel group or Cluster.
     #[cfg(feature = "redis")]
     Redis(redis::RedisUrl),
@@ -215,7 +216,7 @@ impl std::str::FromStr for BrokerUrl {
             if path.is_empty() {
                 return Err(format!("{s:?}: channel+unix:// needs a socket path"));
             }
-            return Ok(BrokerUrl::Channel { addr: ListenAddr::Unix(path.into()), secret: None });
+            return Ok(BrokerUrl::Channel { addrs: vec![ListenAddr::Unix(path.into())], secret: None });
         }
         let rest = match s.split_once("://") {
             Some(("channel", rest)) => rest,
@@ -239,9 +240,9 @@ impl std::str::FromStr for BrokerUrl {
             Some((userinfo, hp)) => (Some(userinfo.strip_prefix(':').unwrap_or(userinfo).to_owned()), hp),
             None => (None, rest),
         };
-        let hostport = hostport.trim_end_matches('/');
-        let addr: ListenAddr = hostport.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        Ok(BrokerUrl::Channel { addr, secret: secret.filter(|s| !s.is_empty()) })
+        let hostports = hostport.trim_end_matches('/').split(',');
+        let addrs = hostports.map(|h| h.parse().map_err(|e| format!("{s:?}: {e}"))).collect::<Result<_, _>>()?;
+        Ok(BrokerUrl::Channel { addrs, secret: secret.filter(|s| !s.is_empty()) })
     }
 }
 
@@ -249,8 +250,13 @@ impl std::fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BrokerUrl::Memory => f.write_str("memory"),
-            BrokerUrl::Channel { addr: ListenAddr::Tcp(a), .. } => write!(f, "channel://{a}"),
-            BrokerUrl::Channel { addr: ListenAddr::Unix(p), .. } => write!(f, "channel+unix://{}", p.display()),
+            BrokerUrl::Channel { addrs, .. } => match &addrs[..] {
+                [ListenAddr::Unix(p)] => write!(f, "channel+unix://{}", p.display()),
+                _ => {
+                    let hosts: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                    write!(f, "channel://{}", hosts.join(","))
+                }
+            },
             #[cfg(feature = "redis")]
             BrokerUrl::Redis(u) => f.write_str(&u.display),
             #[cfg(feature = "nats")]
@@ -288,8 +294,8 @@ pub async fn open(url: &BrokerUrl, opts: &BrokerOptions, cfg: LinkConfig) -> Res
     let prefix = opts.prefix.as_deref();
     Ok(match url {
         BrokerUrl::Memory => Arc::new(memory::MemoryBroker::new(Arc::default(), prefix.unwrap_or_default())),
-        BrokerUrl::Channel { addr, secret } => {
-            let t = channel::ChannelTransport::new(addr.clone(), secret.clone(), prefix.unwrap_or_default());
+        BrokerUrl::Channel { addrs, secret } => {
+            let t = channel::ChannelTransport::new(addrs.clone(), secret.clone(), prefix.unwrap_or_default());
             link::Link::spawn(t, cfg, name)
         }
         #[cfg(feature = "redis")]
@@ -339,7 +345,7 @@ mod tests {
     #[test]
     fn urls() {
         let tcp = |a: &str, s: Option<&str>| BrokerUrl::Channel {
-            addr: ListenAddr::Tcp(a.into()),
+            addrs: a.split(',').map(|a| ListenAddr::Tcp(a.into())).collect(),
             secret: s.map(Into::into),
         };
         assert_eq!("memory".parse(), Ok(BrokerUrl::Memory));
@@ -348,8 +354,11 @@ mod tests {
         assert_eq!("channel://:s3cret@h:2206".parse(), Ok(tcp("h:2206", Some("s3cret"))));
         assert_eq!(
             "channel+unix:///tmp/c.sock".parse(),
-            Ok(BrokerUrl::Channel { addr: ListenAddr::Unix("/tmp/c.sock".into()), secret: None })
+            Ok(BrokerUrl::Channel { addrs: vec![ListenAddr::Unix("/tmp/c.sock".into())], secret: None })
         );
+        let list = "channel://:s@10.0.0.1:2206,10.0.0.2:2206,10.0.0.3:2206".parse::<BrokerUrl>();
+        assert_eq!(list, Ok(tcp("10.0.0.1:2206,10.0.0.2:2206,10.0.0.3:2206", Some("s"))));
+        assert_eq!(list.unwrap().to_string(), "channel://10.0.0.1:2206,10.0.0.2:2206,10.0.0.3:2206");
         assert!("kafka://x:1".parse::<BrokerUrl>().unwrap_err().contains("unknown broker scheme"));
         assert!("channel://nohost".parse::<BrokerUrl>().is_err());
     }
