@@ -57,6 +57,7 @@ async fn nodes_on(ports: &[u16], on: [usize; 4], publisher_args: &[&str]) -> Clu
         publishers: [p1, p2],
         key_query: String::new(),
         paused: Default::default(),
+        broker_killed_at: Default::default(),
     };
     cluster.wait_healthy().await;
     cluster

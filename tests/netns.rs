@@ -150,6 +150,7 @@ async fn netns_clients() {
         publishers: [addr(4, 4237).into(), addr(5, 4237).into()],
         key_query: format!("&key={KEY}"),
         paused: Default::default(),
+        broker_killed_at: Default::default(),
     };
     cluster.wait_healthy().await;
 

@@ -31,6 +31,7 @@ async fn redis_restart_under_load_loses_no_confirmed_push() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         if let Some(mut r) = redis.take() {
             r.kill();
+            *cluster.broker_killed_at.lock().expect("lock") = Some(tokio::time::Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(700)).await;
         redis = Some(redis_server(port).await);
@@ -139,6 +140,7 @@ async fn sentinel_failover() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         if let Some(mut p) = primary_proc.take() {
             p.kill();
+            *cluster.broker_killed_at.lock().expect("lock") = Some(tokio::time::Instant::now());
         }
         // The sentinel notices after 500 ms and promotes the replica; the nodes follow it.
         for _ in 0..200 {

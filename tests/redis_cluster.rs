@@ -149,6 +149,7 @@ async fn seed_cluster_on_redis_cluster_with_failover() {
     let failover = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         rc.kill(owner);
+        *cluster.broker_killed_at.lock().expect("lock") = Some(tokio::time::Instant::now());
         tokio::time::sleep(Duration::from_millis(500)).await;
         rc.wait_ok(false).await;
         cluster.wait_healthy().await;
