@@ -23,6 +23,21 @@ async fn two_servers(backend: &str) -> (Vec<Proc>, [u16; 2]) {
     (procs, ports)
 }
 
+/// A gateway on `broker` and a publisher on the channel server at port `server`, both healthy:
+/// the processes, the gateway's port, the publisher's.
+async fn gateway_and_publisher(broker: &str, server: u16) -> (Vec<Proc>, u16, u16) {
+    let (g, p) = (free_port(), free_port());
+    let on_server = format!("channel://127.0.0.1:{server}");
+    let nodes = vec![
+        Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{g}"), "--broker", broker], &[g]).await,
+        Proc::start(&["publisher", "--listen", &format!("127.0.0.1:{p}"), "--broker", &on_server], &[p]).await,
+    ];
+    for port in [g, p] {
+        wait_healthy(port).await;
+    }
+    (nodes, g, p)
+}
+
 /// The seed's frames across two servers: a worker on one subscribes as PHP's does, the seed's
 /// publisher on the other publishes; the events are PHP's bytes, each once; after an
 /// unsubscribe nothing more comes (a marker published after shows it).
@@ -74,20 +89,7 @@ async fn php_frames_across_servers_on_nats() {
 async fn seed_cluster_across_federated_servers() {
     let Some((_redis, url)) = redis_broker().await else { return };
     let (_procs, [a, b]) = two_servers(&url).await;
-    let (g, p) = (free_port(), free_port());
-    let _gw = Proc::start(
-        &["gateway", "--listen", &format!("127.0.0.1:{g}"), "--broker", &format!("channel://127.0.0.1:{a}")],
-        &[g],
-    )
-    .await;
-    let _pb = Proc::start(
-        &["publisher", "--listen", &format!("127.0.0.1:{p}"), "--broker", &format!("channel://127.0.0.1:{b}")],
-        &[p],
-    )
-    .await;
-    for port in [g, p] {
-        wait_healthy(port).await;
-    }
+    let (_nodes, g, p) = gateway_and_publisher(&format!("channel://127.0.0.1:{a}"), b).await;
     let mut c = connect(g).await;
     let (status, _) = http_get(p, "/?content=across").await;
     assert_eq!(status, 200);
@@ -103,17 +105,7 @@ async fn seed_cluster_across_federated_servers() {
 async fn a_node_moves_to_the_next_server_in_its_list() {
     let Some((_redis, url)) = redis_broker().await else { return };
     let (mut procs, [a, b]) = two_servers(&url).await;
-    let (g, p) = (free_port(), free_port());
-    let list = format!("channel://127.0.0.1:{a},127.0.0.1:{b}");
-    let _gw = Proc::start(&["gateway", "--listen", &format!("127.0.0.1:{g}"), "--broker", &list], &[g]).await;
-    let _pb = Proc::start(
-        &["publisher", "--listen", &format!("127.0.0.1:{p}"), "--broker", &format!("channel://127.0.0.1:{b}")],
-        &[p],
-    )
-    .await;
-    for port in [g, p] {
-        wait_healthy(port).await;
-    }
+    let (_nodes, g, p) = gateway_and_publisher(&format!("channel://127.0.0.1:{a},127.0.0.1:{b}"), b).await;
     let mut c = connect(g).await;
     assert_eq!(http_get(p, "/?content=before").await.0, 200);
     assert_eq!(next_text_within(&mut c.ws, Duration::from_secs(5)).await.as_deref(), Some("before"));

@@ -207,13 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Listener::bind(&a.listen).await.with_context(|| format!("channel: cannot listen on {}", a.listen))?;
             let hub = Arc::new(Hub::new(a.opts.limits(), a.history.config()));
             if let Some(backend) = a.backend().await? {
-                // Clients are served once the backend link is up (they queue until then), so
-                // that their first subscribes and publishes are not refused.
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-                while !backend.is_connected() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                hub.federate(backend, a.history.config().keep())?;
+                hub.federate(backend, a.history.config().keep()).await?;
             }
             if let Some(m) = &a.metrics_listen {
                 let l = bind_tcp(m, "channel metrics").await?;

@@ -192,10 +192,8 @@ impl Gateway {
                     .map_err(|source| GatewayError::Subscribe { worker: node_id.clone(), source })?,
             ),
         };
-        for w in &workers {
-            if let Some(a) = &asker {
-                w.set_asker(a.clone());
-            }
+        if let Some(a) = &asker {
+            workers.iter().for_each(|w| w.set_asker(a.clone()));
         }
         let nodes = broker
             .subscribe(vec![crate::cluster::NODES.to_owned()])

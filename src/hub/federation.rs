@@ -24,6 +24,9 @@ use crate::broker::{Broker, BrokerError, SubId, SUBSCRIPTION_CAPACITY};
 use crate::channel_ext::{decode_history_request, encode_page, encode_position, HISTORY};
 use crate::history::AS_THE_STORE;
 
+/// How long a federated server waits for its backend before serving clients anyway.
+pub const LINK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The backend of a federated hub.
 pub(super) struct Backend {
     broker: Arc<dyn Broker>,
@@ -55,7 +58,13 @@ fn broker_name(n: &Name) -> String {
 impl Hub {
     /// Share this hub's events with every channel server on `broker`; `keep` is how it keeps
     /// what its clients publish without saying (the seed's channels, by its history settings).
-    pub fn federate(self: &Arc<Self>, broker: Arc<dyn Broker>, keep: Option<Keep>) -> Result<(), BrokerError> {
+    /// Returns once the backend link is up (at most [`LINK_WAIT`]), so that the clients served
+    /// after (they queue until then) do not have their first subscribes and publishes refused.
+    pub async fn federate(self: &Arc<Self>, broker: Arc<dyn Broker>, keep: Option<Keep>) -> Result<(), BrokerError> {
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        while !broker.is_connected() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let mut sub = broker.subscribe_with(Vec::new(), SUBSCRIPTION_CAPACITY)?;
         if self.backend.set(Backend { broker, sub: sub.id, keep }).is_err() {
             return Err(BrokerError::Refused("the hub is federated already".into()));
@@ -64,12 +73,7 @@ impl Hub {
         tokio::spawn(async move {
             while let Some(m) = sub.recv().await {
                 let Some(hub) = hub.upgrade() else { return };
-                let name = Name::new(m.channel.clone());
-                let mut st = hub.lock();
-                let mut slow = Vec::new();
-                let delivered = hub.fan_out(&st, &name, &m.data, m.position.as_ref(), &mut slow);
-                hub.cut_slow(&mut st, slow);
-                hub.stats.deliveries.fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+                hub.deliver(&Name::new(m.channel.clone()), &m.data, m.position.as_ref());
             }
         });
         Ok(())

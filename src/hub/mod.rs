@@ -391,6 +391,16 @@ impl Hub {
         first
     }
 
+    /// Send `data` (at `position`) to every subscriber of `name` here, as the backend of a
+    /// federated hub delivers it.
+    fn deliver(&self, name: &Name, data: &Bytes, position: Option<&Position>) {
+        let mut st = self.lock();
+        let mut slow = Vec::new();
+        let delivered = self.fan_out(&st, name, data, position, &mut slow);
+        self.cut_slow(&mut st, slow);
+        self.stats.deliveries.fetch_add(delivered, Ordering::Relaxed);
+    }
+
     /// Send `data` (at `position`) to every subscriber of `name` here; how many took it. The
     /// slow consumers are added to `slow`.
     fn fan_out(

@@ -151,9 +151,7 @@ impl Worker {
             let Some((app, name)) = pusher::app_channel(&channel) else { continue };
             let user = &name[pusher::watchlist::PREFIX.len()..];
             if self.subscribers(&pusher::user_channel(app, user)).await == Some(0) {
-                let event = pusher::watchlist::event(&[], &[user]);
-                let frames = Frames::new(&channel, None, &event, self.compresses(&event));
-                self.send(&frames, Target::Channel(&channel), &[], None);
+                self.tell_joiners(&channel, &pusher::watchlist::event(&[], &[user]));
             }
         }
         let channels: Vec<Arc<str>> = {
@@ -167,11 +165,15 @@ impl Worker {
             let Some(now) = self.members(&channel).await else { continue };
             let Some((_, name)) = pusher::app_channel(&channel) else { continue };
             for user in before.iter().filter(|u| !now.contains_key(&***u)) {
-                let event = pusher::session::member_removed(name, user);
-                let frames = Frames::new(&channel, None, &event, self.compresses(&event));
-                self.send(&frames, Target::Channel(&channel), &[], None);
+                self.tell_joiners(&channel, &pusher::session::member_removed(name, user));
             }
         }
+    }
+
+    /// Send `event` to every joiner of `channel` here (what this gateway tells its own clients).
+    fn tell_joiners(&self, channel: &str, event: &[u8]) {
+        let frames = Frames::new(channel, None, event, self.compresses(event));
+        self.send(&frames, Target::Channel(channel), &[], None);
     }
 
     /// The joiners of `channel` on every live gateway (`None`: the gateways could not be asked).
