@@ -370,7 +370,10 @@ impl Client for Redis {
                 }
                 Ok(())
             } else {
-                self.subscriber.subscribe(names).await.map_err(|e| e.to_string())
+                // fred resolves a SUBSCRIBE once written, not once Redis has it in place: a PING
+                // on the same connection is answered after it.
+                self.subscriber.subscribe(names).await.map_err(|e| e.to_string())?;
+                self.subscriber.ping::<()>(None).await.map_err(|e| e.to_string())
             }
         })
     }
