@@ -1,6 +1,8 @@
 //! Channel servers that share a backend (`pushwire channel --broker URL`): PHP clients (raw frames
-//! from the captured vectors) on different servers get each other's events byte for byte, once,
-//! and pushwire nodes on different servers form one cluster.
+//! from the captured vectors) on different servers get each other's events byte for byte, once;
+//! `publishLoop` messages go to one subscriber across the servers; queue items to one watcher
+//! anywhere, once, also after the server they were enqueued through is killed; pushwire nodes on
+//! different servers form one cluster.
 
 mod common;
 
@@ -9,18 +11,41 @@ use std::time::Duration;
 use channel_proto::Request;
 use common::*;
 
-/// Two channel servers federated on `backend`, each healthy (its backend link up).
-async fn two_servers(backend: &str) -> (Vec<Proc>, [u16; 2]) {
-    let ports = [free_port(), free_port()];
+/// `N` channel servers federated on `backend` (with `extra` flags), each healthy (its backend
+/// link up).
+async fn servers<const N: usize>(backend: &str, extra: &[&str]) -> (Vec<Proc>, [u16; N]) {
+    let ports = [(); N].map(|()| free_port());
     let mut procs = Vec::new();
     for p in ports {
         let (listen, metrics) = (format!("127.0.0.1:{p}"), free_port());
         let args = ["--settle", "0s", "--broker", backend, "--metrics-listen", &format!("127.0.0.1:{metrics}")];
-        procs.push(Proc::start(&[&["channel", "--listen", &listen][..], &args].concat(), &[p, metrics]).await);
+        let args = [&["channel", "--listen", &listen][..], &args, extra].concat();
+        procs.push(Proc::start(&args, &[p, metrics]).await);
         wait_healthy(metrics).await;
         assert_eq!(metric(metrics, "pushwire_channel_backend_up").await, 1);
     }
     (procs, ports)
+}
+
+async fn two_servers(backend: &str) -> (Vec<Proc>, [u16; 2]) {
+    servers(backend, &[]).await
+}
+
+/// The next message any of `clients` gets within `limit`: (which client, the message, its
+/// frame's payload).
+async fn next_of(
+    clients: &mut [ChannelClient],
+    limit: Duration,
+) -> Option<(usize, channel_proto::ServerMessage, bytes::Bytes)> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        for (i, c) in clients.iter_mut().enumerate() {
+            if let Some(p) = c.recv_within(Duration::from_millis(10)).await {
+                return Some((i, channel_proto::ServerMessage::parse(&p).expect("server message"), p));
+            }
+        }
+    }
+    None
 }
 
 /// A gateway on `broker` and a publisher on the channel server at port `server`, both healthy:
@@ -123,4 +148,130 @@ async fn a_node_moves_to_the_next_server_in_its_list() {
     };
     assert!(got.starts_with("after-"), "{got}");
     assert!(metric(g, "pushwire_broker_reconnects").await >= 1, "the gateway reconnected");
+}
+
+/// publishLoop through one of three servers: each message reaches exactly one subscriber across
+/// them, every server's subscriber gets some, and nothing is left to come twice (an event
+/// published after is the next thing each subscriber gets).
+async fn publish_loop_across_servers(backend: &str) {
+    let (_procs, ports) = servers::<3>(backend, &[]).await;
+    let mut subscribers = Vec::new();
+    for p in ports {
+        let mut c = ChannelClient::tcp(p).await;
+        c.send(Request::Subscribe(names(&["jobs"]))).await;
+        c.sync().await;
+        subscribers.push(c);
+    }
+    let mut publisher = ChannelClient::tcp(ports[0]).await;
+    // The captured frame first: its message is PHP's event bytes for whoever gets it.
+    publisher.raw(&vector("08_")).await;
+    let (_, first, _) = next_of(&mut subscribers, WAIT).await.expect("the captured publishLoop arrives");
+    assert_eq!((first.channel.as_bytes(), &first.data[..]), (&b"jobs"[..], &b"s:1:\"x\";"[..]));
+    const N: usize = 60;
+    for i in 0..N {
+        let data = format!("i:{i};").into();
+        publisher.send(Request::PublishLoop { channels: names(&["jobs"]), data }).await;
+    }
+    let mut got = vec![Vec::new(); 3];
+    while got.iter().map(Vec::len).sum::<usize>() < N {
+        let (who, m, _) = next_of(&mut subscribers, WAIT).await.expect("every publishLoop message arrives");
+        got[who].push(String::from_utf8_lossy(&m.data).into_owned());
+    }
+    let mut all: Vec<String> = got.concat();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), N, "each message once: {got:?}");
+    assert!(got.iter().all(|g| !g.is_empty()), "spread over the three servers: {got:?}");
+    publisher.send(Request::Publish { channels: names(&["jobs"]), data: "s:6:\"marker\";".into(), keep: None }).await;
+    for c in &mut subscribers {
+        assert_eq!(&c.recv().await.data[..], b"s:6:\"marker\";", "nothing came twice");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_loop_across_servers_on_redis() {
+    let Some((_redis, url)) = redis_broker().await else { return };
+    publish_loop_across_servers(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_loop_across_servers_on_nats() {
+    let Some((_nats, url)) = nats_broker().await else { return };
+    publish_loop_across_servers(&url).await;
+}
+
+/// Items enqueued through one server while nobody watches wait in the backend; that server is
+/// killed (-9); watchers on the two others get every item once (the captured item as PHP's
+/// bytes), and an item enqueued after is the next one either gets.
+async fn queue_items_outlive_their_server(backend: &str) {
+    let (mut procs, ports) = servers::<3>(backend, &[]).await;
+    let mut producer = ChannelClient::tcp(ports[0]).await;
+    producer.raw(&vector("11_")).await;
+    const N: usize = 20;
+    for i in 0..N {
+        producer.send(Request::Enqueue { channels: names(&["queue"]), data: format!("i:{i};").into() }).await;
+    }
+    producer.sync().await;
+    procs[0].kill();
+    let mut watchers = Vec::new();
+    for p in &ports[1..] {
+        let mut w = ChannelClient::tcp(*p).await;
+        w.raw(&vector("09_")).await;
+        w.raw(&vector("10_")).await;
+        watchers.push(w);
+    }
+    let (who, _, first) = next_of(&mut watchers, WAIT).await.expect("the captured item arrives");
+    assert_eq!(&channel_proto::frame::encode(&first)[..], &vector("15_")[..], "PHP's queue frame, byte for byte");
+    watchers[who].raw(&vector("10_")).await;
+    let mut got = Vec::new();
+    while got.len() < N {
+        let (who, m, _) = next_of(&mut watchers, WAIT).await.expect("every queued item arrives");
+        assert_eq!(m.kind, channel_proto::message::ServerKind::Queue);
+        got.push(String::from_utf8_lossy(&m.data).into_owned());
+        watchers[who].raw(&vector("10_")).await;
+    }
+    // Two watchers on two servers: the order between them is not the queue's.
+    let mut want: Vec<String> = (0..N).map(|i| format!("i:{i};")).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "each item once");
+    let mut late = ChannelClient::tcp(ports[1]).await;
+    late.send(Request::Enqueue { channels: names(&["queue"]), data: "s:4:\"last\";".into() }).await;
+    let (_, m, _) = next_of(&mut watchers, WAIT).await.expect("the last item arrives");
+    assert_eq!(&m.data[..], b"s:4:\"last\";", "nothing came twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_items_outlive_their_server_on_redis() {
+    let Some((_redis, url)) = redis_broker().await else { return };
+    queue_items_outlive_their_server(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_items_outlive_their_server_on_nats() {
+    let Some((_nats, url)) = nats_broker().await else { return };
+    queue_items_outlive_their_server(&url).await;
+}
+
+/// A queue on the backend holds at most --max-queue-items: the enqueue past it is refused (its
+/// client cut off) and the queue keeps what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backend_queue_refuses_more() {
+    let Some((_redis, url)) = redis_broker().await else { return };
+    let (_procs, [a, b]) = servers::<2>(&url, &["--max-queue-items", "2"]).await;
+    let mut producer = ChannelClient::tcp(a).await;
+    for i in 0..3 {
+        producer.send(Request::Enqueue { channels: names(&["q"]), data: format!("i:{i};").into() }).await;
+    }
+    assert!(producer.closed_within(WAIT).await, "the enqueue past the bound is refused");
+    let mut watcher = ChannelClient::tcp(b).await;
+    watcher.send(Request::Watch(names(&["q"]))).await;
+    for want in ["i:0;", "i:1;", "s:1:\"z\";"] {
+        if want.starts_with('s') {
+            let mut late = ChannelClient::tcp(a).await;
+            late.send(Request::Enqueue { channels: names(&["q"]), data: want.as_bytes().to_vec().into() }).await;
+        }
+        watcher.send(Request::Reserve).await;
+        assert_eq!(&watcher.recv().await.data[..], want.as_bytes(), "the queue kept the first two, and room after");
+    }
 }

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
 use super::{
-    Broker, BrokerError, BrokerFuture, Keep, LinkConfig, Message, Page, Position, SubId, Subscription,
+    Broker, BrokerError, BrokerFuture, Keep, LinkConfig, Message, Page, Position, QueueBounds, SubId, Subscription,
     SUBSCRIPTION_CAPACITY,
 };
 use crate::metrics::{LogEvery, GLOBAL};
@@ -43,6 +43,16 @@ pub trait Client: Send + Sync + 'static {
     fn history(&self, channel: &str, since: u64, limit: usize) -> ClientFuture<'_, Option<Page>> {
         let _ = (channel, since, limit);
         Box::pin(std::future::ready(Ok(None)))
+    }
+    /// Append to a work queue; `Ok(false)` when the queue is full.
+    fn queue_push(&self, queue: &str, data: Bytes, bounds: QueueBounds) -> ClientFuture<'_, bool> {
+        let _ = (queue, data, bounds);
+        Box::pin(std::future::ready(Err("no work queues on this backend".into())))
+    }
+    /// Take the oldest item of a work queue.
+    fn queue_pop(&self, queue: &str, bounds: QueueBounds) -> ClientFuture<'_, Option<Bytes>> {
+        let _ = (queue, bounds);
+        Box::pin(std::future::ready(Err("no work queues on this backend".into())))
     }
     /// Make sure `channels` are subscribed on the broker (again, after a reconnection); resolves
     /// once the broker has confirmed them.
@@ -171,6 +181,29 @@ impl<C: Client> Broker for Managed<C> {
             }
             let page = self.within("history read", self.client.history(&channel, since, limit)).await?;
             page.ok_or_else(|| BrokerError::NoHistory(self.name.clone()))
+        })
+    }
+
+    fn queue_push(&self, queue: &str, data: Bytes, bounds: QueueBounds) -> BrokerFuture<'_, ()> {
+        let queue = queue.to_owned();
+        Box::pin(async move {
+            if !self.is_connected() {
+                return Err(BrokerError::Unavailable(self.name.clone()));
+            }
+            match self.within("queue push", self.client.queue_push(&queue, data, bounds)).await? {
+                true => Ok(()),
+                false => Err(BrokerError::QueueFull(queue)),
+            }
+        })
+    }
+
+    fn queue_pop(&self, queue: &str, bounds: QueueBounds) -> BrokerFuture<'_, Option<Bytes>> {
+        let queue = queue.to_owned();
+        Box::pin(async move {
+            if !self.is_connected() {
+                return Err(BrokerError::Unavailable(self.name.clone()));
+            }
+            self.within("queue pop", self.client.queue_pop(&queue, bounds)).await
         })
     }
 

@@ -20,6 +20,8 @@ pub mod managed;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "nats")]
+pub mod nats_queues;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod subscribers;
@@ -53,6 +55,22 @@ pub enum BrokerError {
     Config(String, String),
     #[error("broker {0} keeps no history")]
     NoHistory(String),
+    #[error("broker {0} keeps no work queues")]
+    NoQueues(String),
+    #[error("queue {0:?} is full")]
+    QueueFull(String),
+}
+
+/// How much one work queue on a backend may hold ([`Broker::queue_push`]); a push that would
+/// go past either bound is refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueBounds {
+    pub max_items: usize,
+    /// Bytes of the queue's items together (on NATS, of all queues' items: JetStream bounds a
+    /// stream's bytes, not a subject's).
+    pub max_bytes: usize,
+    /// The queue is dropped when nothing was pushed to it for this long (`None`: kept).
+    pub idle_ttl: Option<Duration>,
 }
 
 /// Names one subscription to its broker, for [`Broker::join`] and [`Broker::leave`].
@@ -133,6 +151,18 @@ pub trait Broker: Send + Sync + 'static {
     /// Remove `channels` from subscription `sub`; the broker stops sending a channel once no
     /// subscription of this process holds it.
     fn leave(&self, sub: SubId, channels: Vec<String>) -> BrokerFuture<'_, ()>;
+    /// Append `data` to the work queue `queue`, which lives in the backend (it outlives every
+    /// process), within `bounds`. Resolves once the backend holds it.
+    fn queue_push(&self, queue: &str, data: Bytes, bounds: QueueBounds) -> BrokerFuture<'_, ()> {
+        let _ = (queue, data, bounds);
+        Box::pin(std::future::ready(Err(BrokerError::NoQueues(String::new()))))
+    }
+    /// Take the oldest item of the work queue `queue` (pushed with `bounds`), if any: once
+    /// taken, no process gets it again.
+    fn queue_pop(&self, queue: &str, bounds: QueueBounds) -> BrokerFuture<'_, Option<Bytes>> {
+        let _ = (queue, bounds);
+        Box::pin(std::future::ready(Err(BrokerError::NoQueues(String::new()))))
+    }
     /// Whether the broker is reachable right now.
     fn is_connected(&self) -> bool;
     /// Times the link was re-established after a loss.

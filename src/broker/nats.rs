@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::jetstream::{self, JetStream};
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
-use super::{Keep, LinkConfig, Message, Page, Position};
+use super::{Keep, LinkConfig, Message, Page, Position, QueueBounds};
 use crate::history::HistoryConfig;
 use crate::io::lock;
 
@@ -122,6 +122,7 @@ pub struct Nats {
     next_marker: AtomicU64,
     waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
     history: Arc<JetStream>,
+    queues: super::nats_queues::Queues,
     /// This node's publishes keep history.
     keeps: bool,
     leave_late: bool,
@@ -198,6 +199,7 @@ pub async fn open(
     });
     let nats = Nats {
         history: Arc::new(JetStream::new(client.clone(), &prefix, history)),
+        queues: super::nats_queues::Queues::new(client.clone(), &prefix, history.replicas),
         keeps: history.enabled(),
         leave_late: opts.leave_late,
         client,
@@ -287,6 +289,16 @@ impl Client for Nats {
     fn history(&self, channel: &str, since: u64, limit: usize) -> ClientFuture<'_, Option<Page>> {
         let name = encode_name(channel);
         Box::pin(async move { self.history.history(&name, since, limit).await })
+    }
+
+    fn queue_push(&self, queue: &str, data: Bytes, bounds: QueueBounds) -> ClientFuture<'_, bool> {
+        let name = encode_name(queue);
+        Box::pin(async move { self.queues.push(&name, data, bounds).await })
+    }
+
+    fn queue_pop(&self, queue: &str, bounds: QueueBounds) -> ClientFuture<'_, Option<Bytes>> {
+        let name = encode_name(queue);
+        Box::pin(async move { self.queues.pop(&name, bounds).await })
     }
 
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {

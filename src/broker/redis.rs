@@ -26,7 +26,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::managed::{Client, ClientFuture, Event, EVENT_QUEUE};
-use super::{Keep, LinkConfig, Message, Page, Position};
+use super::{Keep, LinkConfig, Message, Page, Position, QueueBounds};
 
 /// Publish with history: KEYS stream, meta; ARGV channel, data, size, ttl ms, meta ttl ms, a new
 /// epoch (used only when the channel has none), sharded (1) or not. Returns {offset, epoch}.
@@ -64,6 +64,38 @@ if #oldest > 0 then
 end
 local entries = redis.call('xrange', KEYS[1], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
 return {meta[1], offset, first, entries}
+"#;
+
+/// Append to a work queue: KEYS list, byte count; ARGV item, max items, max bytes, idle ttl ms
+/// (0: none). Returns 1, or 0 when the queue is full.
+const QUEUE_PUSH: &str = r#"
+local n = redis.call('llen', KEYS[1])
+local bytes = 0
+if n > 0 then bytes = tonumber(redis.call('get', KEYS[2]) or '0') end
+if n >= tonumber(ARGV[2]) or bytes + #ARGV[1] > tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('rpush', KEYS[1], ARGV[1])
+redis.call('set', KEYS[2], bytes + #ARGV[1])
+if ARGV[4] ~= '0' then
+  redis.call('pexpire', KEYS[1], ARGV[4])
+  redis.call('pexpire', KEYS[2], ARGV[4])
+end
+return 1
+"#;
+
+/// Take a work queue's oldest item: KEYS list, byte count. Returns the item or nil.
+const QUEUE_POP: &str = r#"
+local item = redis.call('lpop', KEYS[1])
+if not item then
+  return false
+end
+if redis.call('llen', KEYS[1]) == 0 then
+  redis.call('del', KEYS[2])
+else
+  redis.call('decrby', KEYS[2], #item)
+end
+return item
 "#;
 
 /// How long a channel's offset and epoch outlive its last message: a client that saw everything
@@ -272,6 +304,12 @@ impl Redis {
         channels.iter().map(|c| format!("{}{c}", self.prefix)).collect()
     }
 
+    /// The list and byte-count keys of work queue `queue`.
+    fn queue_keys(&self, queue: &str) -> Vec<String> {
+        let tag = format!("{{{}q.{queue}}}", self.prefix);
+        vec![format!("{tag}.l"), format!("{tag}.b")]
+    }
+
     /// The stream and meta keys of channel `name` (as on the server).
     fn history_keys(name: &str) -> Vec<String> {
         vec![format!("{{{name}}}.s"), format!("{{{name}}}.m")]
@@ -354,6 +392,26 @@ impl Client for Redis {
             }
             Ok(Some(page))
         })
+    }
+
+    fn queue_push(&self, queue: &str, data: Bytes, bounds: QueueBounds) -> ClientFuture<'_, bool> {
+        let keys = self.queue_keys(queue);
+        Box::pin(async move {
+            let ttl = bounds.idle_ttl.map_or(0, |t| t.as_millis().max(1) as i64);
+            let args: Vec<fred::types::Value> = vec![
+                data.into(),
+                (bounds.max_items.min(i64::MAX as usize) as i64).into(),
+                (bounds.max_bytes.min(i64::MAX as usize) as i64).into(),
+                ttl.into(),
+            ];
+            let r = run_script(&self.publisher, QUEUE_PUSH, keys, args).await?;
+            Ok(number(&r) == Some(1))
+        })
+    }
+
+    fn queue_pop(&self, queue: &str, _: QueueBounds) -> ClientFuture<'_, Option<Bytes>> {
+        let keys = self.queue_keys(queue);
+        Box::pin(async move { Ok(payload(&run_script(&self.publisher, QUEUE_POP, keys, Vec::new()).await?)) })
     }
 
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {

@@ -85,6 +85,14 @@ pub struct ChannelOpts {
     /// Longest channel or queue name, in bytes.
     #[arg(long, default_value_t = HubLimits::default().max_name_len)]
     pub max_name_len: usize,
+    /// Items one queue holds while no watcher takes them; an enqueue past it is refused (the
+    /// enqueuing client is cut off). With --broker, per queue on the backend.
+    #[arg(long, default_value_t = HubLimits::default().max_queue_items)]
+    pub max_queue_items: usize,
+    /// Bytes all queues hold together; an enqueue past it is refused. With --broker, per queue
+    /// on Redis, and for all queues on NATS.
+    #[arg(long, default_value_t = HubLimits::default().max_queued_bytes)]
+    pub max_queue_bytes: usize,
     /// After start, hold publishes this long so that nodes reconnecting after a restart have
     /// resubscribed before any publish is confirmed (0s: route at once).
     #[arg(long, default_value = "3s", value_parser = parse_duration_or_zero)]
@@ -412,6 +420,8 @@ impl ChannelOpts {
         HubLimits {
             max_names_per_client: self.max_channels_per_client,
             max_name_len: self.max_name_len,
+            max_queue_items: self.max_queue_items,
+            max_queued_bytes: self.max_queue_bytes,
             ..HubLimits::default()
         }
     }

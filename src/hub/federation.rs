@@ -11,21 +11,53 @@
 //! nodes on that backend do. A client's subscribe is answered (its next frame read) only once
 //! the backend confirmed the join.
 //!
-//! Not federated yet: `publishLoop` and the queues (`watch`, `enqueue`, `reserve`) stay local
-//! to each server.
+//! **Queues** live in the backend ([`Broker::queue_push`]: a Redis list, a JetStream work-queue
+//! stream), bounded per queue by the hub's `max_queue_items` and `max_queued_bytes` (a full queue
+//! refuses the item, and the enqueuing client is cut off as on a hub of its own). An enqueue
+//! pushes the item, then publishes a wake-up on the queue's backend channel, which every server
+//! with a watcher of the queue has joined; a server takes (pops) one item per reserved watcher
+//! of its own, on a wake-up, on a reservation, and every [`POLL`] while a watcher waits (for
+//! wake-ups lost while a link was down, and items pushed before a watcher came). A pop is final:
+//! each item goes to one watcher anywhere, once; an item whose watcher left while it was being
+//! taken goes back to the end of the queue. Items wait in the backend while nobody is ready, so
+//! they outlive the server they were enqueued through.
+//!
+//! **publishLoop** is a short-lived queue per channel ([`LOOP_BOUNDS`]: unclaimed messages expire
+//! after 10 s idle) with a wake-up: every server with subscribers of the channel takes one
+//! message per wake-up, after a random pause under [`LOOP_JITTER`] (so that the server the
+//! backend tells first does not win every time); the server that gets it hands it to its next
+//! subscriber in turn. So a message goes to exactly one subscriber across the servers, spread at
+//! random over the servers and round-robin over each server's subscribers.
+//!
+//! Backend channels of queues and loops carry the prefixes [`QUEUE`] and [`LOOP`] (a NUL byte
+//! first, which no PHP client's channel name has in practice); what arrives on them never goes
+//! to clients.
 
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use channel_proto::{Keep, Name, Request};
 
+use super::queues::{dispatch, forget_if_idle};
 use super::{ClientId, Hub, HubError};
-use crate::broker::{Broker, BrokerError, SubId, SUBSCRIPTION_CAPACITY};
+use crate::broker::{Broker, BrokerError, QueueBounds, SubId, SUBSCRIPTION_CAPACITY};
 use crate::channel_ext::{decode_history_request, encode_page, encode_position, HISTORY};
 use crate::history::AS_THE_STORE;
 
 /// How long a federated server waits for its backend before serving clients anyway.
-pub const LINK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const LINK_WAIT: Duration = Duration::from_secs(10);
+/// How often a server with a reserved watcher looks for items it was not woken up for.
+pub const POLL: Duration = Duration::from_secs(1);
+/// Before a queue's name on the backend (its items and its wake-up channel).
+pub const QUEUE: &str = "\0q:";
+/// Before a channel's name for its `publishLoop` messages on the backend.
+pub const LOOP: &str = "\0l:";
+/// What a channel's `publishLoop` queue holds while no server takes its messages.
+pub const LOOP_BOUNDS: QueueBounds =
+    QueueBounds { max_items: 1000, max_bytes: 16 << 20, idle_ttl: Some(Duration::from_secs(10)) };
+/// The longest pause before a server claims a `publishLoop` message.
+pub const LOOP_JITTER: Duration = Duration::from_millis(2);
 
 /// The backend of a federated hub.
 pub(super) struct Backend {
@@ -34,12 +66,17 @@ pub(super) struct Backend {
     /// How this server keeps what it publishes for clients that do not say (PHP's), and what
     /// "as the store allows" means here.
     keep: Option<Keep>,
+    /// What one queue holds on the backend.
+    bounds: QueueBounds,
+    hub: Weak<Hub>,
 }
 
 impl Backend {
-    /// Leave `names` on the backend (a client left them, or is gone); in the background.
-    pub(super) fn leave(&self, names: impl IntoIterator<Item = Name>) {
-        let names: Vec<String> = names.into_iter().map(|n| broker_name(&n)).collect();
+    /// Leave the backend channels of `channels` (events and loops) and of the queues
+    /// `watching` (a client left them, or is gone); in the background.
+    pub(super) fn leave(&self, channels: impl IntoIterator<Item = Name>, watching: Vec<Name>) {
+        let mut names: Vec<String> = channels.into_iter().flat_map(|n| [broker_name(&n), marked(LOOP, &n)]).collect();
+        names.extend(watching.iter().map(|n| marked(QUEUE, n)));
         if names.is_empty() {
             return;
         }
@@ -48,11 +85,32 @@ impl Backend {
             let _ = broker.leave(sub, names).await;
         });
     }
+
+    /// Join `names` on the backend; logged when the backend does not confirm it.
+    async fn join(&self, id: ClientId, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        if let Err(e) = self.broker.join(self.sub, names).await {
+            tracing::warn!(client = id, "federated subscribe not confirmed: {e}");
+        }
+    }
+
+    /// Push `data` to the backend queue `queue` with `bounds` and wake its takers up.
+    async fn push(&self, queue: String, data: Bytes, bounds: QueueBounds) -> Result<(), BrokerError> {
+        self.broker.queue_push(&queue, data, bounds).await?;
+        self.broker.publish(&queue, Bytes::new(), None).await.map(drop)
+    }
 }
 
 /// A channel's name on the backend.
 fn broker_name(n: &Name) -> String {
     String::from_utf8_lossy(n.as_bytes()).into_owned()
+}
+
+/// `n` after `mark`, as a backend name.
+fn marked(mark: &str, n: &Name) -> String {
+    format!("{mark}{}", String::from_utf8_lossy(n.as_bytes()))
 }
 
 impl Hub {
@@ -66,17 +124,120 @@ impl Hub {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let mut sub = broker.subscribe_with(Vec::new(), SUBSCRIPTION_CAPACITY)?;
-        if self.backend.set(Backend { broker, sub: sub.id, keep }).is_err() {
+        let bounds = QueueBounds {
+            max_items: self.limits.max_queue_items,
+            max_bytes: self.limits.max_queued_bytes,
+            idle_ttl: None,
+        };
+        let hub: Weak<Hub> = Arc::downgrade(self);
+        if self.backend.set(Backend { broker, sub: sub.id, keep, bounds, hub: hub.clone() }).is_err() {
             return Err(BrokerError::Refused("the hub is federated already".into()));
         }
-        let hub: Weak<Hub> = Arc::downgrade(self);
+        let polling = hub.clone();
         tokio::spawn(async move {
             while let Some(m) = sub.recv().await {
                 let Some(hub) = hub.upgrade() else { return };
-                hub.deliver(&Name::new(m.channel.clone()), &m.data, m.position.as_ref());
+                if let Some(queue) = m.channel.strip_prefix(QUEUE.as_bytes()) {
+                    hub.take(Name::new(Bytes::copy_from_slice(queue)));
+                } else if let Some(channel) = m.channel.strip_prefix(LOOP.as_bytes()) {
+                    hub.take_loop(Name::new(Bytes::copy_from_slice(channel)));
+                } else {
+                    hub.deliver(&Name::new(m.channel.clone()), &m.data, m.position.as_ref());
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(hub) = polling.upgrade() else { return };
+                let waiting: Vec<Name> = {
+                    let st = hub.lock();
+                    let reserved = |id: &ClientId| st.clients.get(id).is_some_and(|c| c.reserved);
+                    st.queues.iter().filter(|(_, q)| q.watchers.iter().any(reserved)).map(|(n, _)| n.clone()).collect()
+                };
+                for q in waiting {
+                    hub.take(q);
+                }
             }
         });
         Ok(())
+    }
+
+    /// Take items of the backend queue `queue`, one per reserved watcher here not yet served,
+    /// and hand each to one of them; in the background.
+    fn take(&self, queue: Name) {
+        let Some(b) = self.backend.get() else { return };
+        {
+            let mut st = self.lock();
+            let super::State { queues, clients, .. } = &mut *st;
+            let Some(q) = queues.get_mut(&queue) else { return };
+            let ready = q.watchers.iter().filter(|w| clients.get(w).is_some_and(|c| c.reserved)).count();
+            if q.taking >= ready {
+                return;
+            }
+            q.taking += 1;
+        }
+        let (broker, bounds, hub) = (b.broker.clone(), b.bounds, b.hub.clone());
+        tokio::spawn(async move {
+            let item = broker.queue_pop(&marked(QUEUE, &queue), bounds).await;
+            let Some(hub) = hub.upgrade() else { return };
+            // The item goes to a reserved watcher here, through the hub's own dispatch; what no
+            // watcher took (it left meanwhile) is left over.
+            let left = {
+                let mut st = hub.lock();
+                let q = st.queues.entry(queue.clone()).or_default();
+                q.taking = q.taking.saturating_sub(1);
+                if let Ok(Some(data)) = &item {
+                    q.items.push_back(data.clone());
+                    st.queued_bytes += data.len();
+                    dispatch(&mut st, &queue, &hub.stats);
+                }
+                let left: Vec<Bytes> =
+                    st.queues.get_mut(&queue).map(|q| q.items.drain(..).collect()).unwrap_or_default();
+                st.queued_bytes -= left.iter().map(Bytes::len).sum::<usize>();
+                forget_if_idle(&mut st, &queue);
+                left
+            };
+            match item {
+                Ok(Some(_)) if left.is_empty() => hub.take(queue),
+                Ok(Some(_)) => {
+                    // Its watcher left while it was being taken: back to the queue, for others.
+                    let Some(b) = hub.backend.get() else { return };
+                    for data in left {
+                        if let Err(e) = b.push(marked(QUEUE, &queue), data, b.bounds).await {
+                            tracing::warn!(queue = %queue.to_string_lossy(), "queue item lost on its way back: {e}");
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(queue = %queue.to_string_lossy(), "queue not read: {e}"),
+            }
+        });
+    }
+
+    /// Claim one `publishLoop` message of `channel` for a subscriber here; in the background.
+    fn take_loop(&self, channel: Name) {
+        let Some(b) = self.backend.get() else { return };
+        if !self.lock().channels.contains_key(&channel) {
+            return;
+        }
+        let (broker, hub) = (b.broker.clone(), b.hub.clone());
+        tokio::spawn(async move {
+            let mut r = [0u8; 1];
+            let _ = getrandom::fill(&mut r);
+            tokio::time::sleep(LOOP_JITTER.mul_f64(f64::from(r[0]) / 255.0)).await;
+            match broker.queue_pop(&marked(LOOP, &channel), LOOP_BOUNDS).await {
+                Ok(Some(data)) => {
+                    if let Some(hub) = hub.upgrade() {
+                        hub.publish_loop(std::slice::from_ref(&channel), &data);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(channel = %channel.to_string_lossy(), "publishLoop message not read: {e}"),
+            }
+        });
     }
 
     /// Whether the hub shares a backend, and whether its link is up.
@@ -93,16 +254,52 @@ impl Hub {
             Request::Subscribe(mut names) => {
                 self.take_positions(id, &mut names);
                 let added = self.subscribe_new(id, names)?;
-                if !added.is_empty() {
-                    let names = added.iter().map(broker_name).collect();
-                    if let Err(e) = b.broker.join(b.sub, names).await {
-                        tracing::warn!(client = id, "federated subscribe not confirmed: {e}");
+                b.join(id, added.iter().flat_map(|n| [broker_name(n), marked(LOOP, n)]).collect()).await;
+                Ok(())
+            }
+            Request::Unsubscribe(names) => {
+                b.leave(self.unsubscribe(id, names), Vec::new());
+                Ok(())
+            }
+            Request::Watch(names) => {
+                let added = self.watch(id, names)?;
+                b.join(id, added.iter().map(|n| marked(QUEUE, n)).collect()).await;
+                for n in added {
+                    self.take(n);
+                }
+                Ok(())
+            }
+            Request::Unwatch(names) => {
+                b.leave(Vec::new(), self.unwatch(id, names));
+                Ok(())
+            }
+            Request::Reserve => {
+                for q in self.reserve(id) {
+                    self.take(q);
+                }
+                Ok(())
+            }
+            Request::Enqueue { channels, data } => {
+                if let Some(n) = channels.iter().find(|n| n.as_bytes().len() > self.limits.max_name_len) {
+                    return Err(HubError::NameTooLong(n.as_bytes().len(), self.limits.max_name_len));
+                }
+                for n in &channels {
+                    match b.push(marked(QUEUE, n), data.clone(), b.bounds).await {
+                        Ok(()) => {}
+                        Err(BrokerError::QueueFull(_)) => {
+                            return Err(HubError::QueueFull(n.to_string_lossy(), b.bounds.max_items))
+                        }
+                        Err(e) => tracing::warn!(client = id, "federated enqueue not taken: {e}"),
                     }
                 }
                 Ok(())
             }
-            Request::Unsubscribe(names) => {
-                b.leave(self.unsubscribe(id, names));
+            Request::PublishLoop { channels, data } => {
+                for n in &channels {
+                    if let Err(e) = b.push(marked(LOOP, n), data.clone(), LOOP_BOUNDS).await {
+                        tracing::warn!(client = id, "federated publishLoop not taken: {e}");
+                    }
+                }
                 Ok(())
             }
             Request::Publish { channels, data, keep } => {

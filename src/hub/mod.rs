@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::channel_ext::{decode_history_request, encode_page, encode_position, HISTORY, POSITIONS};
 use crate::history::{History, HistoryConfig, Page, Position, AS_THE_STORE};
 use crate::message::Message;
-use queues::{dispatch, unwatch};
+use queues::unwatch;
 
 /// Identifies a hub client.
 pub type ClientId = u64;
@@ -119,6 +119,8 @@ struct Channel {
 struct Queue {
     items: VecDeque<Bytes>,
     watchers: Vec<ClientId>,
+    /// On a federated hub: items being taken from the backend for this queue's watchers.
+    taking: usize,
 }
 
 #[derive(Default)]
@@ -232,9 +234,14 @@ impl Hub {
 
     /// Drop a client with all its subscriptions, watches and reservation.
     pub fn disconnect(&self, id: ClientId) {
-        let names = drop_client(&mut self.lock(), id);
-        if let Some(b) = self.backend.get() {
-            b.leave(names);
+        let gone = drop_client(&mut self.lock(), id);
+        self.forget(gone);
+    }
+
+    /// On a federated hub, leave the backend channels a dropped client held.
+    fn forget(&self, gone: Option<Client>) {
+        if let (Some(b), Some(c)) = (self.backend.get(), gone) {
+            b.leave(c.names, c.watching);
         }
     }
 
@@ -279,28 +286,14 @@ impl Hub {
                 self.publish_loop(&channels, &data);
                 Ok(())
             }
-            Request::Watch(names) => self.watch(id, names),
+            Request::Watch(names) => self.watch(id, names).map(drop),
             Request::Unwatch(names) => {
-                let mut st = self.lock();
-                for n in names {
-                    if let Some(c) = st.clients.get_mut(&id) {
-                        c.watching.retain(|w| *w != n);
-                    }
-                    unwatch(&mut st, id, &n);
-                }
+                self.unwatch(id, names);
                 Ok(())
             }
             Request::Enqueue { channels, data } => self.enqueue(&channels, &data),
             Request::Reserve => {
-                let mut st = self.lock();
-                let Some(c) = st.clients.get_mut(&id) else {
-                    return Ok(());
-                };
-                c.reserved = true;
-                let watching = c.watching.clone();
-                for q in watching {
-                    dispatch(&mut st, &q, &self.stats);
-                }
+                self.reserve(id);
                 Ok(())
             }
             Request::Auth(_) => Err(HubError::NotAllowed("auth after the first frame")),
@@ -478,7 +471,8 @@ impl Hub {
         for id in slow {
             tracing::warn!(client = id, "channel client is not reading: queue full, disconnecting (slow consumer)");
             self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-            drop_client(st, id);
+            let gone = drop_client(st, id);
+            self.forget(gone);
         }
     }
 }
@@ -495,11 +489,9 @@ fn unsubscribe(st: &mut State, id: ClientId, name: &Name) -> bool {
     was
 }
 
-/// Forget client `id`; the channels it was in.
-fn drop_client(st: &mut State, id: ClientId) -> HashSet<Name> {
-    let Some(c) = st.clients.remove(&id) else {
-        return HashSet::new();
-    };
+/// Forget client `id`; what it was.
+fn drop_client(st: &mut State, id: ClientId) -> Option<Client> {
+    let c = st.clients.remove(&id)?;
     for n in &c.names {
         if let Some(ch) = st.channels.get_mut(n) {
             ch.subscribers.retain(|s| *s != id);
@@ -511,7 +503,7 @@ fn drop_client(st: &mut State, id: ClientId) -> HashSet<Name> {
     for n in &c.watching {
         unwatch(st, id, n);
     }
-    c.names
+    Some(c)
 }
 
 #[cfg(test)]

@@ -5,22 +5,53 @@
 use super::*;
 
 impl Hub {
-    pub(super) fn watch(&self, id: ClientId, names: Vec<Name>) -> Result<(), HubError> {
+    /// Add client `id` to the watchers of each queue; the queues it was not watching yet.
+    pub(super) fn watch(&self, id: ClientId, names: Vec<Name>) -> Result<Vec<Name>, HubError> {
         let mut st = self.lock();
         self.check_names(&st, id, &names)?;
+        let mut added = Vec::new();
         for n in names {
             if st.clients.get(&id).is_none_or(|c| c.watching.contains(&n)) {
                 continue;
             }
             self.check_queue_room(&st, &n)?;
-            let Some(c) = st.clients.get_mut(&id) else {
-                return Ok(());
-            };
+            let Some(c) = st.clients.get_mut(&id) else { break };
             c.watching.push(n.clone());
             st.queues.entry(n.clone()).or_default().watchers.push(id);
             dispatch(&mut st, &n, &self.stats);
+            added.push(n);
         }
-        Ok(())
+        Ok(added)
+    }
+
+    /// Take client `id` off the watchers of each queue; the queues it was watching.
+    pub(super) fn unwatch(&self, id: ClientId, names: Vec<Name>) -> Vec<Name> {
+        let mut st = self.lock();
+        let mut gone = Vec::new();
+        for n in names {
+            let Some(c) = st.clients.get_mut(&id) else { break };
+            let before = c.watching.len();
+            c.watching.retain(|w| *w != n);
+            if c.watching.len() < before {
+                unwatch(&mut st, id, &n);
+                gone.push(n);
+            }
+        }
+        gone
+    }
+
+    /// Mark client `id` ready for one item of the queues it watches; the queues.
+    pub(super) fn reserve(&self, id: ClientId) -> Vec<Name> {
+        let mut st = self.lock();
+        let Some(c) = st.clients.get_mut(&id) else {
+            return Vec::new();
+        };
+        c.reserved = true;
+        let watching = c.watching.clone();
+        for q in &watching {
+            dispatch(&mut st, q, &self.stats);
+        }
+        watching
     }
 
     pub(super) fn enqueue(&self, names: &[Name], data: &Bytes) -> Result<(), HubError> {
@@ -89,9 +120,14 @@ pub(super) fn dispatch(st: &mut State, queue: &Name, stats: &HubStats) {
 pub(super) fn unwatch(st: &mut State, id: ClientId, name: &Name) {
     if let Some(q) = st.queues.get_mut(name) {
         q.watchers.retain(|w| *w != id);
-        if q.watchers.is_empty() && q.items.is_empty() {
-            st.queues.remove(name);
-        }
+    }
+    forget_if_idle(st, name);
+}
+
+/// Forget queue `name` if it has neither watchers nor items (nor items being taken for it).
+pub(super) fn forget_if_idle(st: &mut State, name: &Name) {
+    if st.queues.get(name).is_some_and(|q| q.watchers.is_empty() && q.items.is_empty() && q.taking == 0) {
+        st.queues.remove(name);
     }
 }
 
