@@ -9,7 +9,10 @@
 //! the backend delivers one publisher's events. History and positions come from the backend
 //! (offsets assigned once, by it), so pushwire nodes on a federated server get them as pushwire
 //! nodes on that backend do. A client's subscribe is answered (its next frame read) only once
-//! the backend confirmed the join.
+//! the backend confirmed the join. A publish (or enqueue) the backend does not take closes the
+//! connection that made it, so that nothing sent after it (a pushwire node's confirmation marker)
+//! answers for it: a node counts it as not confirmed, a PHP client reconnects as it does when a
+//! server is lost.
 //!
 //! **Queues** live in the backend ([`Broker::queue_push`]: a Redis list, a JetStream work-queue
 //! stream), bounded per queue by the hub's `max_queue_items` and `max_queued_bytes` (a full queue
@@ -289,16 +292,14 @@ impl Hub {
                         Err(BrokerError::QueueFull(_)) => {
                             return Err(HubError::QueueFull(n.to_string_lossy(), b.bounds.max_items))
                         }
-                        Err(e) => tracing::warn!(client = id, "federated enqueue not taken: {e}"),
+                        Err(e) => return Err(HubError::Backend(e)),
                     }
                 }
                 Ok(())
             }
             Request::PublishLoop { channels, data } => {
                 for n in &channels {
-                    if let Err(e) = b.push(marked(LOOP, n), data.clone(), LOOP_BOUNDS).await {
-                        tracing::warn!(client = id, "federated publishLoop not taken: {e}");
-                    }
+                    b.push(marked(LOOP, n), data.clone(), LOOP_BOUNDS).await.map_err(HubError::Backend)?;
                 }
                 Ok(())
             }
@@ -323,7 +324,7 @@ impl Hub {
                     match b.broker.publish(&broker_name(name), data.clone(), keep).await {
                         Ok(p) if i == 0 => first = p,
                         Ok(_) => {}
-                        Err(e) => tracing::warn!(client = id, "federated publish not taken: {e}"),
+                        Err(e) => return Err(HubError::Backend(e)),
                     }
                 }
                 self.stats.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

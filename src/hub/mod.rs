@@ -84,6 +84,8 @@ pub enum HubError {
     TooManyQueues(usize),
     #[error("{0} is not allowed on this connection")]
     NotAllowed(&'static str),
+    #[error("the backend did not take it: {0}")]
+    Backend(crate::broker::BrokerError),
 }
 
 /// Counters, read by the metrics endpoint.

@@ -4,6 +4,7 @@
 
 pub mod pki;
 pub mod recovery;
+pub mod redis_cluster;
 
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
@@ -590,6 +591,46 @@ pub async fn check_seed_pushes(cluster: &Cluster, clients: Vec<Client>, tag: &st
         out.push(c);
     }
     out
+}
+
+/// `N` channel servers federated on `backend` (with `extra` flags), each healthy (its backend
+/// link up): the processes, their ports, and their metrics ports.
+pub async fn servers<const N: usize>(backend: &str, extra: &[&str]) -> (Vec<Proc>, [u16; N], [u16; N]) {
+    let (ports, metrics) = ([(); N].map(|()| free_port()), [(); N].map(|()| free_port()));
+    let mut procs = Vec::new();
+    for (p, m) in ports.into_iter().zip(metrics) {
+        let (listen, metrics) = (format!("127.0.0.1:{p}"), format!("127.0.0.1:{m}"));
+        let args = ["--settle", "0s", "--broker", backend, "--metrics-listen", &metrics];
+        let args = [&["channel", "--listen", &listen][..], &args, extra].concat();
+        procs.push(Proc::start(&args, &[p, m]).await);
+        wait_healthy(m).await;
+        assert_eq!(metric(m, "pushwire_channel_backend_up").await, 1);
+    }
+    (procs, ports, metrics)
+}
+
+/// HAProxy in TCP mode in front of the channel servers on `ports`, as README shows it: a server
+/// takes new connections while its `/healthz` (on its `metrics` port) says 200, checked every
+/// 200 ms here. The process and the port it listens on.
+pub async fn haproxy(ports: &[u16], metrics: &[u16]) -> (Proc, u16) {
+    let listen = free_port();
+    let servers: String = ports
+        .iter()
+        .zip(metrics)
+        .enumerate()
+        .map(|(i, (p, m))| {
+            format!("  server s{i} 127.0.0.1:{p} check port {m} inter 200ms fall 1 rise 2 on-marked-down shutdown-sessions\n")
+        })
+        .collect();
+    let cfg = format!(
+        "defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 2m\n  timeout server 2m\n  retries 3\n  \
+         option redispatch\nfrontend channel\n  bind 127.0.0.1:{listen}\n  default_backend servers\n\
+         backend servers\n  balance roundrobin\n  option httpchk GET /healthz\n{servers}"
+    );
+    let path = std::env::temp_dir().join(format!("pushwire-haproxy-{}-{listen}.cfg", std::process::id()));
+    std::fs::write(&path, cfg).expect("haproxy config");
+    let args = ["-f", path.to_str().expect("path"), "-db"];
+    (Proc::program(&find_program("haproxy"), &args, &[listen]).await, listen)
 }
 
 /// The path of an installed program (Debian puts some servers in /usr/sbin), if there is one.
