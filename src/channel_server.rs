@@ -267,6 +267,22 @@ async fn handle_frames(
     Ok(())
 }
 
+/// Queues whose depth `/metrics` shows, at most (the first by name).
+const MAX_QUEUE_SERIES: usize = 100;
+
+/// The `pushwire_channel_queue_items` series for `depths`.
+fn queue_depths(depths: &[(channel_proto::Name, u64)]) -> String {
+    let mut out = String::from(
+        "# HELP pushwire_channel_queue_items items waiting in a queue watched here (federated: on the backend); \
+         the first 100 queues by name\n# TYPE pushwire_channel_queue_items gauge\n",
+    );
+    for (name, items) in depths {
+        let label = name.to_string_lossy().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        out.push_str(&format!("pushwire_channel_queue_items{{queue=\"{label}\"}} {items}\n"));
+    }
+    out
+}
+
 /// Serve `/metrics` and `/healthz` for a channel server's hub on `listener`.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shutdown: impl Future<Output = ()>) {
     let handler = move |req: hyper::Request<hyper::body::Incoming>| {
@@ -282,11 +298,17 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
                 },
                 "/metrics" => {
                     let s = &hub.stats;
-                    let body = crate::metrics::render_with(
+                    let federated = if hub.backend_connected().is_some() { hub.channels() } else { 0 };
+                    let mut body = crate::metrics::render_with(
                         &[
                             ("channel_clients", "connected channel clients", hub.clients() as u64),
                             ("channel_channels", "channels with a subscriber", hub.channels() as u64),
                             ("channel_queues", "queues with a watcher or an item", hub.queues() as u64),
+                            (
+                                "channel_federated_channels",
+                                "channels held on the backend shared with other channel servers, for clients here",
+                                federated as u64,
+                            ),
                             (
                                 "channel_backend_up",
                                 "1 while the backend shared with other channel servers is reachable (0: down or none)",
@@ -323,6 +345,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
                             ),
                         ],
                     );
+                    body.push_str(&queue_depths(&hub.queue_depths(MAX_QUEUE_SERIES).await));
                     crate::http::reply(StatusCode::OK, "text/plain; version=0.0.4", body)
                 }
                 _ => crate::http::text(StatusCode::NOT_FOUND, "not found: /metrics, /healthz\n"),

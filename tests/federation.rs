@@ -139,12 +139,13 @@ async fn a_node_moves_to_the_next_server_in_its_list() {
 /// them, every server's subscriber gets some, and nothing is left to come twice (an event
 /// published after is the next thing each subscriber gets).
 async fn publish_loop_across_servers(backend: &str) {
-    let (_procs, ports, _) = servers::<3>(backend, &[]).await;
+    let (_procs, ports, metrics) = servers::<3>(backend, &[]).await;
     let mut subscribers = Vec::new();
-    for p in ports {
+    for (p, m) in ports.into_iter().zip(metrics) {
         let mut c = ChannelClient::tcp(p).await;
         c.send(Request::Subscribe(names(&["jobs"]))).await;
         c.sync().await;
+        wait_metric(m, "pushwire_channel_federated_channels", 1).await;
         subscribers.push(c);
     }
     let mut publisher = ChannelClient::tcp(ports[0]).await;
@@ -189,7 +190,7 @@ async fn publish_loop_across_servers_on_nats() {
 /// killed (-9); watchers on the two others get every item once (the captured item as PHP's
 /// bytes), and an item enqueued after is the next one either gets.
 async fn queue_items_outlive_their_server(backend: &str) {
-    let (mut procs, ports, _) = servers::<3>(backend, &[]).await;
+    let (mut procs, ports, metrics) = servers::<3>(backend, &[]).await;
     let mut producer = ChannelClient::tcp(ports[0]).await;
     producer.raw(&vector("11_")).await;
     const N: usize = 20;
@@ -198,10 +199,17 @@ async fn queue_items_outlive_their_server(backend: &str) {
     }
     producer.sync().await;
     procs[0].kill();
+    let depth = "pushwire_channel_queue_items{queue=\"queue\"}";
     let mut watchers = Vec::new();
     for p in &ports[1..] {
         let mut w = ChannelClient::tcp(*p).await;
         w.raw(&vector("09_")).await;
+        if watchers.is_empty() {
+            // Its server shows the depth of the queue watched there, as the backend counts it.
+            w.sync().await;
+            assert_eq!(metric(metrics[1], depth).await, N as u64 + 1, "every item waits in the backend");
+            assert_eq!(metric(metrics[1], "pushwire_channel_federated_channels").await, 0);
+        }
         w.raw(&vector("10_")).await;
         if watchers.is_empty() {
             // The first watcher alone gets the oldest item.
@@ -223,6 +231,7 @@ async fn queue_items_outlive_their_server(backend: &str) {
     want.sort();
     got.sort();
     assert_eq!(got, want, "each item once");
+    assert_eq!(metric(metrics[1], depth).await, 0, "the queue is empty");
     let mut late = ChannelClient::tcp(ports[1]).await;
     late.send(Request::Enqueue { channels: names(&["queue"]), data: "s:4:\"last\";".into() }).await;
     let (_, m, _) = next_of(&mut watchers, WAIT).await.expect("the last item arrives");

@@ -54,6 +54,11 @@ pub trait Client: Send + Sync + 'static {
         let _ = (queue, bounds);
         Box::pin(std::future::ready(Err("no work queues on this backend".into())))
     }
+    /// Items waiting in a work queue.
+    fn queue_len(&self, queue: &str, bounds: QueueBounds) -> ClientFuture<'_, u64> {
+        let _ = (queue, bounds);
+        Box::pin(std::future::ready(Err("no work queues on this backend".into())))
+    }
     /// Make sure `channels` are subscribed on the broker (again, after a reconnection); resolves
     /// once the broker has confirmed them.
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_>;
@@ -204,6 +209,16 @@ impl<C: Client> Broker for Managed<C> {
                 return Err(BrokerError::Unavailable(self.name.clone()));
             }
             self.within("queue pop", self.client.queue_pop(&queue, bounds)).await
+        })
+    }
+
+    fn queue_len(&self, queue: &str, bounds: QueueBounds) -> BrokerFuture<'_, u64> {
+        let queue = queue.to_owned();
+        Box::pin(async move {
+            if !self.is_connected() {
+                return Err(BrokerError::Unavailable(self.name.clone()));
+            }
+            self.within("queue length", self.client.queue_len(&queue, bounds)).await
         })
     }
 

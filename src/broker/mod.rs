@@ -163,6 +163,11 @@ pub trait Broker: Send + Sync + 'static {
         let _ = (queue, bounds);
         Box::pin(std::future::ready(Err(BrokerError::NoQueues(String::new()))))
     }
+    /// Items waiting in the work queue `queue` (pushed with `bounds`).
+    fn queue_len(&self, queue: &str, bounds: QueueBounds) -> BrokerFuture<'_, u64> {
+        let _ = (queue, bounds);
+        Box::pin(std::future::ready(Err(BrokerError::NoQueues(String::new()))))
+    }
     /// Whether the broker is reachable right now.
     fn is_connected(&self) -> bool;
     /// Times the link was re-established after a loss.

@@ -301,6 +301,11 @@ impl Client for Nats {
         Box::pin(async move { self.queues.pop(&name, bounds).await })
     }
 
+    fn queue_len(&self, queue: &str, bounds: QueueBounds) -> ClientFuture<'_, u64> {
+        let name = encode_name(queue);
+        Box::pin(async move { self.queues.len(&name, bounds).await })
+    }
+
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
         Box::pin(async move {
             for c in channels {

@@ -127,6 +127,15 @@ impl Queues {
         Ok(Some(m.payload.clone()))
     }
 
+    /// Items waiting in queue token `name`.
+    pub async fn len(&self, name: &str, bounds: QueueBounds) -> Result<u64, String> {
+        let (stream, subject) = self.place(name, bounds.idle_ttl.is_some());
+        self.stream(&stream, bounds).await?;
+        let consumer = self.consumer(&stream, &subject).await?;
+        let info = tokio::time::timeout(STEP, consumer.get_info()).await.map_err(|_| "no answer to a consumer info")?;
+        Ok(info.map_err(|e| e.to_string())?.num_pending)
+    }
+
     /// The pull consumer every process shares for `subject`.
     async fn consumer(&self, stream: &str, subject: &str) -> Result<consumer::PullConsumer, String> {
         if let Some(c) = crate::io::lock(&self.consumers).get(subject) {

@@ -414,6 +414,14 @@ impl Client for Redis {
         Box::pin(async move { Ok(payload(&run_script(&self.publisher, QUEUE_POP, keys, Vec::new()).await?)) })
     }
 
+    fn queue_len(&self, queue: &str, _: QueueBounds) -> ClientFuture<'_, u64> {
+        let keys = self.queue_keys(queue);
+        Box::pin(async move {
+            let r = run_script(&self.publisher, "return redis.call('llen', KEYS[1])", keys, Vec::new()).await?;
+            number(&r).ok_or_else(|| format!("unexpected answer {r:?}"))
+        })
+    }
+
     fn subscribe(&self, channels: Vec<String>) -> ClientFuture<'_> {
         Box::pin(async move {
             if channels.is_empty() {

@@ -243,6 +243,26 @@ impl Hub {
         });
     }
 
+    /// Items waiting in each of the first `max` queues known here (by name): watched here or, on
+    /// a hub of its own, holding items; on a federated hub, as the backend counts them (a queue
+    /// it does not answer for within a second is left out).
+    pub async fn queue_depths(&self, max: usize) -> Vec<(Name, u64)> {
+        let mut local: Vec<(Name, u64)> =
+            self.lock().queues.iter().map(|(n, q)| (n.clone(), q.items.len() as u64)).collect();
+        local.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        local.truncate(max);
+        let Some(b) = self.backend.get() else { return local };
+        let mut out = Vec::with_capacity(local.len());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        for (n, _) in local {
+            let len = b.broker.queue_len(&marked(QUEUE, &n), b.bounds);
+            if let Ok(Ok(len)) = tokio::time::timeout_at(deadline, len).await {
+                out.push((n, len));
+            }
+        }
+        out
+    }
+
     /// Whether the hub shares a backend, and whether its link is up.
     pub fn backend_connected(&self) -> Option<bool> {
         self.backend.get().map(|b| b.broker.is_connected())

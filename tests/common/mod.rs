@@ -788,6 +788,20 @@ pub async fn every_ok_arrives<F: std::future::Future<Output = ()>>(
     (out, confirmed.len(), refused)
 }
 
+/// Wait (within [`WAIT`]) until metric `name` of a node reads `want`.
+pub async fn wait_metric(addr: impl Into<Addr>, name: &str, want: u64) {
+    let addr = addr.into();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = metric(&addr, name).await;
+        if got == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name} is {got}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of metric `name` in Prometheus `text`; panics when there is none.
 pub fn metric_in(text: &str, name: &str) -> u64 {
     let value = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok());
