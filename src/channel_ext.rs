@@ -15,6 +15,10 @@ pub const POSITIONS: &str = "pushwire:positions";
 /// alone (data: `channel`, `since`, `limit`).
 pub const HISTORY: &str = "pushwire:history";
 
+/// In the name of a node's private channel of confirmation markers (after any prefix, before a
+/// random part): a federated server delivers a node's markers itself, in order with its answers.
+pub const ACK: &str = "pushwire:ack:";
+
 /// A history request as a PHP array, for [`HISTORY`].
 pub fn encode_history_request(channel: &[u8], since: u64, limit: usize) -> Vec<u8> {
     use channel_proto::Value;

@@ -408,3 +408,43 @@ async fn nats_node_lost_under_federated_servers() {
     assert!(confirmed > 10, "confirmed {confirmed}, refused {refused}");
     check_seed_pushes(&cluster, clients, "after").await;
 }
+
+/// A pushwire node's answers (history pages) and confirmation markers come back in the order it
+/// asked, also on a federated server: a marker that travelled through the backend would let the
+/// next answer pass it, and the node would take that answer for the earlier request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_its_answers_in_order() {
+    let Some((_redis, url)) = redis_broker().await else { return };
+    let (_procs, [a, _]) = two_servers(&url).await;
+    let mut node = ChannelClient::tcp(a).await;
+    node.send(Request::Subscribe(names(&["pushwire:ack:test", "pushwire:positions"]))).await;
+    for i in 0..3 {
+        node.send(Request::Publish { channels: names(&["broadcast"]), data: format!("i:{i};").into(), keep: None })
+            .await;
+    }
+    node.sync().await;
+    let ask = |since: u64| Request::Publish {
+        channels: names(&["pushwire:history"]),
+        data: pushwire::channel_ext::encode_history_request(b"broadcast", since, 10).into(),
+        keep: None,
+    };
+    let marker = || Request::Publish { channels: names(&["pushwire:ack:test"]), data: "N;".into(), keep: None };
+    let mut frames = Vec::new();
+    for r in [ask(0), marker(), ask(2), marker()] {
+        frames.extend(channel_proto::frame::encode(&r.encode()));
+    }
+    node.raw(&frames).await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let m = node.recv().await;
+        match m.channel.as_bytes() {
+            b"pushwire:ack:test" => got.push("ack".to_owned()),
+            b"pushwire:positions" => match pushwire::channel_ext::decode_page(&m.data) {
+                Some(page) => got.push(format!("page of {}", page.items.len())),
+                None => continue, // the position of a publish above
+            },
+            _ => {}
+        }
+    }
+    assert_eq!(got, ["page of 3", "ack", "page of 1", "ack"]);
+}

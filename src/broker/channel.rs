@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::link::{Incoming, Reader, Transport, Writer};
 use super::{Keep, Message, Position};
-use crate::channel_ext::{HISTORY, POSITIONS};
+use crate::channel_ext::{ACK, HISTORY, POSITIONS};
 use crate::io::{ListenAddr, Stream};
 
 /// Connects to a channel server: the one it reached last, else the next of its addresses.
@@ -27,7 +27,7 @@ pub struct ChannelTransport {
 
 impl ChannelTransport {
     pub fn new(addrs: Vec<ListenAddr>, secret: Option<String>, prefix: &str) -> ChannelTransport {
-        let ack = Name::new(format!("{prefix}pushwire:ack:{}", crate::io::random_hex(8)));
+        let ack = Name::new(format!("{prefix}{ACK}{}", crate::io::random_hex(8)));
         let current = std::sync::atomic::AtomicUsize::new(0);
         ChannelTransport { addrs, current, secret, prefix: prefix.to_owned(), ack }
     }

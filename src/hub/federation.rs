@@ -45,7 +45,7 @@ use channel_proto::{Keep, Name, Request};
 use super::queues::{dispatch, forget_if_idle};
 use super::{ClientId, Hub, HubError};
 use crate::broker::{Broker, BrokerError, QueueBounds, SubId, SUBSCRIPTION_CAPACITY};
-use crate::channel_ext::{decode_history_request, encode_page, encode_position, HISTORY};
+use crate::channel_ext::{decode_history_request, encode_page, encode_position, ACK, HISTORY};
 use crate::history::AS_THE_STORE;
 
 /// How long a federated server waits for its backend before serving clients anyway.
@@ -109,6 +109,11 @@ impl Backend {
 /// A channel's name on the backend.
 fn broker_name(n: &Name) -> String {
     String::from_utf8_lossy(n.as_bytes()).into_owned()
+}
+
+/// Whether `n` is the private channel of a pushwire node's confirmation markers.
+fn is_marker(n: &Name) -> bool {
+    n.as_bytes().windows(ACK.len()).any(|w| w == ACK.as_bytes())
 }
 
 /// `n` after `mark`, as a backend name.
@@ -326,8 +331,18 @@ impl Hub {
             Request::Publish { channels, data, keep } => {
                 let node = self.lock().clients.get(&id).is_some_and(|c| c.positions);
                 if let ([one], true) = (&channels[..], node) {
+                    if is_marker(one) {
+                        // A node's confirmation marker: everything before it was taken by the
+                        // backend; delivered here, it keeps its place after the answers sent
+                        // before it (a trip through the backend would let later answers pass it).
+                        if !b.broker.is_connected() {
+                            return Err(HubError::Backend(BrokerError::Unavailable("backend".into())));
+                        }
+                        self.deliver(one, &data, None);
+                        return Ok(());
+                    }
                     if one.as_bytes() == HISTORY.as_bytes() {
-                        if let Some(answer) = self.backend_history(b, &data).await {
+                        if let Some(answer) = self.backend_history(b, &data).await? {
                             self.send_to(id, answer.into());
                         }
                         return Ok(());
@@ -357,10 +372,17 @@ impl Hub {
         }
     }
 
-    /// A history page from the backend for a node's request.
-    async fn backend_history(&self, b: &Backend, data: &Bytes) -> Option<Vec<u8>> {
-        let (channel, since, limit) = decode_history_request(data)?;
+    /// A history page from the backend for a node's request; none for a request that is not one
+    /// or a backend without history (the node's confirmation then carries no page). A backend
+    /// that fails to answer closes the connection, so that the node asks again rather than take
+    /// the missing page for no history.
+    async fn backend_history(&self, b: &Backend, data: &Bytes) -> Result<Option<Vec<u8>>, HubError> {
+        let Some((channel, since, limit)) = decode_history_request(data) else { return Ok(None) };
         let channel = String::from_utf8_lossy(&channel).into_owned();
-        Some(encode_page(&b.broker.history(&channel, since, limit).await.ok()?))
+        match b.broker.history(&channel, since, limit).await {
+            Ok(page) => Ok(Some(encode_page(&page))),
+            Err(BrokerError::NoHistory(_)) => Ok(None),
+            Err(e) => Err(HubError::Backend(e)),
+        }
     }
 }
