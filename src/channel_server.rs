@@ -254,17 +254,27 @@ async fn handle_frames(
     cfg: &ChannelConfig,
     settled: tokio::time::Instant,
 ) -> Result<(), ConnError> {
-    while let Some(payload) = frame::take_payload(buf, cfg.max_frame)? {
-        if payload.is_empty() {
-            continue; // ping
+    // The whole frames that came together are carried out together (a federated server sends
+    // consecutive publishes to its backend at once); a bad frame among them ends the connection
+    // after those before it.
+    let mut reqs = Vec::new();
+    let bad = loop {
+        match frame::take_payload(buf, cfg.max_frame) {
+            Ok(Some(p)) if p.is_empty() => continue, // ping
+            Ok(Some(p)) => match Request::parse(&p) {
+                Ok(req) => reqs.push(req),
+                Err(e) => break Some(ConnError::from(e)),
+            },
+            Ok(None) => break None,
+            Err(e) => break Some(e.into()),
         }
-        let req = Request::parse(&payload)?;
-        if matches!(req, Request::Publish { .. } | Request::PublishLoop { .. } | Request::Enqueue { .. }) {
-            tokio::time::sleep_until(settled).await;
-        }
-        hub.handle_request(id, req).await?;
+    };
+    if reqs.iter().any(|r| matches!(r, Request::Publish { .. } | Request::PublishLoop { .. } | Request::Enqueue { .. }))
+    {
+        tokio::time::sleep_until(settled).await;
     }
-    Ok(())
+    hub.handle_requests(id, reqs).await?;
+    bad.map_or(Ok(()), Err)
 }
 
 /// Queues whose depth `/metrics` shows, at most (the first by name).

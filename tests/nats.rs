@@ -50,17 +50,7 @@ async fn nodes_on(ports: &[u16], on: [usize; 4], publisher_args: &[&str]) -> Clu
         procs.push(Proc::start(&args, &[port]).await);
     }
     let [g1, g2, p1, p2] = mine.map(Addr::from);
-    let cluster = Cluster {
-        procs,
-        channel_port: 0,
-        gateways: [g1, g2],
-        publishers: [p1, p2],
-        key_query: String::new(),
-        paused: Default::default(),
-        broker_killed_at: Default::default(),
-    };
-    cluster.wait_healthy().await;
-    cluster
+    Cluster::of(procs, 0, [g1, g2], [p1, p2]).await
 }
 
 /// How a NATS node leaves.

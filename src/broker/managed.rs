@@ -26,8 +26,8 @@ use tokio::time::Instant;
 
 use super::subscribers::Subscribers;
 use super::{
-    Broker, BrokerError, BrokerFuture, Keep, LinkConfig, Message, Page, Position, QueueBounds, SubId, Subscription,
-    SUBSCRIPTION_CAPACITY,
+    Broker, BrokerError, BrokerFuture, Keep, LinkConfig, Message, Page, Position, Published, QueueBounds, SubId,
+    Subscription, SUBSCRIPTION_CAPACITY,
 };
 use crate::metrics::{LogEvery, GLOBAL};
 
@@ -159,22 +159,29 @@ impl<C: Client> Managed<C> {
 
 impl<C: Client> Broker for Managed<C> {
     fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> BrokerFuture<'_, Option<Position>> {
-        let channel = channel.to_owned();
+        let message = (channel.to_owned(), data, keep);
+        Box::pin(async move { self.publish_all(vec![message]).await?.pop().expect("one result per message") })
+    }
+
+    fn publish_all(&self, messages: Vec<(String, Bytes, Option<Keep>)>) -> BrokerFuture<'_, Vec<Published>> {
         Box::pin(async move {
             if !self.is_connected() {
                 return Err(BrokerError::Unavailable(self.name.clone()));
             }
             let hold = *crate::io::lock(&self.state.hold_until);
-            if let Some(until) = hold {
+            if let Some(until) = hold.filter(|u| *u > Instant::now()) {
                 tokio::time::sleep_until(until).await;
             }
             let epoch = self.state.epoch.load(Ordering::Acquire);
-            let position = self.within("publish", self.client.publish(&channel, data, keep)).await?;
+            // Each library call hands its command over when first polled, and `join_all` first
+            // polls them in order: sent in order, confirmed together.
+            let sends = messages.iter().map(|(c, d, k)| self.within("publish", self.client.publish(c, d.clone(), *k)));
+            let mut out = futures_util::future::join_all(sends).await;
             // A confirmation that spans a connection change confirms nothing.
             if self.state.epoch.load(Ordering::Acquire) != epoch || !self.is_connected() {
-                return Err(BrokerError::Unavailable(self.name.clone()));
+                out.iter_mut().for_each(|r| *r = Err(BrokerError::Unavailable(self.name.clone())));
             }
-            Ok(position)
+            Ok(out)
         })
     }
 

@@ -73,6 +73,9 @@ pub struct QueueBounds {
     pub idle_ttl: Option<Duration>,
 }
 
+/// What a publish came to: its position when kept, or why it was not taken.
+pub type Published = Result<Option<Position>, BrokerError>;
+
 /// Names one subscription to its broker, for [`Broker::join`] and [`Broker::leave`].
 pub type SubId = u64;
 
@@ -131,6 +134,17 @@ pub trait Broker: Send + Sync + 'static {
     /// kept; a channel server decides for itself); its position in that history when kept (the
     /// broker assigns it, once, so two publishers never share one).
     fn publish(&self, channel: &str, data: Bytes, keep: Option<Keep>) -> BrokerFuture<'_, Option<Position>>;
+    /// [`Broker::publish`] of each of `messages` (channel, data, keep), sent together and in
+    /// their order, each result in its place. One round trip for all where the backend allows.
+    fn publish_all(&self, messages: Vec<(String, Bytes, Option<Keep>)>) -> BrokerFuture<'_, Vec<Published>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(messages.len());
+            for (channel, data, keep) in messages {
+                out.push(self.publish(&channel, data, keep).await);
+            }
+            Ok(out)
+        })
+    }
     /// Messages of `channel` after offset `since`, at most `limit` (see [`Page::reaches`]).
     fn history(&self, channel: &str, since: u64, limit: usize) -> BrokerFuture<'_, Page> {
         let _ = (channel, since, limit);

@@ -89,6 +89,17 @@ impl Backend {
         });
     }
 
+    /// How a publish to `name` is kept: as the client says (`AS_THE_STORE`: as this server keeps
+    /// history), or, when it does not say (PHP's), as this server keeps the seed's channels.
+    fn keep_for(&self, name: &Name, keep: Option<Keep>) -> Option<Keep> {
+        match keep {
+            Some(k) if k == AS_THE_STORE => self.keep,
+            Some(k) => Some(k),
+            None if crate::protocol::native::push::keeps_history(name.as_bytes()) => self.keep,
+            None => None,
+        }
+    }
+
     /// Join `names` on the backend; logged when the backend does not confirm it.
     async fn join(&self, id: ClientId, names: Vec<String>) {
         if names.is_empty() {
@@ -109,6 +120,11 @@ impl Backend {
 /// A channel's name on the backend.
 fn broker_name(n: &Name) -> String {
     String::from_utf8_lossy(n.as_bytes()).into_owned()
+}
+
+/// Whether a publish to `channels` is a history request (from a node).
+fn is_history(channels: &[Name]) -> bool {
+    matches!(channels, [one] if one.as_bytes() == HISTORY.as_bytes())
 }
 
 /// Whether `n` is the private channel of a pushwire node's confirmation markers.
@@ -273,11 +289,86 @@ impl Hub {
         self.backend.get().map(|b| b.broker.is_connected())
     }
 
-    /// Carry out one request from client `id`: on a federated hub, subscriptions and events go
-    /// through the backend; everything else (and everything on a hub of its own) as
-    /// [`Hub::handle`] does.
-    pub async fn handle_request(&self, id: ClientId, req: Request) -> Result<(), HubError> {
-        let Some(b) = self.backend.get() else { return self.handle(id, req) };
+    /// Carry out requests from client `id` (those that came in together), in order: on a
+    /// federated hub, subscriptions and events go through the backend, consecutive publishes
+    /// together ([`Broker::publish_all`]: one round trip for all, sent in order); everything else
+    /// (and everything on a hub of its own) as [`Hub::handle`] does.
+    pub async fn handle_requests(&self, id: ClientId, reqs: Vec<Request>) -> Result<(), HubError> {
+        let Some(b) = self.backend.get() else {
+            return reqs.into_iter().try_for_each(|r| self.handle(id, r));
+        };
+        let plain = |r: &Request| match r {
+            Request::Publish { channels, .. } => !(self.is_node(id) && is_history(channels)),
+            _ => false,
+        };
+        let mut reqs = reqs.into_iter().peekable();
+        while let Some(req) = reqs.next() {
+            if plain(&req) {
+                let mut run = vec![req];
+                while let Some(r) = reqs.next_if(plain) {
+                    run.push(r);
+                }
+                self.publish_run(id, b, run).await?;
+            } else {
+                self.handle_one(id, b, req).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether client `id` is a pushwire node (it asked for positions).
+    fn is_node(&self, id: ClientId) -> bool {
+        self.lock().clients.get(&id).is_some_and(|c| c.positions)
+    }
+
+    /// Publishes of client `id` (none a node's history request), to the backend at once; then,
+    /// in their order, each one's answer to a node, or a node's confirmation marker. The first
+    /// the backend did not take ends the run (and the connection): nothing after it is answered.
+    async fn publish_run(&self, id: ClientId, b: &Backend, run: Vec<Request>) -> Result<(), HubError> {
+        let node = self.is_node(id);
+        let marker = |channels: &[Name]| node && matches!(channels, [one] if is_marker(one));
+        let mut messages = Vec::new();
+        for req in &run {
+            let Request::Publish { channels, data, keep } = req else { continue };
+            if !marker(channels) {
+                messages.extend(channels.iter().map(|n| (broker_name(n), data.clone(), b.keep_for(n, *keep))));
+            }
+        }
+        let results = match messages.is_empty() {
+            true => Vec::new(),
+            false => b.broker.publish_all(messages).await.map_err(HubError::Backend)?,
+        };
+        let mut results = results.into_iter();
+        for req in run {
+            let Request::Publish { channels, data, .. } = req else { continue };
+            if marker(&channels) {
+                // A node's confirmation marker: everything before it was taken by the backend;
+                // delivered here, it keeps its place after the answers sent before it (a trip
+                // through the backend would let later answers pass it).
+                if !b.broker.is_connected() {
+                    return Err(HubError::Backend(BrokerError::Unavailable("backend".into())));
+                }
+                self.deliver(&channels[0], &data, None);
+                continue;
+            }
+            let mut first = None;
+            for i in 0..channels.len() {
+                match results.next() {
+                    Some(Ok(p)) if i == 0 => first = p,
+                    Some(Ok(_)) | None => {}
+                    Some(Err(e)) => return Err(HubError::Backend(e)),
+                }
+            }
+            self.stats.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let (true, Some(p)) = (node, first) {
+                self.send_to(id, encode_position(&p).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// One request of client `id` on a federated hub (see [`Hub::handle_requests`]).
+    async fn handle_one(&self, id: ClientId, b: &Backend, req: Request) -> Result<(), HubError> {
         match req {
             Request::Subscribe(mut names) => {
                 self.take_positions(id, &mut names);
@@ -328,46 +419,13 @@ impl Hub {
                 }
                 Ok(())
             }
-            Request::Publish { channels, data, keep } => {
-                let node = self.lock().clients.get(&id).is_some_and(|c| c.positions);
-                if let ([one], true) = (&channels[..], node) {
-                    if is_marker(one) {
-                        // A node's confirmation marker: everything before it was taken by the
-                        // backend; delivered here, it keeps its place after the answers sent
-                        // before it (a trip through the backend would let later answers pass it).
-                        if !b.broker.is_connected() {
-                            return Err(HubError::Backend(BrokerError::Unavailable("backend".into())));
-                        }
-                        self.deliver(one, &data, None);
-                        return Ok(());
-                    }
-                    if one.as_bytes() == HISTORY.as_bytes() {
-                        if let Some(answer) = self.backend_history(b, &data).await? {
-                            self.send_to(id, answer.into());
-                        }
-                        return Ok(());
-                    }
-                }
-                let mut first = None;
-                for (i, name) in channels.iter().enumerate() {
-                    let keep = match keep {
-                        Some(k) if k == AS_THE_STORE => b.keep,
-                        Some(k) => Some(k),
-                        None if crate::protocol::native::push::keeps_history(name.as_bytes()) => b.keep,
-                        None => None,
-                    };
-                    match b.broker.publish(&broker_name(name), data.clone(), keep).await {
-                        Ok(p) if i == 0 => first = p,
-                        Ok(_) => {}
-                        Err(e) => return Err(HubError::Backend(e)),
-                    }
-                }
-                self.stats.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let (true, Some(p)) = (node, first) {
-                    self.send_to(id, encode_position(&p).into());
+            Request::Publish { channels, data, .. } if self.is_node(id) && is_history(&channels) => {
+                if let Some(answer) = self.backend_history(b, &data).await? {
+                    self.send_to(id, answer.into());
                 }
                 Ok(())
             }
+            req @ Request::Publish { .. } => self.publish_run(id, b, vec![req]).await,
             other => self.handle(id, other),
         }
     }

@@ -486,7 +486,11 @@ impl Cluster {
             }
             procs.push(Proc::start(&args, &[p]).await);
         }
-        let (gateways, publishers) = (gateways.map(Addr::from), publishers.map(Addr::from));
+        Cluster::of(procs, channel_port, gateways.map(Addr::from), publishers.map(Addr::from)).await
+    }
+
+    /// The cluster of gateways and publishers started already (in `procs`), once healthy.
+    pub async fn of(procs: Vec<Proc>, channel_port: u16, gateways: [Addr; 2], publishers: [Addr; 2]) -> Cluster {
         let cluster = Cluster {
             procs,
             channel_port,
@@ -728,6 +732,32 @@ pub async fn standalone(extra: &[&str]) -> (Proc, u16, u16, u16) {
     let mut args = vec!["standalone", "--channel-listen", &cl, "--ws-listen", &wl, "--http-listen", &hl];
     args.extend_from_slice(extra);
     (Proc::start(&args, &[c, w, h]).await, c, w, h)
+}
+
+/// [`every_ok_arrives`] across a restart of the Redis server on `port` (`redis`): killed (-9)
+/// 300 ms into the publishing, started again 700 ms later. Some publishes must have been refused
+/// in between and more than ten confirmed. Returns the clients and the new Redis server.
+pub async fn every_ok_across_a_redis_restart(
+    cluster: &Cluster,
+    clients: Vec<Client>,
+    port: u16,
+    redis: Proc,
+) -> (Vec<Client>, Proc) {
+    let mut redis = Some(redis);
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(mut r) = redis.take() {
+            r.kill();
+            *cluster.broker_killed_at.lock().expect("lock") = Some(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        redis = Some(redis_server(port).await);
+        cluster.wait_healthy().await;
+    };
+    let (clients, confirmed, refused) = every_ok_arrives(cluster, clients, "live", restart).await;
+    assert!(refused > 0, "publishes during the outage were refused");
+    assert!(confirmed > 10, "publishes before and after the outage were confirmed ({confirmed})");
+    (clients, redis.expect("Redis started again"))
 }
 
 /// Broadcast `tag-N` through alternating publishers of `cluster` every 20 ms while `during` runs
