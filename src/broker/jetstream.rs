@@ -70,6 +70,17 @@ const FIRST_RETRY: Duration = Duration::from_millis(500);
 /// The longest wait between two tries to make the stream.
 const RETRY_STREAM: Duration = Duration::from_secs(30);
 
+/// The start of the names of the streams of the channels under `prefix`: the prefix made a
+/// stream name (`pushwire.` → `pushwire_`).
+pub fn stream_base(prefix: &str) -> String {
+    let base: String = prefix.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    if base.is_empty() {
+        "pushwire_".into()
+    } else {
+        base
+    }
+}
+
 /// The position a message carries in its headers.
 pub fn position(headers: Option<&async_nats::HeaderMap>) -> Option<Position> {
     let h = headers?;
@@ -81,12 +92,10 @@ impl JetStream {
     /// The history of the channels under `prefix`; `cfg` is what a publisher keeps (a gateway
     /// only reads).
     pub fn new(client: async_nats::Client, prefix: &str, cfg: HistoryConfig) -> JetStream {
-        let base: String =
-            prefix.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         JetStream {
             js: jetstream::new(client),
             cfg,
-            name: format!("{}history", if base.is_empty() { "pushwire_".into() } else { base }),
+            name: format!("{}history", stream_base(prefix)),
             store: format!("{prefix}h."),
             deliver: format!("{prefix}d."),
             last: Mutex::default(),

@@ -38,12 +38,10 @@ pub struct Queues {
 
 impl Queues {
     pub fn new(client: async_nats::Client, prefix: &str, replicas: usize) -> Queues {
-        let base: String =
-            prefix.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         Queues {
             js: jetstream::new(client),
             prefix: prefix.to_owned(),
-            base: if base.is_empty() { "pushwire_".into() } else { base },
+            base: super::jetstream::stream_base(prefix),
             replicas,
             made: Mutex::default(),
             consumers: Mutex::default(),
