@@ -207,3 +207,23 @@ async fn max_frame_is_configurable() {
     d.send(publish(&["a"], b"N;")).await;
     assert_eq!(&d.recv().await.data[..], b"N;");
 }
+
+/// `/metrics` shows each queue's depth (the items waiting for a watcher) and, on a server of its
+/// own, no federated channels.
+#[tokio::test]
+async fn metrics_show_queue_depths() {
+    let (port, metrics) = (free_port(), free_port());
+    let args = ["channel", "--listen", &format!("127.0.0.1:{port}"), "--settle", "0s"];
+    let _p =
+        Proc::start(&[&args[..], &["--metrics-listen", &format!("127.0.0.1:{metrics}")]].concat(), &[port, metrics])
+            .await;
+    let mut producer = ChannelClient::tcp(port).await;
+    for i in 0..3 {
+        producer
+            .send(Request::Enqueue { channels: names(&["q\"1"]), data: format!("i:{i};").into_bytes().into() })
+            .await;
+    }
+    producer.sync().await;
+    assert_eq!(metric(metrics, "pushwire_channel_queue_items{queue=\"q\\\"1\"}").await, 3, "label escaped");
+    assert_eq!(metric(metrics, "pushwire_channel_federated_channels").await, 0);
+}
