@@ -90,6 +90,8 @@ pub const LATE_AUTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Warnings about refused connections: at most one line per interval.
 static REFUSED_LOG: LogEvery = LogEvery::new(Duration::from_secs(10));
+/// Warnings about connections closed for a backend that did not take their request.
+static BACKEND_LOG: LogEvery = LogEvery::new(Duration::from_secs(10));
 
 /// Serve the Channel protocol on `listener` until `shutdown` resolves.
 pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown: impl Future<Output = ()>) {
@@ -155,6 +157,13 @@ pub async fn run(listener: Listener, hub: Arc<Hub>, cfg: ChannelConfig, shutdown
             match serve(stream, buf, &hub, &cfg, settled).await {
                 Ok(()) => tracing::debug!(%peer, "channel client left"),
                 Err(ConnError::Io(e)) => tracing::debug!(%peer, "channel connection ended: {e}"),
+                // Every client of a server whose backend is down meets this: one line per interval.
+                Err(e @ ConnError::Hub(HubError::Backend(_))) => {
+                    hub.stats.backend_refusals.fetch_add(1, Ordering::Relaxed);
+                    if let Some(held) = BACKEND_LOG.ready() {
+                        tracing::warn!(%peer, similar_since_last = held, "closing channel connection: {e}");
+                    }
+                }
                 Err(e) => {
                     if matches!(e, ConnError::Frame(_) | ConnError::Message(_) | ConnError::Hub(_)) {
                         hub.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -347,6 +356,11 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, hub: Arc<Hub>, shu
                                 "channel_unauthenticated_total",
                                 "connections closed for a missing or wrong secret or no auth in time",
                                 s.unauthenticated.load(Relaxed),
+                            ),
+                            (
+                                "channel_backend_refusals_total",
+                                "connections closed because the shared backend did not take their request",
+                                s.backend_refusals.load(Relaxed),
                             ),
                             (
                                 "channel_bad_frames_total",

@@ -345,6 +345,13 @@ async fn redis_restart_under_federated_servers() {
     let clients = check_seed_pushes(&cluster, cluster.clients(20).await, "before").await;
     let (clients, _redis) = every_ok_across_a_redis_restart(&cluster, clients, port, redis).await;
     check_seed_pushes(&cluster, clients, "after").await;
+    let mut refusals = 0;
+    for m in metrics {
+        // A backend that refused is no bad frame of the client's.
+        assert_eq!(metric(m, "pushwire_channel_bad_frames_total").await, 0);
+        refusals += metric(m, "pushwire_channel_backend_refusals_total").await;
+    }
+    assert!(refusals >= 1, "the servers closed the connections whose publishes Redis did not take");
 }
 
 /// A NATS node lost under two federated servers: each server was given that node's address only

@@ -98,6 +98,8 @@ pub struct HubStats {
     pub bad_frames: AtomicU64,
     pub refused: AtomicU64,
     pub unauthenticated: AtomicU64,
+    /// Connections closed because the backend of a federated server did not take a request.
+    pub backend_refusals: AtomicU64,
 }
 
 struct Client {
