@@ -11,6 +11,23 @@ use std::time::Duration;
 use channel_proto::Request;
 use common::*;
 
+/// A test running `scenario` on a Redis server of its own and one running it on a NATS server.
+macro_rules! on_redis_and_nats {
+    ($scenario:ident: $on_redis:ident, $on_nats:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $on_redis() {
+            let Some((_redis, url)) = redis_broker().await else { return };
+            $scenario(&url).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $on_nats() {
+            let Some((_nats, url)) = nats_broker().await else { return };
+            $scenario(&url).await;
+        }
+    };
+}
+
 async fn two_servers(backend: &str) -> (Vec<Proc>, [u16; 2]) {
     let (procs, ports, _) = servers(backend, &[]).await;
     (procs, ports)
@@ -81,17 +98,7 @@ async fn php_frames_across_servers(backend: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn php_frames_across_servers_on_redis() {
-    let Some((_redis, url)) = redis_broker().await else { return };
-    php_frames_across_servers(&url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn php_frames_across_servers_on_nats() {
-    let Some((_nats, url)) = nats_broker().await else { return };
-    php_frames_across_servers(&url).await;
-}
+on_redis_and_nats!(php_frames_across_servers: php_frames_across_servers_on_redis, php_frames_across_servers_on_nats);
 
 /// pushwire nodes on two federated servers: a seed client on a gateway of one gets what a
 /// publisher on the other publishes, to everyone and to its connection alone.
@@ -174,17 +181,7 @@ async fn publish_loop_across_servers(backend: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_loop_across_servers_on_redis() {
-    let Some((_redis, url)) = redis_broker().await else { return };
-    publish_loop_across_servers(&url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_loop_across_servers_on_nats() {
-    let Some((_nats, url)) = nats_broker().await else { return };
-    publish_loop_across_servers(&url).await;
-}
+on_redis_and_nats!(publish_loop_across_servers: publish_loop_across_servers_on_redis, publish_loop_across_servers_on_nats);
 
 /// Items enqueued through one server while nobody watches wait in the backend; that server is
 /// killed (-9); watchers on the two others get every item once (the captured item as PHP's
@@ -238,17 +235,7 @@ async fn queue_items_outlive_their_server(backend: &str) {
     assert_eq!(&m.data[..], b"s:4:\"last\";", "nothing came twice");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_items_outlive_their_server_on_redis() {
-    let Some((_redis, url)) = redis_broker().await else { return };
-    queue_items_outlive_their_server(&url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_items_outlive_their_server_on_nats() {
-    let Some((_nats, url)) = nats_broker().await else { return };
-    queue_items_outlive_their_server(&url).await;
-}
+on_redis_and_nats!(queue_items_outlive_their_server: queue_items_outlive_their_server_on_redis, queue_items_outlive_their_server_on_nats);
 
 /// A queue on the backend holds at most --max-queue-items: the enqueue past it is refused (its
 /// client cut off) and the queue keeps what it had.
@@ -301,17 +288,7 @@ async fn one_server_lost_behind_haproxy(backend: &str) {
     check_seed_pushes(&cluster, clients, "after").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_server_lost_behind_haproxy_on_redis() {
-    let Some((_redis, url)) = redis_broker().await else { return };
-    one_server_lost_behind_haproxy(&url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_server_lost_behind_haproxy_on_nats() {
-    let Some((_nats, url)) = nats_broker().await else { return };
-    one_server_lost_behind_haproxy(&url).await;
-}
+on_redis_and_nats!(one_server_lost_behind_haproxy: one_server_lost_behind_haproxy_on_redis, one_server_lost_behind_haproxy_on_nats);
 
 /// Everything above on a Redis Cluster (sharded pub/sub; each queue's keys in its own slot), on
 /// one cluster to keep the suite short.
@@ -321,8 +298,7 @@ async fn federation_on_redis_cluster() {
         return;
     }
     let redis = common::redis_cluster::RedisCluster::start().await;
-    let seeds: Vec<String> = redis.nodes.iter().take(3).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
-    let url = format!("redis-cluster://{}", seeds.join(","));
+    let url = redis.url(3);
     php_frames_across_servers(&url).await;
     publish_loop_across_servers(&url).await;
     queue_items_outlive_their_server(&url).await;
@@ -473,14 +449,4 @@ async fn pipelined_publishes_keep_their_order(backend: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_publishes_keep_their_order_on_redis() {
-    let Some((_redis, url)) = redis_broker().await else { return };
-    pipelined_publishes_keep_their_order(&url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_publishes_keep_their_order_on_nats() {
-    let Some((_nats, url)) = nats_broker().await else { return };
-    pipelined_publishes_keep_their_order(&url).await;
-}
+on_redis_and_nats!(pipelined_publishes_keep_their_order: pipelined_publishes_keep_their_order_on_redis, pipelined_publishes_keep_their_order_on_nats);

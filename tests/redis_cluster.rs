@@ -16,8 +16,7 @@ async fn seed_cluster_on_redis_cluster_with_failover() {
         return;
     }
     let mut rc = RedisCluster::start().await;
-    let seeds: Vec<String> = rc.nodes.iter().take(2).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
-    let cluster = Cluster::start(Some(format!("redis-cluster://{}", seeds.join(",")))).await;
+    let cluster = Cluster::start(Some(rc.url(2))).await;
     let clients = check_seed_pushes(&cluster, cluster.clients(40).await, "before").await;
 
     // Sharded pub/sub: the broadcast channel lives on the shard that owns its slot, and nowhere as
@@ -55,8 +54,7 @@ async fn users_on_redis_cluster() {
     }
     const SECRET: &str = "rc-users";
     let rc = RedisCluster::start().await;
-    let seeds: Vec<String> = rc.nodes.iter().take(2).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
-    let broker = format!("redis-cluster://{}", seeds.join(","));
+    let broker = rc.url(2);
     let cluster = Cluster::start_with(Some(broker), &["--token-secret", SECRET], &[]).await;
     let mut devices = Vec::new();
     for gw in [0, 1, 1] {
@@ -90,8 +88,7 @@ async fn pusher_on_redis_cluster() {
         return;
     }
     let rc = RedisCluster::start().await;
-    let seeds: Vec<String> = rc.nodes.iter().take(2).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
-    pusher_across_two_gateways(Some(format!("redis-cluster://{}", seeds.join(",")))).await;
+    pusher_across_two_gateways(Some(rc.url(2))).await;
 }
 
 /// History on Redis Cluster: each channel's stream and offset live in its sharded channel's slot
@@ -103,8 +100,7 @@ async fn history_on_redis_cluster() {
         return;
     }
     let rc = RedisCluster::start().await;
-    let seeds: Vec<String> = rc.nodes.iter().take(2).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
-    let broker = format!("redis-cluster://{}", seeds.join(","));
+    let broker = rc.url(2);
     let cluster = Cluster::start_with(Some(broker), &["--token-secret", recovery::SECRET], &[]).await;
     recovery::recovery(&recovery::Nodes::of(&cluster)).await;
     let owner = rc.owner("pushwire.topic:news");

@@ -155,6 +155,14 @@ impl<C: Client> Managed<C> {
             Err(_) => Err(BrokerError::Timeout(self.name.clone(), limit)),
         }
     }
+
+    /// [`Managed::within`], refused at once while the link is down.
+    async fn when_up<T>(&self, what: &str, op: ClientFuture<'_, T>) -> Result<T, BrokerError> {
+        if !self.is_connected() {
+            return Err(BrokerError::Unavailable(self.name.clone()));
+        }
+        self.within(what, op).await
+    }
 }
 
 impl<C: Client> Broker for Managed<C> {
@@ -186,47 +194,21 @@ impl<C: Client> Broker for Managed<C> {
     }
 
     fn history(&self, channel: &str, since: u64, limit: usize) -> BrokerFuture<'_, Page> {
-        let channel = channel.to_owned();
-        Box::pin(async move {
-            if !self.is_connected() {
-                return Err(BrokerError::Unavailable(self.name.clone()));
-            }
-            let page = self.within("history read", self.client.history(&channel, since, limit)).await?;
-            page.ok_or_else(|| BrokerError::NoHistory(self.name.clone()))
-        })
+        let read = self.when_up("history read", self.client.history(channel, since, limit));
+        Box::pin(async move { read.await?.ok_or_else(|| BrokerError::NoHistory(self.name.clone())) })
     }
 
     fn queue_push(&self, queue: &str, data: Bytes, bounds: QueueBounds) -> BrokerFuture<'_, ()> {
-        let queue = queue.to_owned();
-        Box::pin(async move {
-            if !self.is_connected() {
-                return Err(BrokerError::Unavailable(self.name.clone()));
-            }
-            match self.within("queue push", self.client.queue_push(&queue, data, bounds)).await? {
-                true => Ok(()),
-                false => Err(BrokerError::QueueFull(queue)),
-            }
-        })
+        let (push, queue) = (self.when_up("queue push", self.client.queue_push(queue, data, bounds)), queue.to_owned());
+        Box::pin(async move { push.await?.then_some(()).ok_or(BrokerError::QueueFull(queue)) })
     }
 
     fn queue_pop(&self, queue: &str, bounds: QueueBounds) -> BrokerFuture<'_, Option<Bytes>> {
-        let queue = queue.to_owned();
-        Box::pin(async move {
-            if !self.is_connected() {
-                return Err(BrokerError::Unavailable(self.name.clone()));
-            }
-            self.within("queue pop", self.client.queue_pop(&queue, bounds)).await
-        })
+        Box::pin(self.when_up("queue pop", self.client.queue_pop(queue, bounds)))
     }
 
     fn queue_len(&self, queue: &str, bounds: QueueBounds) -> BrokerFuture<'_, u64> {
-        let queue = queue.to_owned();
-        Box::pin(async move {
-            if !self.is_connected() {
-                return Err(BrokerError::Unavailable(self.name.clone()));
-            }
-            self.within("queue length", self.client.queue_len(&queue, bounds)).await
-        })
+        Box::pin(self.when_up("queue length", self.client.queue_len(queue, bounds)))
     }
 
     fn subscribe_with(&self, channels: Vec<String>, capacity: usize) -> Result<Subscription, BrokerError> {

@@ -497,12 +497,7 @@ fn unsubscribe(st: &mut State, id: ClientId, name: &Name) -> bool {
 fn drop_client(st: &mut State, id: ClientId) -> Option<Client> {
     let c = st.clients.remove(&id)?;
     for n in &c.names {
-        if let Some(ch) = st.channels.get_mut(n) {
-            ch.subscribers.retain(|s| *s != id);
-            if ch.subscribers.is_empty() {
-                st.channels.remove(n);
-            }
-        }
+        unsubscribe(st, id, n);
     }
     for n in &c.watching {
         unwatch(st, id, n);

@@ -93,6 +93,12 @@ impl RedisCluster {
         panic!("redis cluster never became ok");
     }
 
+    /// The broker URL naming the first `seeds` nodes.
+    pub fn url(&self, seeds: usize) -> String {
+        let seeds: Vec<String> = self.nodes.iter().take(seeds).map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
+
     pub fn live_port(&self) -> u16 {
         self.nodes.iter().find(|(_, p)| p.is_some()).map(|(port, _)| *port).expect("a live node")
     }
